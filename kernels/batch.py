@@ -1,0 +1,52 @@
+"""Per-step batch metadata the kernels read; built once per step by the model runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoraBatch:
+    """Which adapter each token uses.
+
+    Tokens of one request are contiguous in the flattened batch, so the batch is also a list of
+    segments (runs of tokens sharing one adapter slot). Base-model tokens have slot -1.
+    """
+    token_slot: torch.Tensor   # int32 [T]
+    seg_indptr: torch.Tensor   # int32 [G+1], segment g is tokens seg_indptr[g]:seg_indptr[g+1]
+    seg_slot: torch.Tensor     # int32 [G]
+    max_seg_len: int           # host int: 1 for a pure decode batch
+    max_rank: int              # host int: the largest rank of any adapter in the batch (0: none)
+    seg_host: list[tuple[int, int, int]] | None = None  # (start, end, slot) on the host
+
+    @classmethod
+    def build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device) -> "LoraBatch":
+        token_slot, indptr, slots, host, pos = [], [0], [], [], 0
+        for n, s in zip(seq_lens, seq_slots):
+            token_slot += [s] * n
+            host.append((pos, pos + n, s))
+            pos += n
+            indptr.append(pos)
+            slots.append(s)
+        t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+        return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host)
+
+
+@dataclass
+class AttnBatch:
+    """Where each sequence's KV lives and which query tokens belong to it.
+
+    Sequence s owns query tokens q_indptr[s]:q_indptr[s+1]; they are the last positions of its
+    context of context_lens[s] tokens (decode: 1 query; prefill: all; prefill over a cached
+    prefix: the new ones). KV block b of sequence s, layer l: K in page block_tables[s, b, 2l],
+    V in page block_tables[s, b, 2l+1].
+    """
+    block_tables: torch.Tensor  # int32 [S, max_blocks, 2L]
+    q_indptr: torch.Tensor      # int32 [S+1]
+    context_lens: torch.Tensor  # int32 [S]
+    token_pages: torch.Tensor   # int32 [T, 2L]: the pages each new token's K/V go to
+    token_offsets: torch.Tensor # int32 [T]: its row inside those pages
+    max_q_len: int
+    max_context: int
+    q_host: list[tuple[int, int, int]] | None = None  # (q_start, q_end, context_len)

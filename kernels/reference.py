@@ -1,0 +1,107 @@
+"""Pure-torch references for every kernel. On a CPU the engine runs these; the Triton
+kernels in kernels/triton_*.py must compute the same functions (tests compare them).
+
+Adapter weights are read in place from the unified pool (server/pool.py): row j of a matrix
+whose rows start at table entry ``start`` is ``flat[rows[start + j] : rows[start + j] + width]``.
+``meta`` is one (layer, module) view of the adapter index table: int32 [slots, 3] =
+(A row start, B^T row start, rank).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.batch import AttnBatch, LoraBatch
+
+
+def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, width: int) -> torch.Tensor:
+    """Rows start..start+r of the row table as an [r, width] matrix (a gather, not a copy loop)."""
+    offs = rows[start:start + r]
+    return flat[offs[:, None] + torch.arange(width, device=flat.device)]
+
+
+def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
+                batch: LoraBatch) -> torch.Tensor:
+    """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
+
+    x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation).
+    """
+    T, d_in = x.shape
+    v = torch.zeros(T, batch.max_rank, dtype=x.dtype, device=x.device)
+    for s0, s1, slot in batch.seg_host:
+        if slot < 0:
+            continue
+        a0, _, r = (int(z) for z in meta[slot])
+        if r == 0:
+            continue
+        A = gather_rows(flat, rows, a0, r, d_in)
+        v[s0:s1, :r] = (x[s0:s1].float() @ A.float().t()).to(x.dtype)
+    return v
+
+
+def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
+                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch) -> None:
+    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view)."""
+    T, d_out = y.shape
+    for s0, s1, slot in batch.seg_host:
+        if slot < 0:
+            continue
+        _, b0, r = (int(z) for z in meta[slot])
+        if r == 0:
+            continue
+        Bt = gather_rows(flat, rows, b0, r, d_out)
+        delta = (v[s0:s1, :r].float() @ Bt.float()) * scaling[slot].float()
+        y[s0:s1] += delta.to(y.dtype)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBatch) -> None:
+    """Store the new tokens' K and V ([T, Hkv, D]) into their pages of ``kv`` [pages, B, Hkv, D]."""
+    off = batch.token_offsets.long()
+    kv[batch.token_pages[:, 2 * layer].long(), off] = k.to(kv.dtype)
+    kv[batch.token_pages[:, 2 * layer + 1].long(), off] = v.to(kv.dtype)
+
+
+def gather_kv(kv: torch.Tensor, block_tables: torch.Tensor, seq: int, layer: int, n: int):
+    """A sequence's first n K and V of one layer as contiguous [n, Hkv, D] tensors."""
+    B = kv.shape[1]
+    nb = -(-n // B)
+    bt = block_tables[seq, :nb].long()
+    k = kv[bt[:, 2 * layer]].reshape(nb * B, *kv.shape[2:])[:n]
+    v = kv[bt[:, 2 * layer + 1]].reshape(nb * B, *kv.shape[2:])[:n]
+    return k, v
+
+
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBatch,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's query tokens over its paged KV (incl. the new tokens).
+
+    q: [T, Hq, D] -> [T, Hq, D]. Grouped-query: query head h reads KV head h // (Hq // Hkv).
+    """
+    T, Hq, D = q.shape
+    Hkv = kv.shape[2]
+    out = torch.empty_like(q)
+    for s, (q0, q1, n) in enumerate(batch.q_host):
+        k, v = gather_kv(kv, batch.block_tables, s, layer, n)
+        k = k.float().repeat_interleave(Hq // Hkv, dim=1)    # [n, Hq, D]
+        v = v.float().repeat_interleave(Hq // Hkv, dim=1)
+        qs = q[q0:q1].float()                                 # [m, Hq, D]
+        m = q1 - q0
+        scores = torch.einsum("mhd,nhd->hmn", qs, k) * scale
+        # query i sits at position n - m + i and sees keys 0..n-m+i
+        qpos = torch.arange(n - m, n, device=q.device)[:, None]
+        mask = torch.arange(n, device=q.device)[None, :] > qpos
+        scores.masked_fill_(mask[None], float("-inf"))
+        out[q0:q1] = torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama convention). x: [T, H, D]; cos/sin: [T, D/2]."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)

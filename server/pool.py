@@ -1,0 +1,245 @@
+"""The unified memory pool: one preallocated region holding both the KV cache and LoRA weights.
+
+S-LoRA pages the pool by one hidden-size vector. That breaks for grouped-query attention
+(K width < hidden) and for MLP targets (intermediate != hidden), so loraserve generalizes it:
+
+* a page is ``block_tokens * kv_width`` elements: B tokens of one layer's K (or V);
+* a KV block (B tokens of a sequence) takes ``2 * num_layers`` pages, page ``2*l`` holds layer l's
+  K and ``2*l + 1`` its V, so a sequence's block table is ``[n_blocks, 2L]`` page ids;
+* an adapter's weights are rows (A: r rows of in_features; B^T: r rows of out_features) packed
+  into whole pages anywhere in the pool, each row 16-byte aligned and never straddling a page.
+  A global row table maps each row to its element offset in the pool, and a per-slot index
+  table gives, for each (layer, module), where that matrix's rows start and its rank.
+
+Kernels read A and B in place through the row table: no per-step copy into contiguous buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from server.config import TARGET_MODULES, ModelConfig
+
+ROW_ALIGN = 8  # elements; 16 bytes at fp16/bf16
+
+
+class PoolExhausted(RuntimeError):
+    """Not enough free pages; the scheduler preempts or waits."""
+
+
+@dataclass
+class PoolStats:
+    total_pages: int
+    kv_pages: int
+    adapter_pages: int
+    free_pages: int
+    page_bytes: int
+    block_tokens: int
+
+
+class UnifiedPool:
+    """Pages of one size shared by KV blocks and adapter weights; no reserved partition."""
+
+    def __init__(self, cfg: ModelConfig, num_pages: int, block_tokens: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.cfg = cfg
+        self.block_tokens = block_tokens
+        self.page_elems = block_tokens * cfg.kv_width
+        self.num_pages = num_pages
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.data = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=self.device)
+        self.flat = self.data.view(-1)
+        # Pop from the end: low page ids are handed out first, which keeps tests readable.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self.kv_pages = 0
+        self.adapter_pages = 0
+
+    # -- pages ---------------------------------------------------------------------------
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int, kind: str) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"need {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._count(kind, n)
+        return pages
+
+    def free(self, pages: list[int], kind: str) -> None:
+        self._free.extend(reversed(pages))
+        self._count(kind, -len(pages))
+
+    def _count(self, kind: str, n: int) -> None:
+        if kind == "kv":
+            self.kv_pages += n
+        elif kind == "adapter":
+            self.adapter_pages += n
+        else:
+            raise ValueError(kind)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.num_pages, self.kv_pages, self.adapter_pages, self.free_pages,
+                         self.page_elems * self.data.element_size(), self.block_tokens)
+
+    # -- KV view ---------------------------------------------------------------------------
+    def kv_view(self) -> torch.Tensor:
+        """The pool as KV pages: [num_pages, block_tokens, num_kv_heads, head_dim]."""
+        c = self.cfg
+        return self.data.view(self.num_pages, self.block_tokens, c.num_kv_heads, c.head_dim)
+
+    def kv_pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_tokens) * 2 * self.cfg.num_layers
+
+    # -- adapter rows ----------------------------------------------------------------------
+    def pack_rows(self, widths: list[int]) -> tuple[int, list[tuple[int, int]]]:
+        """Lay out rows of the given widths into pages: (pages needed, [(page index, offset)])."""
+        placed, page, off = [], 0, 0
+        for w in widths:
+            if w > self.page_elems:
+                raise ValueError(f"a row of {w} elements does not fit a page of {self.page_elems}; "
+                                 f"raise block_tokens")
+            if off + w > self.page_elems:
+                page, off = page + 1, 0
+            placed.append((page, off))
+            off += -(-w // ROW_ALIGN) * ROW_ALIGN
+        return (page + 1 if placed else 0), placed
+
+
+@dataclass
+class AdapterSlot:
+    """Where one resident adapter lives in the pool."""
+    slot: int
+    pages: list[int]
+    row_start: int     # first entry of this adapter in the global row table
+    num_rows: int
+
+
+class AdapterTable:
+    """Index tables that let kernels find adapter rows in the pool.
+
+    * ``rows``: int64 [capacity] element offsets into ``pool.flat``, one per stored row; each
+      adapter owns a contiguous range, compacted when an adapter leaves (as S-LoRA does).
+    * ``meta``: int32 [max_slots, L, M, 3] = (A row start, B^T row start, rank); rank 0 means the
+      adapter does not target that module in that layer. Kernels take ``meta[:, l, m]``.
+    * ``scaling``: float32 [max_slots]: lora_alpha / r (or / sqrt(r) with rsLoRA).
+    """
+
+    def __init__(self, pool: UnifiedPool, max_slots: int):
+        c = pool.cfg
+        self.pool = pool
+        self.max_slots = max_slots
+        dev = pool.device
+        self.rows = torch.zeros(1024, dtype=torch.int64, device=dev)
+        self.num_rows = 0
+        self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32, device=dev)
+        self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
+        self.max_rank = torch.zeros(max_slots, dtype=torch.int32)  # host copy, for kernel bounds
+        self.slots: dict[int, AdapterSlot] = {}
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+
+    def insert(self, staged: "StagedAdapter", stream: "torch.cuda.Stream | None" = None) -> AdapterSlot:
+        """Copy a staged adapter into freshly allocated pages and index it. Raises PoolExhausted.
+
+        One host-to-device copy of the page images and one index_copy into the pool; on CUDA
+        both run on ``stream`` (a side stream) so they overlap the step running on the default.
+        """
+        if not self._free_slots:
+            raise PoolExhausted(f"all {self.max_slots} adapter slots are in use")
+        pool = self.pool
+        pages = pool.alloc(staged.num_pages, "adapter")
+        slot = self._free_slots.pop()
+        P = pool.page_elems
+        page_ids = torch.tensor(pages, dtype=torch.int64)
+        offsets = page_ids[staged.rel_offsets // P] * P + staged.rel_offsets % P
+        start = self.num_rows
+        self._ensure_capacity(start + offsets.numel())
+        meta = staged.meta.clone()
+        meta[..., :2] += torch.where(meta[..., 2:3] > 0, start, 0).to(meta.dtype)
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            dev = pool.device
+            images = staged.images.to(dev, dtype=pool.dtype, non_blocking=True)
+            pool.data.index_copy_(0, page_ids.to(dev, non_blocking=True), images)
+            self.rows[start:start + offsets.numel()] = offsets.to(dev, non_blocking=True)
+            self.meta[slot] = meta.to(dev, non_blocking=True)
+            self.scaling[slot] = staged.scaling
+        self.num_rows += offsets.numel()
+        self.max_rank[slot] = staged.max_rank
+        entry = AdapterSlot(slot, pages, start, offsets.numel())
+        self.slots[slot] = entry
+        return entry
+
+    def remove(self, slot: int) -> None:
+        entry = self.slots.pop(slot)
+        self.pool.free(entry.pages, "adapter")
+        # Compact the row table and shift the starts of adapters stored after this one.
+        s, n = entry.row_start, entry.num_rows
+        tail = self.rows[s + n:self.num_rows].clone()
+        self.rows[s:s + tail.numel()] = tail
+        self.num_rows -= n
+        for other in self.slots.values():
+            if other.row_start > s:
+                other.row_start -= n
+                m = self.meta[other.slot]
+                m[..., :2] -= torch.where(m[..., 2:3] > 0, n, 0).to(m.dtype)
+        self.meta[slot] = 0
+        self.scaling[slot] = 0
+        self.max_rank[slot] = 0
+        self._free_slots.append(slot)
+
+    def _ensure_capacity(self, n: int) -> None:
+        if n > self.rows.numel():
+            grown = torch.zeros(max(n, 2 * self.rows.numel()), dtype=torch.int64, device=self.rows.device)
+            grown[:self.num_rows] = self.rows[:self.num_rows]
+            self.rows = grown
+
+
+@dataclass
+class StagedAdapter:
+    """An adapter laid out as page images in host memory, ready to copy into any free pages.
+
+    ``images`` [num_pages, page_elems] holds the rows exactly as they will sit in the pool;
+    ``rel_offsets`` [rows] are element offsets relative to the adapter's own first page;
+    ``meta`` [L, M, 3] holds (A row start, B^T row start, rank) relative to the adapter's first row.
+    This is what the host cache keeps (pinned on CUDA), so a warm load is one copy.
+    """
+    images: torch.Tensor
+    rel_offsets: torch.Tensor
+    meta: torch.Tensor
+    scaling: float
+    max_rank: int
+
+    @property
+    def num_pages(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size()
+
+
+def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) -> StagedAdapter:  # noqa: F821
+    """Pack an adapter's A rows and B^T rows into page images for ``pool``'s page size."""
+    cfg, P = pool.cfg, pool.page_elems
+    mats = list(weights.matrices())
+    widths = []
+    for _, (a, b) in mats:
+        widths += [a.shape[1]] * a.shape[0] + [b.shape[0]] * b.shape[1]
+    n_pages, placed = pool.pack_rows(widths)
+    images = torch.zeros(n_pages, P, dtype=pool.dtype, pin_memory=pin)
+    flat = images.view(-1)
+    rel = torch.tensor([p * P + off for p, off in placed], dtype=torch.int64)
+    meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32)
+    i = 0
+    for (layer, module), (a, b) in mats:
+        r = a.shape[0]
+        meta[layer, TARGET_MODULES.index(module)] = torch.tensor([i, i + r, r])
+        for j, row in enumerate(list(a) + list(b.t())):
+            o = int(rel[i + j])
+            flat[o:o + row.numel()] = row
+        i += 2 * r
+    return StagedAdapter(images, rel, meta, float(weights.scaling), weights.max_rank)
