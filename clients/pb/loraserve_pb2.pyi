@@ -87,16 +87,30 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class RegisterAdapterHeader(_message.Message):
-    __slots__ = ("adapter_id", "base_model", "sha256", "replace")
+    __slots__ = ("adapter_id", "base_model", "sha256", "replace", "synthetic")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_model: str
     sha256: str
     replace: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    synthetic: SyntheticSpec
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., replace: _Optional[bool] = ..., synthetic: _Optional[_Union[SyntheticSpec, _Mapping]] = ...) -> None: ...
+
+class SyntheticSpec(_message.Message):
+    __slots__ = ("rank", "target_modules", "seed", "alpha")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    alpha: float
+    def __init__(self, rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("filename", "data")
@@ -115,7 +129,7 @@ class RegisterAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RegisterAdapterHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "base_model", "rank", "alpha", "target_modules", "size_bytes", "sha256", "created_at", "use_rslora", "version")
+    __slots__ = ("adapter_id", "base_model", "rank", "alpha", "target_modules", "size_bytes", "sha256", "created_at", "use_rslora", "version", "synthetic")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +140,7 @@ class AdapterInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_model: str
     rank: int
@@ -136,7 +151,8 @@ class AdapterInfo(_message.Message):
     created_at: int
     use_rslora: bool
     version: int
-    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    synthetic: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., version: _Optional[int] = ..., synthetic: _Optional[bool] = ...) -> None: ...
 
 class GetAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
