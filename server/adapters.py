@@ -1,0 +1,254 @@
+"""Adapter residency: GPU pool (hot) <- host memory cache (warm) <- adapter source (cold).
+
+Cold misses are fetched on a thread pool so the engine keeps stepping; the staged page images
+land in a host cache that is LRU by bytes (pinned on CUDA), and a warm adapter enters the pool
+with one copy on a side stream. Resident adapters are reference-counted by running requests and
+evicted LRU only when their pages are needed.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from server.lora import AdapterError, LoraWeights, parse_adapter
+from server.pool import AdapterTable, PoolExhausted, StagedAdapter, UnifiedPool, stage_adapter
+
+log = logging.getLogger("loraserve.adapters")
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+class SourceUnavailable(RuntimeError):
+    pass
+
+
+class AdapterSource(Protocol):
+    def exists(self, adapter_id: str) -> bool: ...
+    def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
+        """(version, adapter_config.json bytes, adapter_model.safetensors bytes)."""
+
+
+class LocalSource:
+    """Adapters from local PEFT folders (`--adapter NAME=DIR`)."""
+
+    def __init__(self, dirs: dict[str, str] | None = None):
+        self.dirs = dict(dirs or {})
+
+    def exists(self, adapter_id: str) -> bool:
+        return adapter_id in self.dirs
+
+    def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
+        import pathlib
+
+        if adapter_id not in self.dirs:
+            raise AdapterNotFound(adapter_id)
+        p = pathlib.Path(self.dirs[adapter_id])
+        return 0, (p / "adapter_config.json").read_bytes(), (p / "adapter_model.safetensors").read_bytes()
+
+
+class ChainSource:
+    """Try each source in order (local folders first, then the adapter store)."""
+
+    def __init__(self, *sources):
+        self.sources = [s for s in sources if s is not None]
+
+    def exists(self, adapter_id: str) -> bool:
+        return any(s.exists(adapter_id) for s in self.sources)
+
+    def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
+        for s in self.sources:
+            if s.exists(adapter_id):
+                return s.fetch(adapter_id)
+        raise AdapterNotFound(adapter_id)
+
+
+@dataclass
+class Resident:
+    adapter_id: str
+    version: int
+    slot: int
+    pages: int
+    refs: int = 0
+    stale: bool = False   # replaced or deleted: finish running requests, admit none
+
+
+@dataclass
+class Fetch:
+    future: concurrent.futures.Future
+    waiting: int = 0
+    error: Exception | None = None
+
+
+class AdapterManager:
+    def __init__(self, pool: UnifiedPool, table: AdapterTable, source: AdapterSource,
+                 model_cfg, host_cache_bytes: int = 8 << 30, fetch_workers: int = 4):
+        self.pool, self.table, self.source, self.model_cfg = pool, table, source, model_cfg
+        self.cuda = pool.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(pool.device) if self.cuda else None
+        self.host_cache_bytes = host_cache_bytes
+        self._lock = threading.Lock()
+        self._host: collections.OrderedDict[str, tuple[int, StagedAdapter]] = collections.OrderedDict()
+        self._host_bytes = 0
+        self._fetches: dict[str, Fetch] = {}
+        self._pool_ex = concurrent.futures.ThreadPoolExecutor(fetch_workers, thread_name_prefix="adapter-fetch")
+        # engine-thread state
+        self.resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU order
+        self.stale: list[Resident] = []
+        self.loads = 0
+
+    # -- host side (any thread) ------------------------------------------------------------
+    def prefetch(self, adapter_id: str) -> None:
+        """Start fetching a cold adapter into the host cache (no-op when warm or hot)."""
+        with self._lock:
+            if adapter_id in self._host or adapter_id in self._fetches:
+                return
+            if adapter_id in self.resident and not self.resident[adapter_id].stale:
+                return
+            self._fetches[adapter_id] = Fetch(self._pool_ex.submit(self._fetch, adapter_id))
+
+    def _fetch(self, adapter_id: str) -> None:
+        try:
+            version, cfg_bytes, w_bytes = self.source.fetch(adapter_id)
+            weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype)
+            self.put_host(adapter_id, version, stage_adapter(weights, self.pool, pin=self.cuda))
+            with self._lock:
+                self._fetches.pop(adapter_id, None)
+        except Exception as e:  # recorded for the scheduler to fail the waiting requests
+            log.warning("fetch of adapter %s failed: %s", adapter_id, e)
+            with self._lock:
+                self._fetches[adapter_id].error = e
+
+    def put_host(self, adapter_id: str, version: int, staged: StagedAdapter) -> None:
+        with self._lock:
+            old = self._host.pop(adapter_id, None)
+            if old:
+                self._host_bytes -= old[1].nbytes
+            self._host[adapter_id] = (version, staged)
+            self._host_bytes += staged.nbytes
+            while self._host_bytes > self.host_cache_bytes and len(self._host) > 1:
+                _, (_, ev) = self._host.popitem(last=False)
+                self._host_bytes -= ev.nbytes
+
+    def add_weights(self, weights: LoraWeights, version: int = 0) -> None:
+        """Stage already-parsed weights (local folders at start-up, tests)."""
+        self.put_host(weights.adapter_id, version, stage_adapter(weights, self.pool, pin=self.cuda))
+
+    def fetch_error(self, adapter_id: str) -> Exception | None:
+        with self._lock:
+            f = self._fetches.get(adapter_id)
+            if f and f.error is not None:
+                del self._fetches[adapter_id]
+                return f.error
+            return None
+
+    def cached_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._host)
+
+    def is_known_locally(self, adapter_id: str) -> bool:
+        with self._lock:
+            if adapter_id in self._host:
+                return True
+        r = self.resident.get(adapter_id)
+        return r is not None and not r.stale
+
+    # -- pool side (engine thread) ---------------------------------------------------------
+    def ready(self, adapter_id: str) -> bool:
+        r = self.resident.get(adapter_id)
+        if r is not None and not r.stale:
+            return True
+        with self._lock:
+            return adapter_id in self._host
+
+    def pages_to_load(self, adapter_id: str) -> int:
+        """Pages the adapter still needs in the pool (0 when resident)."""
+        r = self.resident.get(adapter_id)
+        if r is not None and not r.stale:
+            return 0
+        with self._lock:
+            return self._host[adapter_id][1].num_pages
+
+    def evictable_pages(self) -> int:
+        return sum(r.pages for r in self.resident.values() if r.refs == 0)
+
+    def acquire(self, adapter_id: str) -> int:
+        """Pin an adapter in the pool for a request; loads it from the host cache if needed."""
+        r = self.resident.get(adapter_id)
+        if r is None or r.stale:
+            if r is not None:      # a stale copy still serves its running requests
+                self.stale.append(self.resident.pop(adapter_id))
+            with self._lock:
+                version, staged = self._host[adapter_id]
+                self._host.move_to_end(adapter_id)
+            self.make_room(staged.num_pages)
+            if len(self.table._free_slots) == 0:
+                self._evict_one()
+            entry = self.table.insert(staged, self.copy_stream)
+            if self.copy_stream is not None:
+                # the step that uses it waits for the copy; other work already queued does not
+                torch.cuda.current_stream(self.pool.device).wait_stream(self.copy_stream)
+            r = Resident(adapter_id, version, entry.slot, staged.num_pages)
+            self.resident[adapter_id] = r
+            self.loads += 1
+        r.refs += 1
+        self.resident.move_to_end(adapter_id)
+        return r.slot
+
+    def release(self, adapter_id: str, slot: int) -> None:
+        r = self.resident.get(adapter_id)
+        if r is not None and r.slot == slot:
+            r.refs -= 1
+            if r.stale and r.refs == 0:
+                self.table.remove(r.slot)
+                del self.resident[adapter_id]
+            return
+        for s in self.stale:
+            if s.slot == slot:
+                s.refs -= 1
+                if s.refs == 0:
+                    self.table.remove(s.slot)
+                    self.stale.remove(s)
+                return
+
+    def make_room(self, pages: int) -> None:
+        while self.pool.free_pages < pages:
+            if not self._evict_one():
+                raise PoolExhausted(f"need {pages} pages for an adapter, {self.pool.free_pages} free")
+
+    def _evict_one(self) -> bool:
+        for aid, r in self.resident.items():   # LRU first
+            if r.refs == 0:
+                self.table.remove(r.slot)
+                del self.resident[aid]
+                return True
+        return False
+
+    def unload(self, adapter_id: str, drop_host: bool = True) -> bool:
+        """Drop an adapter from the pool (now if idle, else when its requests finish)."""
+        found = False
+        if drop_host:
+            with self._lock:
+                old = self._host.pop(adapter_id, None)
+                if old:
+                    self._host_bytes -= old[1].nbytes
+                    found = True
+        r = self.resident.get(adapter_id)
+        if r is not None:
+            found = True
+            if r.refs == 0:
+                self.table.remove(r.slot)
+                del self.resident[adapter_id]
+            else:
+                r.stale = True
+        return found
+
+    def close(self) -> None:
+        self._pool_ex.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,187 @@
+"""The engine: one thread owns the device and runs scheduler -> model runner -> sampler.
+
+Other threads (the gRPC servicers) talk to it only through a thread-safe inbox: submit a
+request, abort one, or run a small function between steps (admin operations).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels.batch import AttnBatch, LoraBatch
+from server.adapters import AdapterManager
+from server.model import LlamaModel
+from server.pool import AdapterTable, UnifiedPool
+from server.request import Finish, Output, Request
+from server.sampler import sample
+from server.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("loraserve.engine")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    generated_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, pool: UnifiedPool, table: AdapterTable,
+                 adapters: AdapterManager, sched_cfg: SchedulerConfig):
+        self.model, self.pool, self.table, self.adapters = model, pool, table, adapters
+        self.cfg = model.cfg
+        self.scheduler = Scheduler(sched_cfg, pool, adapters)
+        self.max_model_len = sched_cfg.max_model_len
+        self.eos = set(model.cfg.eos_token_ids)
+        self.stats = EngineStats()
+        self._inbox: queue.Queue = queue.Queue()
+        self._by_id: dict[str, Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pin = pool.device.type == "cuda"
+
+    # -- thread-safe API -----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout=10)
+        self.adapters.close()
+
+    def submit(self, req: Request) -> None:
+        self._inbox.put(("add", req))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn on the engine thread between steps; the future carries its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(block=not self.scheduler.has_work)
+                if not self.scheduler.has_work:
+                    continue
+                step = self.scheduler.schedule()
+                self._fail_rejected()
+                if step.empty:
+                    self._drain(block=True, timeout=0.005)   # waiting on an adapter fetch
+                    continue
+                self._run(step)
+            except Exception:   # never let one bad step kill the engine: fail what was running
+                log.exception("engine step failed; aborting the running requests")
+                for req in list(self.scheduler.running):
+                    self._finish(req, None, error=("INTERNAL", "engine step failed"))
+
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
+        try:
+            item = self._inbox.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return
+        while item is not None:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item) -> None:
+        kind = item[0]
+        if kind == "add":
+            req = item[1]
+            self._by_id[req.request_id] = req
+            self.scheduler.add(req)
+        elif kind == "abort":
+            req = self._by_id.get(item[1])
+            if req is not None:
+                self._finish(req, Finish.ABORTED)
+        elif kind == "call":
+            _, fn, fut = item
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _fail_rejected(self) -> None:
+        for req, status, msg in self.scheduler.rejected:
+            self._finish(req, None, error=(status, msg))
+        self.scheduler.rejected.clear()
+
+    def _finish(self, req: Request, reason: Finish | None, error=None, tokens=(), logprobs=()) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self.scheduler.remove(req)
+        self._by_id.pop(req.request_id, None)
+        req.emit(Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error))
+
+    # -- model runner ------------------------------------------------------------------------
+    def _run(self, step) -> None:
+        seqs = step.prefills + step.decodes
+        B = self.pool.block_tokens
+        dev = self.model.device
+        ids, pos, q_host, seq_lens, slots, logits_idx = [], [], [], [], [], []
+        block_rows = []
+        for req in seqs:
+            start, end = req.num_computed, req.total_len
+            ids += req.all_ids[start:end]
+            pos += range(start, end)
+            q_host.append((len(ids) - (end - start), len(ids), end))
+            seq_lens.append(end - start)
+            slots.append(req.slot)
+            logits_idx.append(len(ids) - 1)
+            block_rows.append(req.blocks)
+        T, S = len(ids), len(seqs)
+        L2 = 2 * self.cfg.num_layers
+        max_blocks = max(len(b) for b in block_rows)
+        bt = torch.zeros(S, max_blocks, L2, dtype=torch.int32)
+        for s, b in enumerate(block_rows):
+            bt[s, :len(b)] = torch.tensor(b, dtype=torch.int32)
+        pos_t = torch.tensor(pos, dtype=torch.int64)
+        seq_of_token = torch.repeat_interleave(torch.arange(S), torch.tensor(seq_lens))
+        token_pages = bt[seq_of_token, pos_t // B]
+        q_indptr = [0] + [q1 for _, q1, _ in q_host]
+        ctx = [n for _, _, n in q_host]
+        to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
+        attn = AttnBatch(
+            block_tables=to(bt), q_indptr=to(torch.tensor(q_indptr, dtype=torch.int32)),
+            context_lens=to(torch.tensor(ctx, dtype=torch.int32)), token_pages=to(token_pages),
+            token_offsets=to((pos_t % B).to(torch.int32)), max_q_len=max(seq_lens),
+            max_context=max(ctx), q_host=q_host)
+        max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)
+        lora = LoraBatch.build(seq_lens, slots, max_rank, dev) if max_rank > 0 else None
+        logits = self.model.forward(to(torch.tensor(ids, dtype=torch.int64)), to(pos_t), attn, lora,
+                                    self.pool, self.table, to(torch.tensor(logits_idx, dtype=torch.int64)))
+        tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
+        self.stats.steps += 1
+        for req, tok, lp in zip(seqs, tokens, logps):
+            req.num_computed = req.total_len
+            req.output_ids.append(tok)
+            self.stats.generated_tokens += 1
+            n_out = len(req.output_ids)
+            reason = None
+            if tok in self.eos and not req.params.ignore_eos:
+                reason = Finish.EOS
+            elif n_out >= req.params.max_new_tokens or req.total_len >= self.max_model_len:
+                reason = Finish.LENGTH
+            lp_list = [lp] if req.params.logprobs else []
+            if reason is None:
+                req.emit(Output([tok], lp_list))
+            else:
+                self._finish(req, reason, tokens=[tok], logprobs=lp_list)

@@ -1,0 +1,137 @@
+"""A Llama-family decoder (Llama-2/3, Mistral, Qwen2) over a flattened batch of mixed requests.
+
+One forward runs prefill and decode tokens of many requests together. Base GEMMs go through
+torch (cuBLAS on CUDA); LoRA, KV writes and attention go through kernels.get_ops(), which reads
+adapter rows and KV pages in place from the unified pool.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import get_ops
+from kernels.batch import AttnBatch, LoraBatch
+from server.config import TARGET_MODULES, ModelConfig, rope_inv_freq
+from server.pool import AdapterTable, UnifiedPool
+
+M_IDX = {m: i for i, m in enumerate(TARGET_MODULES)}
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    qkv: torch.Tensor            # [q + 2kv, H]: q, k, v fused into one GEMM
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gate_up: torch.Tensor        # [2I, H]: gate and up fused
+    down: torch.Tensor
+
+
+def load_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single or sharded safetensors checkpoint, on the CPU."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+    out = {}
+    for f in files:
+        with safe_open(str(path / f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.ops = get_ops(self.device)
+        take = lambda name: state.pop(name).to(self.device, dtype)  # noqa: E731
+        p = "model."
+        self.embed = take(p + "embed_tokens.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            a, m = f"{p}layers.{i}.self_attn.", f"{p}layers.{i}.mlp."
+            bias = None
+            if cfg.attention_bias and (a + "q_proj.bias") in state:
+                bias = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"])
+            self.layers.append(Layer(
+                ln1=take(f"{p}layers.{i}.input_layernorm.weight"),
+                qkv=torch.cat([take(a + f"{x}_proj.weight") for x in "qkv"]),
+                qkv_bias=bias, o=take(a + "o_proj.weight"),
+                ln2=take(f"{p}layers.{i}.post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]),
+                down=take(m + "down_proj.weight")))
+        self.norm = take(p + "norm.weight")
+        self.lm_head = take("lm_head.weight") if "lm_head.weight" in state else self.embed
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        self.scale = cfg.head_dim ** -0.5
+
+    @classmethod
+    def from_dir(cls, path: str | pathlib.Path, dtype: torch.dtype, device) -> "LlamaModel":
+        path = pathlib.Path(path)
+        return cls(ModelConfig.from_dir(path), load_state_dict(path), dtype, device)
+
+    @property
+    def weight_bytes(self) -> int:
+        ts = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for L in self.layers:
+            ts += [L.ln1, L.qkv, L.o, L.ln2, L.gate_up, L.down]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
+              table: AdapterTable, pool: UnifiedPool) -> None:
+        meta = table.meta[:, layer, M_IDX[module]]
+        v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
+        self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnBatch,
+                lora: LoraBatch | None, pool: UnifiedPool, table: AdapterTable,
+                logits_idx: torch.Tensor) -> torch.Tensor:
+        """input_ids/positions: [T]; returns float32 logits [len(logits_idx), vocab]."""
+        cfg, ops = self.cfg, self.ops
+        T = input_ids.shape[0]
+        qw, kw = cfg.q_width, cfg.kv_width
+        I = cfg.intermediate_size
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        kv = pool.kv_view()
+        use_lora = lora is not None and lora.max_rank > 0
+        x = self.embed[input_ids]
+        for li, L in enumerate(self.layers):
+            h = ops.rms_norm(x, L.ln1, cfg.rms_norm_eps)
+            qkv = F.linear(h, L.qkv, L.qkv_bias)
+            if use_lora:
+                for m, sl in (("q_proj", slice(0, qw)), ("k_proj", slice(qw, qw + kw)),
+                              ("v_proj", slice(qw + kw, qw + 2 * kw))):
+                    self._lora(qkv[:, sl], h, li, m, lora, table, pool)
+            q = ops.apply_rope(qkv[:, :qw].view(T, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = ops.apply_rope(qkv[:, qw:qw + kw].view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = qkv[:, qw + kw:].view(T, cfg.num_kv_heads, cfg.head_dim)
+            ops.write_kv(k, v, kv, li, attn)
+            o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
+            out = F.linear(o, L.o)
+            if use_lora:
+                self._lora(out, o, li, "o_proj", lora, table, pool)
+            x = x + out
+            h = ops.rms_norm(x, L.ln2, cfg.rms_norm_eps)
+            gu = F.linear(h, L.gate_up)
+            if use_lora:
+                self._lora(gu[:, :I], h, li, "gate_proj", lora, table, pool)
+                self._lora(gu[:, I:], h, li, "up_proj", lora, table, pool)
+            a = F.silu(gu[:, :I]) * gu[:, I:]
+            d = F.linear(a, L.down)
+            if use_lora:
+                self._lora(d, a, li, "down_proj", lora, table, pool)
+            x = x + d
+        x = ops.rms_norm(x[logits_idx], self.norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

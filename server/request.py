@@ -1,0 +1,58 @@
+"""One generation request as the engine tracks it."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from server.sampler import SamplingParams
+
+
+class Finish(enum.IntEnum):   # values match proto FinishReason
+    LENGTH = 1
+    EOS = 2
+    STOP = 3
+    ABORTED = 4
+
+
+@dataclass
+class Output:
+    """What one step produced for one request; delivered to the servicer's stream."""
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: Finish | None = None
+    error: tuple[str, str] | None = None   # (grpc status name, message)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter_id: str = ""
+    emit: Callable[[Output], None] = lambda out: None
+    arrival: float = field(default_factory=time.monotonic)
+    # engine state
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[list[int]] = field(default_factory=list)   # per KV block: 2L page ids
+    num_computed: int = 0           # tokens whose K/V are in the pool
+    slot: int = -1                  # adapter slot while running; -1: base model
+    generator: torch.Generator | None = None
+    finished: bool = False
+    preempted: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def peak_len(self) -> int:
+        """The most tokens this request can ever hold in the KV cache (S-LoRA's peak need)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens

@@ -1,0 +1,81 @@
+"""Assemble an engine from a checkpoint folder: model, pool, adapter tables, scheduler."""
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+
+from server.adapters import AdapterManager, AdapterSource, LocalSource
+from server.engine import Engine
+from server.model import LlamaModel
+from server.pool import AdapterTable, UnifiedPool
+from server.scheduler import SchedulerConfig
+from server.tokenizer import Tokenizer
+
+log = logging.getLogger("loraserve.runtime")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    dtype: str = "auto"                 # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    block_tokens: int = 16
+    pool_mb: int = 0                    # 0: auto (CPU 256 MB; CUDA: gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.90
+    max_adapters: int = 512             # adapter slots resident in the pool at once
+    host_cache_mb: int = 8192
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+
+def block_tokens_for(cfg, want: int) -> int:
+    """Smallest power-of-two multiple of `want` whose page holds the widest adapter row."""
+    widest = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_width)
+    b = want
+    while b * cfg.kv_width < widest:
+        b *= 2
+    return b
+
+
+def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple[Engine, Tokenizer | None]:
+    device = ec.resolve_device()
+    dtype = ec.resolve_dtype(device)
+    model = LlamaModel.from_dir(ec.model_dir, dtype, device)
+    cfg = model.cfg
+    B = block_tokens_for(cfg, ec.block_tokens)
+    page_bytes = B * cfg.kv_width * torch.tensor([], dtype=dtype).element_size()
+    if ec.pool_mb:
+        pool_bytes = ec.pool_mb << 20
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # leave room for activations: logits of a full prefill budget plus a few hidden buffers
+        act = ec.sched.max_prefill_tokens * (cfg.vocab_size * 4 + cfg.intermediate_size * 8 + cfg.hidden_size * 16)
+        pool_bytes = int(free - total * (1 - ec.gpu_memory_utilization) - act)
+    else:
+        pool_bytes = 256 << 20
+    num_pages = max(pool_bytes // page_bytes, 2 * cfg.num_layers)
+    pool = UnifiedPool(cfg, num_pages, B, dtype, device)
+    max_tokens = num_pages // (2 * cfg.num_layers) * B
+    ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
+    table = AdapterTable(pool, ec.max_adapters)
+    adapters = AdapterManager(pool, table, source or LocalSource(), cfg, ec.host_cache_mb << 20)
+    engine = Engine(model, pool, table, adapters, ec.sched)
+    log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
+             cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)
+    return engine, Tokenizer.from_dir(ec.model_dir)

@@ -1,0 +1,180 @@
+"""Continuous batching with S-LoRA's admission rule, and preemption by recompute.
+
+Each step: decodes of running requests, plus waiting requests admitted first-come-first-served
+while (a) the prefill token budget lasts and (b) the peak future KV need of running plus admitted
+requests fits the pool's pages minus the pages their adapters hold. Under that rule ("peak")
+the pool never runs out mid-step. "optimistic" admission (what fits now) over-commits and relies
+on preemption: the newest running request gives back its pages and is recomputed later.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+
+from server.adapters import AdapterManager
+from server.pool import PoolExhausted, UnifiedPool
+from server.request import Request
+
+log = logging.getLogger("loraserve.scheduler")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_prefill_tokens: int = 4096
+    max_model_len: int = 4096
+    admission: str = "peak"      # or "optimistic"
+
+
+@dataclass
+class Step:
+    prefills: list[Request]
+    decodes: list[Request]
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: UnifiedPool, adapters: AdapterManager):
+        self.cfg, self.pool, self.adapters = cfg, pool, adapters
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+        self.rejected: list[tuple[Request, str, str]] = []   # (request, grpc status, message)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+        if req.adapter_id:
+            self.adapters.prefetch(req.adapter_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- pages -------------------------------------------------------------------------
+    def _pages(self, tokens: int) -> int:
+        return self.pool.kv_pages_for(tokens)
+
+    def _grow(self, req: Request, tokens: int) -> None:
+        """Give req KV blocks for its first `tokens` tokens."""
+        need = -(-tokens // self.pool.block_tokens) - len(req.blocks)
+        if need > 0:
+            per = 2 * self.pool.cfg.num_layers
+            if self.pool.free_pages < need * per:
+                self.adapters.make_room(need * per)
+            pages = self.pool.alloc(need * per, "kv")
+            req.blocks += [pages[i * per:(i + 1) * per] for i in range(need)]
+
+    def free(self, req: Request) -> None:
+        """Return a request's KV pages and adapter reference (finish, abort, preempt)."""
+        for b in req.blocks:
+            self.pool.free(b, "kv")
+        req.blocks = []
+        req.num_computed = 0
+        if req.slot >= 0:
+            self.adapters.release(req.adapter_id, req.slot)
+            req.slot = -1
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.free(req)
+
+    def _preempt(self) -> bool:
+        """Recompute policy: the newest running request goes back to the front of the queue."""
+        if not self.running:
+            return False
+        victim = max(self.running, key=lambda r: r.arrival)
+        self.running.remove(victim)
+        self.free(victim)
+        victim.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        log.info("preempted %s (%d tokens)", victim.request_id, victim.total_len)
+        return True
+
+    # -- one step -----------------------------------------------------------------------
+    def schedule(self) -> Step:
+        # 1. room for every running request's next token; preempt until it fits.
+        decodes = []
+        for req in list(self.running):
+            if req not in self.running:
+                continue   # preempted below
+            while True:
+                try:
+                    self._grow(req, req.total_len)
+                    decodes.append(req)
+                    break
+                except PoolExhausted:
+                    if not self._preempt() or req not in self.running:
+                        break
+        # 2. admit waiting requests.
+        prefills: list[Request] = []
+        budget = self.cfg.max_prefill_tokens
+        peak = self.cfg.admission == "peak"
+        reserved = sum(self._pages(r.peak_len if peak else r.total_len + 1) for r in self.running)
+        held = {r.adapter_id for r in self.running if r.adapter_id}
+        skipped = collections.deque()
+        while self.waiting and len(self.running) + len(prefills) < self.cfg.max_num_seqs:
+            req = self.waiting.popleft()
+            if req.adapter_id and not self.adapters.ready(req.adapter_id):
+                err = self.adapters.fetch_error(req.adapter_id)
+                if err is not None:
+                    self._reject_adapter(req.adapter_id, err, [req, *skipped])
+                    skipped = collections.deque(r for r in skipped if r.adapter_id != req.adapter_id)
+                else:
+                    skipped.append(req)    # still being fetched: let ready requests go first
+                continue
+            n = req.total_len
+            if n > budget and (prefills or n > self.cfg.max_prefill_tokens):
+                self.waiting.appendleft(req)
+                break
+            adapter_pages = self.adapters.pages_to_load(req.adapter_id) if req.adapter_id else 0
+            capacity = self.pool.num_pages - sum(
+                r.pages for aid, r in self.adapters.resident.items() if aid in held or r.refs > 0)
+            need = self._pages(req.peak_len if peak else n) + adapter_pages
+            if reserved + need > capacity:
+                if not self.running and not prefills:
+                    self.rejected.append((req, "RESOURCE_EXHAUSTED",
+                                          f"the request needs {need} pages but the pool can hold "
+                                          f"{capacity}; lower max_new_tokens or the prompt length"))
+                    continue
+                self.waiting.appendleft(req)
+                break
+            try:
+                if req.adapter_id:
+                    req.slot = self.adapters.acquire(req.adapter_id)
+                    held.add(req.adapter_id)
+                self._grow(req, n)
+            except PoolExhausted:
+                self.free(req)
+                self.waiting.appendleft(req)
+                break
+            reserved += self._pages(req.peak_len if peak else n)
+            budget -= n
+            prefills.append(req)
+        self.waiting.extendleft(reversed(skipped))
+        self.running += prefills
+        return Step(prefills, decodes)
+
+    def _reject_adapter(self, adapter_id: str, err: Exception, candidates) -> None:
+        """Fail every queued request for an adapter whose fetch failed."""
+        from server.adapters import AdapterNotFound
+        from server.lora import AdapterError
+
+        if isinstance(err, AdapterNotFound):
+            status, msg = "NOT_FOUND", f"adapter {adapter_id!r} is not registered"
+        elif isinstance(err, AdapterError):
+            status, msg = "INVALID_ARGUMENT", f"adapter {adapter_id!r} cannot be served: {err}"
+        else:
+            status, msg = "UNAVAILABLE", f"adapter {adapter_id!r} could not be fetched: {err}"
+        doomed = [r for r in [*candidates, *self.waiting] if r.adapter_id == adapter_id]
+        for r in doomed:
+            if r in self.waiting:
+                self.waiting.remove(r)
+            self.rejected.append((r, status, msg))
