@@ -1,0 +1,295 @@
+"""Multi-adapter LoRA shrink/expand in Triton, reading A and B^T rows in place from the pool.
+
+Same functions as ``kernels.reference.lora_shrink`` / ``lora_expand``:
+
+* shrink: ``v[t, :r] = x[t] @ A_slot(t)^T`` (zeros past the slot's rank and for base tokens);
+* expand: ``y[t] += scaling[slot] * v[t, :r] @ B^T_slot(t)`` in place (y may be a column slice).
+
+Row j of a matrix whose rows start at row-table entry ``start`` lives at
+``flat[rows[start + j] : rows[start + j] + width]``; ``meta`` is ``table.meta[:, layer, module]``
+(int32 [slots, 3] = A row start, B^T row start, rank), any strides.
+
+Two schedules, picked by ``batch.max_seg_len``:
+
+* decode (max_seg_len == 1), BGMV-like: one program per (token, tile of rank rows) for shrink and
+  per (token, tile of output columns) for expand; a reduction on the CUDA cores, since one token
+  gives no matrix for the tensor cores. Memory bound on the adapter rows.
+* prefill, SGMV-like: one program per (segment, tile of tokens, tile of outputs), ``tl.dot`` on
+  tensor cores with fp32 accumulation.
+
+Heterogeneous ranks share a launch (rows past a slot's rank are masked, and tiles wholly past
+it exit early); base tokens (slot -1) exit at once (shrink still writes their zero row).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.batch import LoraBatch
+
+
+def _row_align(flat: torch.Tensor) -> int:
+    """Element alignment every row offset is known to have (pool rows are 8-aligned in a page).
+
+    ``flat`` is ``pool.data.view(-1)``; its base holds the page size. With a page size that is a
+    multiple of 8 every row starts 8-aligned, which lets the compiler emit 16-byte loads.
+    """
+    base = flat._base
+    if (base is not None and base.dim() == 2 and base.shape[1] % 8 == 0 and flat.storage_offset() == 0
+            and flat.data_ptr() % 16 == 0):
+        return 8
+    return 1
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode (one token per segment): BGMV-like
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, slot_ptr,
+                          v_ptr, sv0, sv1, d_in, max_rank,
+                          ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    rt = tl.program_id(1)
+    offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_mask = offs_r < max_rank
+    v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
+    slot = tl.load(slot_ptr + t)
+    rank = 0
+    a0 = 0
+    if slot >= 0:
+        mrow = meta_ptr + slot.to(tl.int64) * sm0
+        a0 = tl.load(mrow)
+        rank = tl.load(mrow + 2 * sm1)
+    if rt * BLOCK_R >= rank:
+        # base token, a module the adapter does not target, or a tile past its rank: zeros
+        tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
+        return
+    rmask = offs_r < rank
+    roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    x_row = x_ptr + t.to(tl.int64) * sx0
+    for k0 in range(0, d_in, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < d_in
+        xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
+        a = tl.load(flat_ptr + roff[:, None] + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += a * xv[None, :]
+    out = tl.sum(acc, axis=1)
+    tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
+                          scale_ptr, slot_ptr, d_out,
+                          ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0)
+    nt = tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    mrow = meta_ptr + slot.to(tl.int64) * sm0
+    b0 = tl.load(mrow + sm1)
+    rank = tl.load(mrow + 2 * sm1)
+    if rank == 0:
+        return
+    s = tl.load(scale_ptr + slot)
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < d_out
+    offs_r = tl.arange(0, BLOCK_R)
+    v_row = v_ptr + t.to(tl.int64) * sv0
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        jj = j0 + offs_r
+        jmask = jj < rank
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        if ALIGN > 1:
+            roff = tl.multiple_of(roff, ALIGN)
+        vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+        b = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += b * vj[:, None]
+    delta = tl.sum(acc, axis=0) * s
+    y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
+    y = tl.load(y_ptrs, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill (segments of many tokens): SGMV-like, tensor cores
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, indptr_ptr, seg_slot_ptr,
+                       v_ptr, sv0, sv1, d_in, max_rank,
+                       ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    g = tl.program_id(0)
+    mt = tl.program_id(1)
+    nt = tl.program_id(2)
+    s0 = tl.load(indptr_ptr + g)
+    s1 = tl.load(indptr_ptr + g + 1)
+    m0 = s0 + mt * BLOCK_M
+    if m0 >= s1:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < s1
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * sv0 + offs_n[None, :] * sv1
+    v_mask = mmask[:, None] & (offs_n < max_rank)[None, :]
+    slot = tl.load(seg_slot_ptr + g)
+    rank = 0
+    a0 = 0
+    if slot >= 0:
+        mrow = meta_ptr + slot.to(tl.int64) * sm0
+        a0 = tl.load(mrow)
+        rank = tl.load(mrow + 2 * sm1)
+    if nt * BLOCK_N >= rank:
+        tl.store(v_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=v_ptr.dtype.element_ty), mask=v_mask)
+        return
+    nmask = offs_n < rank
+    roff = tl.load(rows_ptr + a0 + offs_n, mask=nmask, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < d_in
+        xt = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & nmask[None, :],
+                     other=0.0)                                          # A^T tile [BLOCK_K, BLOCK_N]
+        if IEEE:
+            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at.to(xt.dtype), acc)
+    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
+
+
+@triton.jit
+def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
+                       scale_ptr, indptr_ptr, seg_slot_ptr, d_out,
+                       ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    g = tl.program_id(0)
+    mt = tl.program_id(1)
+    nt = tl.program_id(2)
+    s0 = tl.load(indptr_ptr + g)
+    s1 = tl.load(indptr_ptr + g + 1)
+    m0 = s0 + mt * BLOCK_M
+    if m0 >= s1:
+        return
+    slot = tl.load(seg_slot_ptr + g)
+    if slot < 0:
+        return
+    mrow = meta_ptr + slot.to(tl.int64) * sm0
+    b0 = tl.load(mrow + sm1)
+    rank = tl.load(mrow + 2 * sm1)
+    if rank == 0:
+        return
+    s = tl.load(scale_ptr + slot)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mmask = offs_m < s1
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < d_out
+    offs_k = tl.arange(0, BLOCK_K)
+    v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * sv0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_K):
+        jj = j0 + offs_k
+        jmask = jj < rank
+        vt = tl.load(v_rows + jj[None, :] * sv1, mask=mmask[:, None] & jmask[None, :], other=0.0)
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        if ALIGN > 1:
+            roff = tl.multiple_of(roff, ALIGN)
+        bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                     other=0.0)                                          # B^T tile [BLOCK_K, BLOCK_N]
+        if IEEE:
+            acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(vt, bt.to(vt.dtype), acc)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sy0 + offs_n[None, :] * sy1
+    ymask = mmask[:, None] & nmask[None, :]
+    y = tl.load(y_ptrs, mask=ymask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * s).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrappers
+# ---------------------------------------------------------------------------------------------
+def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
+    """Token tile for the segment schedule: large enough for the tensor cores, small enough that
+    short segments waste little and the grid fills the machine."""
+    G = batch.seg_slot.numel()
+    for bm in (64, 32):
+        if batch.max_seg_len >= bm and G * triton.cdiv(batch.max_seg_len, bm) * n_tiles >= 264:
+            return bm
+    return 16
+
+
+def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
+                batch: LoraBatch) -> torch.Tensor:
+    """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
+    x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation)."""
+    T, d_in = x.shape
+    R = batch.max_rank
+    v = torch.empty(T, R, dtype=x.dtype, device=x.device)
+    if T == 0 or R == 0:
+        return v
+    align = _row_align(flat)
+    if batch.max_seg_len <= 1:
+        BLOCK_R = 16
+        BLOCK_K = min(256, _p2(d_in))
+        grid = (T, triton.cdiv(R, BLOCK_R))
+        _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
+                                    batch.token_slot, v, v.stride(0), v.stride(1), d_in, R,
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4)
+    else:
+        BLOCK_N = min(128, max(16, _p2(R)))
+        n_tiles = triton.cdiv(R, BLOCK_N)
+        BLOCK_M = _seg_block_m(batch, n_tiles)
+        BLOCK_K = 64 if x.dtype != torch.float32 else 32
+        G = batch.seg_slot.numel()
+        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
+        _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
+                                 batch.seg_indptr, batch.seg_slot, v, v.stride(0), v.stride(1), d_in, R,
+                                 ALIGN=align, IEEE=x.dtype == torch.float32,
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 num_warps=4, num_stages=3)
+    return v
+
+
+def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
+                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch) -> None:
+    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view)."""
+    T, d_out = y.shape
+    if T == 0 or batch.max_rank == 0 or d_out == 0:
+        return
+    align = _row_align(flat)
+    if batch.max_seg_len <= 1:
+        BLOCK_N = min(256, _p2(d_out))
+        BLOCK_R = 16
+        grid = (T, triton.cdiv(d_out, BLOCK_N))
+        _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
+                                    meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, d_out,
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4)
+    else:
+        BLOCK_N = min(128, max(16, _p2(d_out)))
+        n_tiles = triton.cdiv(d_out, BLOCK_N)
+        BLOCK_M = _seg_block_m(batch, n_tiles)
+        BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
+        G = batch.seg_slot.numel()
+        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
+        _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
+                                 meta, meta.stride(0), meta.stride(1), scaling, batch.seg_indptr, batch.seg_slot,
+                                 d_out, ALIGN=align, IEEE=y.dtype == torch.float32,
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 num_warps=4, num_stages=3)

@@ -1,0 +1,283 @@
+"""Triton kernels vs the pure-torch references (kernels/reference.py).
+
+On a CPU machine the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below
+before triton is imported) at tiny shapes; on a CUDA machine the same small tests run compiled
+on the GPU, and the ``gpu`` tests add Llama-7B shapes (and a GQA shape) in fp16 and bf16.
+Pools and tables are built with the real server/pool.py classes, so layouts are the real ones.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from kernels import reference as ref  # noqa: E402
+from kernels import triton_attention as tatt  # noqa: E402
+from kernels import triton_lora as tlora  # noqa: E402
+from kernels.batch import AttnBatch, LoraBatch  # noqa: E402
+from server.config import TARGET_MODULES, ModelConfig  # noqa: E402
+from server.lora import LoraWeights  # noqa: E402
+from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+# -------------------------------------------------------------------------------------------------
+# builders (also used by benchmarks/bench_kernels.py)
+# -------------------------------------------------------------------------------------------------
+TINY = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, vocab_size=128)
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    out, want = out.double(), want.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def poison(n: int, dtype) -> None:
+    """Leave a freed block of NaNs where the next output of n elements is likely to be allocated
+    (the CUDA caching allocator hands it straight back), so unwritten outputs show up as NaN."""
+    t = torch.full((max(n, 1),), float("nan"), dtype=dtype, device=DEV)
+    del t
+
+
+def random_adapter(cfg: ModelConfig, name: str, rank: int, modules, layers=None, gen=None) -> LoraWeights:
+    layers = range(cfg.num_layers) if layers is None else layers
+    w = {}
+    for layer in layers:
+        for m in modules:
+            d_in, d_out = cfg.module_dims(m)
+            a = torch.randn(rank, d_in, generator=gen) / d_in ** 0.5
+            b = torch.randn(d_out, rank, generator=gen) / rank ** 0.5
+            w[(layer, m)] = (a, b)
+    alpha = 2.0 * rank
+    return LoraWeights(name, rank, alpha, alpha / rank, list(modules), False, w)
+
+
+def build_table(cfg: ModelConfig, ranks, modules_per, dtype, device, block_tokens=4, extra_pages=0,
+                gen=None):
+    """A pool + table holding one adapter per rank; returns (pool, table, [slot ids])."""
+    weights = [random_adapter(cfg, f"a{i}", r, mods, gen=gen) for i, (r, mods) in enumerate(zip(ranks, modules_per))]
+    probe = UnifiedPool(cfg, 1, block_tokens, dtype, "cpu")
+    staged = [stage_adapter(w, probe) for w in weights]
+    pages = sum(s.num_pages for s in staged) + extra_pages + 1
+    pool = UnifiedPool(cfg, pages, block_tokens, dtype, device)
+    # a first page of garbage keeps offset 0 from being a valid row by accident
+    pool.alloc(1, "kv")
+    pool.data.normal_()
+    table = AdapterTable(pool, max(len(weights), 1) + 1)
+    slots = [table.insert(s).slot for s in staged]
+    return pool, table, slots
+
+
+def build_attn(pool: UnifiedPool, q_lens, ctx_lens, device, gen=None):
+    """Allocate KV pages for each sequence and an AttnBatch whose new tokens are the last q_lens."""
+    cfg, B = pool.cfg, pool.block_tokens
+    L2 = 2 * cfg.num_layers
+    nbs = [-(-n // B) for n in ctx_lens]
+    maxb = max(nbs)
+    bt = torch.zeros(len(ctx_lens), maxb, L2, dtype=torch.int32)
+    for s, nb in enumerate(nbs):
+        for b in range(nb):
+            bt[s, b] = torch.tensor(pool.alloc(L2, "kv"), dtype=torch.int32)
+    # unused table entries point at a garbage page: the kernels must not read them
+    for s, nb in enumerate(nbs):
+        bt[s, nb:] = pool.num_pages - 1
+    indptr, tp, to, host = [0], [], [], []
+    for s, (m, n) in enumerate(zip(q_lens, ctx_lens)):
+        host.append((indptr[-1], indptr[-1] + m, n))
+        indptr.append(indptr[-1] + m)
+        for p in range(n - m, n):
+            tp.append(bt[s, p // B])
+            to.append(p % B)
+    t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return AttnBatch(bt.to(device), t(indptr), t(list(ctx_lens)),
+                     torch.stack(tp).to(device) if tp else torch.zeros(0, L2, dtype=torch.int32, device=device),
+                     t(to), max(q_lens), max(ctx_lens), host)
+
+
+# -------------------------------------------------------------------------------------------------
+# LoRA
+# -------------------------------------------------------------------------------------------------
+def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4):
+    pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
+    seg_slots = [-1 if p < 0 else slots[p] for p in pick]
+    max_rank = max((int(table.max_rank[s]) for s in seg_slots if s >= 0), default=0)
+    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV)
+    T = sum(seq_lens)
+    for m in check_modules:
+        mi = TARGET_MODULES.index(m)
+        d_in, d_out = cfg.module_dims(m)
+        meta = table.meta[:, layer, mi]
+        x = torch.randn(T, d_in, generator=gen).to(DEV, dtype)
+        poison(T * batch.max_rank, dtype)
+        v = tlora.lora_shrink(x, pool.flat, table.rows, meta, batch)
+        v_ref = ref.lora_shrink(x, pool.flat, table.rows, meta, batch)
+        assert v.shape == v_ref.shape and v.dtype == v_ref.dtype
+        assert torch.isfinite(v).all(), f"{m}: unwritten or NaN shrink output"
+        assert rel_err(v, v_ref) < tol, (m, rel_err(v, v_ref))
+        # zeros past each token's rank and for base tokens, exactly
+        assert torch.equal(v[v_ref == 0], v_ref[v_ref == 0])
+        # expand into a column slice of a wider tensor; the columns around it must not move
+        big = torch.randn(T, d_out + 24, generator=gen).to(DEV, dtype)
+        want = big.clone()
+        y = big[:, 8:8 + d_out]
+        tlora.lora_expand(y, v_ref, pool.flat, table.rows, meta, table.scaling, batch)
+        ref.lora_expand(want[:, 8:8 + d_out], v_ref, pool.flat, table.rows, meta, table.scaling, batch)
+        assert torch.equal(big[:, :8], want[:, :8]) and torch.equal(big[:, 8 + d_out:], want[:, 8 + d_out:])
+        # the LoRA delta alone, against the fp32 reference delta
+        d_tri = torch.zeros(T, d_out, dtype=torch.float32, device=DEV)
+        tlora.lora_expand(d_tri, v_ref.float(), pool.flat, table.rows, meta, table.scaling, batch)
+        d_ref = torch.zeros(T, d_out, dtype=torch.float32, device=DEV)
+        ref.lora_expand(d_ref, v_ref.float(), pool.flat, table.rows, meta, table.scaling, batch)
+        if d_ref.abs().sum() > 0:
+            assert rel_err(d_tri, d_ref) < tol, (m, rel_err(d_tri, d_ref))
+        assert rel_err(y, want[:, 8:8 + d_out]) < tol, (m, rel_err(y, want[:, 8:8 + d_out]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("decode", [True, False])
+def test_lora_mixed_ranks(dtype, decode):
+    gen = torch.Generator().manual_seed(1 + decode + (dtype == torch.float16) * 2)
+    ranks = [8, 16, 32, 12]
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
+            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]   # the last one skips gate/down: rank 0
+    if decode:
+        lens = [1] * 9
+    else:
+        lens = [5, 1, 19, 3, 9, 2, 1, 17, 4]       # uneven segments, decode tokens mixed in
+    pick = [0, -1, 1, 2, 3, 1, -1, 0, 2]
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    _check_lora(TINY, dtype, lens, pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen)
+
+
+def test_lora_all_base_and_rank_past_tile():
+    """Only base tokens; and a rank past one rank tile (40 > 16/32) with an odd d_in."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = ModelConfig(hidden_size=40, intermediate_size=72, num_layers=1, num_heads=5, num_kv_heads=1,
+                      head_dim=8, vocab_size=64)
+    _check_lora(cfg, torch.float32, [1, 1, 1], [-1, 0, -1], [40], [("q_proj", "down_proj")],
+                ("q_proj", "down_proj"), 0, 1e-5, gen, block_tokens=16)
+    pool, table, slots = build_table(cfg, [8], [("q_proj",)], torch.float32, DEV, block_tokens=16, gen=gen)
+    batch = LoraBatch.build([3, 2], [-1, -1], 0, DEV)
+    x = torch.randn(5, 40, generator=gen).to(DEV)
+    v = tlora.lora_shrink(x, pool.flat, table.rows, table.meta[:, 0, 0], batch)
+    assert v.shape == (5, 0)
+    y = torch.randn(5, 40, generator=gen).to(DEV)
+    y0 = y.clone()
+    tlora.lora_expand(y, v, pool.flat, table.rows, table.meta[:, 0, 0], table.scaling, batch)
+    assert torch.equal(y, y0)
+
+
+# -------------------------------------------------------------------------------------------------
+# attention
+# -------------------------------------------------------------------------------------------------
+def _check_attn(cfg, dtype, q_lens, ctx_lens, layer, tol, gen, block_tokens=4, extra=0):
+    pool = UnifiedPool(cfg, 2 + sum(-(-n // block_tokens) for n in ctx_lens) * 2 * cfg.num_layers + extra,
+                       block_tokens, dtype, DEV)
+    pool.data.copy_(torch.randn(pool.data.shape, generator=gen))   # cached prefixes: random K/V
+    batch = build_attn(pool, q_lens, ctx_lens, DEV, gen)
+    kv = pool.kv_view()
+    T = sum(q_lens)
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # new tokens' K/V, from a strided qkv-like buffer
+    qkv = torch.randn(T, Hq + 2 * Hkv, D, generator=gen).to(DEV, dtype)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    kv_ref = kv.clone()
+    tatt.write_kv(k, v, kv, layer, batch)
+    ref.write_kv(k, v, kv_ref, layer, batch)
+    assert torch.equal(kv, kv_ref)
+    scale = D ** -0.5
+    poison(q.numel(), dtype)
+    out = tatt.paged_attention(q, kv, layer, batch, scale)
+    want = ref.paged_attention(q, kv, layer, batch, scale)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    e = rel_err(out, want)
+    assert e < tol, e
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_decode(dtype):
+    gen = torch.Generator().manual_seed(11)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    _check_attn(TINY, dtype, [1, 1, 1], [1, 13, 37], 1, tol, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_prefill_cached_prefix(dtype):
+    gen = torch.Generator().manual_seed(12)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    # fresh prefill, prefill over a cached prefix, a decode token in the same batch
+    _check_attn(TINY, dtype, [21, 7, 1], [21, 30, 9], 0, tol, gen)
+
+
+def test_attention_mha_odd_block():
+    gen = torch.Generator().manual_seed(13)
+    cfg = ModelConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3, num_kv_heads=3,
+                      head_dim=16, vocab_size=64)
+    _check_attn(cfg, torch.float32, [1, 1], [5, 11], 0, 1e-5, gen, block_tokens=3)
+    _check_attn(cfg, torch.float32, [6, 2], [6, 11], 0, 1e-5, gen, block_tokens=3)
+
+
+def test_attention_decode_split():
+    """Long context with few sequences: the decode path splits the context and merges."""
+    gen = torch.Generator().manual_seed(14)
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=16, vocab_size=64)
+    _check_attn(cfg, torch.float32, [1], [150], 0, 1e-5, gen, block_tokens=8)
+
+
+def test_ops_table():
+    from kernels import triton_ops
+    assert set(triton_ops.OPS) >= {"lora_shrink", "lora_expand", "write_kv", "paged_attention"}
+
+
+# -------------------------------------------------------------------------------------------------
+# GPU: Llama-7B shapes, fp16 and bf16
+# -------------------------------------------------------------------------------------------------
+LLAMA7B = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=1, num_heads=32, num_kv_heads=32,
+                      head_dim=128, vocab_size=32000)
+GQA = ModelConfig(hidden_size=4096, intermediate_size=14336, num_layers=1, num_heads=32, num_kv_heads=8,
+                  head_dim=128, vocab_size=32000)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("decode", [True, False])
+def test_gpu_lora_llama7b(dtype, decode):
+    gen = torch.Generator().manual_seed(21)
+    ranks = [8, 16, 32, 64, 128, 24]
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "down_proj")]
+    if decode:
+        lens = [1] * 40
+    else:
+        lens = [300, 1, 77, 512, 5, 129, 1, 64]
+    pick = [(i % 7) - 1 for i in range(len(lens))]   # -1 = base, 0..5 adapters
+    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
+    _check_lora(LLAMA7B, dtype, lens, pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
+                tol, gen, block_tokens=16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
+def test_gpu_attention(dtype, cfg):
+    gen = torch.Generator().manual_seed(22)
+    tol = 3e-3 if dtype == torch.float16 else 2e-2
+    _check_attn(cfg, dtype, [1] * 6, [1, 17, 300, 1024, 2000, 64], 0, tol, gen, block_tokens=16)   # decode
+    _check_attn(cfg, dtype, [1, 1], [4000, 3000], 0, tol, gen, block_tokens=16)                   # split decode
+    _check_attn(cfg, dtype, [512, 1, 100, 333], [512, 700, 1000, 333], 0, tol, gen, block_tokens=16)  # prefill
