@@ -14,23 +14,39 @@ DEMO_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
     "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-    "vocab_size": 259, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+    "vocab_size": 99, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258, "torch_dtype": "float32",
+    "bos_token_id": 96, "eos_token_id": 97, "pad_token_id": 98, "torch_dtype": "float32",
 }
 
 
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # printable ASCII only (as byte-level symbols), so even a random model prints readable text
+    byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    vocab = {byte_char[b]: i for i, b in enumerate(range(32, 127))}
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>", "<pad>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<pad>"])
+    assert tok.get_vocab_size() == DEMO_CONFIG["vocab_size"]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 96)])
     return tok
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable-symbol map (the ByteLevel pre-tokenizer's alphabet)."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return [out[b] for b in range(256)]
 
 
 def random_llama_state(cfg: dict, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:

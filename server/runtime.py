@@ -26,6 +26,7 @@ class EngineConfig:
     device: str = "auto"
     block_tokens: int = 16
     pool_mb: int = 0                    # 0: auto (CPU 256 MB; CUDA: gpu_memory_utilization)
+    pool_pages: int = 0                 # exact page count (tests); overrides pool_mb
     gpu_memory_utilization: float = 0.90
     max_adapters: int = 512             # adapter slots resident in the pool at once
     host_cache_mb: int = 8192
@@ -69,7 +70,7 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple
         pool_bytes = int(free - total * (1 - ec.gpu_memory_utilization) - act)
     else:
         pool_bytes = 256 << 20
-    num_pages = max(pool_bytes // page_bytes, 2 * cfg.num_layers)
+    num_pages = ec.pool_pages or max(pool_bytes // page_bytes, 2 * cfg.num_layers)
     pool = UnifiedPool(cfg, num_pages, B, dtype, device)
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)

@@ -77,3 +77,31 @@ def hf_reference(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prom
             lps.append(float(lp[t]))
             ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
     return toks, lps
+
+
+def run_engine(engine, requests, timeout: float = 120.0):
+    """Submit requests to a started engine; wait until all finish; return their outputs."""
+    import time
+
+    outs = {r.request_id: [] for r in requests}
+    for r in requests:
+        r.emit = outs[r.request_id].append
+        engine.submit(r)
+    deadline = time.monotonic() + timeout
+    while not all(r.finished for r in requests):
+        if time.monotonic() > deadline:
+            raise TimeoutError("engine did not finish in time")
+        time.sleep(0.01)
+    return {rid: (sum((o.token_ids for o in os_), []), sum((o.logprobs for o in os_), []), os_[-1])
+            for rid, os_ in outs.items()}
+
+
+def wait_for(cond, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()

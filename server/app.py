@@ -1,0 +1,226 @@
+"""`loraserve serve`: the engine (and, embedded, the adapter store) on one gRPC port."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+import grpc
+
+from clients.pb import loraserve_pb2 as pb
+from clients.pb import loraserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("loraserve.serve")
+
+
+def env_default(flag: str, default=None):
+    """Every flag also reads LORASERVE_<FLAG> (upper case, dashes as underscores)."""
+    return os.environ.get("LORASERVE_" + flag.lstrip("-").upper().replace("-", "_"), default)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    e = env_default
+    p.add_argument("--model", default=e("--model"),
+                   help="Hugging Face checkpoint folder (config.json, *.safetensors, optional tokenizer.json); "
+                        "default: a tiny demo model built under --data-dir")
+    p.add_argument("--host", default=e("--host", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=int(e("--port", 50051)))
+    p.add_argument("--dtype", default=e("--dtype", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights, KV cache and adapters (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default=e("--device", "auto"), help="cuda, cuda:1, cpu (auto: cuda if present)")
+    p.add_argument("--data-dir", default=e("--data-dir", str(pathlib.Path.home() / ".loraserve")),
+                   help="where the embedded store keeps blobs and state, and the demo model lives")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a local PEFT folder to register at start (repeatable)")
+    p.add_argument("--redis-url", default=e("--redis-url"),
+                   help="external Redis for adapter metadata; default: a private redis-server child")
+    p.add_argument("--object-store", default=e("--object-store"),
+                   help="file:///path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL); default: DATA_DIR/blobs")
+    p.add_argument("--store-target", default=e("--store-target"),
+                   help="host:port of a separate adapter store (engine-only mode; no embedded store)")
+    p.add_argument("--no-store", action="store_true", default=bool(e("--no-store")),
+                   help="serve only --adapter folders: no Redis, no object storage")
+    p.add_argument("--token", default=e("--token"),
+                   help="control-plane bearer token required for RegisterAdapter/DeleteAdapter")
+    p.add_argument("--pool-mb", type=int, default=int(e("--pool-mb", 0)),
+                   help="unified pool size (0: auto from --gpu-memory-utilization; 256 MB on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=float(e("--gpu-memory-utilization", 0.9)))
+    p.add_argument("--block-tokens", type=int, default=int(e("--block-tokens", 16)), help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=int(e("--max-num-seqs", 256)))
+    p.add_argument("--max-prefill-tokens", type=int, default=int(e("--max-prefill-tokens", 4096)))
+    p.add_argument("--max-model-len", type=int, default=int(e("--max-model-len", 4096)))
+    p.add_argument("--max-adapters", type=int, default=int(e("--max-adapters", 512)),
+                   help="adapter slots resident in the GPU pool at once")
+    p.add_argument("--host-cache-mb", type=int, default=int(e("--host-cache-mb", 8192)),
+                   help="host memory cache for adapters (LRU by bytes)")
+    p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
+                   help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
+    p.add_argument("--log-level", default=e("--log-level", "warning"))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr,
+                        format='ts=%(asctime)s level=%(levelname)s logger=%(name)s msg="%(message)s"')
+
+
+def _parse_adapters(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --adapter takes NAME=DIR, got {it!r}")
+        out[name] = path
+    return out
+
+
+class Running:
+    """A started server: its port, engine and a coroutine to stop it all."""
+
+    def __init__(self, server, engine, port: int, cleanup: list):
+        self.server, self.engine, self.port, self._cleanup = server, engine, port, cleanup
+
+    async def stop(self, grace: float = 5) -> None:
+        await self.server.stop(grace=grace)
+        for fn in reversed(self._cleanup):
+            try:
+                fn()
+            except Exception:
+                log.exception("cleanup failed")
+
+
+async def start(args) -> Running:
+    from server.adapters import ChainSource, LocalSource
+    from server.lora import load_peft_dir
+    from server.runtime import EngineConfig, build_engine
+    from server.scheduler import SchedulerConfig
+    from server.servicer import EngineAdminServicer, InferenceServicer
+
+    data_dir = pathlib.Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model
+    if not model_dir:
+        from server.demo import ensure_demo_model
+        model_dir = str(ensure_demo_model(data_dir))
+    local = _parse_adapters(args.adapter)
+
+    cleanup = []
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    if bound == 0:
+        raise SystemExit(f"error: cannot bind {args.host}:{args.port}")
+    store_source, store_servicer, store_meta = None, None, None
+    if not args.no_store:
+        store_source, store_servicer, store_meta = _setup_store(args, data_dir, bound, cleanup)
+
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                            max_model_len=args.max_model_len, admission=args.admission)
+    ec = EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_tokens=args.block_tokens,
+                      pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
+                      max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched)
+    engine, tok = build_engine(ec, ChainSource(LocalSource(local), store_source))
+    cfg = engine.cfg
+    for name, path in local.items():   # validate now: a bad folder fails start-up, not a request
+        engine.adapters.add_weights(load_peft_dir(name, path, cfg, engine.pool.dtype))
+    engine.start()
+    cleanup.append(engine.stop)
+    if store_meta is not None:
+        store_meta(engine)
+
+    inference = InferenceServicer(engine, tok)
+    pb_grpc.add_InferenceServicer_to_server(inference, server)
+    pb_grpc.add_EngineAdminServicer_to_server(EngineAdminServicer(engine, inference, cfg.name), server)
+    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "EngineAdmin")]
+    if store_servicer is not None:
+        pb_grpc.add_AdapterStoreServicer_to_server(store_servicer, server)
+        names.append(pb.DESCRIPTOR.services_by_name["AdapterStore"].full_name)
+    _add_health_and_reflection(server, names)
+    await server.start()
+    return Running(server, engine, bound, cleanup)
+
+
+async def serve_async(args) -> None:
+    running = await start(args)
+    e = running.engine
+    print(f"loraserve: serving {e.cfg.name} on {args.host}:{running.port} "
+          f"(device {e.model.device}, {e.pool.num_pages} pool pages)", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()
+
+
+def _add_health_and_reflection(server, names: list[str]) -> None:
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        hs = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        for n in ["", *names]:
+            r = hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+            if asyncio.iscoroutine(r):
+                asyncio.ensure_future(r)
+        names = names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    except ImportError:
+        log.warning("grpcio-health-checking is not installed: no health service")
+    try:
+        from grpc_reflection.v1alpha import reflection
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    except ImportError:
+        log.warning("grpcio-reflection is not installed: no server reflection")
+
+
+def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
+    """The adapter store: embedded (same port) or remote (--store-target)."""
+    from adapter_store.client import StoreClient
+    from server.store_link import StoreSource
+
+    if args.store_target:
+        client = StoreClient(args.store_target, token=args.token)
+        return StoreSource(client), None, _engine_registration(args, client)
+    from adapter_store.service import build_store
+    from adapter_store.services import start_redis
+
+    redis_url = args.redis_url
+    if not redis_url:
+        proc = start_redis(data_dir / "redis")
+        cleanup.append(proc.stop)
+        redis_url = proc.url
+    servicer = build_store(redis_url, args.object_store, str(data_dir), args.token)
+    client = StoreClient(f"127.0.0.1:{port}", token=args.token)
+    args.redis_url = redis_url
+    return StoreSource(client), servicer, _engine_registration(args, client)
+
+
+def _engine_registration(args, client):
+    """After the engine starts: tell the store our base model, register --adapter folders,
+    follow delete/replace events and heartbeat our resident set."""
+    def attach(engine):
+        from server.store_link import attach_engine
+        attach_engine(engine, args, client)
+    return attach
+
+
+def serve(args) -> None:
+    setup_logging(args.log_level)
+    try:
+        asyncio.run(serve_async(args))
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="loraserve serve")
+    add_serve_args(p)
+    serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The engine against transformers + peft on the same weights: mixed batches of adapters of
+different ranks and target modules plus base-model requests, preemption, cancellation."""
+import json
+import random
+
+import pytest
+import torch
+
+from server.lora import load_peft_dir
+from server.request import Finish, Request
+from server.runtime import EngineConfig, build_engine
+from server.sampler import SamplingParams
+from server.scheduler import SchedulerConfig
+from tests.helpers import ADAPTER_SPECS, hf_reference, make_adapter, make_model, run_engine, wait_for
+
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    model_dir = make_model(d / "model")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    adapters = {name: make_adapter(d / name, cfg, r, a, t, seed=i)
+                for i, (name, (r, a, t)) in enumerate(ADAPTER_SPECS.items())}
+    return model_dir, adapters
+
+
+def start_engine(model_dir, adapters, **kw):
+    sched = SchedulerConfig(**{k: kw.pop(k) for k in list(kw) if k in SchedulerConfig.__dataclass_fields__})
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", sched=sched, **kw))
+    for name, path in adapters.items():
+        engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
+    engine.start()
+    return engine
+
+
+def greedy(n=N_NEW, **kw):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True, **kw)
+
+
+def mixed_requests(names, seed=0, lo=2, hi=40):
+    rng = random.Random(seed)
+    return [Request(f"r{i}", [rng.randrange(3, 97) for _ in range(rng.randrange(lo, hi))], greedy(), name)
+            for i, name in enumerate(names)]
+
+
+def test_mixed_batch_matches_transformers_peft(tiny):
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=4)
+    free0 = engine.pool.free_pages
+    names = ["attn", "", "full", "qv", "attn", "", "full", "qv"]
+    reqs = mixed_requests(names)
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    for req in reqs:
+        toks, lps, last = outs[req.request_id]
+        ref_t, ref_lp = hf_reference(model_dir, adapters.get(req.adapter_id), req.prompt_ids, N_NEW)
+        assert toks == ref_t, f"{req.adapter_id or 'base'}: tokens differ"
+        assert max(abs(a - b) for a, b in zip(lps, ref_lp)) < 1e-2
+        assert last.finish == Finish.LENGTH
+    # the adapters really change the output: the same prompt differs from the base model
+    base_t, base_lp = hf_reference(model_dir, None, reqs[0].prompt_ids, N_NEW)
+    assert outs["r0"][1] != pytest.approx(base_lp, abs=1e-3)
+    # KV pages all came back; adapters stay resident (idle, evictable) until their pages are needed
+    assert engine.pool.kv_pages == 0
+    assert engine.pool.free_pages + engine.pool.adapter_pages == free0 == engine.pool.num_pages
+
+
+@pytest.mark.parametrize("variant", ["llama3-rope", "qwen2-bias", "mistral-tied"])
+def test_model_families_match_transformers(tmp_path, variant):
+    over = {
+        "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                            rope_theta=500000.0, num_key_value_heads=1),
+        "qwen2-bias": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True),
+        "mistral-tied": dict(architectures=["MistralForCausalLM"], model_type="mistral",
+                             tie_word_embeddings=True, sliding_window=None),
+    }[variant]
+    model_dir = make_model(tmp_path / "m", seed=3, **over)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if variant == "mistral-tied":   # a tied checkpoint carries no lm_head tensor
+        from safetensors.torch import load_file, save_file
+        sd = load_file(str(model_dir / "model.safetensors"))
+        sd.pop("lm_head.weight", None)
+        save_file(sd, str(model_dir / "model.safetensors"))
+    ad = {"a": make_adapter(tmp_path / "a", cfg, 8, 16, ["q_proj", "v_proj", "down_proj"], seed=5)}
+    engine = start_engine(model_dir, ad, pool_mb=4)
+    reqs = mixed_requests(["a", ""], seed=1, lo=20, hi=80)
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    for req in reqs:
+        ref_t, ref_lp = hf_reference(model_dir, ad.get(req.adapter_id), req.prompt_ids, N_NEW)
+        assert outs[req.request_id][0] == ref_t
+        assert max(abs(a - b) for a, b in zip(outs[req.request_id][1], ref_lp)) < 1e-2
+
+
+def test_sharded_checkpoint_loads(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    model_dir, _ = tiny
+    sd = load_file(str(model_dir / "model.safetensors"))
+    keys = sorted(sd)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    (out / "config.json").write_text((model_dir / "config.json").read_text())
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in halves.items():
+        save_file({k: sd[k] for k in ks}, str(out / fname))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    engine = start_engine(out, {}, pool_mb=2)
+    req = mixed_requests([""], seed=7)[0]
+    try:
+        toks = run_engine(engine, [req])[req.request_id][0]
+    finally:
+        engine.stop()
+    assert toks == hf_reference(model_dir, None, req.prompt_ids, N_NEW)[0]
+
+
+def test_preemption_recomputes_and_matches(tiny):
+    """Optimistic admission over-commits a small pool; preempted requests are recomputed and
+    still produce exactly the tokens of an uncontended run, and every page comes back."""
+    model_dir, adapters = tiny
+    names = ["attn", "full", "qv", "", "attn", "full"]
+    n_new = 40
+    reqs = [Request(r.request_id, r.prompt_ids, greedy(n_new), r.adapter_id) for r in mixed_requests(names, seed=2, lo=20, hi=30)]
+    # reference: plenty of room
+    engine = start_engine(model_dir, adapters, pool_mb=4)
+    try:
+        ref = run_engine(engine, [Request(r.request_id, r.prompt_ids, r.params, r.adapter_id) for r in reqs])
+    finally:
+        engine.stop()
+    # 2 layers x (K, V) = 4 pages per 16-token block. The three adapters take 78 pages; 24 more
+    # hold 6 blocks: the six ~65-token requests need 5 blocks each at their peak, so optimistic
+    # admission lets several in and the pool runs out as they grow.
+    engine = start_engine(model_dir, adapters, pool_pages=78 + 24, admission="optimistic")
+    small = engine.pool
+    free0 = small.num_pages
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    assert engine.scheduler.preemptions > 0
+    for r in reqs:
+        assert outs[r.request_id][0] == ref[r.request_id][0], r.adapter_id
+    assert small.kv_pages == 0
+    assert small.free_pages + small.adapter_pages == free0
+    assert small.adapter_pages <= 78
+
+
+def test_cancel_frees_pages_within_a_step(tiny):
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=2)
+    got = []
+    req = Request("long", [5, 6, 7, 8], SamplingParams(max_new_tokens=400, ignore_eos=True), "full", emit=got.append)
+    engine.submit(req)
+    try:
+        assert wait_for(lambda: len(got) >= 3)
+        assert engine.pool.kv_pages > 0
+        engine.abort("long")
+        assert wait_for(lambda: req.finished)
+        assert wait_for(lambda: engine.pool.kv_pages == 0, timeout=2)
+        assert got[-1].finish == Finish.ABORTED
+        assert len(got) < 400
+        # the adapter is still resident (idle, evictable) and its pages are accounted for
+        assert engine.pool.free_pages + engine.pool.adapter_pages == engine.pool.num_pages
+    finally:
+        engine.stop()
+
+
+def test_sampling_seed_topk_and_eos(tiny):
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=2)
+    prompt = [4, 9, 13, 22, 31]
+    p = lambda **kw: SamplingParams(max_new_tokens=16, ignore_eos=True, **kw)  # noqa: E731
+    try:
+        reqs = [Request("s1", prompt, p(temperature=1.0, seed=7), "attn"),
+                Request("s2", prompt, p(temperature=1.0, seed=7), "attn"),
+                Request("s3", prompt, p(temperature=1.0, seed=8), "attn"),
+                Request("k1", prompt, p(temperature=0.7, top_k=1, seed=1), "attn"),
+                Request("g", prompt, p(), "attn"),
+                Request("tp", prompt, p(temperature=1.0, top_p=1e-6, seed=3), "attn")]
+        for r in reqs:
+            if r.params.seed is not None:
+                r.generator = torch.Generator().manual_seed(r.params.seed)
+        outs = run_engine(engine, reqs)
+        assert outs["s1"][0] == outs["s2"][0]
+        assert outs["s1"][0] != outs["s3"][0]
+        assert outs["k1"][0] == outs["g"][0] == outs["tp"][0]
+        # EOS: force the EOS id to be the greedy first token of this prompt
+        first = outs["g"][0][0]
+        engine.eos = {first}
+        out = run_engine(engine, [Request("e", prompt, SamplingParams(max_new_tokens=16), "attn")])["e"]
+        assert out[0] == [first] and out[2].finish == Finish.EOS
+        out = run_engine(engine, [Request("i", prompt, SamplingParams(max_new_tokens=5, ignore_eos=True), "attn")])["i"]
+        assert len(out[0]) == 5 and out[2].finish == Finish.LENGTH
+    finally:
+        engine.stop()
