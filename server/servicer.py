@@ -43,6 +43,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _params(self, p: pb.SamplingParams, prompt_len: int) -> SamplingParams:
         limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise _invalid(f"the prompt is {prompt_len} tokens; this server's limit is {limit} tokens "
+                           f"for prompt plus output: shorten the prompt")
         max_new = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, limit - prompt_len)
         if prompt_len + max_new > limit:
             raise _invalid(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the "

@@ -105,3 +105,32 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return cond()
+
+
+class ServerThread:
+    """`loraserve serve` in-process on a background event loop, on a free loopback port."""
+
+    def __init__(self, argv: list[str]):
+        import argparse
+        import asyncio
+        import threading
+
+        from server.app import add_serve_args, start
+
+        p = argparse.ArgumentParser()
+        add_serve_args(p)
+        self.args = p.parse_args(["--port", "0", *argv])
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start(self.args), self.loop).result(timeout=120)
+        self.port = self.running.port
+        self.target = f"127.0.0.1:{self.port}"
+        self.engine = self.running.engine
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.running.stop(grace=1), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
