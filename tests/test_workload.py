@@ -1,0 +1,183 @@
+"""S-LoRA workload generator against its definitions, trace replay, and the bench metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from clients.bench import RequestResult, compute_metrics, format_comparison, format_table
+from clients.workload import (WorkloadSpec, adapter_probabilities, generate_workload, load_trace, save_trace,
+                              synthetic_adapter_ids, with_adapters, workload_summary)
+
+
+def _gaps(reqs):
+    t = np.array([r.timestamp for r in reqs])
+    return np.diff(np.concatenate([[0.0], t]))
+
+
+@pytest.mark.parametrize("rate,cv", [(2.0, 1.0), (10.0, 0.5), (5.0, 2.0), (20.0, 4.0)])
+def test_arrivals_match_rate_and_cv(rate, cv):
+    n_req = 40000
+    reqs = generate_workload(WorkloadSpec(num_adapters=5, req_rate=rate, cv=cv, duration=n_req / rate, seed=7))
+    assert len(reqs) == n_req == int(rate * (n_req / rate))
+    gaps = _gaps(reqs)
+    assert np.all(gaps >= 0)
+    # empirical arrival rate within a few percent of R
+    emp_rate = len(reqs) / reqs[-1].timestamp
+    assert emp_rate == pytest.approx(rate, rel=0.03 * max(1.0, cv / 2))
+    # empirical coefficient of variation of inter-arrival times
+    emp_cv = gaps.std() / gaps.mean()
+    assert emp_cv == pytest.approx(cv, rel=0.06 if cv <= 2 else 0.12)
+    # and the inter-arrivals are Gamma(1/cv^2, cv^2/R): Kolmogorov-Smirnov does not reject
+    # (for cv > 2 the shape is tiny and many gaps vanish below the timestamps' float resolution)
+    if cv <= 2:
+        ks = stats.kstest(gaps, "gamma", args=(1 / cv ** 2, 0, cv ** 2 / rate))
+        assert ks.pvalue > 1e-3
+
+
+def test_cv_one_is_poisson():
+    reqs = generate_workload(WorkloadSpec(num_adapters=1, req_rate=4.0, cv=1.0, duration=5000, seed=3))
+    gaps = _gaps(reqs)
+    assert stats.kstest(gaps, "expon", args=(0, 1 / 4.0)).pvalue > 1e-3
+    # Poisson counts per 1 s window: variance == mean
+    counts = np.bincount(np.array([r.timestamp for r in reqs]).astype(int))[:-1]
+    assert counts.var() / counts.mean() == pytest.approx(1.0, abs=0.1)
+
+
+def test_adapter_probabilities_definition():
+    p = adapter_probabilities(10, 0.3)
+    assert p.sum() == pytest.approx(1.0)
+    assert np.all(np.diff(p) < 0)              # alpha < 1: earlier adapters are more popular
+    i = np.arange(10)
+    assert np.allclose(p, ((i + 1) / 10) ** 0.3 - (i / 10) ** 0.3)
+    assert np.allclose(adapter_probabilities(7, 1.0), 1 / 7)   # alpha = 1: uniform
+    assert np.all(np.diff(adapter_probabilities(10, 2.0)) > 0)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3, 0.6, 1.0])
+def test_adapter_popularity_follows_power_law(alpha):
+    n, total = 50, 40000
+    spec = WorkloadSpec(num_adapters=n, alpha=alpha, req_rate=total / 100, duration=100, seed=11)
+    reqs = generate_workload(spec)
+    ids = synthetic_adapter_ids(n)
+    counts = np.bincount([r.adapter_index for r in reqs], minlength=n)
+    assert all(r.adapter_id == ids[r.adapter_index] for r in reqs)
+    p = adapter_probabilities(n, alpha)
+    # frequencies match the power-law probabilities (chi-square goodness of fit)
+    assert stats.chisquare(counts, p * total).pvalue > 1e-3
+    # the exponent fitted by maximum likelihood recovers alpha
+    grid = np.linspace(0.02, 2.0, 991)
+    ll = [np.sum(counts * np.log(np.maximum(adapter_probabilities(n, a), 1e-300))) for a in grid]
+    assert grid[int(np.argmax(ll))] == pytest.approx(alpha, abs=0.03)
+    # ratio of the most popular adapter's share to the least popular's
+    if alpha < 1:
+        assert counts[0] / max(counts[-1], 1) == pytest.approx(p[0] / p[-1], rel=0.25)
+
+
+def test_lengths_uniform_in_range():
+    spec = WorkloadSpec(num_adapters=3, req_rate=100, duration=200, input_range=(8, 64), output_range=(4, 20),
+                        seed=5)
+    reqs = generate_workload(spec)
+    ins = np.array([r.input_len for r in reqs])
+    outs = np.array([r.output_len for r in reqs])
+    assert ins.min() == 8 and ins.max() == 63          # [lo, hi): hi excluded
+    assert outs.min() == 4 and outs.max() == 19
+    assert stats.chisquare(np.bincount(ins - 8, minlength=56)).pvalue > 1e-3
+    assert stats.chisquare(np.bincount(outs - 4, minlength=16)).pvalue > 1e-3
+    assert all(len(r.prompt_token_ids) == r.input_len for r in reqs)
+    toks = np.concatenate([r.prompt_token_ids for r in reqs[:200]])
+    assert toks.min() >= spec.token_low and toks.max() < spec.vocab_size
+
+
+def test_fixed_seed_is_deterministic_and_seeds_differ():
+    spec = WorkloadSpec(num_adapters=10, alpha=0.5, req_rate=5, duration=20, seed=42)
+    a, b = generate_workload(spec), generate_workload(spec)
+    assert [(r.timestamp, r.adapter_id, r.input_len, r.output_len, r.prompt_token_ids) for r in a] == \
+           [(r.timestamp, r.adapter_id, r.input_len, r.output_len, r.prompt_token_ids) for r in b]
+    spec.seed = 43
+    c = generate_workload(spec)
+    assert [r.timestamp for r in a] != [r.timestamp for r in c]
+
+
+def test_request_count_cap_and_base_only():
+    spec = WorkloadSpec(num_adapters=0, req_rate=10, duration=10, max_requests=17, seed=1)
+    reqs = generate_workload(spec)
+    assert len(reqs) == 17
+    assert all(r.adapter_id == "" for r in reqs)
+    retarget = with_adapters(generate_workload(WorkloadSpec(num_adapters=4, req_rate=5, duration=4)), [""])
+    assert all(r.adapter_id == "" for r in retarget)
+
+
+def test_spec_validation():
+    for bad in (dict(alpha=0), dict(req_rate=0), dict(cv=-1), dict(input_range=(5, 5)), dict(output_range=(0, 3))):
+        with pytest.raises(ValueError):
+            generate_workload(WorkloadSpec(**bad))
+    with pytest.raises(ValueError):
+        generate_workload(WorkloadSpec(num_adapters=5), ["a", "b"])
+
+
+def test_trace_round_trip(tmp_path):
+    reqs = generate_workload(WorkloadSpec(num_adapters=4, req_rate=5, duration=6, seed=2, input_range=(3, 9)))
+    path = tmp_path / "trace.jsonl"
+    save_trace(path, reqs, with_prompt=True)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert set(lines[0]) == {"timestamp", "adapter_id", "input_len", "output_len", "prompt_token_ids"}
+    back = load_trace(path)
+    assert [(r.adapter_id, r.input_len, r.output_len, r.prompt_token_ids) for r in back] == \
+           [(r.adapter_id, r.input_len, r.output_len, r.prompt_token_ids) for r in reqs]
+    assert [r.timestamp for r in back] == pytest.approx([r.timestamp for r in reqs], abs=1e-5)
+    # without prompts: drawn deterministically with the requested lengths
+    save_trace(path, reqs)
+    a, b = load_trace(path, seed=1), load_trace(path, seed=1)
+    assert [x.prompt_token_ids for x in a] == [x.prompt_token_ids for x in b]
+    assert all(len(x.prompt_token_ids) == x.input_len for x in a)
+    # unsorted lines are sorted by time; bad lines name the line
+    (tmp_path / "u.jsonl").write_text('{"timestamp": 2, "adapter_id": "b", "input_len": 3, "output_len": 4}\n'
+                                      '{"timestamp": 1, "adapter_id": "a", "input_len": 5, "output_len": 6}\n')
+    u = load_trace(tmp_path / "u.jsonl")
+    assert [r.adapter_id for r in u] == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"timestamp": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_trace(tmp_path / "bad.jsonl")
+
+
+def test_workload_summary():
+    reqs = generate_workload(WorkloadSpec(num_adapters=3, req_rate=8, duration=500, seed=9))
+    s = workload_summary(reqs)
+    assert s["num_requests"] == 4000
+    assert s["rate"] == pytest.approx(8, rel=0.05)
+    assert s["cv"] == pytest.approx(1, rel=0.06)
+    assert s["num_adapters_used"] == 3
+
+
+def _res(i, ttft, lat, toks, inp=10, err=""):
+    r = RequestResult(i, "a", inp, toks, float(i))
+    r.first_token_latency, r.latency, r.completion_tokens, r.error = ttft, lat, toks, err
+    if err:
+        r.latency = None
+    return r
+
+
+def test_metrics_definitions():
+    rs = [_res(0, 0.5, 2.0, 10), _res(1, 1.0, 3.0, 5), _res(2, 7.0, 9.0, 3), _res(3, None, None, 0, err="NOT_FOUND")]
+    m = compute_metrics(rs, total_time=10.0, slo=6.0)
+    assert m["num_requests"] == 4 and m["num_finished"] == 3 and m["num_failed"] == 1
+    assert m["errors"] == {"NOT_FOUND": 1}
+    assert m["throughput"] == pytest.approx(0.3)
+    assert m["output_token_throughput"] == pytest.approx(1.8)
+    assert m["total_token_throughput"] == pytest.approx(4.8)
+    assert m["avg_latency"] == pytest.approx(14 / 3)
+    assert m["avg_first_token_latency"] == pytest.approx(8.5 / 3)
+    assert m["p50_first_token_latency"] == pytest.approx(1.0)
+    assert m["p90_first_token_latency"] == pytest.approx(np.percentile([0.5, 1.0, 7.0], 90))
+    assert m["avg_per_token_latency"] == pytest.approx(np.mean([0.2, 0.6, 3.0]))
+    assert m["avg_tpot"] == pytest.approx(np.mean([1.5 / 9, 2.0 / 4, 2.0 / 2]))
+    assert m["slo_attainment"] == pytest.approx(2 / 4)     # failed requests count as misses
+    empty = compute_metrics([], 1.0)
+    assert empty["throughput"] == 0 and empty["avg_latency"] is None
+    runs = [{"backend": "loraserve", "n": 5, "result": m}, {"backend": "peft", "n": 5, "result": dict(m, throughput=0.1)}]
+    table = format_table(runs)
+    assert "loraserve" in table and "peft" in table and "req/s" in table
+    assert "throughput 3.00x" in format_comparison(runs)
