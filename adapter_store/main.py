@@ -1,0 +1,133 @@
+"""`loraserve store`: the AdapterStore (+ gRPC health and reflection) in its own process.
+
+The lead's CLI calls add_store_args(parser) and run_store(args). `loraserve serve` instead calls
+build_store(...) and add_store_to_server(servicer, server) on the engine's own grpc.aio server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+
+from clients.pb import loraserve_pb2 as pb
+from clients.pb import loraserve_pb2_grpc as pb_grpc
+
+from .service import AdapterStoreServicer, build_store
+
+__all__ = ["add_store_args", "run_store", "add_store_to_server", "start_store_server", "SERVER_OPTIONS"]
+
+log = logging.getLogger("loraserve.store")
+
+SERVER_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+_FLAGS = [
+    ("--port", dict(type=int, default=50052, help="gRPC port (env LORASERVE_PORT)")),
+    ("--redis-url", dict(default=None, help="redis://host:port/db; unset: start a private redis-server under "
+                                            "--data-dir (env LORASERVE_REDIS_URL)")),
+    ("--object-store", dict(default=None, help="file:///path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL); "
+                                               "unset: DATA_DIR/blobs (env LORASERVE_OBJECT_STORE)")),
+    ("--data-dir", dict(default="./loraserve-data", help="blobs and private Redis state (env LORASERVE_DATA_DIR)")),
+    ("--token", dict(default=None, help="require 'authorization: Bearer TOKEN' on RegisterAdapter/DeleteAdapter "
+                                        "(env LORASERVE_TOKEN)")),
+]
+
+
+def _env_name(flag: str) -> str:
+    return "LORASERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_store_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--port, --redis-url, --object-store, --data-dir, --token; defaults from LORASERVE_<FLAG>.
+
+    Flags the parser already has (e.g. `serve`'s own --port) are left alone.
+    """
+    have = set(parser._option_string_actions)  # noqa: SLF001 (argparse has no public accessor)
+    for flag, kw in _FLAGS:
+        if flag in have:
+            continue
+        kw = dict(kw)
+        env = os.environ.get(_env_name(flag))
+        if env is not None:
+            kw["default"] = kw.get("type", str)(env)
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def add_store_to_server(servicer: AdapterStoreServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_AdapterStoreServicer_to_server(servicer, server)
+
+
+async def start_store_server(servicer: AdapterStoreServicer, port: int = 0, host: str = "127.0.0.1",
+                             health: bool = True) -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server with AdapterStore (+ health + reflection); returns (server, bound port)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add_store_to_server(servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name["AdapterStore"].full_name]
+    if health:
+        from grpc_health.v1 import health as hl, health_pb2, health_pb2_grpc
+
+        hs = hl.aio.HealthServicer() if hasattr(hl, "aio") else hl.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        for name in ("", *names):
+            res = hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+            if asyncio.iscoroutine(res):
+                await res
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    from grpc_reflection.v1alpha import reflection
+
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    return server, bound
+
+
+async def _serve(args) -> None:
+    redis_proc = None
+    redis_url = args.redis_url
+    if not redis_url:
+        from .services import RedisServer
+
+        redis_proc = RedisServer(persist_dir=os.path.join(args.data_dir, "redis")).start()
+        redis_url = redis_proc.url
+        log.info("started private redis-server at %s", redis_url)
+    servicer = build_store(redis_url, args.object_store, args.data_dir, args.token)
+    servicer.start_sweeper()
+    host = getattr(args, "host", None) or "0.0.0.0"
+    server, port = await start_store_server(servicer, args.port, host)
+    log.info("AdapterStore serving on %s:%d (blobs: %s, redis: %s)", host, port, servicer.blobs.url, redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=5)
+        servicer.close()
+        if redis_proc is not None:
+            redis_proc.close()
+
+
+def run_store(args: argparse.Namespace) -> None:
+    """Serve AdapterStore + health + reflection on args.port until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="loraserve store", description="loraserve AdapterStore service")
+    add_store_args(p)
+    run_store(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

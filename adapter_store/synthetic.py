@@ -1,0 +1,98 @@
+"""Deterministic synthetic adapters (S-LoRA's dummy weights) for benchmarks.
+
+A SyntheticSpec (rank, target modules, seed, alpha) plus the base model's dims fully determine
+a PEFT adapter: adapter_config.json and adapter_model.safetensors, byte for byte. Nothing is
+stored: the store writes the safetensors stream on the fly, one tensor at a time, so a fetch
+never holds the whole file. A ~ N(0, 1/in_features) and B ~ N(0, (0.02)^2 / r) in float16, so
+the LoRA delta s * B A x stays around 0.02 * s per element for unit-scale activations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Iterator
+
+from server.config import TARGET_MODULES
+
+from .validate import BaseDims, SyntheticParams
+
+__all__ = ["tensor_layout", "synthetic_config", "synthetic_weight_chunks", "synthetic_weights",
+           "synthetic_adapter", "synthetic_size", "B_STD"]
+
+B_STD = 0.02
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def _tensor_name(layer: int, module: str, ab: str) -> str:
+    block = "mlp" if module in _MLP else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{ab}.weight"
+
+
+def tensor_layout(spec: SyntheticParams, dims: BaseDims) -> list[tuple[str, int, str, str, tuple[int, int]]]:
+    """(name, layer, module, 'A'|'B', shape) in file order: layer-major, TARGET_MODULES order, A then B."""
+    out = []
+    mods = sorted(spec.target_modules, key=TARGET_MODULES.index)
+    for layer in range(dims.num_layers):
+        for m in mods:
+            d_in, d_out = dims.module_dims(m)
+            out.append((_tensor_name(layer, m, "A"), layer, m, "A", (spec.rank, d_in)))
+            out.append((_tensor_name(layer, m, "B"), layer, m, "B", (d_out, spec.rank)))
+    return out
+
+
+def _header(spec: SyntheticParams, dims: BaseDims) -> tuple[bytes, list]:
+    layout = tensor_layout(spec, dims)
+    meta: dict = {"__metadata__": {"format": "pt", "loraserve_synthetic": spec.to_json()}}
+    off = 0
+    for name, _, _, _, shape in layout:
+        n = shape[0] * shape[1] * 2
+        meta[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hdr = json.dumps(meta, separators=(",", ":")).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    return struct.pack("<Q", len(hdr)) + hdr, layout
+
+
+def synthetic_size(spec: SyntheticParams, dims: BaseDims) -> int:
+    """Exact byte size of adapter_model.safetensors, without generating it."""
+    head, layout = _header(spec, dims)
+    return len(head) + sum(s[0] * s[1] * 2 for *_, s in layout)
+
+
+def synthetic_config(spec: SyntheticParams, base_model: str = "") -> bytes:
+    return json.dumps({
+        "peft_type": "LORA", "r": spec.rank, "lora_alpha": spec.alpha,
+        "target_modules": list(spec.target_modules), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model, "inference_mode": True,
+    }, sort_keys=True).encode()
+
+
+def _seed(spec: SyntheticParams, layer: int, module: str, ab: str) -> int:
+    h = hashlib.blake2b(f"{spec.seed}:{layer}:{module}:{ab}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[bytes]:
+    """adapter_model.safetensors as a stream: the header, then one chunk per tensor."""
+    import torch
+
+    head, layout = _header(spec, dims)
+    yield head
+    g = torch.Generator(device="cpu")
+    for _, layer, module, ab, shape in layout:
+        g.manual_seed(_seed(spec, layer, module, ab))
+        t = torch.randn(shape, dtype=torch.float16, generator=g)
+        std = (1.0 / shape[1]) ** 0.5 if ab == "A" else B_STD / spec.rank ** 0.5
+        t.mul_(std)
+        yield t.numpy().tobytes()
+
+
+def synthetic_weights(spec: SyntheticParams, dims: BaseDims) -> bytes:
+    return b"".join(synthetic_weight_chunks(spec, dims))
+
+
+def synthetic_adapter(spec: SyntheticParams, dims: BaseDims, base_model: str = "") -> tuple[bytes, bytes]:
+    """(adapter_config.json bytes, adapter_model.safetensors bytes)."""
+    return synthetic_config(spec, base_model), synthetic_weights(spec, dims)
