@@ -172,6 +172,10 @@ def run_peft_baseline(requests: Sequence[Request], model_dir: str, sources: dict
         requests = [r for r in requests if r.timestamp <= duration]
     reqs = sorted(requests, key=lambda r: r.timestamp)
     results = {r.index: RequestResult(r.index, r.adapter_id, r.input_len, r.output_len, r.timestamp) for r in reqs}
+    import inspect  # noqa: PLC0415
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers >= 5.x names the KV cache argument/output `cache`; older ones `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     bar = ProgressLine(label, len(reqs), quiet)
@@ -203,10 +207,10 @@ def run_peft_baseline(requests: Sequence[Request], model_dir: str, sources: dict
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
                     sync()
                     res.first_token_latency = time.perf_counter() - arrival
-                    past = out.past_key_values
+                    past = out.get(cache_kw)
                     for _ in range(r.output_len - 1):
-                        out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                        past = out.past_key_values
+                        out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
+                        past = out.get(cache_kw)
                         tok = out.logits[:, -1].argmax(-1, keepdim=True)
                     sync()
                 res.completion_tokens = r.output_len
