@@ -26,6 +26,13 @@ _LOG2E = 1.4426950408889634
 _NEG = -1.0e30  # finite "minus infinity": keeps exp2(m_old - m_new) defined on empty tiles
 
 
+# Tile choices on CUDA (the benchmark's --sweep overrides these to compare variants).
+TUNE = {
+    "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3, min_programs_per_sm=2),
+    "prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+}
+
+
 @triton.jit
 def _write_kv_kernel(k_ptr, sk0, sk1, sk2, v_ptr, sv0, sv1, sv2, kv_ptr, skv0, skv1, skv2, skv3,
                      pages_ptr, sp0, offs_ptr, layer, H, D,
@@ -233,11 +240,12 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBa
     bt = batch.block_tables
     interp = q.device.type != "cuda"
     if batch.max_q_len <= 1:
+        cfg = TUNE["decode"]
         BLOCK_G = max(16, triton.next_power_of_2(G))
-        BLOCK_N = 16 if interp else (64 if BLOCK_D <= 128 else 32)
+        BLOCK_N = 16 if interp else (cfg["BLOCK_N"] if BLOCK_D <= 128 else min(32, cfg["BLOCK_N"]))
         n_tiles = triton.cdiv(max(batch.max_context, 1), BLOCK_N)
         # flash-decoding: split the context when sequences x KV heads alone leave SMs idle
-        want = 2 * _num_sms(q.device)
+        want = cfg["min_programs_per_sm"] * _num_sms(q.device)
         splits = 1
         while S * Hkv * splits < want and splits * 2 <= n_tiles and splits < 64:
             splits *= 2
@@ -252,22 +260,24 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBa
             bt, bt.stride(0), bt.stride(1), bt.stride(2), batch.q_indptr, batch.context_lens,
             out, out.stride(0), out.stride(1), out.stride(2), ws_acc, ws_ml,
             layer, qk_scale, B, D, G, chunk, SPLITS=splits, IEEE=ieee,
-            BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=3)
+            BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if splits > 1:
             _decode_merge_kernel[(S, Hq)](ws_acc, ws_ml, batch.q_indptr, out, out.stride(0), out.stride(1),
                                           out.stride(2), Hq, D, SPLITS=splits, BLOCK_D=BLOCK_D, num_warps=4)
     else:
+        cfg = TUNE["prefill"]
         if interp:
             BLOCK_M, BLOCK_N = 16, 16
         else:
-            BLOCK_M, BLOCK_N = (64, 64) if BLOCK_D <= 128 else (64, 32)
+            BLOCK_M, BLOCK_N = cfg["BLOCK_M"], (cfg["BLOCK_N"] if BLOCK_D <= 128 else min(32, cfg["BLOCK_N"]))
         grid = (S, triton.cdiv(batch.max_q_len, BLOCK_M), Hq)
         _prefill_kernel[grid](
             q, q.stride(0), q.stride(1), q.stride(2), kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
             bt, bt.stride(0), bt.stride(1), bt.stride(2), batch.q_indptr, batch.context_lens,
             out, out.stride(0), out.stride(1), out.stride(2),
             layer, qk_scale, B, D, G, IEEE=ieee,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"] if not interp else 4,
+            num_stages=cfg["num_stages"])
     return out
 
 

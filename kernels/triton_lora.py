@@ -29,6 +29,15 @@ import triton.language as tl
 from kernels.batch import LoraBatch
 
 
+# Tile choices (the benchmark's --sweep overrides these to compare variants on the device).
+TUNE = {
+    "shrink_decode": dict(BLOCK_R=16, BLOCK_K=256, num_warps=4),
+    "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=4),
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=64, num_warps=4, num_stages=3),
+    "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
+}
+
+
 def _row_align(flat: torch.Tensor) -> int:
     """Element alignment every row offset is known to have (pool rows are 8-aligned in a page).
 
@@ -246,24 +255,26 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         return v
     align = _row_align(flat)
     if batch.max_seg_len <= 1:
-        BLOCK_R = 16
-        BLOCK_K = min(256, _p2(d_in))
+        cfg = TUNE["shrink_decode"]
+        BLOCK_R = cfg["BLOCK_R"]
+        BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid = (T, triton.cdiv(R, BLOCK_R))
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
                                     batch.token_slot, v, v.stride(0), v.stride(1), d_in, R,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=4)
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"])
     else:
+        cfg = TUNE["shrink_seg"]
         BLOCK_N = min(128, max(16, _p2(R)))
         n_tiles = triton.cdiv(R, BLOCK_N)
-        BLOCK_M = _seg_block_m(batch, n_tiles)
-        BLOCK_K = 64 if x.dtype != torch.float32 else 32
+        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, n_tiles)
+        BLOCK_K = cfg["BLOCK_K"] if x.dtype != torch.float32 else 32
         G = batch.seg_slot.numel()
         grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
         _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
                                  batch.seg_indptr, batch.seg_slot, v, v.stride(0), v.stride(1), d_in, R,
                                  ALIGN=align, IEEE=x.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                 num_warps=4, num_stages=3)
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return v
 
 
@@ -275,16 +286,18 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         return
     align = _row_align(flat)
     if batch.max_seg_len <= 1:
-        BLOCK_N = min(256, _p2(d_out))
-        BLOCK_R = 16
+        cfg = TUNE["expand_decode"]
+        BLOCK_N = min(cfg["BLOCK_N"], _p2(d_out))
+        BLOCK_R = cfg["BLOCK_R"]
         grid = (T, triton.cdiv(d_out, BLOCK_N))
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
                                     meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, d_out,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4)
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"])
     else:
-        BLOCK_N = min(128, max(16, _p2(d_out)))
+        cfg = TUNE["expand_seg"]
+        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(d_out)))
         n_tiles = triton.cdiv(d_out, BLOCK_N)
-        BLOCK_M = _seg_block_m(batch, n_tiles)
+        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, n_tiles)
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
         G = batch.seg_slot.numel()
         grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
@@ -292,4 +305,4 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  meta, meta.stride(0), meta.stride(1), scaling, batch.seg_indptr, batch.seg_slot,
                                  d_out, ALIGN=align, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                 num_warps=4, num_stages=3)
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
