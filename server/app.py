@@ -128,8 +128,6 @@ async def start(args) -> Running:
         engine.adapters.add_weights(load_peft_dir(name, path, cfg, engine.pool.dtype))
     engine.start()
     cleanup.append(engine.stop)
-    if store_meta is not None:
-        store_meta(engine)
 
     inference = InferenceServicer(engine, tok)
     pb_grpc.add_InferenceServicer_to_server(inference, server)
@@ -140,6 +138,13 @@ async def start(args) -> Running:
         names.append(pb.DESCRIPTOR.services_by_name["AdapterStore"].full_name)
     _add_health_and_reflection(server, names)
     await server.start()
+    if store_meta is not None:
+        await asyncio.to_thread(store_meta, engine, bound, cleanup)
+        if local:
+            from server.store_link import register_local_adapters
+            asyncio.get_running_loop().run_in_executor(
+                None, register_local_adapters, f"127.0.0.1:{bound}" if not args.store_target else args.store_target,
+                args.token, cfg.name, local)
     return Running(server, engine, bound, cleanup)
 
 
@@ -168,13 +173,13 @@ def _add_health_and_reflection(server, names: list[str]) -> None:
             if asyncio.iscoroutine(r):
                 asyncio.ensure_future(r)
         names = names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-    except ImportError:
-        log.warning("grpcio-health-checking is not installed: no health service")
+    except Exception as e:   # not installed, or built for another protobuf runtime
+        log.warning("no health service (grpcio-health-checking: %s)", e)
     try:
         from grpc_reflection.v1alpha import reflection
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    except ImportError:
-        log.warning("grpcio-reflection is not installed: no server reflection")
+    except Exception as e:
+        log.warning("no server reflection (grpcio-reflection: %s)", e)
 
 
 def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
@@ -186,11 +191,11 @@ def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
         client = StoreClient(args.store_target, token=args.token)
         return StoreSource(client), None, _engine_registration(args, client)
     from adapter_store.service import build_store
-    from adapter_store.services import start_redis
+    from adapter_store.services import RedisServer
 
     redis_url = args.redis_url
-    if not redis_url:
-        proc = start_redis(data_dir / "redis")
+    if not redis_url:     # a private redis-server child, persisting under the data dir
+        proc = RedisServer(persist_dir=data_dir / "redis").start()
         cleanup.append(proc.stop)
         redis_url = proc.url
     servicer = build_store(redis_url, args.object_store, str(data_dir), args.token)
@@ -200,11 +205,11 @@ def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
 
 
 def _engine_registration(args, client):
-    """After the engine starts: tell the store our base model, register --adapter folders,
-    follow delete/replace events and heartbeat our resident set."""
-    def attach(engine):
+    """After the server listens: tell the store our base model, follow delete/replace events
+    and heartbeat our resident set (server/store_link.py)."""
+    def attach(engine, port, cleanup):
         from server.store_link import attach_engine
-        attach_engine(engine, args, client)
+        attach_engine(engine, args, port, cleanup)
     return attach
 
 

@@ -1,0 +1,90 @@
+"""The engine's link to the adapter store: fetch adapters through it, follow its events
+(deleted/replaced adapters leave the pool and host cache), and heartbeat our resident set."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from server.adapters import AdapterNotFound, SourceUnavailable
+
+log = logging.getLogger("loraserve.store_link")
+
+
+class StoreSource:
+    """AdapterSource over the store's GetAdapter / FetchAdapter RPCs."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def exists(self, adapter_id: str) -> bool:
+        from adapter_store.client import AdapterNotFound as StoreNotFound, StoreUnavailable
+        try:
+            self.client.get(adapter_id)
+            return True
+        except StoreNotFound:
+            return False
+        except StoreUnavailable as e:
+            raise SourceUnavailable(str(e)) from None
+
+    def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
+        from adapter_store.client import AdapterNotFound as StoreNotFound, StoreUnavailable
+        try:
+            info, cfg, weights = self.client.fetch(adapter_id)
+        except StoreNotFound:
+            raise AdapterNotFound(adapter_id) from None
+        except StoreUnavailable as e:
+            raise SourceUnavailable(str(e)) from None
+        return int(getattr(info, "version", 0)), cfg, weights
+
+
+def attach_engine(engine, args, port: int, cleanup: list) -> None:
+    """Called once the server listens: base model record, --adapter registration, events, heartbeat."""
+    if not args.redis_url:
+        log.warning("no --redis-url: this engine will not see adapter delete/replace events")
+        return
+    from adapter_store.metadata import Metadata, subscribe_events
+
+    meta = Metadata(args.redis_url)
+    cfg = engine.cfg
+    meta.register_base_model(cfg.name, cfg.dims_dict())
+
+    def on_event(ev: dict) -> None:
+        aid = ev.get("adapter_id")
+        if ev.get("type") in ("deleted", "replaced") and aid:
+            log.info("adapter %s %s: dropping it from this engine", aid, ev["type"])
+            engine.call(lambda: engine.adapters.unload(aid))
+
+    sub = subscribe_events(args.redis_url, on_event)
+    cleanup.append(sub.stop)
+
+    engine_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    address = f"{args.host}:{port}"
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                resident = [a for a, r in list(engine.adapters.resident.items()) if not r.stale]
+                meta.heartbeat(engine_id, address, resident, ttl_s=15)
+            except Exception as e:     # Redis down: keep serving, try again later
+                log.debug("heartbeat failed: %s", e)
+            stop.wait(5)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    cleanup.append(stop.set)
+
+
+def register_local_adapters(target: str, token: str | None, base_model: str, adapters: dict[str, str]) -> None:
+    """Register --adapter folders into the store (replacing older copies) so every engine sharing
+    the store can serve them. Runs in the background: this engine already serves them locally."""
+    from clients.client import Client
+
+    with Client(target, token=token) as c:
+        for name, path in adapters.items():
+            try:
+                c.register_adapter(path, adapter_id=name, base_model=base_model, replace=True, progress=False)
+            except Exception as e:
+                log.warning("registering --adapter %s in the store failed: %s", name, e)
