@@ -1,0 +1,188 @@
+"""Decode-step cost of the engine on a GPU at real shapes, side by side in one run:
+
+* base-only batch vs the same batch spread over N adapters of mixed ranks (the LoRA overhead);
+* batch 1 vs the weight-bytes roofline (weights / measured device-to-device bandwidth).
+
+Random fp16 weights built on the device from a config (no download). The step is the engine's own
+(_run: batch metadata, forward, sampling), timed with CUDA events after warm-up.
+
+    python benchmarks/bench_engine.py --shape llama7b --batches 1,32,256 --adapters 256 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from server.config import ModelConfig  # noqa: E402
+from server.lora import LoraWeights  # noqa: E402
+
+SHAPES = {
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=2048),
+}
+
+
+def random_state(cfg: dict, dtype, device, seed=0) -> dict:
+    g = torch.Generator(device).manual_seed(seed)
+    H, I, V, Lh = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    D = H // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
+    r = lambda *s: (torch.randn(*s, generator=g, device=device, dtype=dtype) * 0.02)  # noqa: E731
+    sd = {"model.embed_tokens.weight": r(V, H), "model.norm.weight": 1 + r(H), "lm_head.weight": r(V, H)}
+    for i in range(Lh):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        sd.update({a + "q_proj.weight": r(q, H), a + "k_proj.weight": r(kv, H), a + "v_proj.weight": r(kv, H),
+                   a + "o_proj.weight": r(H, q), m + "gate_proj.weight": r(I, H), m + "up_proj.weight": r(I, H),
+                   m + "down_proj.weight": r(H, I), f"model.layers.{i}.input_layernorm.weight": 1 + r(H),
+                   f"model.layers.{i}.post_attention_layernorm.weight": 1 + r(H)})
+    return sd
+
+
+def random_adapter(cfg: ModelConfig, rank: int, targets: list[str], seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for layer in range(cfg.num_layers):
+        for m in targets:
+            d_in, d_out = cfg.module_dims(m)
+            w[(layer, m)] = (torch.randn(rank, d_in, generator=g, dtype=torch.float16) * 0.01,
+                             torch.randn(d_out, rank, generator=g, dtype=torch.float16) * 0.01)
+    return LoraWeights(f"a{seed}", rank, 2.0 * rank, 2.0, targets, False, w)
+
+
+def copy_bandwidth(device) -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        y.copy_(x)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (s.elapsed_time(e) / 1e3)    # bytes read + written per second
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama7b", choices=sorted(SHAPES))
+    ap.add_argument("--batches", default="1,32,128,256")
+    ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--distinct", type=int, default=8, help="distinct weight sets (copies fill the other slots)")
+    ap.add_argument("--ranks", default="8,16,32,64")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--pool-gb", type=float, default=30)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs CUDA"
+    dev = torch.device("cuda")
+    from kernels.batch import AttnBatch  # noqa: F401
+    from server.adapters import AdapterManager, LocalSource
+    from server.engine import Engine
+    from server.model import LlamaModel
+    from server.pool import AdapterTable, UnifiedPool, stage_adapter
+    from server.request import Request
+    from server.runtime import block_tokens_for
+    from server.sampler import SamplingParams
+    from server.scheduler import SchedulerConfig, Step
+
+    raw = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, **SHAPES[args.shape]}
+    cfg = ModelConfig.from_dict(raw, name=args.shape)
+    dtype = torch.float16
+    model = LlamaModel(cfg, random_state(raw, dtype, dev), dtype, dev)
+    bw = copy_bandwidth(dev)
+    B = block_tokens_for(cfg, 16)
+    page_bytes = B * cfg.kv_width * 2
+    pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev)
+    pool.data.normal_(0, 0.02)     # never time on zeros
+    table = AdapterTable(pool, max(args.adapters, 1))
+    mgr = AdapterManager(pool, table, LocalSource(), cfg)
+    engine = Engine(model, pool, table, mgr, SchedulerConfig(max_num_seqs=1024, max_model_len=4096))
+    ranks = [int(r) for r in args.ranks.split(",")]
+    targets = args.targets.split(",")
+    t0 = time.time()
+    staged = [stage_adapter(random_adapter(cfg, ranks[i % len(ranks)], targets, i), pool, pin=True)
+              for i in range(min(args.distinct, args.adapters))]
+    for i in range(args.adapters):
+        mgr.put_host(f"a{i}", 0, staged[i % len(staged)])
+        mgr.release(f"a{i}", mgr.acquire(f"a{i}"))
+    torch.cuda.synchronize()
+    print(f"loaded {args.adapters} adapters in {time.time() - t0:.1f}s; pool {pool.stats()}", flush=True)
+
+    def make_batch(n: int, with_adapters: bool) -> list[Request]:
+        reqs = []
+        rng = random.Random(n)
+        for i in range(n):
+            aid = f"a{i % args.adapters}" if with_adapters and args.adapters else ""
+            r = Request(f"{n}-{i}", [rng.randrange(cfg.vocab_size) for _ in range(args.context)],
+                        SamplingParams(max_new_tokens=10_000, ignore_eos=True), aid)
+            r.output_ids = [1]
+            if aid:
+                r.slot = mgr.acquire(aid)
+            engine.scheduler._grow(r, r.total_len + args.steps + 8)
+            r.num_computed = r.total_len - 1      # KV "already computed": pages hold random data
+            reqs.append(r)
+        return reqs
+
+    def time_steps(reqs) -> tuple[float, float]:
+        for _ in range(3):
+            engine._run(Step([], reqs))
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        w0 = time.perf_counter()
+        s.record()
+        for _ in range(args.steps):
+            engine._run(Step([], reqs))
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / args.steps, (time.perf_counter() - w0) * 1e3 / args.steps
+
+    rows = []
+    weight_bytes = model.weight_bytes
+    for n in [int(b) for b in args.batches.split(",")]:
+        out = {"batch": n}
+        for mode in ("base", "lora"):
+            if mode == "lora" and not args.adapters:
+                continue
+            reqs = make_batch(n, mode == "lora")
+            gpu_ms, wall_ms = time_steps(reqs)
+            kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
+            out[f"{mode}_ms"] = round(wall_ms, 3)
+            out[f"{mode}_roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
+            for r in reqs:
+                engine.scheduler.free(r)
+        if "lora_ms" in out:
+            out["lora_overhead"] = round(out["lora_ms"] / out["base_ms"] - 1, 3)
+        out["base_vs_roofline"] = round(out["base_ms"] / out["base_roofline_ms"], 2)
+        rows.append(out)
+        print(json.dumps(out), flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+            "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
+            "adapters": args.adapters, "ranks": ranks, "targets": targets, "context": args.context,
+            "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+    print(json.dumps(meta))
+    print(f"\n{'batch':>6} {'base ms':>9} {'lora ms':>9} {'overhead':>9} {'roofline ms':>12} {'base/roof':>10}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['base_ms']:>9} {r.get('lora_ms', '-'):>9} {r.get('lora_overhead', '-'):>9} "
+              f"{r['base_roofline_ms']:>12} {r['base_vs_roofline']:>10}")
+    if args.out:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.out) / f"engine-{args.shape}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
