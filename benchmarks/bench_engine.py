@@ -35,6 +35,7 @@ SHAPES = {
 
 def random_state(cfg: dict, dtype, device, seed=0) -> dict:
     g = torch.Generator(device).manual_seed(seed)
+    dtype = dtype if device.type == "cuda" else torch.float32
     H, I, V, Lh = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     D = H // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
@@ -55,8 +56,7 @@ def random_adapter(cfg: ModelConfig, rank: int, targets: list[str], seed: int) -
     for layer in range(cfg.num_layers):
         for m in targets:
             d_in, d_out = cfg.module_dims(m)
-            w[(layer, m)] = (torch.randn(rank, d_in, generator=g, dtype=torch.float16) * 0.01,
-                             torch.randn(d_out, rank, generator=g, dtype=torch.float16) * 0.01)
+            w[(layer, m)] = (torch.randn(rank, d_in, generator=g) * 0.01, torch.randn(d_out, rank, generator=g) * 0.01)
     return LoraWeights(f"a{seed}", rank, 2.0 * rank, 2.0, targets, False, w)
 
 
@@ -75,6 +75,11 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 20 / (s.elapsed_time(e) / 1e3)    # bytes read + written per second
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama7b", choices=sorted(SHAPES))
@@ -88,8 +93,7 @@ def main() -> None:
     ap.add_argument("--pool-gb", type=float, default=30)
     ap.add_argument("--out")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs CUDA"
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
     from kernels.batch import AttnBatch  # noqa: F401
     from server.adapters import AdapterManager, LocalSource
     from server.engine import Engine
@@ -102,9 +106,9 @@ def main() -> None:
 
     raw = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, **SHAPES[args.shape]}
     cfg = ModelConfig.from_dict(raw, name=args.shape)
-    dtype = torch.float16
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
     model = LlamaModel(cfg, random_state(raw, dtype, dev), dtype, dev)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev) if dev.type == "cuda" else 20e9
     B = block_tokens_for(cfg, 16)
     page_bytes = B * cfg.kv_width * 2
     pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev)
@@ -115,12 +119,12 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = args.targets.split(",")
     t0 = time.time()
-    staged = [stage_adapter(random_adapter(cfg, ranks[i % len(ranks)], targets, i), pool, pin=True)
+    staged = [stage_adapter(random_adapter(cfg, ranks[i % len(ranks)], targets, i), pool, pin=dev.type == "cuda")
               for i in range(min(args.distinct, args.adapters))]
     for i in range(args.adapters):
         mgr.put_host(f"a{i}", 0, staged[i % len(staged)])
         mgr.release(f"a{i}", mgr.acquire(f"a{i}"))
-    torch.cuda.synchronize()
+    sync()
     print(f"loaded {args.adapters} adapters in {time.time() - t0:.1f}s; pool {pool.stats()}", flush=True)
 
     def make_batch(n: int, with_adapters: bool) -> list[Request]:
@@ -139,17 +143,15 @@ def main() -> None:
         return reqs
 
     def time_steps(reqs) -> tuple[float, float]:
+        """Wall time per step (the engine syncs each step: sampling reads tokens back)."""
         for _ in range(3):
             engine._run(Step([], reqs))
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync()
         w0 = time.perf_counter()
-        s.record()
         for _ in range(args.steps):
             engine._run(Step([], reqs))
-        e.record()
-        torch.cuda.synchronize()
-        return s.elapsed_time(e) / args.steps, (time.perf_counter() - w0) * 1e3 / args.steps
+        sync()
+        return 0.0, (time.perf_counter() - w0) * 1e3 / args.steps
 
     rows = []
     weight_bytes = model.weight_bytes
@@ -170,7 +172,7 @@ def main() -> None:
         out["base_vs_roofline"] = round(out["base_ms"] / out["base_roofline_ms"], 2)
         rows.append(out)
         print(json.dumps(out), flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
             "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
             "adapters": args.adapters, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
