@@ -313,15 +313,18 @@ class S3Store(ObjectStore):
                 body = bytes(data)
                 self.client.put_object(Bucket=self.bucket, Key=k, Body=body)
                 return len(body)
-            if not hasattr(data, "read"):
+            seekable = hasattr(data, "read") and getattr(data, "seekable", lambda: False)()
+            if not seekable:
                 spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
                 for b in _iter_chunks(data):
                     spool.write(b)
-                spool.seek(0)
                 data = spool
-            start = data.tell() if hasattr(data, "tell") else 0
+                data.seek(0)
+            start = data.tell()
+            size = data.seek(0, io.SEEK_END) - start
+            data.seek(start)
             self.client.upload_fileobj(data, self.bucket, k)
-            return (data.tell() - start) if hasattr(data, "tell") else -1
+            return size
         except self._catch() as e:
             raise self._wrap(e) from e
 
