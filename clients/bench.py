@@ -47,6 +47,7 @@ class RequestResult:
     latency: float | None = None
     completion_tokens: int = 0
     error: str = ""               # grpc status code name, "" when it finished
+    error_details: str = ""
 
     @property
     def ok(self) -> bool:
@@ -72,14 +73,16 @@ def compute_metrics(results: Sequence[RequestResult], total_time: float, slo: fl
     tpot = [(r.latency - r.first_token_latency) / (r.completion_tokens - 1) for r in ok
             if r.completion_tokens > 1 and r.first_token_latency is not None]
     errors: dict[str, int] = {}
+    first_errors: dict[str, str] = {}
     for r in results:
         if not r.ok:
             errors[r.error or "UNFINISHED"] = errors.get(r.error or "UNFINISHED", 0) + 1
+            first_errors.setdefault(r.error or "UNFINISHED", r.error_details)
     attained = sum(1 for r in ok if r.first_token_latency is not None and r.first_token_latency < slo)
     t = max(total_time, 1e-9)
     return {
         "num_requests": len(results), "num_finished": len(ok), "num_failed": len(results) - len(ok),
-        "errors": errors, "total_time": total_time,
+        "errors": errors, "error_examples": first_errors, "total_time": total_time,
         "throughput": len(ok) / t,
         "output_token_throughput": out_tokens / t,
         "total_token_throughput": (out_tokens + in_tokens) / t,
@@ -173,7 +176,7 @@ async def run_requests(client, requests: Sequence[Request], *, duration: float |
             else:
                 bar.failed += 1
         except LoraServeError as e:
-            res.error = e.code.name
+            res.error, res.error_details = e.code.name, e.details
             bar.failed += 1
         except asyncio.CancelledError:
             res.error = res.error or "CANCELLED"
@@ -465,6 +468,8 @@ async def _bench_async(args) -> list[dict]:
                 if len(ns) == 1 and ns[0] == 10 and len(args.adapters) != 10:
                     ns = [len(args.adapters)]
                 ns = [min(n, len(args.adapters)) for n in ns]
+                for aid in args.adapters[:max(ns)]:      # fail fast (NotFound) on a typo
+                    await client.get_adapter(aid)
             elif not args.synthetic:
                 raise ValueError("choose adapters: --synthetic, --adapters A,B,C, --base-only or --trace FILE")
             if args.synthetic and max(ns) > 0:
@@ -490,13 +495,15 @@ async def _bench_async(args) -> list[dict]:
                                                 label=f"loraserve n={n}")
             runs.append({"backend": "loraserve" if not args.base_only else "base", "n": n, "config": cfg,
                          "result": compute_metrics(results, total, args.slo)})
-            if "base" in compare and not args.base_only:
+            _report_errors(runs[-1])
+            if "base" in compare and not args.base_only:  # the same arrivals, lengths and prompts
                 base_reqs = with_adapters(reqs, [""])
                 results, total = await run_requests(client, base_reqs, drain_timeout=args.drain_timeout,
                                                     request_timeout=args.request_timeout, quiet=args.quiet,
                                                     label=f"base n={n}")
                 runs.append({"backend": "base", "n": n, "config": cfg,
                              "result": compute_metrics(results, total, args.slo)})
+                _report_errors(runs[-1])
             if "peft" in compare:
                 from clients import peft_baseline  # noqa: PLC0415
                 sources = await peft_baseline.adapter_sources_for(client, reqs, args)
@@ -505,7 +512,16 @@ async def _bench_async(args) -> list[dict]:
                     dtype=args.peft_dtype, drain_timeout=args.drain_timeout, quiet=args.quiet, label=f"peft n={n}")
                 runs.append({"backend": "peft", "n": n, "config": cfg,
                              "result": compute_metrics(results, total, args.slo)})
+                _report_errors(runs[-1])
     return runs
+
+
+def _report_errors(run: dict) -> None:
+    res = run["result"]
+    for code, count in res.get("errors", {}).items():
+        detail = res.get("error_examples", {}).get(code, "")
+        print(f"warning: [{run['backend']} n={run['n']}] {count} request(s) failed with {code}"
+              + (f": {detail}" if detail else ""), file=sys.stderr)
 
 
 def run_bench(args) -> int:

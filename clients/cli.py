@@ -40,6 +40,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with loraserve's error format: usage, then ``error: INVALID_ARGUMENT: ...``."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: INVALID_ARGUMENT: {message}\n")
+
+
 def env_name(option: str) -> str:
     """``--max-new-tokens`` -> ``LORASERVE_MAX_NEW_TOKENS``."""
     return ENV_PREFIX + option.lstrip("-").upper().replace("-", "_")
@@ -163,7 +171,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``serve``/``store`` import their modules only when argv names them."""
     command = _command_of(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="loraserve", description=MAIN_DESCRIPTION, epilog=MAIN_EPILOG,
+    parser = _Parser(prog="loraserve", description=MAIN_DESCRIPTION, epilog=MAIN_EPILOG,
                                      formatter_class=_Formatter)
     parser.add_argument("--target", default="localhost:50051",
                         help="server address host:port (default localhost:50051)")
