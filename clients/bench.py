@@ -453,7 +453,7 @@ async def _bench_async(args) -> list[dict]:
     if "peft" in compare and not args.model:
         raise ValueError("--compare peft needs --model DIR (the base model folder)")
     runs: list[dict] = []
-    async with AsyncClient(args.target, token=args.token) as client:
+    async with AsyncClient(args.target, token=args.token, store_target=getattr(args, "store_target", None)) as client:
         # 1. the workloads
         plans: list[tuple[int, list[Request], dict]] = []
         if args.trace:

@@ -152,7 +152,7 @@ def _lazy_delegate(sub, name: str, help: str, module: str, add_fn: str, run_fn: 
     return p
 
 
-_GLOBAL_WITH_VALUE = {"--target", "--token", "--timeout"}
+_GLOBAL_WITH_VALUE = {"--target", "--token", "--timeout", "--store-target"}
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -177,6 +177,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         help="server address host:port (default localhost:50051)")
     parser.add_argument("--token", default=None, help="bearer token sent as 'authorization: Bearer <token>'")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    parser.add_argument("--store-target", default=None,
+                        help="adapter store host:port when it runs as its own service (default: --target)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     # -- server-side commands (delegated; their modules import torch, so only when asked for)
@@ -300,7 +302,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def _client(args):
     from clients.client import Client  # noqa: PLC0415
-    return Client(args.target, token=args.token or None, timeout=args.timeout)
+    return Client(args.target, token=args.token or None, timeout=args.timeout,
+                  store_target=getattr(args, "store_target", None) or None)
 
 
 def _print_json(obj) -> None:

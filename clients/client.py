@@ -456,9 +456,11 @@ def _channel_options(options: Sequence[tuple] | None) -> list[tuple]:
 
 class _Base:
     def __init__(self, target: str | None = None, token: str | None = None, timeout: float | None = None,
-                 *, retry: RetryPolicy | None = None, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple] | None = None):
+                 *, store_target: str | None = None, retry: RetryPolicy | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, options: Sequence[tuple] | None = None):
         self.target = target or os.environ.get("LORASERVE_TARGET") or DEFAULT_TARGET
+        # AdapterStore RPCs go here when the store runs as its own service (docker compose)
+        self.store_target = store_target or self.target
         self.token = token if token is not None else (os.environ.get("LORASERVE_TOKEN") or None)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -472,9 +474,9 @@ class _Base:
         t = self.timeout if timeout is None else timeout
         return None if t is None else time.monotonic() + t
 
-    def _stubs(self, channel) -> None:
+    def _stubs(self, channel, store_channel=None) -> None:
         self._inference = pb_grpc.InferenceStub(channel)
-        self._store = pb_grpc.AdapterStoreStub(channel)
+        self._store = pb_grpc.AdapterStoreStub(store_channel or channel)
         self._admin = pb_grpc.EngineAdminStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel) if health_pb2_grpc else None
 
@@ -486,19 +488,26 @@ class _Base:
 
 class Client(_Base):
     """Blocking client. ``timeout`` (seconds) is the default deadline of every call; each method
-    also takes ``timeout=``. ``token`` is sent as ``authorization: Bearer <token>``."""
+    also takes ``timeout=``. ``token`` is sent as ``authorization: Bearer <token>``.
+    ``store_target``: where AdapterStore RPCs go when the store is a separate service
+    (default: ``target``, the embedded store of ``loraserve serve``)."""
 
     def __init__(self, target: str | None = None, token: str | None = None, timeout: float | None = None,
                  **kw):
         super().__init__(target, token, timeout, **kw)
+        self.channel = self._open(self.target)
+        self.store_channel = self._open(self.store_target) if self.store_target != self.target else None
+        self._stubs(self.channel, self.store_channel)
+
+    def _open(self, target: str) -> grpc.Channel:
         if self._credentials is not None:
-            self.channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
-        else:
-            self.channel = grpc.insecure_channel(self.target, options=self._options)
-        self._stubs(self.channel)
+            return grpc.secure_channel(target, self._credentials, options=self._options)
+        return grpc.insecure_channel(target, options=self._options)
 
     def close(self) -> None:
         self.channel.close()
+        if self.store_channel is not None:
+            self.store_channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -674,14 +683,19 @@ class AsyncClient(_Base):
     def __init__(self, target: str | None = None, token: str | None = None, timeout: float | None = None,
                  **kw):
         super().__init__(target, token, timeout, **kw)
+        self.channel = self._open(self.target)
+        self.store_channel = self._open(self.store_target) if self.store_target != self.target else None
+        self._stubs(self.channel, self.store_channel)
+
+    def _open(self, target: str) -> grpc.aio.Channel:
         if self._credentials is not None:
-            self.channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
-        else:
-            self.channel = grpc.aio.insecure_channel(self.target, options=self._options)
-        self._stubs(self.channel)
+            return grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        return grpc.aio.insecure_channel(target, options=self._options)
 
     async def close(self) -> None:
         await self.channel.close()
+        if self.store_channel is not None:
+            await self.store_channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -349,3 +349,11 @@ def test_bench_argument_errors(capsys, server):
     assert rc == 2 and "--model" in err
     rc, out, err = run(capsys, "--target", server.target, "bench", "--adapters", "no-such-adapter", *SMALL)
     assert rc == 1 and err.startswith("error: NOT_FOUND: ")     # checked before the run starts
+
+
+def test_store_target_flag(server, capsys):
+    dead = f"127.0.0.1:{_free_port()}"
+    rc, out, err = run(capsys, "--target", dead, "--store-target", server.target, "get", server.adapters[0])
+    assert rc == 0 and server.adapters[0] in out
+    rc, out, err = run(capsys, "--target", dead, "--store-target", server.target, "--timeout", "3", "stats")
+    assert rc == 1 and err.startswith("error: UNAVAILABLE: ")

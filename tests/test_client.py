@@ -292,3 +292,13 @@ def test_async_register_folder(server, tmp_path):
             assert await ac.delete_adapter(aid)
 
     asyncio.run(main())
+
+
+def test_separate_store_target(server):
+    """AdapterStore RPCs go to store_target; Inference/EngineAdmin to target (compose layout)."""
+    with Client(f"127.0.0.1:{_free_port()}", store_target=server.target, timeout=5,
+                retry=RetryPolicy(max_attempts=1)) as c:
+        assert server.adapters[0] in [a.adapter_id for a in c.list_adapters()]
+        assert c.get_adapter(server.adapters[0]).rank > 0
+        with pytest.raises(Unavailable):
+            c.complete([1, 2], max_new_tokens=1)
