@@ -116,6 +116,22 @@ def build_lora_pool(cfg, n_adapters, dtype, dev, modules=ATTN_MODULES, variants=
     return pool, table, ranks
 
 
+def graph_ms(fn):
+    """Median ms of a CUDA-graph replay of fn (no launch overhead); None where capture fails."""
+    if SMOKE:
+        return None
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return bench(lambda: g.replay())
+    except Exception as e:  # noqa: BLE001
+        print("graph capture failed:", repr(e)[:200], flush=True)
+        return None
+
+
 def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize):
     """Fewest bytes: each distinct adapter's A and B once, x read, v written+read, y read+written."""
     w = sum(r * (d_in + d_out) for r in distinct_ranks) * esize
@@ -157,18 +173,9 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
     row["expand_ms"] = bench(lambda b, ys: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
                                             for m, y, v in zip(metas, ys, vs)], [(s[0], s[2]) for s in sets])
     # CUDA graph of the 8 launches (what a graph-captured decode step would see)
-    try:
-        if SMOKE:
-            raise RuntimeError("no graphs in the smoke run")
-        g = torch.cuda.CUDAGraph()
-        tri(*sets[0])
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            tri(*sets[0])
-        row["graph_ms"] = bench(lambda: g.replay())
-    except Exception as e:  # noqa: BLE001
-        row["graph_ms"] = None
-        row["graph_err"] = repr(e)[:200]
+    row["graph_ms"] = graph_ms(lambda: tri(*sets[0]))
+    if row["graph_ms"]:
+        row["graph_frac_roof"] = row["roof_ms"] / row["graph_ms"]
     if baselines:
         row["torch_loop_ms"] = bench(lambda b, x, ys: [ref.lora_expand(y, ref.lora_shrink(x, pool.flat, table.rows, m, b),
                                                                        pool.flat, table.rows, m, table.scaling, b)
@@ -227,16 +234,21 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
         tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b)
 
     t_tri = bench(tri, sets)
+    t_graph = graph_ms(lambda: tri(*sets[0]))
     # cuBLAS: the same FLOPs as one adapter with contiguous weights (rank = mean rank, 8-aligned)
     r_eq = max(8, int(round(flops / (4 * tokens * d) / 8)) * 8)
     At = torch.randn(d, r_eq, dtype=dtype, device=dev) / 64
     Bt = torch.randn(r_eq, d, dtype=dtype, device=dev) / 8
     csets = [(s[1], s[2]) for s in sets]
     t_cub = bench(lambda x, y: torch.addmm(y, torch.mm(x, At), Bt, alpha=2.0, out=y), csets)
+    t_cub_graph = graph_ms(lambda: torch.addmm(sets[0][2], torch.mm(sets[0][1], At), Bt, alpha=2.0, out=sets[0][2]))
     row = {"kind": "prefill_lora", "tokens": tokens, "segments": nseg, "rank": rank or "mixed", "ms": t_tri,
            "roof_ms": roof_bytes / bw * 1e3, "cublas_ms": t_cub, "cublas_rank": r_eq, "flops": flops}
     row["frac_roof"] = row["roof_ms"] / t_tri
     row["vs_cublas"] = t_tri / t_cub
+    row["graph_ms"], row["cublas_graph_ms"] = t_graph, t_cub_graph
+    if t_graph and t_cub_graph:
+        row["vs_cublas_graph"] = t_graph / t_cub_graph
     row["tflops"] = flops / (t_tri * 1e-3) / 1e12
     if loop and nseg <= 64:
         row["torch_loop_ms"] = bench(lambda b, x, y: ref.lora_expand(y, ref.lora_shrink(x, pool.flat, table.rows, meta, b),
@@ -245,7 +257,8 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
     res.append(row)
     print(f"prefill_lora T={tokens:5d} seg={nseg:4d} r={str(rank or 'mix'):>4}: {t_tri*1e3:8.1f} us  roof {row['roof_ms']*1e3:7.1f} us "
           f"({100*row['frac_roof']:5.1f}%)  cuBLAS(r={r_eq}) {t_cub*1e3:7.1f} us  x{row['vs_cublas']:.2f}  "
-          f"loop {row.get('torch_loop_ms', float('nan'))*1e3:9.1f} us", flush=True)
+          f"loop {row.get('torch_loop_ms', float('nan'))*1e3:9.1f} us  graph {(t_graph or float('nan'))*1e3:7.1f} us "
+          f"vs cuBLAS graph {(t_cub_graph or float('nan'))*1e3:7.1f} us", flush=True)
 
 
 def build_attn_pool(cfg, seqs, ctx, q_len, dtype, dev, block=16):
@@ -343,16 +356,16 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
             sets.append((b, x, ys, vs))
         esize = 2
         wbytes = 256 * sum(ranks[:5]) / 5 * d * esize * 4   # one matrix per module, mixed ranks
-        for BR, BK, nw in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (16, 256, 8), (64, 128, 8),
-                           (8, 512, 4), (32, 512, 8)]:
-            tlora.TUNE["shrink_decode"] = dict(BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
+        for BR, BK, nw, ns in [(16, 512, 4, 3), (16, 512, 4, 1), (16, 512, 4, 4), (16, 1024, 4, 3), (16, 1024, 8, 3),
+                               (16, 512, 8, 3), (8, 1024, 4, 3), (32, 512, 4, 3), (8, 512, 2, 3), (16, 256, 2, 3)]:
+            tlora.TUNE["shrink_decode"] = dict(BLOCK_R=BR, BLOCK_K=BK, num_warps=nw, num_stages=ns)
             try_("shrink_decode", tlora.TUNE["shrink_decode"],
                  lambda: bench(lambda b, x, ys, vs: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas], sets),
                  lambda ms: f"~{wbytes / (ms * 1e-3) / bw * 100:.0f}% of copy bw")
         tlora.TUNE["shrink_decode"] = saved_l["shrink_decode"]
-        for BR, BN, nw in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 128, 4), (32, 512, 8), (8, 512, 4),
-                           (64, 256, 8), (16, 1024, 8)]:
-            tlora.TUNE["expand_decode"] = dict(BLOCK_R=BR, BLOCK_N=BN, num_warps=nw)
+        for BR, BN, nw, ns in [(16, 512, 4, 3), (16, 512, 4, 1), (16, 512, 4, 4), (16, 1024, 4, 3), (16, 512, 8, 3),
+                               (32, 512, 4, 3), (8, 1024, 4, 3), (16, 256, 2, 3), (8, 512, 2, 3), (32, 1024, 8, 3)]:
+            tlora.TUNE["expand_decode"] = dict(BLOCK_R=BR, BLOCK_N=BN, num_warps=nw, num_stages=ns)
             try_("expand_decode", tlora.TUNE["expand_decode"],
                  lambda: bench(lambda b, x, ys, vs: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
                                                      for m, y, v in zip(metas, ys, vs)], sets),
@@ -367,14 +380,14 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
             sets = [(torch.randn(4096, d, dtype=dtype, device=dev), torch.randn(4096, d, dtype=dtype, device=dev))
                     for _ in range(2)]
             v = tlora.lora_shrink(sets[0][0], pool.flat, table.rows, meta, b)
-            for BM, BK, nw, ns in [(None, 64, 4, 3), (16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                                   (128, 64, 8, 3), (32, 128, 4, 4), (64, 64, 4, 4)]:
+            for BM, BK, nw, ns in [(None, 128, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3),
+                                   (16, 128, 2, 4), (32, 128, 8, 4), (64, 128, 4, 4), (32, 128, 4, 5), (32, 64, 4, 6)]:
                 tlora.TUNE["shrink_seg"] = dict(BLOCK_M=BM, BLOCK_K=BK, num_warps=nw, num_stages=ns)
                 try_(f"shrink_seg {label}", tlora.TUNE["shrink_seg"],
                      lambda: bench(lambda x, y: tlora.lora_shrink(x, pool.flat, table.rows, meta, b), sets))
             tlora.TUNE["shrink_seg"] = saved_l["shrink_seg"]
-            for BM, BN, nw, ns in [(None, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
-                                   (128, 64, 4, 3), (32, 128, 4, 3), (128, 256, 8, 3), (64, 128, 4, 4)]:
+            for BM, BN, nw, ns in [(None, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 256, 8, 3), (32, 256, 4, 3),
+                                   (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 1), (16, 256, 4, 3)]:
                 tlora.TUNE["expand_seg"] = dict(BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
                 try_(f"expand_seg {label}", tlora.TUNE["expand_seg"],
                      lambda: bench(lambda x, y: tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b), sets))
@@ -418,21 +431,25 @@ def markdown(meta, res) -> str:
     dl = [r for r in res if r["kind"] == "decode_lora"]
     if dl:
         out += ["## Decode LoRA (shrink+expand, q/k/v/o 4096->4096, mixed ranks 8..128), us", "",
-                "| tokens | distinct adapters | triton | roofline | % roofline | shrink | expand | graph replay | torch loop | padded bmm |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| tokens | distinct adapters | triton | roofline | % roofline | shrink | expand | graph replay | graph % roofline | torch loop | padded bmm |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in dl:
             out.append(f"| {r['tokens']} | {r['distinct']} | {f(r['ms'])} | {f(r['roof_ms'])} | {100*r['frac_roof']:.0f}% | "
-                       f"{f(r['shrink_ms'])} | {f(r['expand_ms'])} | {f(r.get('graph_ms'))} | {f(r.get('torch_loop_ms'))} | "
+                       f"{f(r['shrink_ms'])} | {f(r['expand_ms'])} | {f(r.get('graph_ms'))} | "
+                       f"{(str(round(100 * r['graph_frac_roof'])) + '%') if r.get('graph_frac_roof') else ''} | {f(r.get('torch_loop_ms'))} | "
                        f"{f(r.get('torch_bmm_ms'))} |")
         out.append("")
     pl = [r for r in res if r["kind"] == "prefill_lora"]
     if pl:
         out += ["## Prefill LoRA (shrink+expand, q_proj 4096->4096), us", "",
-                "| tokens | segments | rank | triton | TFLOP/s | roofline | % roofline | cuBLAS same FLOPs | triton/cuBLAS | torch loop |",
-                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| tokens | segments | rank | triton | TFLOP/s | roofline | % roofline | cuBLAS same FLOPs | triton/cuBLAS | "
+                "triton graph | cuBLAS graph | graph ratio | torch loop |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in pl:
             out.append(f"| {r['tokens']} | {r['segments']} | {r['rank']} | {f(r['ms'])} | {r['tflops']:.1f} | {f(r['roof_ms'])} | "
                        f"{100*r['frac_roof']:.0f}% | {f(r['cublas_ms'])} (r={r['cublas_rank']}) | {r['vs_cublas']:.2f}x | "
+                       f"{f(r.get('graph_ms'))} | {f(r.get('cublas_graph_ms'))} | "
+                       f"{(str(round(r['vs_cublas_graph'], 2)) + 'x') if r.get('vs_cublas_graph') else ''} | "
                        f"{f(r.get('torch_loop_ms'))} |")
         out.append("")
     da = [r for r in res if r["kind"] == "decode_attn"]
@@ -452,6 +469,15 @@ def markdown(meta, res) -> str:
             out.append(f"| {r['model']} | {r['seqs']} | {r['q_len']} | {f(r['ms'])} | {r['tflops']:.1f} | {f(r['sdpa_ms'])} |")
         out.append("")
     return "\n".join(out)
+
+
+def guarded(fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        print(f"FAILED {fn.__name__} {args[6:] if len(args) > 6 else ''} {kw}: {e!r}"[:500], flush=True)
 
 
 def main(argv=None):
@@ -505,7 +531,7 @@ def main(argv=None):
             if SMOKE:
                 dec = [(4, 4), (4, 1)]
             for T, n in dec:
-                run_decode_lora(res, pool, table, ranks, dtype, dev, bw, T, n, baselines=T in (1, 4, 64, 256))
+                guarded(run_decode_lora, res, pool, table, ranks, dtype, dev, bw, T, n, baselines=T in (1, 4, 64, 256))
                 dump()
         if "prefill_lora" in only:
             pre = [(8, 1, 64), (64, 1, 64), (512, 1, 64), (4096, 1, 16), (4096, 1, 64), (4096, 1, 128),
@@ -515,25 +541,24 @@ def main(argv=None):
             if SMOKE:
                 pre = [(40, 1, 16), (40, 4, None)]
             for T, n, r in pre:
-                run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, T, n, rank=r)
+                guarded(run_prefill_lora, res, pool, table, ranks, dtype, dev, bw, T, n, rank=r)
                 dump()
         if a.sweep and not SMOKE:
-            run_sweep(res, pool, table, ranks, dtype, dev, bw, only & {"decode_lora", "prefill_lora"})
+            guarded(run_sweep, res, pool, table, ranks, dtype, dev, bw, only & {"decode_lora", "prefill_lora"})
             dump()
         del pool, table
         empty_cache()
     if "decode_attn" in only:
         for cfg, S in ([(LLAMA7B, 64), (GQA, 64)] if a.quick else
                        [(LLAMA7B, 1), (LLAMA7B, 16), (LLAMA7B, 64), (LLAMA7B, 256), (GQA, 64), (GQA, 256)]):
-            run_decode_attn(res, cfg, dtype, dev, bw, min(S, 2), 40) if SMOKE else \
-                run_decode_attn(res, cfg, dtype, dev, bw, S, 1024)
+            guarded(run_decode_attn, res, cfg, dtype, dev, bw, min(S, 2) if SMOKE else S, 40 if SMOKE else 1024)
             dump()
     if "prefill_attn" in only:
         for cfg, S, n in [(LLAMA7B, 4, 1024), (LLAMA7B, 1, 4096), (GQA, 4, 1024)]:
-            run_prefill_attn(res, cfg, dtype, dev, min(S, 2), 24 if SMOKE else n)
+            guarded(run_prefill_attn, res, cfg, dtype, dev, min(S, 2), 24 if SMOKE else n)
             dump()
     if a.sweep and not SMOKE:
-        run_sweep(res, None, None, None, dtype, dev, bw, only & {"decode_attn", "prefill_attn"})
+        guarded(run_sweep, res, None, None, None, dtype, dev, bw, only & {"decode_attn", "prefill_attn"})
     dump()
     print()
     print(markdown(meta, res))

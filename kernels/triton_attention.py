@@ -23,7 +23,7 @@ import triton.language as tl
 from kernels.batch import AttnBatch
 
 _LOG2E = 1.4426950408889634
-_NEG = -1.0e30  # finite "minus infinity": keeps exp2(m_old - m_new) defined on empty tiles
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp2(m_old - m_new) defined on empty tiles
 
 
 # Tile choices on CUDA (the benchmark's --sweep overrides these to compare variants).

@@ -31,9 +31,10 @@ from kernels.batch import LoraBatch
 
 # Tile choices (the benchmark's --sweep overrides these to compare variants on the device).
 TUNE = {
-    "shrink_decode": dict(BLOCK_R=16, BLOCK_K=256, num_warps=4),
-    "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=4),
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=64, num_warps=4, num_stages=3),
+    # H100, 256 tokens x 256 adapters of ranks 8..128, 4096 wide (2026-11-25 sweep)
+    "shrink_decode": dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
+    "expand_decode": dict(BLOCK_R=16, BLOCK_N=512, num_warps=4, num_stages=3),
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
 }
 
@@ -115,6 +116,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
     nmask = offs_n < d_out
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
+    y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
+    y = tl.load(y_ptrs, mask=nmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, rank, BLOCK_R):
         jj = j0 + offs_r
@@ -127,9 +130,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
                     other=0.0).to(tl.float32)
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
-    y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
-    y = tl.load(y_ptrs, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=nmask)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,10 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, met
     nmask = offs_n < d_out
     offs_k = tl.arange(0, BLOCK_K)
     v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * sv0
+    # y is the bulk of the bytes: issue its load first so it overlaps the weight loads and the dot
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sy0 + offs_n[None, :] * sy1
+    ymask = mmask[:, None] & nmask[None, :]
+    y = tl.load(y_ptrs, mask=ymask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, rank, BLOCK_K):
         jj = j0 + offs_k
@@ -225,10 +230,7 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, met
             acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(vt, bt.to(vt.dtype), acc)
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sy0 + offs_n[None, :] * sy1
-    ymask = mmask[:, None] & nmask[None, :]
-    y = tl.load(y_ptrs, mask=ymask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + acc * s).to(y_ptr.dtype.element_ty), mask=ymask)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc * s).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +238,10 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, met
 # ---------------------------------------------------------------------------------------------
 def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
     """Token tile for the segment schedule: large enough for the tensor cores, small enough that
-    short segments waste little and the grid fills the machine."""
+    short segments waste little and the grid (about) fills the machine."""
     G = batch.seg_slot.numel()
-    for bm in (64, 32):
-        if batch.max_seg_len >= bm and G * triton.cdiv(batch.max_seg_len, bm) * n_tiles >= 264:
+    for bm, need in ((64, 264), (32, 96)):
+        if batch.max_seg_len >= bm and G * triton.cdiv(batch.max_seg_len, bm) * n_tiles >= need:
             return bm
     return 16
 
@@ -261,7 +263,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         grid = (T, triton.cdiv(R, BLOCK_R))
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
                                     batch.token_slot, v, v.stride(0), v.stride(1), d_in, R,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"])
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
+                                    num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
         BLOCK_N = min(128, max(16, _p2(R)))
@@ -292,7 +295,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         grid = (T, triton.cdiv(d_out, BLOCK_N))
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
                                     meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, d_out,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"])
+                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+                                    num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(d_out)))
