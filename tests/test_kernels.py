@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 from kernels import reference as ref  # noqa: E402
 from kernels import triton_attention as tatt  # noqa: E402
 from kernels import triton_lora as tlora  # noqa: E402
+from kernels import triton_norm_rope as tnr  # noqa: E402
 from kernels.batch import AttnBatch, LoraBatch  # noqa: E402
 from server.config import TARGET_MODULES, ModelConfig  # noqa: E402
 from server.lora import LoraWeights  # noqa: E402
@@ -238,6 +239,29 @@ def test_attention_decode_split():
     _check_attn(cfg, torch.float32, [1], [150], 0, 1e-5, gen, block_tokens=8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_and_rope(dtype):
+    gen = torch.Generator().manual_seed(15)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    for H in (64, 40):
+        x = torch.randn(7, H, generator=gen).to(DEV, dtype)
+        w = (1 + 0.1 * torch.randn(H, generator=gen)).to(DEV, dtype)
+        poison(7 * H, dtype)
+        out = tnr.rms_norm(x, w, 1e-6)
+        want = ref.rms_norm(x, w, 1e-6)
+        assert out.shape == want.shape and out.dtype == want.dtype
+        assert rel_err(out, want) < tol
+        out = tnr.rms_norm(x.view(7, 1, H), w.float(), 1e-5)   # fp32 weight: fp32 output
+        assert out.dtype == torch.float32 and rel_err(out, ref.rms_norm(x.view(7, 1, H), w.float(), 1e-5)) < tol
+    qkv = torch.randn(5, 7, 16, generator=gen).to(DEV, dtype)
+    q = qkv[:, :3]                                   # a strided view, as the model slices qkv
+    ang = torch.randn(5, 8, generator=gen).to(DEV)
+    cos, sin = ang.cos(), ang.sin()
+    poison(q.numel(), dtype)
+    out = tnr.apply_rope(q, cos, sin)
+    assert rel_err(out, ref.apply_rope(q, cos, sin)) < tol
+
+
 def test_ops_table():
     from kernels import triton_ops
     assert set(triton_ops.OPS) >= {"lora_shrink", "lora_expand", "write_kv", "paged_attention"}
@@ -269,6 +293,20 @@ def test_gpu_lora_llama7b(dtype, decode):
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, lens, pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
                 tol, gen, block_tokens=16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_norm_rope_llama7b(dtype):
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(300, 4096, generator=gen).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(4096, generator=gen)).to(DEV, dtype)
+    assert rel_err(tnr.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5)) < 1e-2
+    qkv = torch.randn(300, 96, 128, generator=gen).to(DEV, dtype)
+    ang = torch.rand(300, 64, generator=gen).to(DEV) * 1000
+    q = qkv[:, :32]
+    assert rel_err(tnr.apply_rope(q, ang.cos(), ang.sin()), ref.apply_rope(q, ang.cos(), ang.sin())) < 1e-2
 
 
 @gpu
