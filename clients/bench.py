@@ -247,6 +247,37 @@ async def ensure_synthetic_adapters(client, n: int, ranks: Sequence[int] = DEFAU
     return ids
 
 
+async def detect_vocab_size(client, upper: int = 256) -> int:
+    """The number of token ids (up to ``upper``) the server accepts in prompts: EngineStats'
+    vocab_size when the server reports one, else a binary search with 1-token requests (the
+    server answers INVALID_ARGUMENT for an id outside its vocabulary)."""
+    from clients.client import InvalidArgument  # noqa: PLC0415
+    from clients.pb import loraserve_pb2 as pb  # noqa: PLC0415
+
+    if "vocab_size" in pb.EngineStats.DESCRIPTOR.fields_by_name:
+        raw = await client._unary(client._admin.GetStats, pb.GetStatsRequest(), None, True)
+        if getattr(raw, "vocab_size", 0):
+            return min(upper, int(raw.vocab_size))
+
+    async def accepted(tid: int) -> bool:
+        try:
+            await client.complete(prompt_token_ids=[tid], max_new_tokens=1, ignore_eos=True)
+            return True
+        except InvalidArgument:
+            return False
+
+    if await accepted(upper - 1):
+        return upper
+    lo, hi = 0, upper - 1          # lo accepted, hi refused
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if await accepted(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 async def run_workload(target: str, requests: Sequence[Request], *, token: str | None = None,
                        duration: float | None = None, drain_timeout: float = 600.0,
                        request_timeout: float | None = None, quiet: bool = True,
@@ -289,31 +320,40 @@ def format_table(runs: Sequence[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+_CMP_METRICS = [("throughput (req/s)", "throughput", "{:.3f}"),
+                ("output tokens/s", "output_token_throughput", "{:.1f}"),
+                ("avg latency (s)", "avg_latency", "{:.3f}"),
+                ("ttft p50 (s)", "p50_first_token_latency", "{:.3f}"),
+                ("ttft p90 (s)", "p90_first_token_latency", "{:.3f}"),
+                ("s per output token", "avg_per_token_latency", "{:.4f}"),
+                ("SLO attainment", "slo_attainment", "{:.3f}")]
+
+
 def format_comparison(runs: Sequence[dict]) -> str:
-    """loraserve vs each other backend on the same n: ratios of throughput and latencies."""
+    """Per n, the backends side by side with the ratio loraserve / other for each metric
+    (throughput: > 1 means loraserve is faster; latencies: < 1 means loraserve is faster)."""
     by_n: dict = {}
     for r in runs:
         by_n.setdefault(r.get("n"), {})[r["backend"]] = r["result"]
-    out = []
+    blocks = []
     for n, backs in by_n.items():
         ref = backs.get("loraserve")
-        if not ref:
+        others = [b for b in backs if b != "loraserve"]
+        if not ref or not others:
             continue
-        for name, res in backs.items():
-            if name == "loraserve":
-                continue
-            def ratio(k, inverse=False):
-                a, b = ref.get(k), res.get(k)
-                if not a or not b:
-                    return "-"
-                return f"{(b / a if inverse else a / b):.2f}x"
-            out.append(f"n={n}: loraserve vs {name}: throughput {ratio('throughput')}, "
-                       f"output tok/s {ratio('output_token_throughput')}, "
-                       f"avg latency {ratio('avg_latency', inverse=True)} lower, "
-                       f"ttft p50 {ratio('p50_first_token_latency', inverse=True)} lower, "
-                       f"SLO attainment {_fmt(ref.get('slo_attainment'), '{:.2f}')} vs "
-                       f"{_fmt(res.get('slo_attainment'), '{:.2f}')}")
-    return "\n".join(out)
+        head = ["n=" + str(n)] + list(backs) + [f"loraserve/{o}" for o in others]
+        rows = []
+        for label, key, f in _CMP_METRICS:
+            cells = [label] + [_fmt(backs[b].get(key), f) for b in backs]
+            for o in others:
+                a, b = ref.get(key), backs[o].get(key)
+                cells.append(f"{a / b:.2f}x" if a is not None and b else "-")
+            rows.append(cells)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if k == 0 else c.rjust(w)  # noqa: E731
+                                      for k, (c, w) in enumerate(zip(cells, widths)))
+        blocks.append("\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]))
+    return "\n\n".join(blocks)
 
 
 def plot_runs(runs: Sequence[dict], path: str) -> str | None:
@@ -417,8 +457,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--input-range", type=_range, default=(8, 512), metavar="LO,HI", help="prompt lengths [LO, HI) (default 8,512)")
     w.add_argument("--output-range", type=_range, default=(8, 512), metavar="LO,HI", help="output lengths [LO, HI) (default 8,512)")
     w.add_argument("--seed", type=int, default=42, help="workload seed (default 42)")
-    w.add_argument("--vocab-size", type=int, default=256,
-                   help="prompt token ids are drawn from [3, VOCAB_SIZE) (default 256: inside every Llama vocabulary)")
+    w.add_argument("--vocab-size", type=int, default=0,
+                   help="prompt token ids are drawn from [3, VOCAB_SIZE) (default 0: min(256, the server's "
+                        "vocabulary), found by probing)")
     w.add_argument("--save-trace", metavar="FILE", help="also write the generated workload as a JSONL trace")
 
     r = p.add_argument_group("run and report")
@@ -438,9 +479,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args, n: int) -> WorkloadSpec:
-    return WorkloadSpec(num_adapters=n, alpha=args.alpha, req_rate=args.rate, cv=args.cv, duration=args.duration,
+    vocab = args.vocab_size
+    return WorkloadSpec(token_low=min(3, vocab - 1), num_adapters=n, alpha=args.alpha, req_rate=args.rate, cv=args.cv, duration=args.duration,
                         input_range=tuple(args.input_range), output_range=tuple(args.output_range), seed=args.seed,
-                        max_requests=args.max_requests, vocab_size=args.vocab_size)
+                        max_requests=args.max_requests, vocab_size=vocab)
 
 
 async def _bench_async(args) -> list[dict]:
@@ -454,10 +496,15 @@ async def _bench_async(args) -> list[dict]:
         raise ValueError("--compare peft needs --model DIR (the base model folder)")
     runs: list[dict] = []
     async with AsyncClient(args.target, token=args.token, store_target=getattr(args, "store_target", None)) as client:
+        if not args.vocab_size:
+            args.vocab_size = await detect_vocab_size(client)
+        if args.vocab_size < 2:
+            raise ValueError(f"--vocab-size must be >= 2, got {args.vocab_size}")
         # 1. the workloads
         plans: list[tuple[int, list[Request], dict]] = []
         if args.trace:
-            reqs = load_trace(args.trace, seed=args.seed, vocab_size=args.vocab_size, max_requests=args.max_requests)
+            reqs = load_trace(args.trace, seed=args.seed, vocab_size=args.vocab_size,
+                              token_low=min(3, args.vocab_size - 1), max_requests=args.max_requests)
             n = len({r.adapter_id for r in reqs if r.adapter_id})
             plans.append((n, reqs, {"trace": os.path.abspath(args.trace)}))
         else:

@@ -280,8 +280,7 @@ def test_load_unload(server, capsys):
 
 # ---------------------------------------------------------------------------------------- bench
 
-SMALL = ["--rate", "40", "--max-requests", "6", "--input-range", "4,10", "--output-range", "2,5", "--quiet",
-         "--vocab-size", "90"]
+SMALL = ["--rate", "40", "--max-requests", "6", "--input-range", "4,10", "--output-range", "2,5", "--quiet"]
 
 
 def test_bench_existing_adapters(server, capsys, tmp_path):
@@ -308,7 +307,7 @@ def test_bench_synthetic_several_n_and_compare_base(server, capsys, tmp_path):
     runs = json.loads(out_file.read_text())["runs"]
     assert [(r["backend"], r["n"]) for r in runs] == [("loraserve", 1), ("base", 1), ("loraserve", 3), ("base", 3)]
     assert all(r["result"]["num_finished"] == 6 for r in runs)
-    assert "loraserve vs base" in out
+    assert "loraserve/base" in out
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "p.png").exists()
@@ -336,10 +335,28 @@ def test_bench_base_only_and_trace(server, capsys, tmp_path):
                                          "input_len": 5, "output_len": 3}) + "\n" for i in range(5)))
     out_file = tmp_path / "r.json"
     rc, out, err = run(capsys, "--target", server.target, "bench", "--trace", str(trace), "--quiet", "--out", str(out_file),
-                       "--vocab-size", "90")
+                       "--vocab-size", "50")
     assert rc == 0, err
     (r,) = json.loads(out_file.read_text())["runs"]
     assert r["result"]["num_finished"] == 5 and r["result"]["completion_tokens"] == 15
+
+
+def test_bench_detects_the_vocabulary(server):
+    import asyncio
+
+    from clients.bench import detect_vocab_size
+    from clients.client import AsyncClient
+
+    vocab = server.engine.cfg.vocab_size if hasattr(server, "engine") else None
+
+    async def main():
+        async with AsyncClient(server.target) as ac:
+            return await detect_vocab_size(ac), await detect_vocab_size(ac, upper=8)
+
+    got, small = asyncio.run(main())
+    assert small == min(8, vocab or 8)
+    if vocab is not None:
+        assert got == min(256, vocab)
 
 
 def test_bench_argument_errors(capsys, server):

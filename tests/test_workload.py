@@ -180,4 +180,6 @@ def test_metrics_definitions():
     runs = [{"backend": "loraserve", "n": 5, "result": m}, {"backend": "peft", "n": 5, "result": dict(m, throughput=0.1)}]
     table = format_table(runs)
     assert "loraserve" in table and "peft" in table and "req/s" in table
-    assert "throughput 3.00x" in format_comparison(runs)
+    cmp = format_comparison(runs)
+    assert "loraserve/peft" in cmp
+    assert [line for line in cmp.splitlines() if line.startswith("throughput")][0].split()[-1] == "3.00x"
