@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--pool-gb", type=float, default=30)
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager steps only")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -154,33 +155,41 @@ def main() -> None:
         return 0.0, (time.perf_counter() - w0) * 1e3 / args.steps
 
     rows = []
-    weight_bytes = model.weight_bytes
-    for n in [int(b) for b in args.batches.split(",")]:
-        out = {"batch": n}
-        for mode in ("base", "lora"):
-            if mode == "lora" and not args.adapters:
-                continue
-            reqs = make_batch(n, mode == "lora")
-            gpu_ms, wall_ms = time_steps(reqs)
-            kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
-            out[f"{mode}_ms"] = round(wall_ms, 3)
-            out[f"{mode}_roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
-            for r in reqs:
-                engine.scheduler.free(r)
-        if "lora_ms" in out:
-            out["lora_overhead"] = round(out["lora_ms"] / out["base_ms"] - 1, 3)
-        out["base_vs_roofline"] = round(out["base_ms"] / out["base_roofline_ms"], 2)
-        rows.append(out)
-        print(json.dumps(out), flush=True)
+    # bytes a decode step must read: every weight once (the embedding only its T rows) + the KV
+    weight_bytes = model.weight_bytes - model.embed.numel() * model.embed.element_size()
+    batches = [int(b) for b in args.batches.split(",")]
+    for graphs in ([False, True] if dev.type == "cuda" and args.graphs else [False]):
+        if graphs:
+            t0 = time.time()
+            engine.capture_graphs(max(batches), max(ranks))
+            print(f"captured graphs in {time.time() - t0:.1f}s", flush=True)
+        tag = "graph" if graphs else "eager"
+        for n in batches:
+            out = {"batch": n, "mode": tag}
+            for mode in ("base", "lora"):
+                if mode == "lora" and not args.adapters:
+                    continue
+                reqs = make_batch(n, mode == "lora")
+                _, wall_ms = time_steps(reqs)
+                kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
+                out[f"{mode}_ms"] = round(wall_ms, 3)
+                out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
+                for r in reqs:
+                    engine.scheduler.free(r)
+            if "lora_ms" in out:
+                out["lora_overhead"] = round(out["lora_ms"] / out["base_ms"] - 1, 3)
+            out["base_vs_roofline"] = round(out["base_ms"] / out["roofline_ms"], 2)
+            rows.append(out)
+            print(json.dumps(out), flush=True)
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
             "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
             "adapters": args.adapters, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     print(json.dumps(meta))
-    print(f"\n{'batch':>6} {'base ms':>9} {'lora ms':>9} {'overhead':>9} {'roofline ms':>12} {'base/roof':>10}")
+    print(f"\n{'mode':>6} {'batch':>6} {'base ms':>9} {'lora ms':>9} {'overhead':>9} {'roofline ms':>12} {'base/roof':>10}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['base_ms']:>9} {r.get('lora_ms', '-'):>9} {r.get('lora_overhead', '-'):>9} "
-              f"{r['base_roofline_ms']:>12} {r['base_vs_roofline']:>10}")
+        print(f"{r['mode']:>6} {r['batch']:>6} {r['base_ms']:>9} {r.get('lora_ms', '-'):>9} "
+              f"{r.get('lora_overhead', '-'):>9} {r['roofline_ms']:>12} {r['base_vs_roofline']:>10}")
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         (pathlib.Path(args.out) / f"engine-{args.shape}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

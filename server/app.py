@@ -59,6 +59,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="host memory cache for adapters (LRU by bytes)")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
+    p.add_argument("--no-cuda-graphs", action="store_true", default=bool(e("--no-cuda-graphs")),
+                   help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--max-lora-rank", type=int, default=int(e("--max-lora-rank", 64)),
+                   help="rank cap of the captured decode graphs (batches with larger ranks run eagerly)")
     p.add_argument("--log-level", default=e("--log-level", "warning"))
 
 
@@ -121,7 +125,8 @@ async def start(args) -> Running:
                             max_model_len=args.max_model_len, admission=args.admission)
     ec = EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_tokens=args.block_tokens,
                       pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
-                      max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched)
+                      max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
+                      cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank)
     engine, tok = build_engine(ec, ChainSource(LocalSource(local), store_source))
     cfg = engine.cfg
     for name, path in local.items():   # validate now: a bad folder fails start-up, not a request

@@ -46,6 +46,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._pin = pool.device.type == "cuda"
+        self.graphs = None   # server.cuda_graphs.DecodeGraphs once captured (CUDA only)
+
+    def capture_graphs(self, max_batch: int, max_rank: int) -> None:
+        """Capture decode CUDA graphs (before start()); steps that fit replay them."""
+        if self.pool.device.type != "cuda":
+            return
+        from server.cuda_graphs import DecodeGraphs
+        g = DecodeGraphs(self.model, self.pool, self.table, max_batch, self.max_model_len, max_rank)
+        g.capture()
+        self.graphs = g
 
     # -- thread-safe API -----------------------------------------------------------------
     def start(self) -> None:
@@ -132,12 +142,17 @@ class Engine:
         req.emit(Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error))
 
     # -- model runner ------------------------------------------------------------------------
+    def _block_table(self, req: Request) -> torch.Tensor:
+        """A request's block table as an int32 [n_blocks, 2L] tensor, rebuilt only when it grows."""
+        if req.bt_cache is None or req.bt_cache.shape[0] != len(req.blocks):
+            req.bt_cache = torch.tensor(req.blocks, dtype=torch.int32).view(len(req.blocks), -1)
+        return req.bt_cache
+
     def _run(self, step) -> None:
         seqs = step.prefills + step.decodes
         B = self.pool.block_tokens
         dev = self.model.device
         ids, pos, q_host, seq_lens, slots, logits_idx = [], [], [], [], [], []
-        block_rows = []
         for req in seqs:
             start, end = req.num_computed, req.total_len
             ids += req.all_ids[start:end]
@@ -146,28 +161,38 @@ class Engine:
             seq_lens.append(end - start)
             slots.append(req.slot)
             logits_idx.append(len(ids) - 1)
-            block_rows.append(req.blocks)
-        T, S = len(ids), len(seqs)
+        S = len(seqs)
         L2 = 2 * self.cfg.num_layers
-        max_blocks = max(len(b) for b in block_rows)
-        bt = torch.zeros(S, max_blocks, L2, dtype=torch.int32)
-        for s, b in enumerate(block_rows):
-            bt[s, :len(b)] = torch.tensor(b, dtype=torch.int32)
+        tables = [self._block_table(r) for r in seqs]
+        max_blocks = max(t.shape[0] for t in tables)
+        bt = torch.zeros(S, max_blocks, L2, dtype=torch.int32, pin_memory=self._pin)
+        for s, t in enumerate(tables):
+            bt[s, :t.shape[0]] = t
         pos_t = torch.tensor(pos, dtype=torch.int64)
-        seq_of_token = torch.repeat_interleave(torch.arange(S), torch.tensor(seq_lens))
-        token_pages = bt[seq_of_token, pos_t // B]
-        q_indptr = [0] + [q1 for _, q1, _ in q_host]
+        if len(ids) == S:      # pure decode: one token per sequence
+            token_pages = bt[torch.arange(S), pos_t // B]
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(S), torch.tensor(seq_lens))
+            token_pages = bt[seq_of_token, pos_t // B]
         ctx = [n for _, _, n in q_host]
-        to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
-        attn = AttnBatch(
-            block_tables=to(bt), q_indptr=to(torch.tensor(q_indptr, dtype=torch.int32)),
-            context_lens=to(torch.tensor(ctx, dtype=torch.int32)), token_pages=to(token_pages),
-            token_offsets=to((pos_t % B).to(torch.int32)), max_q_len=max(seq_lens),
-            max_context=max(ctx), q_host=q_host)
         max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)
-        lora = LoraBatch.build(seq_lens, slots, max_rank, dev) if max_rank > 0 else None
-        logits = self.model.forward(to(torch.tensor(ids, dtype=torch.int64)), to(pos_t), attn, lora,
-                                    self.pool, self.table, to(torch.tensor(logits_idx, dtype=torch.int64)))
+        ids_t = torch.tensor(ids, dtype=torch.int64)
+        ctx_t = torch.tensor(ctx, dtype=torch.int32)
+        off_t = (pos_t % B).to(torch.int32)
+        if (self.graphs is not None and not step.prefills
+                and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
+            logits = self.graphs.run(ids_t, pos_t, bt, ctx_t, token_pages, off_t,
+                                     torch.tensor(slots, dtype=torch.int32), use_lora=max_rank > 0)
+        else:
+            to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
+            attn = AttnBatch(
+                block_tables=bt.to(dev, non_blocking=True),
+                q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
+                context_lens=to(ctx_t), token_pages=to(token_pages), token_offsets=to(off_t),
+                max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
+            lora = LoraBatch.build(seq_lens, slots, max_rank, dev) if max_rank > 0 else None
+            logits = self.model.forward(to(ids_t), to(pos_t), attn, lora, self.pool, self.table,
+                                        to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
         self.stats.steps += 1
         for req, tok, lp in zip(seqs, tokens, logps):

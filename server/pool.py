@@ -47,13 +47,15 @@ class UnifiedPool:
         self.cfg = cfg
         self.block_tokens = block_tokens
         self.page_elems = block_tokens * cfg.kv_width
-        self.num_pages = num_pages
         self.dtype = dtype
         self.device = torch.device(device)
-        self.data = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=self.device)
+        self.data = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=self.device)  # incl. scratch
         self.flat = self.data.view(-1)
+        # The last page is scratch: padding rows of a CUDA-graph batch read and write only it.
+        self.scratch_page = num_pages - 1
+        self.num_pages = num_pages - 1
         # Pop from the end: low page ids are handed out first, which keeps tests readable.
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free = list(range(self.num_pages - 1, -1, -1))
         self.kv_pages = 0
         self.adapter_pages = 0
 
@@ -89,7 +91,7 @@ class UnifiedPool:
     def kv_view(self) -> torch.Tensor:
         """The pool as KV pages: [num_pages, block_tokens, num_kv_heads, head_dim]."""
         c = self.cfg
-        return self.data.view(self.num_pages, self.block_tokens, c.num_kv_heads, c.head_dim)
+        return self.data.view(self.data.shape[0], self.block_tokens, c.num_kv_heads, c.head_dim)
 
     def kv_pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_tokens) * 2 * self.cfg.num_layers

@@ -43,6 +43,7 @@ class Request:
     generator: torch.Generator | None = None
     finished: bool = False
     preempted: int = 0
+    bt_cache: torch.Tensor | None = None   # blocks as a tensor (engine's cache)
 
     @property
     def all_ids(self) -> list[int]:

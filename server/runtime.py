@@ -30,6 +30,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     max_adapters: int = 512             # adapter slots resident in the pool at once
     host_cache_mb: int = 8192
+    cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
+    max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def resolve_device(self) -> torch.device:
@@ -77,6 +79,8 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple
     table = AdapterTable(pool, ec.max_adapters)
     adapters = AdapterManager(pool, table, source or LocalSource(), cfg, ec.host_cache_mb << 20)
     engine = Engine(model, pool, table, adapters, ec.sched)
+    if ec.cuda_graphs and device.type == "cuda":
+        engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
     log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
              cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)
     return engine, Tokenizer.from_dir(ec.model_dir)

@@ -137,7 +137,7 @@ def test_preemption_recomputes_and_matches(tiny):
     # 2 layers x (K, V) = 4 pages per 16-token block. The three adapters take 78 pages; 24 more
     # hold 6 blocks: the six ~65-token requests need 5 blocks each at their peak, so optimistic
     # admission lets several in and the pool runs out as they grow.
-    engine = start_engine(model_dir, adapters, pool_pages=78 + 24, admission="optimistic")
+    engine = start_engine(model_dir, adapters, pool_pages=78 + 24 + 1, admission="optimistic")
     small = engine.pool
     free0 = small.num_pages
     try:

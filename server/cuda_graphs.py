@@ -1,0 +1,101 @@
+"""Decode steps replayed from CUDA graphs, so Python's per-kernel launch cost leaves the
+critical path (a Llama-7B decode step launches ~1,500 kernels; at batch 1 the GPU needs ~5 ms).
+
+One graph per batch-size bucket, captured twice: with the LoRA kernels and without (a base-only
+batch pays nothing for LoRA). Every per-step input lives in static buffers that the step copies
+into; rows past the real batch are padding that reads and writes only the pool's scratch page.
+Graphs are captured for a fixed rank cap and context cap: a batch beyond either runs eagerly.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kernels.batch import AttnBatch, LoraBatch
+
+log = logging.getLogger("loraserve.graphs")
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, pool, table, max_batch: int, max_context: int, max_rank: int):
+        self.model, self.pool, self.table = model, pool, table
+        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        self.max_context = max_context
+        self.max_rank = max_rank
+        self.max_blocks = -(-max_context // pool.block_tokens)
+        n, dev = self.buckets[-1], model.device
+        L2 = 2 * model.cfg.num_layers
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.bt = torch.full((n, self.max_blocks, L2), pool.scratch_page, **i32)
+        self.ctx = torch.ones(n, **i32)
+        self.q_indptr = torch.arange(n + 1, **i32)
+        self.token_pages = torch.full((n, L2), pool.scratch_page, **i32)
+        self.token_off = torch.zeros(n, **i32)
+        self.logits_idx = torch.arange(n, dtype=torch.int64, device=dev)
+        self.token_slot = torch.full((n,), -1, **i32)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mempool = None
+
+    def _batches(self, bs: int, lora: bool):
+        attn = AttnBatch(self.bt[:bs], self.q_indptr[:bs + 1], self.ctx[:bs], self.token_pages[:bs],
+                         self.token_off[:bs], max_q_len=1, max_context=self.max_context)
+        lb = LoraBatch(self.token_slot[:bs], self.q_indptr[:bs + 1], self.token_slot[:bs],
+                       max_seg_len=1, max_rank=self.max_rank) if lora else None
+        return attn, lb
+
+    def _forward(self, bs: int, lora: bool) -> torch.Tensor:
+        attn, lb = self._batches(bs, lora)
+        return self.model.forward(self.ids[:bs], self.pos[:bs], attn, lb, self.pool, self.table,
+                                  self.logits_idx[:bs])
+
+    def capture(self) -> None:
+        """Capture every bucket (largest first, so smaller graphs reuse its memory)."""
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for lora in (True, False):
+                for bs in reversed(self.buckets):
+                    for _ in range(2):            # warm up: compile and autotune outside capture
+                        self._forward(bs, lora)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.mempool, stream=stream):
+                        out = self._forward(bs, lora)
+                    self.mempool = g.pool()
+                    self.graphs[(bs, lora)] = (g, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs (batch up to %d, context %d, rank %d)",
+                 len(self.graphs), self.buckets[-1], self.max_context, self.max_rank)
+
+    def fits(self, n: int, max_rank: int, max_context: int, max_blocks: int) -> bool:
+        return (n <= self.buckets[-1] and max_rank <= self.max_rank and max_context <= self.max_context
+                and max_blocks <= self.max_blocks)
+
+    def run(self, ids, pos, bt, ctx, token_pages, token_off, slots, use_lora: bool) -> torch.Tensor:
+        """Copy one decode batch into the static buffers, replay, return logits [n, vocab]."""
+        n = ids.numel()
+        bs = next(b for b in self.buckets if b >= n)
+        nb = bt.shape[1]
+        self.ids[:n].copy_(ids, non_blocking=True)
+        self.pos[:n].copy_(pos, non_blocking=True)
+        self.bt[:n, :nb].copy_(bt, non_blocking=True)
+        self.ctx[:n].copy_(ctx, non_blocking=True)
+        self.token_pages[:n].copy_(token_pages, non_blocking=True)
+        self.token_off[:n].copy_(token_off, non_blocking=True)
+        self.token_slot[:n].copy_(slots, non_blocking=True)
+        if bs > n:     # padding rows: base model, one token of context in the scratch page
+            self.ids[n:bs] = 0
+            self.pos[n:bs] = 0
+            self.ctx[n:bs] = 1
+            self.bt[n:bs, 0] = self.pool.scratch_page
+            self.token_pages[n:bs] = self.pool.scratch_page
+            self.token_off[n:bs] = 0
+            self.token_slot[n:bs] = -1
+        g, out = self.graphs[(bs, use_lora)]
+        g.replay()
+        return out[:n]
