@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
 import redis
@@ -188,39 +189,61 @@ class Metadata:
         return self.r.lock(f"{self.ns}:lock:blob:{blob}", timeout=self.lock_timeout_s,
                            blocking_timeout=blocking_timeout)
 
-    def register(self, adapter_id: str, base_model: str, *, rank: int, alpha: float, target_modules: list[str],
-                 use_rslora: bool, size_bytes: int, sha256: str, config: bytes, weights=None,
-                 synthetic: str = "", replace: bool = False) -> dict:
+    def register(self, adapter_id: str, base_model: str, *, sha256: str, config: bytes, weights=None,
+                 rank: int = 0, alpha: float = 0.0, target_modules: list[str] = (), use_rslora: bool = False,
+                 size_bytes: int = 0, synthetic: str = "", replace: bool = False,
+                 check: Callable[[], dict | None] | None = None) -> dict:
         """Blob first, record last. weights: bytes/iterable for a real adapter, None for a synthetic one.
 
+        check: optional validation, run while the blob is being written (under the blob's lock); it
+        may return a dict overriding rank/alpha/target_modules/use_rslora/size_bytes. If it raises,
+        the blob is removed again (unless another record references it) and nothing is committed.
         Raises AlreadyExists (id taken and not replace); returns the committed record.
         """
         blob = blob_key(sha256) if weights is not None else ""
-        fields = {"id": adapter_id, "base_model": base_model, "rank": rank, "alpha": repr(float(alpha)),
-                  "target_modules": json.dumps(list(target_modules)), "size_bytes": size_bytes,
-                  "sha256": sha256, "created_at": int(time.time()), "use_rslora": "1" if use_rslora else "0",
+        fields = {"id": adapter_id, "base_model": base_model, "rank": rank, "alpha": float(alpha),
+                  "target_modules": list(target_modules), "size_bytes": size_bytes,
+                  "sha256": sha256, "created_at": int(time.time()), "use_rslora": use_rslora,
                   "blob": blob, "config": config, "synthetic": synthetic}
-        flat: list = []
-        for k, v in fields.items():
-            flat += [k, v]
         keys = [self.k_rec(adapter_id), self.k_index, self.events_channel]
         args = [adapter_id, "1" if replace else "0", self.ns, base_model, blob]
 
-        if blob:
+        def commit():
+            enc = dict(fields, alpha=repr(float(fields["alpha"])),
+                       target_modules=json.dumps(list(fields["target_modules"])),
+                       use_rslora="1" if fields["use_rslora"] else "0")
+            flat: list = []
+            for k, v in enc.items():
+                flat += [k, v]
+            return self._commit(keys=keys, args=args + flat)
+
+        if not blob:
+            if check is not None:
+                fields.update(check() or {})
+            status, old_blob, version = commit()
+        else:
             if self.blobs is None:
                 raise RuntimeError("Metadata has no object store for weight blobs")
             lock = self._lock(blob)
             if not lock.acquire():
                 raise Unavailable(f"blob {blob} is locked by another writer; retry")
             try:
-                referenced = self.r.scard(self.k_blobref(blob)) > 0
-                if not (referenced and self.blobs.exists(blob)):
-                    self.blobs.put(blob, weights)
-                status, old_blob, version = self._commit(keys=keys, args=args + flat)
+                put = None
+                if not (self.r.scard(self.k_blobref(blob)) > 0 and self.blobs.exists(blob)):
+                    put = _blob_pool().submit(self.blobs.put, blob, weights)
+                try:
+                    if check is not None:
+                        fields.update(check() or {})   # validation overlaps the blob write
+                    if put is not None:
+                        put.result()                   # the blob is durable before the record exists
+                except BaseException:
+                    if put is not None:
+                        wait([put])
+                        self._drop_unreferenced(blob)
+                    raise
+                status, old_blob, version = commit()
             finally:
                 _release(lock)
-        else:
-            status, old_blob, version = self._commit(keys=keys, args=args + flat)
         status, old_blob = _s(status), _s(old_blob)
         if status == "EXISTS":
             if blob:
@@ -230,8 +253,9 @@ class Metadata:
             self.maybe_delete_blob(old_blob)
         rec = self.get(adapter_id)
         if rec is None:  # deleted between commit and read: report what we committed
-            rec = decode_record({**{k: str(v).encode() if not isinstance(v, bytes) else v for k, v in fields.items()},
-                                 "version": str(version).encode(), "status": b"ready"})
+            rec = dict(fields, adapter_id=adapter_id, version=int(version), status="ready",
+                       alpha=float(fields["alpha"]), target_modules=list(fields["target_modules"]))
+            rec.pop("id")
         return rec
 
     def delete(self, adapter_id: str) -> dict | None:
@@ -250,6 +274,14 @@ class Metadata:
             except Exception as e:  # the record is gone; sweep() removes the blob later
                 log.warning("deleting blob %s of %s failed (sweep will retry): %s", blob, adapter_id, e)
         return {"version": int(version), "blob": blob}
+
+    def _drop_unreferenced(self, blob: str) -> None:
+        """With the blob's lock held: delete it if no record references it (errors: sweep retries)."""
+        try:
+            if self.r.scard(self.k_blobref(blob)) == 0:
+                self.blobs.delete(blob)
+        except Exception as e:
+            log.warning("could not remove unreferenced blob %s (sweep will): %s", blob, e)
 
     def maybe_delete_blob(self, blob: str, blocking_timeout: float | None = 60.0) -> bool:
         """Delete the blob under its lock if no record references it. True if deleted."""
@@ -354,6 +386,18 @@ class Metadata:
 
     def publish(self, event: dict) -> int:
         return self.r.publish(self.events_channel, json.dumps(event))
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _blob_pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraserve-blob")
+        return _POOL
 
 
 def _release(lock) -> None:

@@ -8,11 +8,13 @@ works again (redis-py reconnects by itself; the S3 client too).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
 import pathlib
 import threading
+import time
 from typing import AsyncIterator, Iterator
 
 import grpc
@@ -26,7 +28,7 @@ from .metadata import REDIS_ERRORS, Metadata
 from .objstore import CHUNK, BlobNotFound, InvalidKey, ObjectStore, ObjectStoreUnavailable, open_store
 from .synthetic import synthetic_config, synthetic_size, synthetic_weight_chunks
 from .validate import (CONFIG_FILE, WEIGHTS_FILE, BaseDims, Limits, SyntheticParams, check_filename, check_sha256,
-                       validate_adapter, validate_adapter_id, validate_base_model, validate_synthetic)
+                       precheck, validate_adapter, validate_adapter_id, validate_base_model, validate_synthetic)
 
 __all__ = ["AdapterStoreServicer", "build_store", "record_to_info"]
 
@@ -124,6 +126,7 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
             await self._abort(context, e)
 
     async def _register(self, request_iterator) -> pb.AdapterInfo:
+        t0 = time.perf_counter()
         it = request_iterator.__aiter__()
         try:
             first = await it.__anext__()
@@ -139,6 +142,7 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
             raise _exists(adapter_id)
 
         files: dict[str, list[bytes]] = {CONFIG_FILE: [], WEIGHTS_FILE: []}
+        hasher = hashlib.sha256()
         sizes = {CONFIG_FILE: 0, WEIGHTS_FILE: 0}
         caps = {CONFIG_FILE: self.limits.max_config_bytes, WEIGHTS_FILE: self.limits.max_weights_bytes}
         async for msg in it:
@@ -154,6 +158,8 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
             if sizes[name] > caps[name]:
                 raise ResourceExhausted(f"{name} exceeds the store's size limit of {caps[name]} bytes")
             files[name].append(msg.chunk.data)
+            if name == WEIGHTS_FILE:
+                hasher.update(msg.chunk.data)
 
         if h.HasField("synthetic"):
             s = h.synthetic
@@ -169,12 +175,29 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
 
         config = b"".join(files.pop(CONFIG_FILE))
         weights = b"".join(files.pop(WEIGHTS_FILE))
-        v = await asyncio.to_thread(validate_adapter, adapter_id, config, weights, dims, self.limits, expected_sha)
-        rec = await _run(self.meta.register, adapter_id, base_model, rank=v.rank, alpha=v.alpha,
-                         target_modules=v.target_modules, use_rslora=v.use_rslora, size_bytes=v.size_bytes,
-                         sha256=v.sha256, config=config, weights=weights, replace=h.replace)
-        log.info("registered adapter %s (base %s, r=%d, %d bytes, version %d)", adapter_id, base_model, v.rank,
-                 v.size_bytes, rec["version"])
+        digest = hasher.hexdigest()
+        t1 = time.perf_counter()
+        if expected_sha and expected_sha != digest:
+            raise InvalidArgument(f"header.sha256 mismatch: {WEIGHTS_FILE} has sha256 {digest}, header says "
+                                  f"{expected_sha}")
+        # sizes, config and safetensors header first: a malformed upload never reaches the object store
+        await asyncio.to_thread(precheck, config, weights, self.limits)
+        timing = {}
+
+        def check() -> dict:
+            t = time.perf_counter()
+            v = validate_adapter(adapter_id, config, weights, dims, self.limits, expected_sha, digest)
+            timing["validate"] = time.perf_counter() - t
+            return {"rank": v.rank, "alpha": v.alpha, "target_modules": v.target_modules, "use_rslora": v.use_rslora,
+                    "size_bytes": v.size_bytes}
+
+        # the blob write overlaps validation; the record is only written once both succeeded
+        rec = await _run(self.meta.register, adapter_id, base_model, sha256=digest, config=config, weights=weights,
+                         replace=h.replace, check=check)
+        t3 = time.perf_counter()
+        log.info("registered adapter %s (base %s, r=%d, %d bytes, version %d): receive %.3fs, validate %.3fs, "
+                 "validate+blob+commit %.3fs", adapter_id, base_model, rec["rank"], rec["size_bytes"], rec["version"],
+                 t1 - t0, timing.get("validate", 0.0), t3 - t1)
         return record_to_info(rec)
 
     async def GetAdapter(self, request, context):

@@ -261,7 +261,7 @@ class SeaweedS3:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        _stop_proc(self.proc, timeout=15)
+        _stop_proc(self.proc, timeout=3)  # weed's graceful shutdown can take 15 s; the data is scratch
 
     def close(self) -> None:
         self.stop()

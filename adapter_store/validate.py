@@ -18,7 +18,7 @@ from server.lora import CONFIG_FILE, MAX_RANK, WEIGHTS_FILE, AdapterError, build
 from .errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["ADAPTER_ID_RE", "Limits", "BaseDims", "ValidatedAdapter", "validate_adapter_id", "validate_base_model",
-           "check_filename", "check_sha256", "validate_adapter", "validate_synthetic", "SyntheticParams",
+           "check_filename", "check_sha256", "precheck", "validate_adapter", "validate_synthetic", "SyntheticParams",
            "CONFIG_FILE", "WEIGHTS_FILE"]
 
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -132,8 +132,11 @@ def check_sha256(s: str) -> str:
 
 
 def validate_adapter(adapter_id: str, config_bytes: bytes, weight_bytes: bytes, dims: BaseDims,
-                     limits: Limits = Limits(), expected_sha256: str = "") -> ValidatedAdapter:
-    """Everything about an upload; raises InvalidArgument / ResourceExhausted naming the field."""
+                     limits: Limits = Limits(), expected_sha256: str = "", digest: str | None = None) -> ValidatedAdapter:
+    """Everything about an upload; raises InvalidArgument / ResourceExhausted naming the field.
+
+    digest: the weights' sha256 when the caller already computed it (while streaming).
+    """
     if not config_bytes:
         raise InvalidArgument(f"{CONFIG_FILE} is missing: send it as chunk.filename={CONFIG_FILE}")
     if not weight_bytes:
@@ -142,7 +145,7 @@ def validate_adapter(adapter_id: str, config_bytes: bytes, weight_bytes: bytes, 
         raise ResourceExhausted(f"{CONFIG_FILE} is {len(config_bytes)} bytes; limit {limits.max_config_bytes}")
     if len(weight_bytes) > limits.max_weights_bytes:
         raise ResourceExhausted(f"{WEIGHTS_FILE} is {len(weight_bytes)} bytes; limit {limits.max_weights_bytes}")
-    digest = hashlib.sha256(weight_bytes).hexdigest()
+    digest = digest or hashlib.sha256(weight_bytes).hexdigest()
     expected = check_sha256(expected_sha256)
     if expected and expected != digest:
         raise InvalidArgument(f"header.sha256 mismatch: {WEIGHTS_FILE} has sha256 {digest}, header says {expected}")
@@ -158,6 +161,37 @@ def validate_adapter(adapter_id: str, config_bytes: bytes, weight_bytes: bytes, 
         raise InvalidArgument(str(e)) from None
     return ValidatedAdapter(rank=w.rank, alpha=float(w.alpha), target_modules=list(w.target_modules),
                             use_rslora=w.use_rslora, size_bytes=len(weight_bytes), sha256=digest, config=cfg)
+
+
+def precheck(config_bytes: bytes, weight_bytes: bytes, limits: Limits = Limits()) -> None:
+    """The cheap part of validate_adapter (sizes, the config, the safetensors header), so that a
+    malformed upload is refused before anything is written; validate_adapter does the rest."""
+    if not config_bytes:
+        raise InvalidArgument(f"{CONFIG_FILE} is missing: send it as chunk.filename={CONFIG_FILE}")
+    if not weight_bytes:
+        raise InvalidArgument(f"{WEIGHTS_FILE} is missing: send it as chunk.filename={WEIGHTS_FILE}")
+    if len(config_bytes) > limits.max_config_bytes:
+        raise ResourceExhausted(f"{CONFIG_FILE} is {len(config_bytes)} bytes; limit {limits.max_config_bytes}")
+    if len(weight_bytes) > limits.max_weights_bytes:
+        raise ResourceExhausted(f"{WEIGHTS_FILE} is {len(weight_bytes)} bytes; limit {limits.max_weights_bytes}")
+    try:
+        cfg = parse_config(config_bytes)
+    except AdapterError as e:
+        raise InvalidArgument(str(e)) from None
+    if cfg["r"] > limits.max_rank:
+        raise ResourceExhausted(f"r={cfg['r']} exceeds this store's rank limit {limits.max_rank}")
+    head = bytes(weight_bytes[:8])
+    if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise InvalidArgument(f"{WEIGHTS_FILE} looks like a pickle/zip (torch.save): only safetensors are accepted")
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or 8 + n > len(weight_bytes) or n > 100 << 20:
+        raise InvalidArgument(f"{WEIGHTS_FILE} is not a valid safetensors file: bad header length")
+    try:
+        meta = json.loads(bytes(weight_bytes[8:8 + n]))
+        if not isinstance(meta, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"{WEIGHTS_FILE} is not a valid safetensors file: header is not a JSON object") from None
 
 
 def validate_synthetic(rank: int, target_modules, seed: int, alpha: float, dims: BaseDims,
