@@ -1,0 +1,146 @@
+"""`loraserve serve` and `loraserve store` through the CLI's delegation, as real processes,
+then client subcommands against them; and the upload progress bar on a TTY-like stderr."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clients.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(argv, tmp_path, name):
+    log = open(tmp_path / f"{name}.log", "w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "clients.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    return proc, log
+
+
+def _stop(proc, log):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    log.close()
+
+
+def _wait_healthy(target: str, proc, timeout: float = 90) -> None:
+    from clients.client import Client, LoraServeError
+
+    deadline = time.monotonic() + timeout
+    with Client(target, timeout=2) as c:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "server exited"
+            try:
+                if c.health() == "SERVING":
+                    return
+            except LoraServeError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{target} not healthy")
+
+
+def test_serve_subcommand(tmp_path, capsys):
+    port = _free_port()
+    proc, log = _start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--pool-mb", "16"],
+                       tmp_path, "serve")
+    try:
+        target = f"127.0.0.1:{port}"
+        _wait_healthy(target, proc)
+        assert main(["--target", target, "health"]) == 0
+        assert main(["--target", target, "register", "--id", "s1", "--synthetic-rank", "4",
+                     "--synthetic-targets", "q_proj,v_proj"]) == 0
+        assert main(["--target", target, "generate", "--adapter", "s1", "--max-new-tokens", "3", "--ignore-eos",
+                     "hello"]) == 0
+        err = capsys.readouterr().err
+        assert "3 completion tokens" in err
+    finally:
+        _stop(proc, log)
+    assert proc.returncode in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+
+
+def test_store_subcommand(tmp_path, capsys):
+    port = _free_port()
+    proc, log = _start(["store", "--port", str(port), "--data-dir", str(tmp_path / "store")], tmp_path, "store")
+    try:
+        target = f"127.0.0.1:{port}"
+        _wait_healthy(target, proc)
+        capsys.readouterr()
+        assert main(["--target", target, "list", "--json"]) == 0
+        assert capsys.readouterr().out.strip() == "[]"
+        # the store alone serves no Inference
+        rc = main(["--target", target, "--timeout", "5", "generate", "x"])
+        assert rc == 1 and capsys.readouterr().err.startswith("error: UNIMPLEMENTED: ")
+    finally:
+        _stop(proc, log)
+
+
+def test_serve_subcommand_bad_flag_is_reported(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--dtype", "float8"])
+    assert e.value.code == 2
+    assert "error: INVALID_ARGUMENT: argument --dtype" in capsys.readouterr().err
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_register_progress_bar_on_a_tty(live_server, tmp_path, monkeypatch):
+    from clients.client import Client
+    from tests.test_client import adapter_folder
+
+    with Client(live_server.target) as c:
+        folder = adapter_folder(c, live_server, tmp_path / "a")
+        fake = _TTY()
+        monkeypatch.setattr(sys, "stderr", fake)
+        info = c.register_adapter(folder, "progress-tty", chunk_bytes=4096)
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        assert info.adapter_id == "progress-tty"
+        assert "register progress-tty" in fake.getvalue()
+        quiet = _TTY()
+        monkeypatch.setattr(sys, "stderr", quiet)
+        c.register_adapter(folder, "progress-tty", replace=True, progress=False)
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        assert quiet.getvalue() == ""
+        assert c.delete_adapter("progress-tty")
+
+
+def test_simple_progress_bar_without_tqdm(monkeypatch):
+    import builtins
+
+    from clients import client as cl
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *a, **kw):
+        if name == "tqdm":
+            raise ImportError("no tqdm")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    fake = _TTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    bar = cl._progress(True, 2_000_000, "up")
+    bar.update(1_000_000)
+    bar.close()
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    assert " 50.0% 1.0/2.0 MB" in fake.getvalue()
+    assert cl._progress(True, 10, "x") is None          # real stderr under pytest is not a TTY
