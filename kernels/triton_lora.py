@@ -34,7 +34,7 @@ TUNE = {
     # H100, 256 tokens x 256 adapters of ranks 8..128, 4096 wide (2026-11-25 sweep)
     "shrink_decode": dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
     "expand_decode": dict(BLOCK_R=16, BLOCK_N=512, num_warps=4, num_stages=3),
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4),
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=None),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
 }
 
@@ -50,6 +50,19 @@ def _row_align(flat: torch.Tensor) -> int:
             and flat.data_ptr() % 16 == 0):
         return 8
     return 1
+
+
+_SMS: dict = {}
+
+
+def _sms(device) -> int:
+    """Multiprocessor count (cached); the interpreter pretends to have 4."""
+    if device.type != "cuda":
+        return 4
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def _p2(n: int) -> int:
@@ -138,12 +151,13 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, indptr_ptr, seg_slot_ptr,
-                       v_ptr, sv0, sv1, d_in, max_rank,
-                       ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                       v_ptr, sv0, sv1, d_in, max_rank, k_split,
+                       ALIGN: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)
     mt = tl.program_id(1)
-    nt = tl.program_id(2)
+    nt = tl.program_id(2) // SPLIT_K
+    ks = tl.program_id(2) % SPLIT_K
     s0 = tl.load(indptr_ptr + g)
     s1 = tl.load(indptr_ptr + g + 1)
     m0 = s0 + mt * BLOCK_M
@@ -162,7 +176,8 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
         a0 = tl.load(mrow)
         rank = tl.load(mrow + 2 * sm1)
     if nt * BLOCK_N >= rank:
-        tl.store(v_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=v_ptr.dtype.element_ty), mask=v_mask)
+        if SPLIT_K == 1:   # (split-K accumulates into a zeroed fp32 buffer: nothing to write)
+            tl.store(v_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=v_ptr.dtype.element_ty), mask=v_mask)
         return
     nmask = offs_n < rank
     roff = tl.load(rows_ptr + a0 + offs_n, mask=nmask, other=0)
@@ -171,9 +186,11 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx0
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    k_lo = ks * k_split
+    k_hi = tl.minimum(d_in, k_lo + k_split)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        kmask = kk < d_in
+        kmask = kk < k_hi
         xt = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
         at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & nmask[None, :],
                      other=0.0)                                          # A^T tile [BLOCK_K, BLOCK_N]
@@ -181,7 +198,10 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, at.to(xt.dtype), acc)
-    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
+    else:
+        tl.atomic_add(v_ptrs, acc, mask=v_mask)
 
 
 @triton.jit
@@ -269,15 +289,28 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = TUNE["shrink_seg"]
         BLOCK_N = min(128, max(16, _p2(R)))
         n_tiles = triton.cdiv(R, BLOCK_N)
+        G = batch.seg_slot.numel()
         BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, n_tiles)
         BLOCK_K = cfg["BLOCK_K"] if x.dtype != torch.float32 else 32
-        G = batch.seg_slot.numel()
-        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
+        m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
+        # split-K when (segments x token tiles) leave most SMs idle (few, short or one adapter)
+        split = cfg.get("SPLIT_K")
+        if split is None:
+            split = 1
+            while (G * m_tiles * n_tiles * split < _sms(x.device) and split < 16
+                   and d_in >= 2 * split * 256):
+                split *= 2
+        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+        split = triton.cdiv(d_in, k_split)
+        out = v if split == 1 else torch.zeros(T, R, dtype=torch.float32, device=x.device)
+        grid = (G, m_tiles, n_tiles * split)
         _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
-                                 batch.seg_indptr, batch.seg_slot, v, v.stride(0), v.stride(1), d_in, R,
-                                 ALIGN=align, IEEE=x.dtype == torch.float32,
+                                 batch.seg_indptr, batch.seg_slot, out, out.stride(0), out.stride(1), d_in, R,
+                                 k_split, ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if split > 1:
+            v.copy_(out)
     return v
 
 

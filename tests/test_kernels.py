@@ -71,7 +71,7 @@ def build_table(cfg: ModelConfig, ranks, modules_per, dtype, device, block_token
     weights = [random_adapter(cfg, f"a{i}", r, mods, gen=gen) for i, (r, mods) in enumerate(zip(ranks, modules_per))]
     probe = UnifiedPool(cfg, 1, block_tokens, dtype, "cpu")
     staged = [stage_adapter(w, probe) for w in weights]
-    pages = sum(s.num_pages for s in staged) + extra_pages + 1
+    pages = sum(s.num_pages for s in staged) + extra_pages + 2   # + the garbage page + the pool's scratch page
     pool = UnifiedPool(cfg, pages, block_tokens, dtype, device)
     # a first page of garbage keeps offset 0 from being a valid row by accident
     pool.alloc(1, "kv")
@@ -160,6 +160,20 @@ def test_lora_mixed_ranks(dtype, decode):
     pick = [0, -1, 1, 2, 3, 1, -1, 0, 2]
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     _check_lora(TINY, dtype, lens, pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_lora_split_k(split):
+    """The segment shrink split over d_in (fp32 atomics into a zeroed buffer, then one cast)."""
+    gen = torch.Generator().manual_seed(5 + split)
+    saved = dict(tlora.TUNE["shrink_seg"])
+    tlora.TUNE["shrink_seg"].update(SPLIT_K=split, BLOCK_K=16)
+    try:
+        _check_lora(TINY, torch.float16, [6, 1, 19, 3], [0, -1, 1, 2], [8, 16, 40],
+                    [("q_proj", "down_proj"), ("q_proj", "down_proj"), ("q_proj",)], ("q_proj", "down_proj"), 0,
+                    2e-3, gen, block_tokens=16)
+    finally:
+        tlora.TUNE["shrink_seg"] = saved
 
 
 def test_lora_all_base_and_rank_past_tile():
