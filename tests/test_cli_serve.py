@@ -58,14 +58,19 @@ def _wait_healthy(target: str, proc, timeout: float = 90) -> None:
 
 def test_serve_subcommand(tmp_path, capsys):
     port = _free_port()
-    proc, log = _start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--pool-mb", "16"],
-                       tmp_path, "serve")
+    proc, log = _start(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--pool-mb", "16",
+                        "--token", "s3cret"], tmp_path, "serve")
     try:
         target = f"127.0.0.1:{port}"
         _wait_healthy(target, proc)
         assert main(["--target", target, "health"]) == 0
-        assert main(["--target", target, "register", "--id", "s1", "--synthetic-rank", "4",
-                     "--synthetic-targets", "q_proj,v_proj"]) == 0
+        reg = ["register", "--id", "s1", "--synthetic-rank", "4", "--synthetic-targets", "q_proj,v_proj"]
+        # the control plane wants the bearer token
+        assert main(["--target", target, *reg]) == 1
+        assert capsys.readouterr().err.startswith("error: UNAUTHENTICATED: ")
+        assert main(["--target", target, "--token", "wrong", *reg]) == 1
+        assert capsys.readouterr().err.startswith("error: UNAUTHENTICATED: ")
+        assert main(["--target", target, "--token", "s3cret", *reg]) == 0
         assert main(["--target", target, "generate", "--adapter", "s1", "--max-new-tokens", "3", "--ignore-eos",
                      "hello"]) == 0
         err = capsys.readouterr().err
