@@ -135,7 +135,11 @@ class AdapterTable:
         self.pool = pool
         self.max_slots = max_slots
         dev = pool.device
-        self.rows = torch.zeros(1024, dtype=torch.int64, device=dev)
+        # Sized once for the most rows the pool could ever hold (every page full of the narrowest
+        # rows): CUDA graphs capture this tensor's address, so it must never be reallocated.
+        narrowest = min(min(c.module_dims(m)) for m in TARGET_MODULES)
+        per_page = max(1, pool.page_elems // (-(-narrowest // ROW_ALIGN) * ROW_ALIGN))
+        self.rows = torch.zeros(pool.num_pages * per_page, dtype=torch.int64, device=dev)
         self.num_rows = 0
         self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32, device=dev)
         self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
@@ -158,7 +162,6 @@ class AdapterTable:
         page_ids = torch.tensor(pages, dtype=torch.int64)
         offsets = page_ids[staged.rel_offsets // P] * P + staged.rel_offsets % P
         start = self.num_rows
-        self._ensure_capacity(start + offsets.numel())
         meta = staged.meta.clone()
         meta[..., :2] += torch.where(meta[..., 2:3] > 0, start, 0).to(meta.dtype)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -192,13 +195,6 @@ class AdapterTable:
         self.scaling[slot] = 0
         self.max_rank[slot] = 0
         self._free_slots.append(slot)
-
-    def _ensure_capacity(self, n: int) -> None:
-        if n > self.rows.numel():
-            grown = torch.zeros(max(n, 2 * self.rows.numel()), dtype=torch.int64, device=self.rows.device)
-            grown[:self.num_rows] = self.rows[:self.num_rows]
-            self.rows = grown
-
 
 @dataclass
 class StagedAdapter:

@@ -186,7 +186,7 @@ def test_sampling_seed_topk_and_eos(tiny):
                 Request("tp", prompt, p(temperature=1.0, top_p=1e-6, seed=3), "attn")]
         for r in reqs:
             if r.params.seed is not None:
-                r.generator = torch.Generator().manual_seed(r.params.seed)
+                r.generator = torch.Generator(engine.model.device).manual_seed(r.params.seed)
         outs = run_engine(engine, reqs)
         assert outs["s1"][0] == outs["s2"][0]
         assert outs["s1"][0] != outs["s3"][0]
