@@ -8,6 +8,7 @@ works again (redis-py reconnects by itself; the S3 client too).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import logging
@@ -256,24 +257,15 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
             source: Iterator[bytes] = _rechunk(synthetic_weight_chunks(spec, dims), self.chunk_bytes)
         else:
             source = self.blobs.get(rec["blob"], self.chunk_bytes)
-        sentinel = object()
         try:
-            while True:
-                try:
-                    data = await _run(next, source, sentinel)
-                except BlobNotFound:
-                    now = await _run(self.meta.get, rec["adapter_id"])
-                    if now is None or now["version"] != rec["version"]:
-                        raise Aborted(f"adapter {rec['adapter_id']!r} was replaced or deleted during the fetch; "
-                                      f"retry") from None
-                    raise DataLoss(f"blob {rec['blob']} of adapter {rec['adapter_id']!r} is missing") from None
-                if data is sentinel:
-                    return
-                yield bytes(data)
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                await asyncio.to_thread(close)
+            async for data in _produce(source):
+                yield data
+        except BlobNotFound:
+            now = await _run(self.meta.get, rec["adapter_id"])
+            if now is None or now["version"] != rec["version"]:
+                raise Aborted(f"adapter {rec['adapter_id']!r} was replaced or deleted during the fetch; "
+                              f"retry") from None
+            raise DataLoss(f"blob {rec['blob']} of adapter {rec['adapter_id']!r} is missing") from None
 
     # ------------------------------------------------------------------ maintenance
     def start_sweeper(self, interval_s: float = 3600.0, grace_s: float = 3600.0) -> threading.Thread:
@@ -306,13 +298,79 @@ def _exists(adapter_id: str):
     return AlreadyExists(f"adapter {adapter_id!r} already exists; set header.replace to replace it")
 
 
-def _rechunk(source: Iterator[bytes], size: int) -> Iterator[bytes]:
+async def _produce(source: Iterator[bytes], depth: int = 8) -> AsyncIterator[bytes]:
+    """Iterate a blocking iterator in a producer thread, up to `depth` chunks ahead of the consumer
+    (reading or generating the next chunks overlaps sending the current ones). Errors of the source
+    are re-raised here, mapped like _run's; abandoning the iteration stops the producer."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            fut = asyncio.run_coroutine_threadsafe(q.put(item), loop)
+            try:
+                fut.result(0.5)
+                return True
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+            except (RuntimeError, concurrent.futures.CancelledError):  # loop closed / cancelled
+                return False
+        return False
+
+    def produce() -> None:
+        try:
+            for data in source:
+                if not put(bytes(data)):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 (delivered to the consumer)
+            put(e)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    thread = threading.Thread(target=produce, name="loraserve-fetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, (StoreError, BlobNotFound)):
+                    raise item
+                if isinstance(item, _BACKEND_ERRORS):
+                    raise Unavailable(f"{_which(item)} unavailable: {item}")
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _rechunk(source: Iterator, size: int) -> Iterator:
+    """Re-cut a stream of buffers into pieces of exactly `size` bytes (the last may be shorter),
+    slicing large buffers without copying them."""
     buf = bytearray()
     for b in source:
-        buf += b
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
+        mv = memoryview(b).cast("B")
+        if buf:
+            take = min(size - len(buf), len(mv))
+            buf += mv[:take]
+            mv = mv[take:]
+            if len(buf) < size:
+                continue
+            yield bytes(buf)
+            buf = bytearray()
+        while len(mv) >= size:
+            yield mv[:size]
+            mv = mv[size:]
+        buf += mv
     if buf:
         yield bytes(buf)
 

@@ -74,8 +74,8 @@ def _seed(spec: SyntheticParams, layer: int, module: str, ab: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[bytes]:
-    """adapter_model.safetensors as a stream: the header, then one chunk per tensor."""
+def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[bytes | memoryview]:
+    """adapter_model.safetensors as a stream: the header (bytes), then one buffer per tensor."""
     import torch
 
     head, layout = _header(spec, dims)
@@ -86,7 +86,7 @@ def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[b
         t = torch.randn(shape, dtype=torch.float16, generator=g)
         std = (1.0 / shape[1]) ** 0.5 if ab == "A" else B_STD / spec.rank ** 0.5
         t.mul_(std)
-        yield t.numpy().tobytes()
+        yield memoryview(t.numpy()).cast("B")  # no copy; consumers slice or join it
 
 
 def synthetic_weights(spec: SyntheticParams, dims: BaseDims) -> bytes:

@@ -498,6 +498,11 @@ def test_synthetic_register_and_fetch_deterministic(store):
     _, _, wa2 = store.client.fetch("syn-a")
     ic, _, wc = store.client.fetch("syn-c")
     assert wa == wa2 == wb and ca == cb and wa != wc and ic.alpha == 4.0
+    from adapter_store.synthetic import synthetic_adapter
+    from adapter_store.validate import BaseDims, SyntheticParams
+    local = synthetic_adapter(SyntheticParams(8, ("q_proj", "v_proj", "down_proj"), 42, 16.0),
+                              BaseDims.from_dict(TINY.dims_dict(), BASE), BASE)
+    assert local == (ca, wa)  # the same bytes as generating them locally
     assert ia.size_bytes == len(wa)
     lw = parse_adapter("syn-a", ca, wa, TINY, torch.float32)
     assert lw.rank == 8 and lw.alpha == 16.0 and lw.target_modules == ["q_proj", "v_proj", "down_proj"]
@@ -567,3 +572,35 @@ def test_store_args_from_env(monkeypatch):
     p.add_argument("--port", type=int, default=1)
     add_store_args(p)  # keeps the parser's own --port
     assert p.parse_args([]).port == 1
+
+
+def test_rechunk_slices_exact_sizes():
+    from adapter_store.service import _rechunk
+
+    parts = [b"ab", memoryview(bytearray(b"cdefghij")), b"", b"k" * 11, b"lm"]
+    out = [bytes(x) for x in _rechunk(iter(parts), 4)]
+    assert b"".join(out) == b"".join(bytes(p) for p in parts)
+    assert all(len(x) == 4 for x in out[:-1]) and 0 < len(out[-1]) <= 4
+
+
+def test_missing_blob_is_data_loss(store):
+    info = store.client.register("lost", *make_adapter(), base_model=BASE)
+    store.blobs.delete(blob_key(info.sha256))  # someone removed it behind the store's back
+    with pytest.raises(StoreClientError) as ei:
+        store.client.fetch("lost")
+    assert ei.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_concurrent_registrations(store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    conf, weights = make_adapter(seed=9)
+    other = [make_adapter(seed=100 + i) for i in range(4)]
+    jobs = [("same-%d" % i, conf, weights) for i in range(4)] + [("diff-%d" % i, *other[i]) for i in range(4)]
+    with ThreadPoolExecutor(8) as ex:
+        infos = list(ex.map(lambda j: store.client.register(j[0], j[1], j[2], base_model=BASE), jobs))
+    assert sorted(i.adapter_id for i in infos) == sorted(j[0] for j in jobs)
+    assert len(store.blob_keys()) == 5
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(store.client.delete, [j[0] for j in jobs]))
+    assert store.blob_keys() == [] and store.keys() == []
