@@ -50,6 +50,7 @@ GQA = ModelConfig(hidden_size=4096, intermediate_size=14336, num_layers=1, num_h
                   head_dim=128, vocab_size=32000)
 
 
+TUNE_OUT = None  # where --sweep writes the chosen tiles (tune.json in --out)
 SMOKE = False   # --cpu-smoke: run every code path once on the CPU (Triton interpreter), no timing
 
 
@@ -116,20 +117,30 @@ def build_lora_pool(cfg, n_adapters, dtype, dev, modules=ATTN_MODULES, variants=
     return pool, table, ranks
 
 
-def graph_ms(fn):
-    """Median ms of a CUDA-graph replay of fn (no launch overhead); None where capture fails."""
+def graph_ms(fn, sets):
+    """graph_bench, or None where capture fails (printed)."""
     if SMOKE:
         return None
     try:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return bench(lambda: g.replay())
+        return graph_bench(fn, sets)
     except Exception as e:  # noqa: BLE001
         print("graph capture failed:", repr(e)[:200], flush=True)
         return None
+
+
+def graph_bench(fn, sets):
+    """Median ms per call of fn over rotated input sets, from a CUDA graph that runs each set once
+    (no launch overhead; consecutive calls touch different inputs, so the L2 is not warm)."""
+    if SMOKE:
+        return bench(fn, sets)
+    for st in sets:
+        fn(*st)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for st in sets:
+            fn(*st)
+    return bench(lambda: g.replay(), rep=50) / len(sets)
 
 
 def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize):
@@ -173,7 +184,7 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
     row["expand_ms"] = bench(lambda b, ys: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
                                             for m, y, v in zip(metas, ys, vs)], [(s[0], s[2]) for s in sets])
     # CUDA graph of the 8 launches (what a graph-captured decode step would see)
-    row["graph_ms"] = graph_ms(lambda: tri(*sets[0]))
+    row["graph_ms"] = graph_ms(tri, sets)
     if row["graph_ms"]:
         row["graph_frac_roof"] = row["roof_ms"] / row["graph_ms"]
     if baselines:
@@ -234,14 +245,14 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
         tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b)
 
     t_tri = bench(tri, sets)
-    t_graph = graph_ms(lambda: tri(*sets[0]))
+    t_graph = graph_ms(tri, sets)
     # cuBLAS: the same FLOPs as one adapter with contiguous weights (rank = mean rank, 8-aligned)
     r_eq = max(8, int(round(flops / (4 * tokens * d) / 8)) * 8)
     At = torch.randn(d, r_eq, dtype=dtype, device=dev) / 64
     Bt = torch.randn(r_eq, d, dtype=dtype, device=dev) / 8
     csets = [(s[1], s[2]) for s in sets]
     t_cub = bench(lambda x, y: torch.addmm(y, torch.mm(x, At), Bt, alpha=2.0, out=y), csets)
-    t_cub_graph = graph_ms(lambda: torch.addmm(sets[0][2], torch.mm(sets[0][1], At), Bt, alpha=2.0, out=sets[0][2]))
+    t_cub_graph = graph_ms(lambda x, y: torch.addmm(y, torch.mm(x, At), Bt, alpha=2.0, out=y), csets)
     row = {"kind": "prefill_lora", "tokens": tokens, "segments": nseg, "rank": rank or "mixed", "ms": t_tri,
            "roof_ms": roof_bytes / bw * 1e3, "cublas_ms": t_cub, "cublas_rank": r_eq, "flops": flops}
     row["frac_roof"] = row["roof_ms"] / t_tri
@@ -285,10 +296,13 @@ def run_decode_attn(res, cfg, dtype, dev, bw, seqs, ctx, nrot=2):
     sets = [(p.kv_view(), b, torch.randn(seqs, Hq, D, dtype=dtype, device=dev)) for p, b in pools]
     scale = D ** -0.5
     t = bench(lambda kv, b, q: tatt.paged_attention(q, kv, 0, b, scale), sets)
+    tg = graph_ms(lambda kv, b, q: tatt.paged_attention(q, kv, 0, b, scale), sets)
     nbytes = seqs * ctx * Hkv * D * 2 * esize + 2 * seqs * Hq * D * esize
     row = {"kind": "decode_attn", "model": "gqa" if Hkv != Hq else "mha", "seqs": seqs, "ctx": ctx, "ms": t,
-           "roof_ms": nbytes / bw * 1e3, "bytes": nbytes}
+           "graph_ms": tg, "roof_ms": nbytes / bw * 1e3, "bytes": nbytes}
     row["frac_roof"] = row["roof_ms"] / t
+    if tg:
+        row["graph_frac_roof"] = row["roof_ms"] / tg
     # SDPA over contiguous (unpaged) K/V of the same size, as a reference point
     try:
         k = torch.randn(seqs, Hkv, ctx, D, dtype=dtype, device=dev)
@@ -303,7 +317,8 @@ def run_decode_attn(res, cfg, dtype, dev, bw, seqs, ctx, nrot=2):
     del pools, sets
     empty_cache()
     print(f"decode_attn {row['model']} S={seqs:4d} ctx={ctx}: {t*1e3:8.1f} us  roof {row['roof_ms']*1e3:8.1f} us "
-          f"({100*row['frac_roof']:5.1f}%)  sdpa(contiguous) {row.get('sdpa_ms', float('nan'))*1e3:8.1f} us", flush=True)
+          f"({100*row['frac_roof']:5.1f}%)  graph {(tg or float('nan'))*1e3:8.1f} us  "
+          f"sdpa(contiguous) {row.get('sdpa_ms', float('nan'))*1e3:8.1f} us", flush=True)
 
 
 def run_prefill_attn(res, cfg, dtype, dev, seqs, q_len, nrot=2):
@@ -315,6 +330,7 @@ def run_prefill_attn(res, cfg, dtype, dev, seqs, q_len, nrot=2):
     flops = seqs * 4 * Hq * D * q_len * q_len / 2   # causal
     row = {"kind": "prefill_attn", "model": "gqa" if cfg.num_kv_heads != Hq else "mha", "seqs": seqs,
            "q_len": q_len, "ms": t, "tflops": flops / (t * 1e-3) / 1e12}
+    row["graph_ms"] = graph_ms(lambda kv, b, q: tatt.paged_attention(q, kv, 0, b, scale), sets)
     q = torch.randn(seqs, Hq, q_len, D, dtype=dtype, device=dev)
     k = torch.randn(seqs, cfg.num_kv_heads, q_len, D, dtype=dtype, device=dev)
     v = torch.randn_like(k)
@@ -327,99 +343,199 @@ def run_prefill_attn(res, cfg, dtype, dev, seqs, q_len, nrot=2):
           f"sdpa(contiguous, causal) {row['sdpa_ms']*1e3:8.1f} us", flush=True)
 
 
-def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
-    """Tile variants on the headline cases; prints each and leaves TUNE as it found it."""
-    import copy
-    saved_l, saved_a = copy.deepcopy(tlora.TUNE), copy.deepcopy(tatt.TUNE)
+def _lora_cases(pool, table, ranks, dtype, dev, kind):
+    """Headline inputs for tuning: (name, meta list, [(batch, x, ys, vs)] rotated sets)."""
     d = pool.cfg.hidden_size
+    N = len(ranks)
     metas = [table.meta[:, 0, TARGET_MODULES.index(m)] for m in ATTN_MODULES]
-
-    def rec(name, cfg, ms, extra=""):
-        res.append({"kind": "sweep", "what": name, "cfg": {k: v for k, v in cfg.items()}, "ms": ms})
-        print(f"sweep {name:22s} {str(cfg):70s} {ms*1e3:9.1f} us {extra}", flush=True)
-
-    def try_(name, cfg, fn, extra=None):
-        try:
-            ms = fn()
-            rec(name, cfg, ms, extra(ms) if extra else "")
-        except Exception as e:  # noqa: BLE001
-            print(f"sweep {name} {cfg} FAILED {repr(e)[:300]}", flush=True)
-
-    if "decode_lora" in only and pool is not None:
+    out = []
+    if kind == "decode":
+        specs = [("T256x256", [1] * 256, 256), ("T64x64", [1] * 64, 64)] if not SMOKE else [("T6x6", [1] * 6, 6)]
+    else:
+        metas = metas[:1]
+        r64 = [i for i in range(N) if ranks[i] == 64]
+        specs = [("T4096 r64", [4096], [r64]), ("T512 r64", [512], [r64]), ("T4096 64seg", [64] * 64, 64),
+                 ("T4096 8seg", [512] * 8, 8)]
+        if SMOKE:
+            specs = [("T40 r64", [40], [r64]), ("T40 4seg", [10] * 4, 4)]
+    for name, lens, nd in specs:
         sets = []
         for k in range(3):
-            ids = [(k * 256 + i) % len(ranks) for i in range(256)]
-            b = LoraBatch.build([1] * 256, ids, max(ranks[i] for i in ids), dev)
-            x = torch.randn(256, d, dtype=dtype, device=dev)
-            ys = [torch.randn(256, d, dtype=dtype, device=dev) for _ in metas]
-            vs = [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas]
+            if isinstance(nd, list):
+                ids = [nd[0][k % len(nd[0])]] * len(lens)
+            else:
+                ids = [(k * nd + i) % N for i in range(len(lens))]
+            b = LoraBatch.build(lens, ids, max(ranks[i] for i in ids), dev)
+            T = sum(lens)
+            x = torch.randn(T, d, dtype=dtype, device=dev)
+            ys = [torch.randn(T, d, dtype=dtype, device=dev) for _ in metas]
+            vs = [ref.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas]
             sets.append((b, x, ys, vs))
-        esize = 2
-        wbytes = 256 * sum(ranks[:5]) / 5 * d * esize * 4   # one matrix per module, mixed ranks
-        for BR, BK, nw, ns in [(16, 512, 4, 3), (16, 512, 4, 1), (16, 512, 4, 4), (16, 1024, 4, 3), (16, 1024, 8, 3),
-                               (16, 512, 8, 3), (8, 1024, 4, 3), (32, 512, 4, 3), (8, 512, 2, 3), (16, 256, 2, 3)]:
-            tlora.TUNE["shrink_decode"] = dict(BLOCK_R=BR, BLOCK_K=BK, num_warps=nw, num_stages=ns)
-            try_("shrink_decode", tlora.TUNE["shrink_decode"],
-                 lambda: bench(lambda b, x, ys, vs: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas], sets),
-                 lambda ms: f"~{wbytes / (ms * 1e-3) / bw * 100:.0f}% of copy bw")
-        tlora.TUNE["shrink_decode"] = saved_l["shrink_decode"]
-        for BR, BN, nw, ns in [(16, 512, 4, 3), (16, 512, 4, 1), (16, 512, 4, 4), (16, 1024, 4, 3), (16, 512, 8, 3),
-                               (32, 512, 4, 3), (8, 1024, 4, 3), (16, 256, 2, 3), (8, 512, 2, 3), (32, 1024, 8, 3)]:
-            tlora.TUNE["expand_decode"] = dict(BLOCK_R=BR, BLOCK_N=BN, num_warps=nw, num_stages=ns)
-            try_("expand_decode", tlora.TUNE["expand_decode"],
-                 lambda: bench(lambda b, x, ys, vs: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
-                                                     for m, y, v in zip(metas, ys, vs)], sets),
-                 lambda ms: f"~{wbytes / (ms * 1e-3) / bw * 100:.0f}% of copy bw")
-        tlora.TUNE["expand_decode"] = saved_l["expand_decode"]
-    if "prefill_lora" in only and pool is not None:
-        meta = metas[0]
-        for label, lens, pick in [("r64x4096", [4096], [i for i in range(len(ranks)) if ranks[i] == 64][:1]),
-                                  ("mix64seg", [64] * 64, list(range(64)))]:
-            R = max(ranks[i] for i in pick)
-            b = LoraBatch.build(lens, pick, R, dev)
-            sets = [(torch.randn(4096, d, dtype=dtype, device=dev), torch.randn(4096, d, dtype=dtype, device=dev))
-                    for _ in range(2)]
-            v = tlora.lora_shrink(sets[0][0], pool.flat, table.rows, meta, b)
-            for BM, BK, nw, ns in [(None, 128, 4, 4), (16, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3),
-                                   (16, 128, 2, 4), (32, 128, 8, 4), (64, 128, 4, 4), (32, 128, 4, 5), (32, 64, 4, 6)]:
-                tlora.TUNE["shrink_seg"] = dict(BLOCK_M=BM, BLOCK_K=BK, num_warps=nw, num_stages=ns)
-                try_(f"shrink_seg {label}", tlora.TUNE["shrink_seg"],
-                     lambda: bench(lambda x, y: tlora.lora_shrink(x, pool.flat, table.rows, meta, b), sets))
-            tlora.TUNE["shrink_seg"] = saved_l["shrink_seg"]
-            for BM, BN, nw, ns in [(None, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 256, 8, 3), (32, 256, 4, 3),
-                                   (32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 1), (16, 256, 4, 3)]:
-                tlora.TUNE["expand_seg"] = dict(BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
-                try_(f"expand_seg {label}", tlora.TUNE["expand_seg"],
-                     lambda: bench(lambda x, y: tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b), sets))
-            tlora.TUNE["expand_seg"] = saved_l["expand_seg"]
+        out.append((name, metas, sets))
+    return out
+
+
+def _pick(results):
+    """Variant with the smallest geometric mean of time / best time over the cases."""
+    import math
+    cases = {c for _, c, _ in results}
+    best = {c: min(ms for _, cc, ms in results if cc == c) for c in cases}
+    score = {}
+    for key, c, ms in results:
+        score.setdefault(key, []).append(math.log(ms / best[c]))
+    full = {k: v for k, v in score.items() if len(v) == len(cases)}
+    return min(full, key=lambda k: sum(full[k]) / len(full[k])) if full else None
+
+
+def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
+    """Autotune: time tile variants on the headline cases (CUDA-graph replay over rotated inputs,
+    so no launch overhead and no warm L2), keep the best per kernel (geometric mean over cases),
+    check the kept one against the reference, and leave it in TUNE for the main tables."""
+    import copy
+    chosen = {}
+
+    def tune(family, table_, key_fn, variants, cases, check):
+        results = []
+        default = copy.deepcopy(table_[family])
+        if SMOKE:
+            variants = variants[:2]
+        for var in variants:
+            cfg = dict(default)
+            cfg.update(var)
+            table_[family] = cfg
+            for cname, fn, sets in cases:
+                try:
+                    ms = graph_bench(fn, sets)
+                except Exception as e:  # noqa: BLE001
+                    print(f"sweep {family} {var} {cname}: FAILED {repr(e)[:200]}", flush=True)
+                    continue
+                results.append((key_fn(var), cname, ms))
+                res.append({"kind": "sweep", "what": family, "case": cname, "cfg": var, "ms": ms})
+                print(f"sweep {family:14s} {cname:12s} {str(var):75s} {ms*1e3:8.1f} us", flush=True)
+        best = _pick(results)
+        cfg = dict(default)
+        if best is not None:
+            cfg.update(dict(best))
+        table_[family] = cfg
+        err = check()
+        if not err < 2e-2:
+            print(f"sweep {family}: best {cfg} FAILED the reference check (err {err}); keeping {default}", flush=True)
+            table_[family] = default
+        chosen[family] = {"cfg": table_[family], "check_rel_err": err}
+        print(f"sweep {family}: chose {table_[family]} (rel err vs reference {err:.2e})", flush=True)
+
+    key = lambda var: tuple(sorted(var.items()))  # noqa: E731
+    if pool is not None and "decode_lora" in only:
+        cases = _lora_cases(pool, table, ranks, dtype, dev, "decode")
+        sh = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas])(m), s)
+              for c, m, s in cases]
+        ex = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
+                                                       for m, y, v in zip(metas, ys, vs)])(m), s) for c, m, s in cases]
+
+        def check_lora(kind):
+            def chk():
+                c, metas, sets = cases[0]
+                b, x, ys, vs = sets[0]
+                if kind == "shrink":
+                    return rel(tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b), vs[0])
+                y1, y2 = ys[0].clone(), ys[0].clone()
+                tlora.lora_expand(y1, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                ref.lora_expand(y2, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                return rel(y1 - ys[0], y2 - ys[0])
+            return chk
+        tune("shrink_decode", tlora.TUNE, key,
+             [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3) for br, bk, nw in
+              [(16, 512, 4), (8, 1024, 4), (8, 512, 4), (8, 512, 2), (16, 1024, 4), (8, 2048, 8), (16, 256, 4), (8, 1024, 8)]],
+             sh, check_lora("shrink"))
+        tune("expand_decode", tlora.TUNE, key,
+             [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw, num_stages=3) for br, bn, nw in
+              [(16, 512, 4), (16, 256, 2), (16, 1024, 4), (8, 512, 4), (16, 256, 4), (32, 256, 4), (8, 256, 2)]],
+             ex, check_lora("expand"))
+    if pool is not None and "prefill_lora" in only:
+        cases = _lora_cases(pool, table, ranks, dtype, dev, "prefill")
+        sh = [(c, (lambda metas: lambda b, x, ys, vs: tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b))(m), s)
+              for c, m, s in cases]
+        ex = [(c, (lambda metas: lambda b, x, ys, vs: tlora.lora_expand(ys[0], vs[0], pool.flat, table.rows, metas[0],
+                                                                        table.scaling, b))(m), s) for c, m, s in cases]
+
+        def check_pre(kind):
+            def chk():
+                errs = []
+                for c, metas, sets in cases:
+                    b, x, ys, vs = sets[0]
+                    if kind == "shrink":
+                        errs.append(rel(tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b), vs[0]))
+                    else:
+                        y1, y2 = ys[0].clone(), ys[0].clone()
+                        tlora.lora_expand(y1, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                        ref.lora_expand(y2, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                        errs.append(rel(y1 - ys[0], y2 - ys[0]))
+                return max(errs)
+            return chk
+        tune("shrink_seg", tlora.TUNE, key,
+             [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, num_stages=ns, SPLIT_K=sk) for bm, bk, nw, ns, sk in
+              [(None, 128, 4, 4, None), (None, 64, 4, 4, None), (None, 128, 4, 3, None), (64, 128, 4, 4, None),
+               (32, 128, 4, 4, None), (16, 128, 4, 4, None), (None, 128, 4, 4, 1), (None, 256, 8, 3, None),
+               (64, 64, 4, 6, None), (None, 128, 8, 4, None)]],
+             sh, check_pre("shrink"))
+        tune("expand_seg", tlora.TUNE, key,
+             [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
+              [(None, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3),
+               (32, 256, 4, 3), (64, 128, 4, 2)]],
+             ex, check_pre("expand"))
     if "decode_attn" in only:
-        for cfg, S in [(LLAMA7B, 64), (GQA, 64)]:
-            p, b = build_attn_pool(cfg, S, 1024, 1, dtype, dev)
-            kv = p.kv_view()
-            q = torch.randn(S, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
-            nbytes = S * 1024 * cfg.num_kv_heads * cfg.head_dim * 2 * 2
-            for BN, nw, ns, mps in [(64, 4, 3, 2), (32, 4, 3, 2), (128, 4, 3, 2), (64, 8, 3, 2), (128, 8, 2, 2),
-                                    (64, 4, 4, 2), (16, 4, 3, 2), (64, 4, 3, 8), (128, 4, 4, 8)]:
-                tatt.TUNE["decode"] = dict(BLOCK_N=BN, num_warps=nw, num_stages=ns, min_programs_per_sm=mps)
-                try_(f"attn_decode {'gqa' if cfg is GQA else 'mha'}", tatt.TUNE["decode"],
-                     lambda: bench(lambda: tatt.paged_attention(q, kv, 0, b, 0.088)),
-                     lambda ms: f"{nbytes / (ms * 1e-3) / bw * 100:.0f}% of roofline")
-            del p, kv
-            empty_cache()
-        tatt.TUNE["decode"] = saved_a["decode"]
-    if "prefill_attn" in only:
-        p, b = build_attn_pool(LLAMA7B, 4, 1024, 1024, dtype, dev)
-        kv = p.kv_view()
-        q = torch.randn(4096, 32, 128, dtype=dtype, device=dev)
-        fl = 4 * 4 * 32 * 128 * 1024 * 1024 / 2
-        for BM, BN, nw, ns in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                               (128, 64, 4, 3), (128, 32, 8, 3)]:
-            tatt.TUNE["prefill"] = dict(BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
-            try_("attn_prefill mha", tatt.TUNE["prefill"], lambda: bench(lambda: tatt.paged_attention(q, kv, 0, b, 0.088)),
-                 lambda ms: f"{fl / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
-        tatt.TUNE["prefill"] = saved_a["prefill"]
-        del p, kv
+        cases, refs = [], []
+        for name, cfg, S in [("mha S64", LLAMA7B, 64), ("gqa S64", GQA, 64), ("mha S8", LLAMA7B, 8)]:
+            sets = []
+            for _ in range(2):
+                p, b = build_attn_pool(cfg, 2 if SMOKE else S, 40 if SMOKE else 1024, 1, dtype, dev)
+                sets.append((p.kv_view(), b, torch.randn(b.context_lens.numel(), cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)))
+            cases.append((name, lambda kv, b, q: tatt.paged_attention(q, kv, 0, b, 0.088), sets))
+
+        def chk_dec():
+            return max(rel(tatt.paged_attention(q, kv, 0, b, 0.088), ref.paged_attention(q, kv, 0, b, 0.088))
+                       for _, _, sets in cases for kv, b, q in sets[:1])
+        tune("decode", tatt.TUNE, key,
+             [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, min_programs_per_sm=mp) for bn, nw, ns, mp in
+              [(64, 4, 3, 2), (32, 4, 3, 2), (128, 4, 3, 2), (64, 8, 3, 2), (64, 4, 4, 2), (64, 4, 3, 4), (128, 8, 3, 4),
+               (64, 4, 2, 1)]],
+             cases, chk_dec)
+        del cases
         empty_cache()
+    if "prefill_attn" in only:
+        cases = []
+        for name, cfg, S, n in [("mha 4x1024", LLAMA7B, 4, 1024), ("gqa 4x1024", GQA, 4, 1024), ("mha 1x4096", LLAMA7B, 1, 4096)]:
+            if SMOKE:
+                S, n = 2, 24
+            p, b = build_attn_pool(cfg, S, n, n, dtype, dev)
+            sets = [(p.kv_view(), b, torch.randn(S * n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev))]
+            cases.append((name, lambda kv, b, q: tatt.paged_attention(q, kv, 0, b, 0.088), sets))
+
+        def chk_pre():
+            kv, b, q = cases[0][2][0]
+            return rel(tatt.paged_attention(q, kv, 0, b, 0.088), ref.paged_attention(q, kv, 0, b, 0.088))
+        tune("prefill", tatt.TUNE, key,
+             [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in
+              [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+               (64, 128, 4, 2), (128, 64, 8, 3)]],
+             cases, chk_pre)
+        del cases
+        empty_cache()
+    res.append({"kind": "tuned", "chosen": chosen})
+    out = pathlib.Path(TUNE_OUT) if TUNE_OUT else None
+    if out is not None:
+        prev = json.loads(out.read_text()) if out.exists() else {}
+        prev.setdefault("lora", {}).update({k: v for k, v in tlora.TUNE.items()})
+        prev.setdefault("attention", {}).update({k: v for k, v in tatt.TUNE.items()})
+        out.write_text(json.dumps(prev, indent=1))
+    return chosen
+
+
+def rel(out, want):
+    out, want = out.double(), want.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def markdown(meta, res) -> str:
@@ -455,18 +571,28 @@ def markdown(meta, res) -> str:
     da = [r for r in res if r["kind"] == "decode_attn"]
     if da:
         out += ["## Decode paged attention (32 q heads x 128), us", "",
-                "| model | seqs | context | triton | roofline | % roofline | SDPA, contiguous K/V |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                "| model | seqs | context | triton | roofline | % roofline | triton graph | graph % roofline | SDPA, contiguous K/V |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in da:
             out.append(f"| {r['model']} | {r['seqs']} | {r['ctx']} | {f(r['ms'])} | {f(r['roof_ms'])} | "
-                       f"{100*r['frac_roof']:.0f}% | {f(r.get('sdpa_ms'))} |")
+                       f"{100*r['frac_roof']:.0f}% | {f(r.get('graph_ms'))} | "
+                       f"{(str(round(100 * r['graph_frac_roof'])) + '%') if r.get('graph_frac_roof') else ''} | {f(r.get('sdpa_ms'))} |")
         out.append("")
     pa = [r for r in res if r["kind"] == "prefill_attn"]
     if pa:
         out += ["## Prefill paged attention (causal), us", "",
-                "| model | seqs | q_len | triton | TFLOP/s | SDPA, contiguous, causal |", "|---|---:|---:|---:|---:|---:|"]
+                "| model | seqs | q_len | triton | TFLOP/s | triton graph | SDPA, contiguous, causal |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for r in pa:
-            out.append(f"| {r['model']} | {r['seqs']} | {r['q_len']} | {f(r['ms'])} | {r['tflops']:.1f} | {f(r['sdpa_ms'])} |")
+            out.append(f"| {r['model']} | {r['seqs']} | {r['q_len']} | {f(r['ms'])} | {r['tflops']:.1f} | "
+                       f"{f(r.get('graph_ms'))} | {f(r['sdpa_ms'])} |")
+        out.append("")
+    tuned = [r for r in res if r["kind"] == "tuned"]
+    if tuned:
+        out += ["## Tiles used (picked by --sweep on this device, checked against the reference)", ""]
+        for t in tuned:
+            for fam, v in t["chosen"].items():
+                out.append(f"- {fam}: `{v['cfg']}` (rel err {v['check_rel_err']:.1e})")
         out.append("")
     return "\n".join(out)
 
@@ -490,7 +616,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of the headline cases")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     a = ap.parse_args(argv)
-    global SMOKE, LLAMA7B, GQA
+    global SMOKE, LLAMA7B, GQA, TUNE_OUT
     dev = torch.device("cuda")
     if a.cpu_smoke:
         SMOKE = True
@@ -517,6 +643,7 @@ def main(argv=None):
     res = []
     outdir = pathlib.Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
+    TUNE_OUT = str(outdir / "tune.json") if a.sweep else None
 
     def dump():
         (outdir / "kernels.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
@@ -525,6 +652,9 @@ def main(argv=None):
     if {"decode_lora", "prefill_lora"} & only:
         pool, table, ranks = build_lora_pool(LLAMA7B, a.adapters, dtype, dev)
         print(f"lora pool: {a.adapters} adapters, {pool.adapter_pages} pages, built in {time.time()-t0:.1f}s", flush=True)
+        if a.sweep:
+            guarded(run_sweep, res, pool, table, ranks, dtype, dev, bw, only & {"decode_lora", "prefill_lora"})
+            dump()
         if "decode_lora" in only:
             dec = [(1, 1), (16, 16), (64, 64), (256, 256), (256, 16), (256, 1)] if a.quick else \
                   [(1, 1), (8, 8), (32, 32), (64, 64), (128, 128), (256, 256), (256, 64), (256, 16), (256, 1)]
@@ -543,11 +673,11 @@ def main(argv=None):
             for T, n, r in pre:
                 guarded(run_prefill_lora, res, pool, table, ranks, dtype, dev, bw, T, n, rank=r)
                 dump()
-        if a.sweep and not SMOKE:
-            guarded(run_sweep, res, pool, table, ranks, dtype, dev, bw, only & {"decode_lora", "prefill_lora"})
-            dump()
         del pool, table
         empty_cache()
+    if a.sweep:
+        guarded(run_sweep, res, None, None, None, dtype, dev, bw, only & {"decode_attn", "prefill_attn"})
+        dump()
     if "decode_attn" in only:
         for cfg, S in ([(LLAMA7B, 64), (GQA, 64)] if a.quick else
                        [(LLAMA7B, 1), (LLAMA7B, 16), (LLAMA7B, 64), (LLAMA7B, 256), (GQA, 64), (GQA, 256)]):
@@ -557,8 +687,7 @@ def main(argv=None):
         for cfg, S, n in [(LLAMA7B, 4, 1024), (LLAMA7B, 1, 4096), (GQA, 4, 1024)]:
             guarded(run_prefill_attn, res, cfg, dtype, dev, min(S, 2), 24 if SMOKE else n)
             dump()
-    if a.sweep and not SMOKE:
-        guarded(run_sweep, res, None, None, None, dtype, dev, bw, only & {"decode_attn", "prefill_attn"})
+    res.append({"kind": "tune_final", "lora": tlora.TUNE, "attention": tatt.TUNE})
     dump()
     print()
     print(markdown(meta, res))

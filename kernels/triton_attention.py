@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_tune import apply_overrides  # noqa: I001
 from kernels.batch import AttnBatch
 
 _LOG2E = 1.4426950408889634
@@ -31,6 +32,7 @@ TUNE = {
     "decode": dict(BLOCK_N=64, num_warps=4, num_stages=3, min_programs_per_sm=2),
     "prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
 }
+apply_overrides("attention", TUNE)
 
 
 @triton.jit

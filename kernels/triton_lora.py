@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_tune import apply_overrides  # noqa: I001
 from kernels.batch import LoraBatch
 
 
@@ -37,6 +38,7 @@ TUNE = {
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=None),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
 }
+apply_overrides("lora", TUNE)
 
 
 def _row_align(flat: torch.Tensor) -> int:
