@@ -114,8 +114,9 @@ class LlamaModel:
                 for m, sl in (("q_proj", slice(0, qw)), ("k_proj", slice(qw, qw + kw)),
                               ("v_proj", slice(qw + kw, qw + 2 * kw))):
                     self._lora(qkv[:, sl], h, li, m, lora, table, pool)
-            q = ops.apply_rope(qkv[:, :qw].view(T, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = ops.apply_rope(qkv[:, qw:qw + kw].view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            # q and k heads rotate in one call: they are adjacent in the fused qkv output
+            qk = ops.apply_rope(qkv[:, :qw + kw].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = qkv[:, qw + kw:].view(T, cfg.num_kv_heads, cfg.head_dim)
             ops.write_kv(k, v, kv, li, attn)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
