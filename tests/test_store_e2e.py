@@ -42,7 +42,7 @@ async def _stream_all(target, reqs):
 def test_registered_adapters_fetched_cold_match_peft(tiny, fresh_redis):
     d, model_dir, adapters = tiny
     srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data1"), "--redis-url", fresh_redis.url,
-                        "--pool-mb", "4"])
+                        "--pool-mb", "4", "--dtype", "float32"])
     try:
         with Client(srv.target) as c:
             for name, path in adapters.items():
@@ -67,7 +67,7 @@ def test_redis_outage_resident_keeps_serving_cold_unavailable(tiny, tmp_path):
     d, model_dir, adapters = tiny
     redis = RedisServer(persist_dir=tmp_path / "redis").start()
     srv = ServerThread(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--redis-url", redis.url,
-                        "--pool-mb", "4"])
+                        "--pool-mb", "4", "--dtype", "float32"])
     gen = lambda aid: pb.GenerateRequest(adapter_id=aid, prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]),  # noqa: E731
                                          params=pb.SamplingParams(max_new_tokens=4, ignore_eos=True))
     try:
@@ -110,7 +110,7 @@ def test_replace_is_seen_by_the_engine(tiny, fresh_redis):
     new weights, never a mix."""
     d, model_dir, adapters = tiny
     srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data3"), "--redis-url", fresh_redis.url,
-                        "--pool-mb", "4"])
+                        "--pool-mb", "4", "--dtype", "float32"])
     req = pb.GenerateRequest(adapter_id="x", prompt_token_ids=pb.TokenIds(ids=[9, 8, 7, 6]),
                              params=pb.SamplingParams(max_new_tokens=N_NEW, ignore_eos=True))
     try:
