@@ -103,6 +103,10 @@ return {1, blob, version}
 """
 
 
+_LIST_FIELDS = ["id", "base_model", "rank", "alpha", "target_modules", "size_bytes", "sha256", "created_at",
+                "use_rslora", "version", "status", "blob", "synthetic"]
+
+
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -111,7 +115,7 @@ def decode_record(raw: dict) -> dict | None:
     """Redis hash -> typed record; None unless status is ready."""
     if not raw:
         return None
-    h = {_s(k): v for k, v in raw.items()}
+    h = {_s(k): v for k, v in raw.items() if v is not None}
     if _s(h.get("status", b"")) != "ready":
         return None
     return {
@@ -120,7 +124,7 @@ def decode_record(raw: dict) -> dict | None:
         "size_bytes": int(h["size_bytes"]), "sha256": _s(h.get("sha256", b"")),
         "created_at": int(h["created_at"]), "use_rslora": _s(h.get("use_rslora", b"0")) == "1",
         "version": int(h["version"]), "status": "ready", "blob": _s(h.get("blob", b"")),
-        "config": bytes(h.get("config", b"")), "synthetic": _s(h.get("synthetic", b"")),
+        "config": bytes(h.get("config") or b""), "synthetic": _s(h.get("synthetic") or b""),
     }
 
 
@@ -323,9 +327,9 @@ class Metadata:
             ids = ids[: n - len(records)]
             pipe = self.r.pipeline(transaction=False)
             for i in ids:
-                pipe.hgetall(self.k_rec(_s(i)))
-            for raw in pipe.execute():
-                rec = decode_record(raw)
+                pipe.hmget(self.k_rec(_s(i)), _LIST_FIELDS)  # not the config: pages stay small
+            for vals in pipe.execute():
+                rec = decode_record(dict(zip(_LIST_FIELDS, vals)))
                 if rec is not None:  # deleted since the index read
                     records.append(rec)
             start = "(" + _s(ids[-1])

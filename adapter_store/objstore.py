@@ -242,6 +242,8 @@ class S3Store(ObjectStore):
             raise ValueError(f"expected s3://bucket[/prefix], got {url!r}")
         self.url = url
         self.bucket = u.netloc
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise ValueError(f"invalid S3 bucket name {self.bucket!r} in {url!r}: 3-63 characters of a-z 0-9 . -")
         self.prefix = u.path.strip("/")
         if self.prefix:
             check_key(self.prefix)

@@ -174,8 +174,8 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
                              synthetic=spec.to_json(), replace=h.replace)
             return record_to_info(rec)
 
-        config = b"".join(files.pop(CONFIG_FILE))
-        weights = b"".join(files.pop(WEIGHTS_FILE))
+        config, weights = await asyncio.to_thread(lambda: (b"".join(files[CONFIG_FILE]), b"".join(files[WEIGHTS_FILE])))
+        files.clear()
         digest = hasher.hexdigest()
         t1 = time.perf_counter()
         if expected_sha and expected_sha != digest:

@@ -246,7 +246,11 @@ class SeaweedS3:
             if self.proc.poll() is not None:
                 raise ServiceError(f"weed exited with {self.proc.returncode}; see {self.data_dir / 'weed.log'}")
             try:
-                client.create_bucket(Bucket="loraserve-ready-probe")
+                try:
+                    client.create_bucket(Bucket="loraserve-ready-probe")
+                except Exception as e:  # a restart finds the bucket from before
+                    if "BucketAlready" not in str(e):
+                        raise
                 client.put_object(Bucket="loraserve-ready-probe", Key="probe", Body=b"ok")
                 client.delete_object(Bucket="loraserve-ready-probe", Key="probe")
                 return

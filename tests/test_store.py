@@ -604,3 +604,94 @@ def test_concurrent_registrations(store):
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(store.client.delete, [j[0] for j in jobs]))
     assert store.blob_keys() == [] and store.keys() == []
+
+
+class TcpProxy:
+    """127.0.0.1:port -> target, switchable off (connection refused) and on again, same port."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target_port = target_port
+        self.sock = None
+        self.port = None
+        self.conns: list = []
+        self._socket = socket
+        self.up()
+
+    def up(self):
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port or 0))
+        s.listen(64)
+        self.port = s.getsockname()[1]
+        self.sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self):
+        try:
+            self.sock.shutdown(self._socket.SHUT_RDWR)  # wakes the accept() thread; close alone would not
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.conns.clear()
+
+    def _accept(self, s):
+        while True:
+            try:
+                client, _ = s.accept()
+            except OSError:
+                return
+            upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while True:
+                data = a.recv(1 << 16)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.close()
+                except OSError:
+                    pass
+
+
+def test_s3_down_unavailable_then_recovers(redis_server, redis_namespace, s3_server, s3_bucket):
+    proxy = TcpProxy(s3_server.ports["s3"])
+    blobs = S3Store(f"s3://{s3_bucket}/ad", endpoint_url=f"http://127.0.0.1:{proxy.port}")
+    h = Harness(redis_server.url, redis_namespace, blobs)
+    try:
+        conf, weights = make_adapter(seed=21)
+        h.client.register("s3-before", conf, weights, base_model=BASE)
+        proxy.down()
+        with pytest.raises(StoreUnavailable) as ei:
+            h.client.register("s3-during", *make_adapter(seed=22), base_model=BASE)
+        assert "object store" in str(ei.value)
+        with pytest.raises(StoreUnavailable):
+            h.client.fetch("s3-before")
+        assert h.client.get("s3-before").adapter_id == "s3-before"  # metadata still answers
+        assert not any("s3-during" in k for k in h.keys())
+        proxy.up()
+        assert h.client.fetch("s3-before")[2] == weights
+        assert h.client.register("s3-after", *make_adapter(seed=22), base_model=BASE).version == 1
+        h.client.delete("s3-after")
+        h.client.delete("s3-before")
+        assert h.blob_keys() == []
+    finally:
+        h.close()
+        proxy.down()
