@@ -22,6 +22,11 @@ def env_default(flag: str, default=None):
     return os.environ.get("LORASERVE_" + flag.lstrip("-").upper().replace("-", "_"), default)
 
 
+def env_flag(flag: str) -> bool:
+    """A boolean flag's env default: 1/true/yes/on (any case) is true, anything else false."""
+    return str(env_default(flag, "")).strip().lower() in ("1", "true", "yes", "on")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     e = env_default
     p.add_argument("--model", default=e("--model"),
@@ -42,7 +47,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="file:///path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL); default: DATA_DIR/blobs")
     p.add_argument("--store-target", default=e("--store-target"),
                    help="host:port of a separate adapter store (engine-only mode; no embedded store)")
-    p.add_argument("--no-store", action="store_true", default=bool(e("--no-store")),
+    p.add_argument("--no-store", action="store_true", default=env_flag("--no-store"),
                    help="serve only --adapter folders: no Redis, no object storage")
     p.add_argument("--token", default=e("--token"),
                    help="control-plane bearer token required for RegisterAdapter/DeleteAdapter")
@@ -59,7 +64,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="host memory cache for adapters (LRU by bytes)")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
-    p.add_argument("--no-cuda-graphs", action="store_true", default=bool(e("--no-cuda-graphs")),
+    p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
                    help="run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--max-lora-rank", type=int, default=int(e("--max-lora-rank", 64)),
                    help="rank cap of the captured decode graphs (batches with larger ranks run eagerly)")

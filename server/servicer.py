@@ -208,6 +208,7 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                 cached_adapters=e.adapters.cached_ids(), steps=e.stats.steps,
                 generated_tokens=e.stats.generated_tokens, preemptions=e.scheduler.preemptions,
                 model=self.model_name, device=str(e.model.device),
-                dtype=str(e.model.dtype).removeprefix("torch."))
+                dtype=str(e.model.dtype).removeprefix("torch."), vocab_size=e.cfg.vocab_size,
+                max_model_len=e.max_model_len)
 
         return await self._run(snap)

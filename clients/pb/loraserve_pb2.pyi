@@ -251,7 +251,7 @@ class PoolStats(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., kv_pages: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype")
+    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len")
     POOL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,8 @@ class EngineStats(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     pool: PoolStats
     running: int
     waiting: int
@@ -274,4 +276,6 @@ class EngineStats(_message.Message):
     model: str
     device: str
     dtype: str
-    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    vocab_size: int
+    max_model_len: int
+    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
