@@ -18,7 +18,7 @@ from clients.pb import loraserve_pb2_grpc as pb_grpc
 
 from .service import AdapterStoreServicer, build_store
 
-__all__ = ["add_store_args", "run_store", "add_store_to_server", "start_store_server", "SERVER_OPTIONS"]
+__all__ = ["add_store_args", "run_store", "register_base_model_dir", "add_store_to_server", "start_store_server", "SERVER_OPTIONS"]
 
 log = logging.getLogger("loraserve.store")
 
@@ -33,6 +33,9 @@ _FLAGS = [
     ("--data-dir", dict(default="./loraserve-data", help="blobs and private Redis state (env LORASERVE_DATA_DIR)")),
     ("--token", dict(default=None, help="require 'authorization: Bearer TOKEN' on RegisterAdapter/DeleteAdapter "
                                         "(env LORASERVE_TOKEN)")),
+    ("--base-model", dict(action="append", default=None, metavar="[NAME=]MODEL_DIR",
+                          help="register a base model's dims from its HF config.json (repeatable; engines also "
+                               "register theirs at start; env LORASERVE_BASE_MODEL, comma-separated)")),
 ]
 
 
@@ -52,9 +55,23 @@ def add_store_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kw = dict(kw)
         env = os.environ.get(_env_name(flag))
         if env is not None:
-            kw["default"] = kw.get("type", str)(env)
+            kw["default"] = env.split(",") if kw.get("action") == "append" else kw.get("type", str)(env)
         parser.add_argument(flag, **kw)
     return parser
+
+
+def register_base_model_dir(meta, spec: str) -> tuple[str, str]:
+    """'[NAME=]DIR' (DIR holds config.json, or is the config.json): register the model's dims."""
+    import pathlib
+
+    from server.config import ModelConfig
+
+    name, _, path = spec.rpartition("=")
+    p = pathlib.Path(path)
+    cfg = ModelConfig.from_dir(p.parent if p.name == "config.json" else p)
+    name = name or cfg.name
+    meta.register_base_model(name, cfg.dims_dict())
+    return name, str(p)
 
 
 def add_store_to_server(servicer: AdapterStoreServicer, server: grpc.aio.Server) -> None:
@@ -97,6 +114,9 @@ async def _serve(args) -> None:
         redis_url = redis_proc.url
         log.info("started private redis-server at %s", redis_url)
     servicer = build_store(redis_url, args.object_store, args.data_dir, args.token)
+    for spec in getattr(args, "base_model", None) or []:
+        name, path = register_base_model_dir(servicer.meta, spec)
+        log.info("base model %s registered from %s", name, path)
     servicer.start_sweeper()
     host = getattr(args, "host", None) or "0.0.0.0"
     server, port = await start_store_server(servicer, args.port, host)

@@ -695,3 +695,18 @@ def test_s3_down_unavailable_then_recovers(redis_server, redis_namespace, s3_ser
     finally:
         h.close()
         proxy.down()
+
+
+def test_register_base_model_from_dir(tmp_path, redis_server, redis_namespace):
+    from adapter_store.main import register_base_model_dir
+
+    d = tmp_path / "tiny-dir"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_HF))
+    meta = Metadata(redis_server.url, namespace=redis_namespace)
+    try:
+        assert register_base_model_dir(meta, str(d))[0] == "tiny-dir"
+        assert register_base_model_dir(meta, f"named={d / 'config.json'}")[0] == "named"
+        assert meta.base_model("named").to_dict() == TINY.dims_dict()
+    finally:
+        meta.close()
