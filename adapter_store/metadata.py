@@ -171,6 +171,9 @@ class Metadata:
     # ------------------------------------------------------------------ base models
     def register_base_model(self, name: str, dims: dict) -> None:
         """Called by the engine at start: ModelConfig.dims_dict() of the model it serves."""
+        from .validate import validate_base_model
+
+        validate_base_model(name)
         BaseDims.from_dict(dims, name)
         self.r.hset(f"{self.ns}:base_models", name, json.dumps(dims, sort_keys=True))
 

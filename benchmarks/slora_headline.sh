@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# S-LoRA's headline experiment (arXiv 2311.03285, Table 3 / Fig. 5) through the real services:
+# a random-weight Llama-7B checkpoint (no download), `loraserve store` as its own process (a
+# private redis-server, blobs on disk, synthetic adapters generated on fetch), `loraserve serve`
+# fetching adapters through the store into its host cache and GPU pool, and `loraserve bench`
+# driving S-LoRA's workload over gRPC. Writes JSON + PNG under $RESULTS.
+#
+#   RATE=12 DURATION=60 NS=5,100,1000,2000 bash benchmarks/slora_headline.sh
+#
+# Settings: S1 = all adapters rank 8; S2 = ranks 64/32/16/8 evenly (q,k,v,o). PEFT and base-only
+# run on the same workload (PEFT only at small n: it serves one request at a time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRESET=${PRESET:-llama-7b}
+MODEL=${MODEL:-/tmp/loraserve-$PRESET}
+RESULTS=${RESULTS:-benchmarks/results/headline}
+RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S1_NS:-5,2000}
+PEFT_NS=${PEFT_NS:-5,100}; PEFT_DURATION=${PEFT_DURATION:-30}
+SETTINGS=${SETTINGS:-S2,S1}
+INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}
+GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}
+EXTRA_SERVE=${EXTRA_SERVE:-}
+mkdir -p "$RESULTS"
+DATA=$(mktemp -d)
+SP=${STORE_PORT:-50052}; EP=${ENGINE_PORT:-50051}
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+[ -f "$MODEL/config.json" ] || { log "building $PRESET with random weights"; python3 benchmarks/examples/make_random_llama.py --preset "$PRESET" --out "$MODEL" --dtype float16; }
+NAME=$(basename "$MODEL")
+
+RP=$(python3 -c "from adapter_store.services import free_port; print(free_port())")
+python3 -c "
+import signal; from adapter_store.services import RedisServer
+r = RedisServer(port=$RP).start(); signal.sigwait({signal.SIGTERM, signal.SIGINT}); r.close()" &
+REDIS=$!
+export LORASERVE_REDIS_URL="redis://127.0.0.1:$RP/0"
+loraserve store --port "$SP" --data-dir "$DATA/store" > "$RESULTS/store.log" 2>&1 &
+STORE=$!
+# shellcheck disable=SC2086
+loraserve serve --model "$MODEL" --dtype float16 --port "$EP" --store-target "127.0.0.1:$SP" \
+  --data-dir "$DATA/engine" --gpu-memory-utilization "$GPU_UTIL" --host-cache-mb "$HOST_CACHE_MB" \
+  --log-level info $EXTRA_SERVE > "$RESULTS/engine.log" 2>&1 &
+ENGINE=$!
+trap 'kill $ENGINE $STORE $REDIS 2>/dev/null; wait 2>/dev/null; rm -rf "$DATA"' EXIT
+export LORASERVE_TARGET="127.0.0.1:$EP" LORASERVE_STORE_TARGET="127.0.0.1:$SP"
+for _ in $(seq 1 300); do loraserve health >/dev/null 2>&1 && break; kill -0 $ENGINE || { cat "$RESULTS/engine.log"; exit 1; }; sleep 1; done
+log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
+
+COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --quiet"
+for S in ${SETTINGS//,/ }; do
+  case $S in S1) RANKS=8; N=$S1_NS ;; S2) RANKS=64,32,16,8; N=$NS ;; esac
+  log "$S: n=$N"
+  # shellcheck disable=SC2086
+  loraserve bench $COMMON --synthetic --ranks $RANKS --n "$N" --out "$RESULTS/$S.json" --plot "$RESULTS/$S.png" | tee "$RESULTS/$S.txt"
+done
+log "base-only"
+# shellcheck disable=SC2086
+loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
+log "engine stats: $(loraserve stats | tr '\n' ' ')"
+if [ -n "$PEFT_NS" ]; then
+  log "PEFT baseline: n=$PEFT_NS"
+  # shellcheck disable=SC2086
+  loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $PEFT_DURATION \
+    --input-range $INPUT --output-range $OUTPUT --quiet --ranks 64,32,16,8 --n "$PEFT_NS" \
+    --compare peft --model "$MODEL" --peft-dtype float16 --out "$RESULTS/peft.json" | tee "$RESULTS/peft.txt"
+fi
+log done
