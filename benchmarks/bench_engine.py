@@ -148,11 +148,14 @@ def main() -> None:
         for _ in range(3):
             engine._run(Step([], reqs))
         sync()
+        st = engine.stats
+        before = (st.prep_s, st.device_s, st.post_s)
         w0 = time.perf_counter()
         for _ in range(args.steps):
             engine._run(Step([], reqs))
         sync()
-        return 0.0, (time.perf_counter() - w0) * 1e3 / args.steps
+        split = [round((a - b) * 1e3 / args.steps, 2) for a, b in zip((st.prep_s, st.device_s, st.post_s), before)]
+        return split, (time.perf_counter() - w0) * 1e3 / args.steps
 
     rows = []
     # bytes a decode step must read: every weight once (the embedding only its T rows) + the KV
@@ -170,7 +173,8 @@ def main() -> None:
                 if mode == "lora" and not args.adapters:
                     continue
                 reqs = make_batch(n, mode == "lora")
-                _, wall_ms = time_steps(reqs)
+                split, wall_ms = time_steps(reqs)
+                out[f"{mode}_prep_device_post_ms"] = split
                 kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
                 out[f"{mode}_ms"] = round(wall_ms, 3)
                 out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)

@@ -30,6 +30,9 @@ log = logging.getLogger("loraserve.engine")
 class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
+    prep_s: float = 0.0      # host: batch metadata for the step
+    device_s: float = 0.0    # forward launch/replay until sampled tokens are back on the host
+    post_s: float = 0.0      # host: appending tokens, finishing, emitting
 
 
 class Engine:
@@ -149,6 +152,7 @@ class Engine:
         return req.bt_cache
 
     def _run(self, step) -> None:
+        t0 = time.perf_counter()
         seqs = step.prefills + step.decodes
         B = self.pool.block_tokens
         dev = self.model.device
@@ -179,6 +183,7 @@ class Engine:
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
         off_t = (pos_t % B).to(torch.int32)
+        t1 = time.perf_counter()
         if (self.graphs is not None and not step.prefills
                 and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
             logits = self.graphs.run(ids_t, pos_t, bt, ctx_t, token_pages, off_t,
@@ -194,6 +199,7 @@ class Engine:
             logits = self.model.forward(to(ids_t), to(pos_t), attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
+        t2 = time.perf_counter()
         self.stats.steps += 1
         for req, tok, lp in zip(seqs, tokens, logps):
             req.num_computed = req.total_len
@@ -210,3 +216,7 @@ class Engine:
                 req.emit(Output([tok], lp_list))
             else:
                 self._finish(req, reason, tokens=[tok], logprobs=lp_list)
+        st = self.stats
+        st.prep_s += t1 - t0
+        st.device_s += t2 - t1
+        st.post_s += time.perf_counter() - t2
