@@ -159,7 +159,10 @@ class Engine:
         ids, pos, q_host, seq_lens, slots, logits_idx = [], [], [], [], [], []
         for req in seqs:
             start, end = req.num_computed, req.total_len
-            ids += req.all_ids[start:end]
+            if end - start == 1 and req.output_ids:     # decode: only the last sampled token
+                ids.append(req.output_ids[-1])
+            else:
+                ids += req.all_ids[start:end]
             pos += range(start, end)
             q_host.append((len(ids) - (end - start), len(ids), end))
             seq_lens.append(end - start)
