@@ -5,6 +5,7 @@ Keys (namespace NS, default "loraserve"):
   NS:index                 sorted set (all scores 0, lexicographic) of ready adapter ids
   NS:index:bm:<base>       the same, per base model (ListAdapters' filter)
   NS:base_models           hash: base model name -> JSON dims (ModelConfig.dims_dict())
+  NS:versions              hash: adapter id -> its last version (versions never repeat, even after a delete)
   NS:blobref:<blob key>    set of adapter ids whose record references this blob
   NS:lock:blob:<blob key>  lock held while a blob is written+committed, or deleted
   NS:engines               set of engine ids; NS:engine:<id> JSON with a TTL (heartbeat)
@@ -62,13 +63,14 @@ def blob_key(sha256: str) -> str:
 _COMMIT = """
 local rec, idx, chan = KEYS[1], KEYS[2], KEYS[3]
 local id, replace, ns, bm, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local version = 1
 local old_blob = ''
 local existed = redis.call('EXISTS', rec)
+-- versions never repeat for an id, across deletes too: a holder that missed an event still sees the change
+local version = (tonumber(redis.call('HGET', ns .. ':versions', id)) or 0) + 1
 if existed == 1 then
   if replace ~= '1' then return {'EXISTS', '', 0} end
   local old = redis.call('HMGET', rec, 'version', 'blob', 'base_model')
-  version = (tonumber(old[1]) or 0) + 1
+  version = math.max(version, (tonumber(old[1]) or 0) + 1)
   old_blob = old[2] or ''
   if old[3] then redis.call('ZREM', ns .. ':index:bm:' .. old[3], id) end
   if old_blob ~= '' then redis.call('SREM', ns .. ':blobref:' .. old_blob, id) end
@@ -78,6 +80,7 @@ local fields = {}
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', rec, unpack(fields))
 redis.call('HSET', rec, 'version', tostring(version), 'status', 'ready')
+redis.call('HSET', ns .. ':versions', id, tostring(version))
 redis.call('ZADD', idx, 0, id)
 redis.call('ZADD', ns .. ':index:bm:' .. bm, 0, id)
 if blob ~= '' then redis.call('SADD', ns .. ':blobref:' .. blob, id) end
