@@ -17,8 +17,9 @@ from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
 
 from .service import AdapterStoreServicer, build_store
+from .validate import Limits
 
-__all__ = ["add_store_args", "run_store", "register_base_model_dir", "add_store_to_server", "start_store_server", "SERVER_OPTIONS"]
+__all__ = ["add_store_args", "run_store", "register_base_model_dir", "limits_from_args", "add_store_to_server", "start_store_server", "SERVER_OPTIONS"]
 
 log = logging.getLogger("loraserve.store")
 
@@ -33,6 +34,10 @@ _FLAGS = [
     ("--data-dir", dict(default="./loraserve-data", help="blobs and private Redis state (env LORASERVE_DATA_DIR)")),
     ("--token", dict(default=None, help="require 'authorization: Bearer TOKEN' on RegisterAdapter/DeleteAdapter "
                                         "(env LORASERVE_TOKEN)")),
+    ("--max-adapter-mb", dict(type=int, default=2048, help="largest adapter_model.safetensors accepted, MiB; "
+                                                           "larger: RESOURCE_EXHAUSTED (env LORASERVE_MAX_ADAPTER_MB)")),
+    ("--max-adapter-rank", dict(type=int, default=256, help="largest LoRA rank accepted; larger: RESOURCE_EXHAUSTED "
+                                                          "(env LORASERVE_MAX_ADAPTER_RANK)")),
     ("--base-model", dict(action="append", default=None, metavar="[NAME=]MODEL_DIR",
                           help="register a base model's dims from its HF config.json (repeatable; engines also "
                                "register theirs at start; env LORASERVE_BASE_MODEL, comma-separated)")),
@@ -58,6 +63,15 @@ def add_store_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["default"] = env.split(",") if kw.get("action") == "append" else kw.get("type", str)(env)
         parser.add_argument(flag, **kw)
     return parser
+
+
+def limits_from_args(args) -> Limits:
+    """Limits from --max-adapter-mb / --max-adapter-rank (defaults where the parser lacks them)."""
+    d = Limits()
+    mb = getattr(args, "max_adapter_mb", None)
+    rank = getattr(args, "max_adapter_rank", None)
+    return Limits(max_rank=min(rank, d.max_rank) if rank else d.max_rank,
+                  max_weights_bytes=(mb << 20) if mb else d.max_weights_bytes, max_config_bytes=d.max_config_bytes)
 
 
 def register_base_model_dir(meta, spec: str) -> tuple[str, str]:
@@ -113,7 +127,7 @@ async def _serve(args) -> None:
         redis_proc = RedisServer(persist_dir=os.path.join(args.data_dir, "redis")).start()
         redis_url = redis_proc.url
         log.info("started private redis-server at %s", redis_url)
-    servicer = build_store(redis_url, args.object_store, args.data_dir, args.token)
+    servicer = build_store(redis_url, args.object_store, args.data_dir, args.token, limits=limits_from_args(args))
     for spec in getattr(args, "base_model", None) or []:
         name, path = register_base_model_dir(servicer.meta, spec)
         log.info("base model %s registered from %s", name, path)
