@@ -32,10 +32,14 @@ from kernels.batch import LoraBatch
 
 # Tile choices (the benchmark's --sweep overrides these to compare variants on the device).
 TUNE = {
-    # H100, 256 tokens x 256 adapters of ranks 8..128, 4096 wide (2026-11-25 sweep)
-    "shrink_decode": dict(BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
-    "expand_decode": dict(BLOCK_R=16, BLOCK_N=512, num_warps=4, num_stages=3),
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=None),
+    # Picked on an H100 (2026-11-25, benchmarks/bench_kernels.py --sweep: CUDA-graph timing over
+    # rotated inputs, geometric mean over 256x256 / 64x64 decode and 512..4096-token prefill cases);
+    # the GPU tests ran with exactly these. LORASERVE_KERNEL_TUNE overrides them per device.
+    "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3),
+    "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=2, num_stages=3),
+    # SPLIT_K=None: split d_in when the grid leaves SMs idle; the sweep found the split a loss at
+    # 4096 tokens and a small win at 512, so it is off (1) by default.
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
 }
 apply_overrides("lora", TUNE)
