@@ -10,7 +10,8 @@ from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
 
 from .objstore import CHUNK
-from .validate import CONFIG_FILE, WEIGHTS_FILE
+CONFIG_FILE = "adapter_config.json"          # the same names as server/lora.py, without importing torch
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 __all__ = ["StoreClient", "StoreClientError", "AdapterNotFound", "StoreUnavailable", "CHANNEL_OPTIONS"]
 
