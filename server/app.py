@@ -62,6 +62,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="adapter slots resident in the GPU pool at once")
     p.add_argument("--host-cache-mb", type=int, default=int(e("--host-cache-mb", 8192)),
                    help="host memory cache for adapters (LRU by bytes)")
+    p.add_argument("--fetch-workers", type=int, default=int(e("--fetch-workers", 8)),
+                   help="concurrent cold adapter fetches from the store into the host cache")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
     p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
@@ -131,7 +133,8 @@ async def start(args) -> Running:
     ec = EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_tokens=args.block_tokens,
                       pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
-                      cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank)
+                      cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank,
+                      fetch_workers=args.fetch_workers)
     engine, tok = build_engine(ec, ChainSource(LocalSource(local), store_source))
     cfg = engine.cfg
     for name, path in local.items():   # validate now: a bad folder fails start-up, not a request
@@ -209,6 +212,8 @@ def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
         cleanup.append(proc.stop)
         redis_url = proc.url
     servicer = build_store(redis_url, args.object_store, str(data_dir), args.token)
+    servicer.start_sweeper()       # orphan blobs of crashed registrations, hourly
+    cleanup.append(servicer.close)
     client = StoreClient(f"127.0.0.1:{port}", token=args.token)
     args.redis_url = redis_url
     return StoreSource(client), servicer, _engine_registration(args, client)

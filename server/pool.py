@@ -228,7 +228,8 @@ def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) 
     for _, (a, b) in mats:
         widths += [a.shape[1]] * a.shape[0] + [b.shape[0]] * b.shape[1]
     n_pages, placed = pool.pack_rows(widths)
-    images = torch.zeros(n_pages, P, dtype=pool.dtype, pin_memory=pin)
+    # every byte a kernel reads is written below; page tails and row padding are never read
+    images = torch.empty(n_pages, P, dtype=pool.dtype, pin_memory=pin)
     flat = images.view(-1)
     rel = torch.tensor([p * P + off for p, off in placed], dtype=torch.int64)
     meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32)

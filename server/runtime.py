@@ -30,6 +30,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     max_adapters: int = 512             # adapter slots resident in the pool at once
     host_cache_mb: int = 8192
+    fetch_workers: int = 8              # concurrent cold fetches (store -> host cache)
     cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -77,7 +78,7 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
     table = AdapterTable(pool, ec.max_adapters)
-    adapters = AdapterManager(pool, table, source or LocalSource(), cfg, ec.host_cache_mb << 20)
+    adapters = AdapterManager(pool, table, source or LocalSource(), cfg, ec.host_cache_mb << 20, ec.fetch_workers)
     engine = Engine(model, pool, table, adapters, ec.sched)
     if ec.cuda_graphs and device.type == "cuda":
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
