@@ -17,7 +17,7 @@ RESULTS=${RESULTS:-benchmarks/results/headline}
 RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S1_NS:-5,2000}
 PEFT_NS=${PEFT_NS:-5,100}; PEFT_DURATION=${PEFT_DURATION:-30}
 SETTINGS=${SETTINGS:-S2,S1}
-INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}
+INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
 GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}
 EXTRA_SERVE=${EXTRA_SERVE:-}
 mkdir -p "$RESULTS"
@@ -46,7 +46,7 @@ export LORASERVE_TARGET="127.0.0.1:$EP" LORASERVE_STORE_TARGET="127.0.0.1:$SP"
 for _ in $(seq 1 300); do loraserve health >/dev/null 2>&1 && break; kill -0 $ENGINE || { cat "$RESULTS/engine.log"; exit 1; }; sleep 1; done
 log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 
-COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --quiet"
+COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet"
 for S in ${SETTINGS//,/ }; do
   case $S in S1) RANKS=8; N=$S1_NS ;; S2) RANKS=64,32,16,8; N=$NS ;; esac
   log "$S: n=$N"
@@ -60,7 +60,7 @@ log "engine stats: $(loraserve stats | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"
   # shellcheck disable=SC2086
-  loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $PEFT_DURATION \
+  loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $PEFT_DURATION --drain-timeout $DRAIN \
     --input-range $INPUT --output-range $OUTPUT --quiet --ranks 64,32,16,8 --n "$PEFT_NS" \
     --compare peft --model "$MODEL" --peft-dtype float16 --out "$RESULTS/peft.json" | tee "$RESULTS/peft.txt"
 fi
