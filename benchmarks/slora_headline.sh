@@ -48,14 +48,17 @@ log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 
 COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet"
 for S in ${SETTINGS//,/ }; do
+  [ -n "$S" ] || continue
   case $S in S1) RANKS=8; N=$S1_NS ;; S2) RANKS=64,32,16,8; N=$NS ;; esac
   log "$S: n=$N"
   # shellcheck disable=SC2086
   loraserve bench $COMMON --synthetic --ranks $RANKS --n "$N" --out "$RESULTS/$S.json" --plot "$RESULTS/$S.png" | tee "$RESULTS/$S.txt"
 done
-log "base-only"
-# shellcheck disable=SC2086
-loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
+if [ -z "${SKIP_BASE:-}" ]; then
+  log "base-only"
+  # shellcheck disable=SC2086
+  loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
+fi
 log "engine stats: $(loraserve stats | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"
