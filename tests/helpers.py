@@ -20,6 +20,7 @@ ADAPTER_SPECS = {   # name: (rank, alpha, target modules)
     "attn": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
     "full": (16, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "qv": (4, 8, ["q_proj", "v_proj"]),
+    "wide": (64, 32, ["q_proj", "v_proj", "o_proj", "down_proj"]),
 }
 
 

@@ -49,7 +49,7 @@ def test_mixed_batch_matches_transformers_peft(tiny):
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=4)
     free0 = engine.pool.free_pages
-    names = ["attn", "", "full", "qv", "attn", "", "full", "qv"]
+    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
     reqs = mixed_requests(names)
     try:
         outs = run_engine(engine, reqs)

@@ -125,3 +125,35 @@ def test_replace_is_seen_by_the_engine(tiny, fresh_redis):
             assert first != second
     finally:
         srv.stop()
+
+
+def test_delete_evicts_from_engine_running_requests_finish(tiny, fresh_redis):
+    """DeleteAdapter: the engine drops the adapter (events channel), a request already running on
+    it finishes with all its tokens, and new requests get NOT_FOUND."""
+    d, model_dir, adapters = tiny
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data4"), "--redis-url", fresh_redis.url,
+                        "--pool-mb", "4", "--dtype", "float32"])
+    long_req = pb.GenerateRequest(adapter_id="gone", prompt_token_ids=pb.TokenIds(ids=[4, 5, 6]),
+                                  params=pb.SamplingParams(max_new_tokens=300, ignore_eos=True))
+    try:
+        with Client(srv.target) as c:
+            c.register_adapter(str(adapters["qv"]), adapter_id="gone", base_model="tiny-llama", progress=False)
+
+            async def run_and_delete():
+                async with grpc.aio.insecure_channel(srv.target) as ch:
+                    got = 0
+                    async for m in pb_grpc.InferenceStub(ch).Generate(long_req, timeout=120):
+                        got += len(m.token_ids)
+                        if got == 5:         # running now: delete it under the request
+                            await asyncio.to_thread(c.delete_adapter, "gone")
+                    return got, m
+            got, last = asyncio.run(run_and_delete())
+            assert got == 300 and last.finish_reason == pb.FINISH_REASON_LENGTH
+            assert wait_for(lambda: "gone" not in srv.engine.adapters.resident, timeout=10)
+            assert "gone" not in srv.engine.adapters.cached_ids()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                asyncio.run(_stream_all(srv.target, [long_req]))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert srv.engine.pool.adapter_pages == 0
+    finally:
+        srv.stop()
