@@ -200,7 +200,7 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
         Bt = torch.zeros(len(ids), Rm, d, dtype=dtype, device=dev)
         meta = metas[0]
         for j, s in enumerate(ids):
-            a0, b0, r = (int(z) for z in meta[s])
+            a0, b0, r, _ = (int(z) for z in meta[s])
             A[j, :r] = ref.gather_rows(pool.flat, table.rows, a0, r, d)
             Bt[j, :r] = ref.gather_rows(pool.flat, table.rows, b0, r, d)
         where = {s: j for j, s in enumerate(ids)}

@@ -3,8 +3,9 @@ kernels in kernels/triton_*.py must compute the same functions (tests compare th
 
 Adapter weights are read in place from the unified pool (server/pool.py): row j of a matrix
 whose rows start at table entry ``start`` is ``flat[rows[start + j] : rows[start + j] + width]``.
-``meta`` is one (layer, module) view of the adapter index table: int32 [slots, 3] =
-(A row start, B^T row start, rank).
+``meta`` is one (layer, module) view of the adapter index table: int32 [slots, 4] =
+(A row start, B^T row start, A rows, B^T rows); the two ranks differ only when tensor parallelism
+splits A by rank (server/tp.py), and 0 means the adapter does not target that module.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
     for s0, s1, slot in batch.seg_host:
         if slot < 0:
             continue
-        a0, _, r = (int(z) for z in meta[slot])
+        a0, _, r, _ = (int(z) for z in meta[slot])
         if r == 0:
             continue
         A = gather_rows(flat, rows, a0, r, d_in)
@@ -45,7 +46,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
     for s0, s1, slot in batch.seg_host:
         if slot < 0:
             continue
-        _, b0, r = (int(z) for z in meta[slot])
+        _, b0, _, r = (int(z) for z in meta[slot])
         if r == 0:
             continue
         Bt = gather_rows(flat, rows, b0, r, d_out)

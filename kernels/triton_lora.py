@@ -127,7 +127,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
         return
     mrow = meta_ptr + slot.to(tl.int64) * sm0
     b0 = tl.load(mrow + sm1)
-    rank = tl.load(mrow + 2 * sm1)
+    rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
     if rank == 0:
         return
     s = tl.load(scale_ptr + slot)
@@ -228,7 +228,7 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, met
         return
     mrow = meta_ptr + slot.to(tl.int64) * sm0
     b0 = tl.load(mrow + sm1)
-    rank = tl.load(mrow + 2 * sm1)
+    rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
     if rank == 0:
         return
     s = tl.load(scale_ptr + slot)

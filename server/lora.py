@@ -40,7 +40,8 @@ class LoraWeights:
 
     @property
     def max_rank(self) -> int:
-        return max((a.shape[0] for a, _ in self.weights.values()), default=0)
+        """The widest v any matrix needs: A's rows and B's columns (they differ under TP)."""
+        return max((max(a.shape[0], b.shape[1]) for a, b in self.weights.values()), default=0)
 
     def matrices(self):
         """(layer, module), (A, B) in layer-major, TARGET_MODULES order."""

@@ -125,8 +125,8 @@ class AdapterTable:
 
     * ``rows``: int64 [capacity] element offsets into ``pool.flat``, one per stored row; each
       adapter owns a contiguous range, compacted when an adapter leaves (as S-LoRA does).
-    * ``meta``: int32 [max_slots, L, M, 3] = (A row start, B^T row start, rank); rank 0 means the
-      adapter does not target that module in that layer. Kernels take ``meta[:, l, m]``.
+    * ``meta``: int32 [max_slots, L, M, 4] = (A row start, B^T row start, A rows, B^T rows); 0 rows
+      means the adapter does not target that module in that layer. Kernels take ``meta[:, l, m]``.
     * ``scaling``: float32 [max_slots]: lora_alpha / r (or / sqrt(r) with rsLoRA).
     """
 
@@ -141,7 +141,7 @@ class AdapterTable:
         per_page = max(1, pool.page_elems // (-(-narrowest // ROW_ALIGN) * ROW_ALIGN))
         self.rows = torch.zeros(pool.num_pages * per_page, dtype=torch.int64, device=dev)
         self.num_rows = 0
-        self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32, device=dev)
+        self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32, device=dev)
         self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
         self.max_rank = torch.zeros(max_slots, dtype=torch.int32)  # host copy, for kernel bounds
         self.slots: dict[int, AdapterSlot] = {}
@@ -163,7 +163,7 @@ class AdapterTable:
         offsets = page_ids[staged.rel_offsets // P] * P + staged.rel_offsets % P
         start = self.num_rows
         meta = staged.meta.clone()
-        meta[..., :2] += torch.where(meta[..., 2:3] > 0, start, 0).to(meta.dtype)
+        meta[..., :2] += torch.where(meta[..., 3:4] > 0, start, 0).to(meta.dtype)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             dev = pool.device
@@ -190,7 +190,7 @@ class AdapterTable:
             if other.row_start > s:
                 other.row_start -= n
                 m = self.meta[other.slot]
-                m[..., :2] -= torch.where(m[..., 2:3] > 0, n, 0).to(m.dtype)
+                m[..., :2] -= torch.where(m[..., 3:4] > 0, n, 0).to(m.dtype)
         self.meta[slot] = 0
         self.scaling[slot] = 0
         self.max_rank[slot] = 0
@@ -202,7 +202,7 @@ class StagedAdapter:
 
     ``images`` [num_pages, page_elems] holds the rows exactly as they will sit in the pool;
     ``rel_offsets`` [rows] are element offsets relative to the adapter's own first page;
-    ``meta`` [L, M, 3] holds (A row start, B^T row start, rank) relative to the adapter's first row.
+    ``meta`` [L, M, 4] holds (A row start, B^T row start, A rows, B^T rows) relative to the adapter's first row.
     This is what the host cache keeps (pinned on CUDA), so a warm load is one copy.
     """
     images: torch.Tensor
@@ -232,14 +232,14 @@ def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) 
     images = torch.empty(n_pages, P, dtype=pool.dtype, pin_memory=pin)
     flat = images.view(-1)
     rel = torch.tensor([p * P + off for p, off in placed], dtype=torch.int64)
-    meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 3, dtype=torch.int32)
+    meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32)
     i = 0
     for (layer, module), (a, b) in mats:
-        r = a.shape[0]
-        meta[layer, TARGET_MODULES.index(module)] = torch.tensor([i, i + r, r])
-        for m in (a, b.t()):
-            _copy_rows(flat, rel[i:i + r], m.to(pool.dtype))
-            i += r
+        ra, rb = a.shape[0], b.shape[1]
+        meta[layer, TARGET_MODULES.index(module)] = torch.tensor([i, i + ra, ra, rb])
+        _copy_rows(flat, rel[i:i + ra], a.to(pool.dtype))
+        _copy_rows(flat, rel[i + ra:i + ra + rb], b.t().to(pool.dtype))
+        i += ra + rb
     return StagedAdapter(images, rel, meta, float(weights.scaling), weights.max_rank)
 
 
