@@ -89,8 +89,12 @@ class Fetch:
 
 class AdapterManager:
     def __init__(self, pool: UnifiedPool, table: AdapterTable, source: AdapterSource,
-                 model_cfg, host_cache_bytes: int = 8 << 30, fetch_workers: int = 4):
+                 model_cfg, host_cache_bytes: int = 8 << 30, fetch_workers: int = 4, tp=None):
+        """model_cfg: the whole model's config (adapters are validated against it, then sharded
+        for this tensor-parallel rank)."""
+        from server.tp import TP
         self.pool, self.table, self.source, self.model_cfg = pool, table, source, model_cfg
+        self.tp = tp or TP()
         self.cuda = pool.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(pool.device) if self.cuda else None
         self.host_cache_bytes = host_cache_bytes
@@ -118,7 +122,7 @@ class AdapterManager:
         try:
             version, cfg_bytes, w_bytes = self.source.fetch(adapter_id)
             weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype)
-            self.put_host(adapter_id, version, stage_adapter(weights, self.pool, pin=self.cuda))
+            self.add_weights(weights, version)
             with self._lock:
                 self._fetches.pop(adapter_id, None)
         except Exception as e:  # recorded for the scheduler to fail the waiting requests
@@ -138,8 +142,15 @@ class AdapterManager:
                 self._host_bytes -= ev.nbytes
 
     def add_weights(self, weights: LoraWeights, version: int = 0) -> None:
-        """Stage already-parsed weights (local folders at start-up, tests)."""
+        """Stage parsed weights (validated against the whole model) as this rank's shard."""
+        from server.tp import shard_lora
+        weights = shard_lora(weights, self.model_cfg, self.tp)
         self.put_host(weights.adapter_id, version, stage_adapter(weights, self.pool, pin=self.cuda))
+
+    def has_failed(self, adapter_id: str) -> bool:
+        with self._lock:
+            f = self._fetches.get(adapter_id)
+            return f is not None and f.error is not None
 
     def fetch_error(self, adapter_id: str) -> Exception | None:
         with self._lock:

@@ -39,8 +39,9 @@ class Engine:
     def __init__(self, model: LlamaModel, pool: UnifiedPool, table: AdapterTable,
                  adapters: AdapterManager, sched_cfg: SchedulerConfig):
         self.model, self.pool, self.table, self.adapters = model, pool, table, adapters
-        self.cfg = model.cfg
-        self.scheduler = Scheduler(sched_cfg, pool, adapters)
+        self.cfg = model.full_cfg          # the whole model's config (pool.cfg: this rank's shard)
+        self.tp = model.tp
+        self.scheduler = Scheduler(sched_cfg, pool, adapters, agree=self._agree if self.tp.enabled else None)
         self.max_model_len = sched_cfg.max_model_len
         self.eos = set(model.cfg.eos_token_ids)
         self.stats = EngineStats()
@@ -66,8 +67,9 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._inbox.put(None)
+        if not self.tp.enabled:
+            self._stop.set()
+        self._inbox.put(None)   # under TP rank 0 broadcasts the stop; other ranks wait for it
         if self._thread:
             self._thread.join(timeout=10)
         self.adapters.close()
@@ -103,6 +105,8 @@ class Engine:
                     self._finish(req, None, error=("INTERNAL", "engine step failed"))
 
     def _drain(self, block: bool, timeout: float | None = None) -> None:
+        if self.tp.enabled:
+            return self._drain_tp(block, timeout)
         try:
             item = self._inbox.get(block=block, timeout=timeout)
         except queue.Empty:
@@ -113,6 +117,62 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    # -- tensor parallelism: every rank runs this loop; rank 0 owns the inbox ---------------
+    def _drain_tp(self, block: bool, timeout: float | None) -> None:
+        """Rank 0 takes what arrived and broadcasts it, so every rank schedules the same steps."""
+        import random
+
+        import torch.distributed as dist
+
+        msgs = []
+        if self.tp.rank == 0:
+            items = []
+            try:
+                items.append(self._inbox.get(block=block, timeout=timeout))
+                while True:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for it in items:
+                if it is None:
+                    msgs.append(("stop",))
+                elif it[0] == "add":
+                    req = it[1]
+                    if req.params.seed is None:    # same random stream on every rank
+                        req.generator = torch.Generator(self.model.device).manual_seed(random.getrandbits(62))
+                    seed = int(req.generator.initial_seed()) if req.generator is not None else None
+                    msgs.append(("add", req.request_id, req.prompt_ids, req.params, req.adapter_id, seed))
+                    self._by_id[req.request_id] = req
+                elif it[0] == "abort":
+                    msgs.append(it)
+                else:                               # admin calls run on rank 0 only
+                    self._handle(it)
+        box = [msgs]
+        dist.broadcast_object_list(box, src=0, group=self.tp.group)
+        for m in box[0]:
+            if m[0] == "stop":
+                self._stop.set()
+            elif m[0] == "add":
+                _, rid, prompt, params, adapter, seed = m
+                req = self._by_id.get(rid) if self.tp.rank == 0 else None
+                if req is None:
+                    req = Request(rid, prompt, params, adapter)
+                    if seed is not None:
+                        req.generator = torch.Generator(self.model.device).manual_seed(seed)
+                self._handle(("add", req))
+            else:
+                self._handle(m)
+
+    def _agree(self, codes: list[int]) -> list[int]:
+        """Element-wise minimum over ranks (adapter readiness: 1 ready, 0 pending, -1 failed)."""
+        import torch.distributed as dist
+
+        if not codes:
+            return codes
+        t = torch.tensor(codes, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        return t.tolist()
 
     def _handle(self, item) -> None:
         kind = item[0]

@@ -17,6 +17,7 @@ from kernels import get_ops
 from kernels.batch import AttnBatch, LoraBatch
 from server.config import TARGET_MODULES, ModelConfig, rope_inv_freq
 from server.pool import AdapterTable, UnifiedPool
+from server.tp import COLUMN, TP, gather_rank_split, shard_config, shard_state
 
 M_IDX = {m: i for i, m in enumerate(TARGET_MODULES)}
 
@@ -51,7 +52,13 @@ def load_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, tp: TP | None = None):
+        """cfg: the full model's config; with tensor parallelism this rank keeps its shard and
+        self.cfg becomes the per-rank shapes (self.full_cfg the whole model's)."""
+        self.tp = tp or TP()
+        self.full_cfg = cfg
+        state = shard_state(state, cfg, self.tp)
+        cfg = shard_config(cfg, self.tp)
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.ops = get_ops(self.device)
         take = lambda name: state.pop(name).to(self.device, dtype)  # noqa: E731
@@ -73,12 +80,14 @@ class LlamaModel:
         self.norm = take(p + "norm.weight")
         self.lm_head = take("lm_head.weight") if "lm_head.weight" in state else self.embed
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
+        # row-parallel LoRA writes only this rank's slice of the output columns
+        self._row_cols = self.tp.part(cfg.hidden_size) if self.tp.enabled else slice(None)
         self.scale = cfg.head_dim ** -0.5
 
     @classmethod
-    def from_dir(cls, path: str | pathlib.Path, dtype: torch.dtype, device) -> "LlamaModel":
+    def from_dir(cls, path: str | pathlib.Path, dtype: torch.dtype, device, tp: TP | None = None) -> "LlamaModel":
         path = pathlib.Path(path)
-        return cls(ModelConfig.from_dir(path), load_state_dict(path), dtype, device)
+        return cls(ModelConfig.from_dir(path), load_state_dict(path), dtype, device, tp)
 
     @property
     def weight_bytes(self) -> int:
@@ -91,6 +100,13 @@ class LlamaModel:
               table: AdapterTable, pool: UnifiedPool) -> None:
         meta = table.meta[:, layer, M_IDX[module]]
         v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
+        if self.tp.enabled:
+            if module in COLUMN:    # rank-split A: gather the full rank-r vector
+                slots = lora.token_slot.long()
+                a_rows = torch.where(slots >= 0, meta[slots.clamp(min=0), 2], 0)
+                v = gather_rank_split(v, a_rows, lora.max_rank, self.tp)
+            else:                   # input-split A: sum the partial products
+                v = self.tp.all_reduce(v.float()).to(v.dtype)
         self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
 
     @torch.inference_mode()
@@ -121,9 +137,9 @@ class LlamaModel:
             ops.write_kv(k, v, kv, li, attn)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
             out = F.linear(o, L.o)
-            if use_lora:
-                self._lora(out, o, li, "o_proj", lora, table, pool)
-            x = x + out
+            if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
+                self._lora(out[:, self._row_cols], o, li, "o_proj", lora, table, pool)
+            x = x + self.tp.all_reduce(out)
             h = ops.rms_norm(x, L.ln2, cfg.rms_norm_eps)
             gu = F.linear(h, L.gate_up)
             if use_lora:
@@ -132,7 +148,7 @@ class LlamaModel:
             a = F.silu(gu[:, :I]) * gu[:, I:]
             d = F.linear(a, L.down)
             if use_lora:
-                self._lora(d, a, li, "down_proj", lora, table, pool)
-            x = x + d
+                self._lora(d[:, self._row_cols], a, li, "down_proj", lora, table, pool)
+            x = x + self.tp.all_reduce(d)
         x = ops.rms_norm(x[logits_idx], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

@@ -57,11 +57,12 @@ def block_tokens_for(cfg, want: int) -> int:
     return b
 
 
-def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple[Engine, Tokenizer | None]:
+def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None) -> tuple[Engine, Tokenizer | None]:
+    """tp: server.tp.TP for one rank of a tensor-parallel engine (torch.distributed initialized)."""
     device = ec.resolve_device()
     dtype = ec.resolve_dtype(device)
-    model = LlamaModel.from_dir(ec.model_dir, dtype, device)
-    cfg = model.cfg
+    model = LlamaModel.from_dir(ec.model_dir, dtype, device, tp)
+    cfg = model.cfg   # this rank's shapes: the pool holds its KV heads and adapter shards
     B = block_tokens_for(cfg, ec.block_tokens)
     page_bytes = B * cfg.kv_width * torch.tensor([], dtype=dtype).element_size()
     if ec.pool_mb:
@@ -78,9 +79,10 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None) -> tuple
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
     table = AdapterTable(pool, ec.max_adapters)
-    adapters = AdapterManager(pool, table, source or LocalSource(), cfg, ec.host_cache_mb << 20, ec.fetch_workers)
+    adapters = AdapterManager(pool, table, source or LocalSource(), model.full_cfg, ec.host_cache_mb << 20,
+                              ec.fetch_workers, model.tp)
     engine = Engine(model, pool, table, adapters, ec.sched)
-    if ec.cuda_graphs and device.type == "cuda":
+    if ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
     log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
              cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)

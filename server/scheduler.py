@@ -38,8 +38,11 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, pool: UnifiedPool, adapters: AdapterManager):
+    def __init__(self, cfg: SchedulerConfig, pool: UnifiedPool, adapters: AdapterManager, agree=None):
         self.cfg, self.pool, self.adapters = cfg, pool, adapters
+        # Under tensor parallelism every rank must admit the same requests: `agree` takes the
+        # minimum of each waiting request's adapter readiness over the ranks.
+        self.agree = agree
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -121,10 +124,13 @@ class Scheduler:
         reserved = sum(self._pages(r.peak_len if peak else r.total_len + 1) for r in self.running)
         held = {r.adapter_id for r in self.running if r.adapter_id}
         skipped = collections.deque()
+        readiness = self._readiness()
         while self.waiting and len(self.running) + len(prefills) < self.cfg.max_num_seqs:
             req = self.waiting.popleft()
-            if req.adapter_id and not self.adapters.ready(req.adapter_id):
-                err = self.adapters.fetch_error(req.adapter_id)
+            if req.adapter_id and readiness.get(req.adapter_id, 1) < 1:
+                err = self.adapters.fetch_error(req.adapter_id) if readiness[req.adapter_id] < 0 else None
+                if readiness[req.adapter_id] < 0 and err is None:
+                    err = RuntimeError("the fetch failed on another tensor-parallel rank")
                 if err is not None:
                     self._reject_adapter(req.adapter_id, err, [req, *skipped])
                     skipped = collections.deque(r for r in skipped if r.adapter_id != req.adapter_id)
@@ -135,7 +141,12 @@ class Scheduler:
             if n > budget and (prefills or n > self.cfg.max_prefill_tokens):
                 self.waiting.appendleft(req)
                 break
-            adapter_pages = self.adapters.pages_to_load(req.adapter_id) if req.adapter_id else 0
+            try:
+                adapter_pages = self.adapters.pages_to_load(req.adapter_id) if req.adapter_id else 0
+            except KeyError:           # the host cache evicted it since the readiness check
+                self.adapters.prefetch(req.adapter_id)
+                skipped.append(req)
+                continue
             capacity = self.pool.num_pages - sum(
                 r.pages for aid, r in self.adapters.resident.items() if aid in held or r.refs > 0)
             need = self._pages(req.peak_len if peak else n) + adapter_pages
@@ -162,6 +173,19 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         self.running += prefills
         return Step(prefills, decodes)
+
+    def _readiness(self) -> dict[str, int]:
+        """Per waiting adapter: 1 ready, 0 still fetching, -1 fetch failed (agreed over ranks)."""
+        ids = sorted({r.adapter_id for r in self.waiting if r.adapter_id})
+        codes = []
+        for aid in ids:
+            if self.adapters.ready(aid):
+                codes.append(1)
+            else:
+                codes.append(-1 if self.adapters.has_failed(aid) else 0)
+        if self.agree is not None:
+            codes = self.agree(codes)
+        return dict(zip(ids, codes))
 
     def _reject_adapter(self, adapter_id: str, err: Exception, candidates) -> None:
         """Fail every queued request for an adapter whose fetch failed."""

@@ -1,0 +1,89 @@
+"""Tensor parallelism on the CPU: 2 processes over gloo against the single-process engine, with
+S-LoRA's LoRA partitioning (column-parallel q/k/v/gate/up: A split by rank and gathered, B split
+by columns; row-parallel o/down: A split by input and reduced, B split by output columns)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from server.lora import load_peft_dir
+from server.request import Request
+from server.runtime import EngineConfig, build_engine
+from tests.helpers import ADAPTER_SPECS, make_adapter, make_model, run_engine
+from tests.test_engine import greedy, mixed_requests
+
+NAMES = ["attn", "", "full", "qv", "wide", "full", "attn"]
+
+
+def _requests():
+    reqs = mixed_requests(NAMES, seed=5, lo=3, hi=40)
+    for i, r in enumerate(reqs):   # one sampled request too: seeds must give the same tokens
+        if i == 3:
+            r.params.temperature, r.params.seed = 0.8, 1234
+            r.generator = torch.Generator().manual_seed(1234)
+    return reqs
+
+
+def _start(model_dir, adapters, tp=None):
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4), tp=tp)
+    for name, path in adapters.items():
+        engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
+    return engine
+
+
+def _worker(rank, world, port, model_dir, adapters, results):
+    import torch.distributed as dist
+
+    from server.tp import TP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        engine = _start(model_dir, adapters, TP(rank, world))
+        if rank == 0:
+            reqs = _requests()
+            for r in reqs:
+                r.generator = None if r.params.seed is None else torch.Generator().manual_seed(r.params.seed)
+            engine.start()
+            outs = run_engine(engine, reqs, timeout=240)
+            results.put({k: (v[0], v[1]) for k, v in outs.items()})
+            results.put(("pool", engine.pool.kv_pages, engine.pool.stats().adapter_pages))
+            engine.stop()
+        else:
+            engine.start()
+            engine._thread.join(timeout=300)   # runs until rank 0 broadcasts the stop
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_match_single_process(tmp_path):
+    from adapter_store.services import free_port
+
+    model_dir = make_model(tmp_path / "m")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    adapters = {n: make_adapter(tmp_path / n, cfg, r, a, t, seed=60 + i) for i, (n, (r, a, t)) in enumerate(ADAPTER_SPECS.items())}
+
+    single = _start(model_dir, adapters)
+    single.start()
+    try:
+        ref = run_engine(single, _requests())
+    finally:
+        single.stop()
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, model_dir, adapters, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=500)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    outs = results.get()
+    _, kv_pages, adapter_pages = results.get()
+    for rid, (toks, lps, _) in ref.items():
+        assert outs[rid][0] == toks, rid
+        assert max(abs(a - b) for a, b in zip(outs[rid][1], lps)) < 1e-3
+    assert kv_pages == 0 and adapter_pages > 0
