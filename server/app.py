@@ -64,6 +64,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="host memory cache for adapters (LRU by bytes)")
     p.add_argument("--fetch-workers", type=int, default=int(e("--fetch-workers", 8)),
                    help="concurrent cold adapter fetches from the store into the host cache")
+    p.add_argument("--tensor-parallel-size", type=int, default=int(e("--tensor-parallel-size", 1)),
+                   help="shard the model over N GPUs of this host (N processes; gloo on the CPU)")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
     p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
@@ -135,7 +137,10 @@ async def start(args) -> Running:
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
                       cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank,
                       fetch_workers=args.fetch_workers)
-    engine, tok = build_engine(ec, ChainSource(LocalSource(local), store_source))
+    tp = None
+    if args.tensor_parallel_size > 1:
+        tp = _start_tp_workers(args, ec, local, bound, cleanup)
+    engine, tok = build_engine(ec, ChainSource(LocalSource(local), store_source), tp=tp)
     cfg = engine.cfg
     for name, path in local.items():   # validate now: a bad folder fails start-up, not a request
         engine.adapters.add_weights(load_peft_dir(name, path, cfg, engine.pool.dtype))
@@ -174,6 +179,33 @@ async def serve_async(args) -> None:
         await stop.wait()
     finally:
         await running.stop()
+
+
+def _start_tp_workers(args, ec, local: dict[str, str], port: int, cleanup: list):
+    """Spawn ranks 1..N-1 (server/tp_worker.py) and join the group as rank 0."""
+    import copy
+    import multiprocessing as mp
+
+    from adapter_store.services import free_port
+    from server import tp_worker
+
+    world, tp_port = args.tensor_parallel_size, free_port()
+    store = args.store_target or (None if args.no_store else f"127.0.0.1:{port}")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=tp_worker.run, args=(r, world, tp_port, copy.deepcopy(ec), local, store, args.token),
+                         daemon=True) for r in range(1, world)]
+    for p in procs:
+        p.start()
+    tp, dev, _ = tp_worker.init_rank(0, world, tp_port, ec.device)
+    ec.device = dev
+
+    def stop_workers():
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    cleanup.insert(0, stop_workers)   # after the engine's stop has been broadcast
+    return tp
 
 
 def _add_health_and_reflection(server, names: list[str]) -> None:

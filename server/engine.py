@@ -149,7 +149,7 @@ class Engine:
                 else:                               # admin calls run on rank 0 only
                     self._handle(it)
         box = [msgs]
-        dist.broadcast_object_list(box, src=0, group=self.tp.group)
+        dist.broadcast_object_list(box, src=0, group=self.tp.cpu_group)
         for m in box[0]:
             if m[0] == "stop":
                 self._stop.set()
@@ -171,7 +171,7 @@ class Engine:
         if not codes:
             return codes
         t = torch.tensor(codes, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.cpu_group)
         return t.tolist()
 
     def _handle(self, item) -> None:

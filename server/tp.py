@@ -31,7 +31,8 @@ ROW = ("o_proj", "down_proj")
 class TP:
     rank: int = 0
     world: int = 1
-    group: object = None
+    group: object = None        # for device tensors (NCCL on CUDA); None: the default group
+    cpu_group: object = None    # for host objects (gloo); None: the default group (CPU runs)
 
     @property
     def enabled(self) -> bool:

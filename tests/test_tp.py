@@ -87,3 +87,45 @@ def test_two_ranks_match_single_process(tmp_path):
         assert outs[rid][0] == toks, rid
         assert max(abs(a - b) for a, b in zip(outs[rid][1], lps)) < 1e-3
     assert kv_pages == 0 and adapter_pages > 0
+
+
+@pytest.mark.timeout(600)
+def test_serve_tensor_parallel_over_grpc(tmp_path):
+    """`loraserve serve --tensor-parallel-size 2` (gloo on the CPU) streams the same greedy tokens
+    as a single-process server, for adapters registered in the store and fetched by every rank."""
+    import asyncio
+
+    import grpc
+
+    from clients.client import Client
+    from clients.pb import loraserve_pb2 as pb
+    from clients.pb import loraserve_pb2_grpc as pb_grpc
+    from tests.helpers import ServerThread
+
+    model_dir = make_model(tmp_path / "tiny-llama")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ad = make_adapter(tmp_path / "ad", cfg, 8, 16, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], seed=9)
+
+    def run(argv, data):
+        srv = ServerThread(["--model", str(model_dir), "--dtype", "float32", "--pool-mb", "4",
+                            "--data-dir", str(tmp_path / data), *argv])
+        try:
+            with Client(srv.target) as c:
+                c.register_adapter(str(ad), adapter_id="ad", base_model="tiny-llama", progress=False)
+
+            async def go():
+                async with grpc.aio.insecure_channel(srv.target) as ch:
+                    stub = pb_grpc.InferenceStub(ch)
+
+                    async def one(aid, ids):
+                        req = pb.GenerateRequest(adapter_id=aid, prompt_token_ids=pb.TokenIds(ids=ids),
+                                                 params=pb.SamplingParams(max_new_tokens=8, ignore_eos=True))
+                        return [t async for m in stub.Generate(req, timeout=120) for t in m.token_ids]
+                    return await asyncio.gather(one("ad", [5, 6, 7, 8]), one("", [9, 10, 11]), one("ad", [12, 13]))
+            return asyncio.run(go())
+        finally:
+            srv.stop()
+
+    single = run([], "d1")
+    tp2 = run(["--tensor-parallel-size", "2"], "d2")
+    assert tp2 == single and all(len(t) == 8 for t in single)
