@@ -168,6 +168,21 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _global_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of a global option given before the subcommand (``--flag V`` or ``--flag=V``)."""
+    it = iter(argv)
+    for tok in it:
+        if tok == flag:
+            return next(it, None)
+        if tok.startswith(flag + "="):
+            return tok.split("=", 1)[1]
+        if tok in _GLOBAL_WITH_VALUE:
+            next(it, None)
+        elif not tok.startswith("-"):
+            return None
+    return None
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; ``serve``/``store`` import their modules only when argv names them."""
     command = _command_of(sys.argv[1:] if argv is None else argv)
@@ -505,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: INVALID_ARGUMENT: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    # `loraserve --token X serve`: serve/store define their own --token, whose default would
+    # otherwise hide the global one given before the command
+    if getattr(args, "token", None) is None:
+        args.token = _global_value(argv, "--token")
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

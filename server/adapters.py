@@ -187,9 +187,6 @@ class AdapterManager:
         with self._lock:
             return self._host[adapter_id][1].num_pages
 
-    def evictable_pages(self) -> int:
-        return sum(r.pages for r in self.resident.values() if r.refs == 0)
-
     def acquire(self, adapter_id: str) -> int:
         """Pin an adapter in the pool for a request; loads it from the host cache if needed."""
         r = self.resident.get(adapter_id)
@@ -200,7 +197,7 @@ class AdapterManager:
                 version, staged = self._host[adapter_id]
                 self._host.move_to_end(adapter_id)
             self.make_room(staged.num_pages)
-            if len(self.table._free_slots) == 0:
+            if self.table.full:
                 self._evict_one()
             entry = self.table.insert(staged, self.copy_stream)
             if self.copy_stream is not None:

@@ -147,6 +147,11 @@ class AdapterTable:
         self.slots: dict[int, AdapterSlot] = {}
         self._free_slots = list(range(max_slots - 1, -1, -1))
 
+    @property
+    def full(self) -> bool:
+        """Every adapter slot is taken."""
+        return not self._free_slots
+
     def insert(self, staged: "StagedAdapter", stream: "torch.cuda.Stream | None" = None) -> AdapterSlot:
         """Copy a staged adapter into freshly allocated pages and index it. Raises PoolExhausted.
 

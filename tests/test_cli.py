@@ -374,3 +374,43 @@ def test_store_target_flag(server, capsys):
     assert rc == 0 and server.adapters[0] in out
     rc, out, err = run(capsys, "--target", dead, "--store-target", server.target, "--timeout", "3", "stats")
     assert rc == 1 and err.startswith("error: UNAVAILABLE: ")
+
+
+
+def test_global_token_reaches_serve(tmp_path):
+    """`loraserve --token X serve`: the global --token given before the command is the server's
+    control-plane token (serve's own --token default must not shadow it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+
+    from adapter_store.services import free_port
+    from clients.client import Client, NotFound, Unauthenticated
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "clients.cli", "--token", "s3cret", "serve", "--port", str(port),
+                             "--data-dir", str(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        target = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with grpc.insecure_channel(target) as ch:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                with Client(target) as c:
+                    c.stats()
+                break
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        with Client(target) as c, pytest.raises(Unauthenticated):
+            c.delete_adapter("nope")
+        with Client(target, token="s3cret") as c, pytest.raises(NotFound):
+            c.delete_adapter("nope")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
