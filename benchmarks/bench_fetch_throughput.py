@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--workers", default="1,4,8")
     ap.add_argument("--ranks", default="8")
+    ap.add_argument("--processes", type=int, default=0, help="fetch worker processes (0: threads only)")
     ap.add_argument("--busy", action="store_true",
                     help="run a thread that keeps the GIL busy with small torch ops, as the engine's step loop does")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
@@ -75,8 +76,10 @@ def main() -> None:
                     client.register_synthetic(aid, ranks[i % len(ranks)], ["q_proj", "k_proj", "v_proj", "o_proj"],
                                               seed=1000 * w + i, base_model=cfg.name)
                 pool = UnifiedPool(cfg, 4, 16, torch.float16, "cpu")
-                mgr = AdapterManager(pool, AdapterTable(pool, 4), StoreSource(client), cfg,
-                                     host_cache_bytes=64 << 30, fetch_workers=w)
+                mgr = AdapterManager(pool, AdapterTable(pool, 4), StoreSource.connect(f"127.0.0.1:{port}"), cfg,
+                                     host_cache_bytes=64 << 30, fetch_workers=w, fetch_processes=args.processes)
+                if args.processes:   # start the workers outside the timed window
+                    list(mgr._procs.map(abs, range(args.processes)))
                 c0, t0 = os.times(), time.perf_counter()
                 for aid in ids:
                     mgr.prefetch(aid)
@@ -94,7 +97,7 @@ def main() -> None:
             store.terminate()
             store.wait()
     stop_busy.set()
-    meta = {"busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+    meta = {"processes": args.processes, "busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

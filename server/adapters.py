@@ -89,7 +89,8 @@ class Fetch:
 
 class AdapterManager:
     def __init__(self, pool: UnifiedPool, table: AdapterTable, source: AdapterSource,
-                 model_cfg, host_cache_bytes: int = 8 << 30, fetch_workers: int = 4, tp=None):
+                 model_cfg, host_cache_bytes: int = 8 << 30, fetch_workers: int = 4, tp=None,
+                 fetch_processes: int = 0):
         """model_cfg: the whole model's config (adapters are validated against it, then sharded
         for this tensor-parallel rank)."""
         from server.tp import TP
@@ -103,6 +104,14 @@ class AdapterManager:
         self._host_bytes = 0
         self._fetches: dict[str, Fetch] = {}
         self._pool_ex = concurrent.futures.ThreadPoolExecutor(fetch_workers, thread_name_prefix="adapter-fetch")
+        # Cold fetches parse, validate and stage ~100 MB in Python-driven steps; in one process the
+        # GIL serializes them (~150 MB/s whatever the thread count). Worker processes do that
+        # work in parallel and hand back the page images through shared memory.
+        self._procs = None
+        if fetch_processes > 0:
+            import multiprocessing as mp
+            self._procs = concurrent.futures.ProcessPoolExecutor(fetch_processes, mp_context=mp.get_context("spawn"),
+                                                                 initializer=_init_fetch_process)
         # engine-thread state
         self.resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU order
         self.stale: list[Resident] = []
@@ -120,9 +129,17 @@ class AdapterManager:
 
     def _fetch(self, adapter_id: str) -> None:
         try:
-            version, cfg_bytes, w_bytes = self.source.fetch(adapter_id)
-            weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype)
-            self.add_weights(weights, version)
+            if self._procs is not None:
+                version, staged = self._procs.submit(
+                    fetch_and_stage, adapter_id, self.source, self.model_cfg, self.tp,
+                    self.pool.block_tokens, self.pool.dtype).result()
+                if self.cuda:
+                    staged.images = staged.images.pin_memory()
+                self.put_host(adapter_id, version, staged)
+            else:
+                version, cfg_bytes, w_bytes = self.source.fetch(adapter_id)
+                weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype)
+                self.add_weights(weights, version)
             with self._lock:
                 self._fetches.pop(adapter_id, None)
         except Exception as e:  # recorded for the scheduler to fail the waiting requests
@@ -260,3 +277,31 @@ class AdapterManager:
 
     def close(self) -> None:
         self._pool_ex.shutdown(wait=False, cancel_futures=True)
+        if self._procs is not None:
+            self._procs.shutdown(wait=False, cancel_futures=True)
+
+
+def fetch_and_stage(adapter_id: str, source: AdapterSource, model_cfg, tp, block_tokens: int,
+                    dtype: torch.dtype) -> tuple[int, StagedAdapter]:
+    """In a fetch worker process: fetch, validate against the whole model, shard for this TP rank,
+    and lay out as page images in shared memory (the engine process maps them without a copy)."""
+    from server.tp import shard_config, shard_lora
+
+    version, cfg_bytes, w_bytes = source.fetch(adapter_id)
+    weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, model_cfg, dtype)
+    weights = shard_lora(weights, model_cfg, tp)
+    key = (repr(model_cfg), tp.rank, tp.world, block_tokens, str(dtype))
+    layout = _layouts.get(key)
+    if layout is None:   # a one-page pool: only its shapes and page size are used
+        layout = _layouts[key] = UnifiedPool(shard_config(model_cfg, tp), 2, block_tokens, dtype, "cpu")
+    staged = stage_adapter(weights, layout)
+    staged.images.share_memory_()
+    return version, staged
+
+
+_layouts: dict = {}
+
+
+def _init_fetch_process() -> None:
+    # one thread each: N processes x torch's default thread pool would oversubscribe the cores
+    torch.set_num_threads(1)

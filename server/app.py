@@ -64,6 +64,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="host memory cache for adapters (LRU by bytes)")
     p.add_argument("--fetch-workers", type=int, default=int(e("--fetch-workers", 8)),
                    help="concurrent cold adapter fetches from the store into the host cache")
+    p.add_argument("--fetch-processes", type=int, default=int(e("--fetch-processes", -1)),
+                   help="processes that parse, validate and stage cold adapters (-1: auto, 8 on GPUs, "
+                        "none on CPUs; 0: threads only)")
     p.add_argument("--tensor-parallel-size", type=int, default=int(e("--tensor-parallel-size", 1)),
                    help="shard the model over N GPUs of this host (N processes; gloo on the CPU)")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
@@ -136,7 +139,7 @@ async def start(args) -> Running:
                       pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
                       cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank,
-                      fetch_workers=args.fetch_workers)
+                      fetch_workers=args.fetch_workers, fetch_processes=args.fetch_processes)
     tp = None
     if args.tensor_parallel_size > 1:
         tp = _start_tp_workers(args, ec, local, bound, cleanup)
@@ -229,12 +232,11 @@ def _add_health_and_reflection(server, names: list[str]) -> None:
 
 def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
     """The adapter store: embedded (same port) or remote (--store-target)."""
-    from adapter_store.client import StoreClient
     from server.store_link import StoreSource
 
     if args.store_target:
-        client = StoreClient(args.store_target, token=args.token)
-        return StoreSource(client), None, _engine_registration(args, client)
+        source = StoreSource.connect(args.store_target, args.token)
+        return source, None, _engine_registration(args, source.client)
     from adapter_store.service import build_store
     from adapter_store.services import RedisServer
 
@@ -246,9 +248,9 @@ def _setup_store(args, data_dir: pathlib.Path, port: int, cleanup: list):
     servicer = build_store(redis_url, args.object_store, str(data_dir), args.token)
     servicer.start_sweeper()       # orphan blobs of crashed registrations, hourly
     cleanup.append(servicer.close)
-    client = StoreClient(f"127.0.0.1:{port}", token=args.token)
+    source = StoreSource.connect(f"127.0.0.1:{port}", args.token)
     args.redis_url = redis_url
-    return StoreSource(client), servicer, _engine_registration(args, client)
+    return source, servicer, _engine_registration(args, source.client)
 
 
 def _engine_registration(args, client):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class EngineConfig:
     max_adapters: int = 512             # adapter slots resident in the pool at once
     host_cache_mb: int = 8192
     fetch_workers: int = 8              # concurrent cold fetches (store -> host cache)
+    fetch_processes: int = -1           # processes doing their parse/stage work (-1: auto, 0: none)
     cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -79,8 +81,11 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
     table = AdapterTable(pool, ec.max_adapters)
+    procs = ec.fetch_processes
+    if procs < 0:   # auto: worth its start-up cost where adapters are many and large, on GPUs
+        procs = min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
     adapters = AdapterManager(pool, table, source or LocalSource(), model.full_cfg, ec.host_cache_mb << 20,
-                              ec.fetch_workers, model.tp)
+                              ec.fetch_workers, model.tp, fetch_processes=procs)
     engine = Engine(model, pool, table, adapters, ec.sched)
     if ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)

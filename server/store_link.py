@@ -14,10 +14,21 @@ log = logging.getLogger("loraserve.store_link")
 
 
 class StoreSource:
-    """AdapterSource over the store's GetAdapter / FetchAdapter RPCs."""
+    """AdapterSource over the store's GetAdapter / FetchAdapter RPCs. Picklable (by address), so
+    fetch worker processes open their own channel."""
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, client, target: str | None = None, token: str | None = None):
+        self.client, self.target, self.token = client, target, token
+
+    @classmethod
+    def connect(cls, target: str, token: str | None = None) -> "StoreSource":
+        from adapter_store.client import StoreClient
+        return cls(StoreClient(target, token=token), target, token)
+
+    def __reduce__(self):
+        if self.target is None:
+            raise TypeError("a StoreSource made from a channel cannot move to another process")
+        return (StoreSource.connect, (self.target, self.token))
 
     def exists(self, adapter_id: str) -> bool:
         from adapter_store.client import AdapterNotFound as StoreNotFound, StoreUnavailable

@@ -38,9 +38,8 @@ def run(rank: int, world: int, port: int, ec, local_adapters: dict[str, str], st
     ec.device = dev
     source = None
     if store_target:
-        from adapter_store.client import StoreClient
         from server.store_link import StoreSource
-        source = StoreSource(StoreClient(store_target, token=token))
+        source = StoreSource.connect(store_target, token)
     engine, _ = build_engine(ec, ChainSource(LocalSource(local_adapters), source), tp=tp)
     for name, path in local_adapters.items():
         engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg, engine.pool.dtype))

@@ -39,10 +39,13 @@ async def _stream_all(target, reqs):
         return await asyncio.gather(*[one(r) for r in reqs])
 
 
-def test_registered_adapters_fetched_cold_match_peft(tiny, fresh_redis):
+@pytest.mark.parametrize("procs", ["0", "2"])
+def test_registered_adapters_fetched_cold_match_peft(tiny, fresh_redis, procs):
+    """procs: cold fetches in engine threads, or parsed and staged in 2 worker processes that
+    hand the page images back through shared memory."""
     d, model_dir, adapters = tiny
-    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data1"), "--redis-url", fresh_redis.url,
-                        "--pool-mb", "4", "--dtype", "float32"])
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / f"data1-{procs}"), "--redis-url",
+                        fresh_redis.url, "--pool-mb", "4", "--dtype", "float32", "--fetch-processes", procs])
     try:
         with Client(srv.target) as c:
             for name, path in adapters.items():
