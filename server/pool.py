@@ -191,11 +191,15 @@ class AdapterTable:
         tail = self.rows[s + n:self.num_rows].clone()
         self.rows[s:s + tail.numel()] = tail
         self.num_rows -= n
-        for other in self.slots.values():
-            if other.row_start > s:
-                other.row_start -= n
-                m = self.meta[other.slot]
-                m[..., :2] -= torch.where(m[..., 3:4] > 0, n, 0).to(m.dtype)
+        later = [o.slot for o in self.slots.values() if o.row_start > s]
+        for o in self.slots.values():
+            if o.row_start > s:
+                o.row_start -= n
+        if later:   # one masked update for every later adapter, not a few kernels per adapter
+            shift = torch.zeros(self.max_slots, 1, 1, 1, dtype=self.meta.dtype)
+            shift[later] = n
+            shift = shift.to(self.meta.device, non_blocking=True)
+            self.meta[..., :2] -= torch.where(self.meta[..., 3:4] > 0, shift, 0)
         self.meta[slot] = 0
         self.scaling[slot] = 0
         self.max_rank[slot] = 0
