@@ -6,6 +6,7 @@
 # driving S-LoRA's workload over gRPC. Writes JSON + PNG under $RESULTS.
 #
 #   RATE=12 DURATION=60 NS=5,100,1000,2000 bash benchmarks/slora_headline.sh
+#   WARM=1 ...   adapters in the host cache before the measured window, as in S-LoRA's runs
 #
 # Settings: S1 = all adapters rank 8; S2 = ranks 64/32/16/8 evenly (q,k,v,o). PEFT and base-only
 # run on the same workload (PEFT only at small n: it serves one request at a time).
@@ -18,7 +19,8 @@ RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S
 PEFT_NS=${PEFT_NS-5,100}; PEFT_DURATION=${PEFT_DURATION:-30}
 SETTINGS=${SETTINGS-S2,S1}   # empty: none
 INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
-GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}
+GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
+WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S-LoRA's setup)
 EXTRA_SERVE=${EXTRA_SERVE:-}
 mkdir -p "$RESULTS"
 DATA=$(mktemp -d)
@@ -39,14 +41,14 @@ STORE=$!
 # shellcheck disable=SC2086
 loraserve serve --model "$MODEL" --dtype float16 --port "$EP" --store-target "127.0.0.1:$SP" \
   --data-dir "$DATA/engine" --gpu-memory-utilization "$GPU_UTIL" --host-cache-mb "$HOST_CACHE_MB" \
-  --log-level info $EXTRA_SERVE > "$RESULTS/engine.log" 2>&1 &
+  --fetch-processes "$FETCH_PROCESSES" --log-level info $EXTRA_SERVE > "$RESULTS/engine.log" 2>&1 &
 ENGINE=$!
 trap 'kill $ENGINE $STORE $REDIS 2>/dev/null; wait 2>/dev/null; rm -rf "$DATA"' EXIT
 export LORASERVE_TARGET="127.0.0.1:$EP" LORASERVE_STORE_TARGET="127.0.0.1:$SP"
 for _ in $(seq 1 300); do loraserve health >/dev/null 2>&1 && break; kill -0 $ENGINE || { cat "$RESULTS/engine.log"; exit 1; }; sleep 1; done
 log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 
-COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet"
+COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet${WARM:+ --warm}"
 for S in ${SETTINGS//,/ }; do
   [ -n "$S" ] || continue
   case $S in S1) RANKS=8; N=$S1_NS ;; S2) RANKS=64,32,16,8; N=$NS ;; esac

@@ -278,6 +278,26 @@ async def detect_vocab_size(client, upper: int = 256) -> int:
     return hi
 
 
+async def warm_host_cache(client, adapter_ids: Sequence[str], concurrency: int = 16, quiet: bool = False) -> float:
+    """LoadAdapter(host_only) for each adapter, `concurrency` at a time; returns the seconds taken."""
+    t0 = time.monotonic()
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(aid: str) -> None:
+        nonlocal done
+        async with sem:
+            await client.load_adapter(aid, host_only=True)
+        done += 1
+        if not quiet and sys.stderr.isatty():
+            print(f"\rwarming host cache: {done}/{len(adapter_ids)}", end="", file=sys.stderr, flush=True)
+
+    await asyncio.gather(*[one(a) for a in adapter_ids])
+    if not quiet and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return round(time.monotonic() - t0, 3)
+
+
 async def run_workload(target: str, requests: Sequence[Request], *, token: str | None = None,
                        duration: float | None = None, drain_timeout: float = 600.0,
                        request_timeout: float | None = None, quiet: bool = True,
@@ -463,6 +483,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--save-trace", metavar="FILE", help="also write the generated workload as a JSONL trace")
 
     r = p.add_argument_group("run and report")
+    r.add_argument("--warm", action="store_true",
+                   help="before measuring, load every adapter of the run into the engine's host memory cache "
+                        "(S-LoRA's experiments start with all adapters in host memory)")
     r.add_argument("--slo", type=float, default=6.0, help="first-token latency bound for SLO attainment, s (default 6)")
     r.add_argument("--drain-timeout", type=float, default=600.0,
                    help="after the last arrival, wait at most this long for outstanding requests (default 600)")
@@ -537,6 +560,11 @@ async def _bench_async(args) -> list[dict]:
         # 2. the runs
         for n, reqs, cfg in plans:
             cfg = dict(cfg, workload=workload_summary(reqs))
+            if args.warm:    # all n adapters, as S-LoRA preloads them, not only the ones drawn
+                used = sorted({r.adapter_id for r in reqs if r.adapter_id})
+                ids = (args.adapters[:n] if args.adapters else
+                       synthetic_adapter_ids(n) if args.synthetic and not args.trace else used)
+                cfg["warm_s"] = await warm_host_cache(client, ids, quiet=args.quiet)
             results, total = await run_requests(client, reqs, duration=None, drain_timeout=args.drain_timeout,
                                                 request_timeout=args.request_timeout, quiet=args.quiet,
                                                 label=f"loraserve n={n}")

@@ -648,8 +648,10 @@ class Client(_Base):
                 time.sleep(self.retry.delay(attempt - 1))
 
     # -- engine admin
-    def load_adapter(self, adapter_id: str, *, timeout: float | None = None) -> LoadResult:
-        r = self._unary(self._admin.LoadAdapter, pb.LoadAdapterRequest(adapter_id=adapter_id), timeout, safe=False)
+    def load_adapter(self, adapter_id: str, *, host_only: bool = False, timeout: float | None = None) -> LoadResult:
+        """Warm an adapter: into the engine's GPU pool, or with host_only into its host cache."""
+        r = self._unary(self._admin.LoadAdapter, pb.LoadAdapterRequest(adapter_id=adapter_id, host_only=host_only),
+                        timeout, safe=False)
         return LoadResult(r.loaded, r.pages)
 
     def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
@@ -835,8 +837,10 @@ class AsyncClient(_Base):
                     raise error_from_rpc(e) from None
                 await asyncio.sleep(self.retry.delay(attempt - 1))
 
-    async def load_adapter(self, adapter_id: str, *, timeout: float | None = None) -> LoadResult:
-        r = await self._unary(self._admin.LoadAdapter, pb.LoadAdapterRequest(adapter_id=adapter_id), timeout, False)
+    async def load_adapter(self, adapter_id: str, *, host_only: bool = False,
+                           timeout: float | None = None) -> LoadResult:
+        r = await self._unary(self._admin.LoadAdapter,
+                              pb.LoadAdapterRequest(adapter_id=adapter_id, host_only=host_only), timeout, False)
         return LoadResult(r.loaded, r.pages)
 
     async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:

@@ -179,6 +179,8 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             if err is not None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"fetching adapter {aid!r} failed: {err}")
             await asyncio.sleep(0.01)
+        if request.host_only:
+            return pb.LoadAdapterResponse(loaded=True, pages=0)
 
         def load():
             slot = mgr.acquire(aid)

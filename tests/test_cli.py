@@ -414,3 +414,16 @@ def test_global_token_reaches_serve(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_bench_warm_loads_host_cache_first(server, capsys, tmp_path):
+    """--warm: every adapter of the run is in the engine's host cache before the measured window."""
+    out_file = tmp_path / "r.json"
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "4", "--ranks", "8",
+                       "--targets", "q_proj,v_proj", *SMALL, "--warm", "--out", str(out_file))
+    assert rc == 0, err
+    (r,) = json.loads(out_file.read_text())["runs"]
+    assert r["config"]["warm_s"] > 0 and r["result"]["num_finished"] == 6
+    used = {f"bench-{i:05d}" for i in range(4)}
+    cached = set(server.engine.adapters.cached_ids()) | set(server.engine.adapters.resident)
+    assert used <= cached

@@ -170,3 +170,16 @@ def test_text_prompt_without_tokenizer(tmp_path):
         assert msgs[-1].finished and all(m.text == "" for m in msgs)
     finally:
         srv.stop()
+
+
+def test_load_adapter_host_only_warms_the_cache(demo_server):
+    from clients.client import Client
+    eng = demo_server.engine
+
+    def call(fn):
+        return eng.call(fn).result(timeout=10)
+    call(lambda: eng.adapters.unload("a"))            # cold again: neither cached nor resident
+    with Client(demo_server.target) as c:
+        r = c.load_adapter("a", host_only=True)
+    assert r.loaded and r.pages == 0
+    assert "a" in eng.adapters.cached_ids() and "a" not in call(lambda: list(eng.adapters.resident))

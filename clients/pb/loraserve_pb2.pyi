@@ -205,10 +205,12 @@ class AdapterChunk(_message.Message):
     def __init__(self, info: _Optional[_Union[AdapterInfo, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "host_only")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ONLY_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    host_only: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., host_only: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("loaded", "pages")
