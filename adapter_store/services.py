@@ -89,7 +89,29 @@ def _stop_proc(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
         pass
 
 
-class RedisServer:
+class _Child:
+    """A service child process with a scratch directory: context manager, running, close."""
+    proc: subprocess.Popen | None = None
+    _tmp: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RedisServer(_Child):
     """A private redis-server child on 127.0.0.1.
 
     persist_dir=None: no persistence at all (`--save "" --appendonly no`), the test default.
@@ -149,9 +171,6 @@ class RedisServer:
         self.stop()
         raise ServiceError(f"redis-server on port {self.port} did not answer PING in {timeout}s: {last}")
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         _stop_proc(self.proc)
@@ -167,20 +186,9 @@ class RedisServer:
         self.stop()
         return self.start(timeout)
 
-    def close(self) -> None:
-        self.stop()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class SeaweedS3:
+class SeaweedS3(_Child):
     """`weed server` (master + volume + filer + S3 gateway) on free loopback ports.
 
     No S3 identities are configured, so SeaweedFS accepts any access key: use `env` for boto3.
@@ -257,21 +265,7 @@ class SeaweedS3:
         self.stop()
         raise ServiceError(f"SeaweedFS S3 on {self.endpoint} was not ready in {timeout}s: {last}")
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         _stop_proc(self.proc, timeout=3)  # weed's graceful shutdown can take 15 s; the data is scratch
 
-    def close(self) -> None:
-        self.stop()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()

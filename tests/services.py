@@ -25,20 +25,15 @@ __all__ = ["redis_server", "fresh_redis", "redis_namespace", "s3_server", "s3_bu
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = RedisServer().start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def fresh_redis():
-    server = RedisServer().start()
-    try:
+    """A private server a test may kill or restart."""
+    with RedisServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
