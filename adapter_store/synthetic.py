@@ -4,7 +4,8 @@ A SyntheticSpec (rank, target modules, seed, alpha) plus the base model's dims f
 a PEFT adapter: adapter_config.json and adapter_model.safetensors, byte for byte. Nothing is
 stored: the store writes the safetensors stream on the fly, one tensor at a time, so a fetch
 never holds the whole file. A ~ N(0, 1/in_features) and B ~ N(0, (0.02)^2 / r) in float16, so
-the LoRA delta s * B A x stays around 0.02 * s per element for unit-scale activations.
+the LoRA delta s * B A x stays around 0.02 * s per element for unit-scale activations. Values
+are seeded slices of one fixed noise tape (see _noise_tape), which keeps generation at memory speed.
 """
 from __future__ import annotations
 
@@ -74,18 +75,38 @@ def _seed(spec: SyntheticParams, layer: int, module: str, ab: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[bytes | memoryview]:
-    """adapter_model.safetensors as a stream: the header (bytes), then one buffer per tensor."""
-    import torch
+_TAPE_LEN = 1 << 24          # 16M float16 values (32 MiB): longer than any one LoRA tensor
+_tape = None
 
+
+def _noise_tape():
+    """A fixed N(0, 1) float16 tape, drawn once per process. Tensors are seeded slices of it:
+    drawing every element afresh ran at ~300 MB/s per core, and S-LoRA's n = 2000 (~126 GB of
+    weights) would then spend minutes in the generator instead of in the system under test."""
+    global _tape
+    if _tape is None:
+        import torch
+
+        _tape = torch.randn(_TAPE_LEN, dtype=torch.float16, generator=torch.Generator().manual_seed(20231103))
+    return _tape
+
+
+def synthetic_weight_chunks(spec: SyntheticParams, dims: BaseDims) -> Iterator[bytes | memoryview]:
+    """adapter_model.safetensors as a stream: the header (bytes), then one buffer per tensor.
+
+    Each tensor is a slice of the noise tape at an offset drawn from (seed, layer, module, A/B),
+    scaled to its std; so weights are random, non-zero, distinct per adapter and tensor, and
+    reproducible byte for byte."""
+    tape = _noise_tape()
     head, layout = _header(spec, dims)
     yield head
-    g = torch.Generator(device="cpu")
     for _, layer, module, ab, shape in layout:
-        g.manual_seed(_seed(spec, layer, module, ab))
-        t = torch.randn(shape, dtype=torch.float16, generator=g)
+        n = shape[0] * shape[1]
+        if n > _TAPE_LEN:
+            raise ValueError(f"synthetic tensor of {n} values is longer than the noise tape")
+        off = _seed(spec, layer, module, ab) % (_TAPE_LEN - n + 1)
         std = (1.0 / shape[1]) ** 0.5 if ab == "A" else B_STD / spec.rank ** 0.5
-        t.mul_(std)
+        t = tape[off:off + n] * std
         yield memoryview(t.numpy()).cast("B")  # no copy; consumers slice or join it
 
 

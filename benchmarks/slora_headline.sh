@@ -3,19 +3,22 @@
 # a random-weight Llama-7B checkpoint (no download), `loraserve store` as its own process (a
 # private redis-server, blobs on disk, synthetic adapters generated on fetch), `loraserve serve`
 # fetching adapters through the store into its host cache and GPU pool, and `loraserve bench`
-# driving S-LoRA's workload over gRPC. Writes JSON + PNG under $RESULTS.
+# driving S-LoRA's workload over gRPC. Writes one JSON per setting and n, table.md (rows and the
+# issue's target ratios, by benchmarks/headline_table.py) and a plot per setting under $RESULTS.
 #
 #   RATE=12 DURATION=60 NS=5,100,1000,2000 bash benchmarks/slora_headline.sh
 #   WARM=1 ...   adapters in the host cache before the measured window, as in S-LoRA's runs
 #
-# Settings: S1 = all adapters rank 8; S2 = ranks 64/32/16/8 evenly (q,k,v,o). PEFT and base-only
-# run on the same workload (PEFT only at small n: it serves one request at a time).
+# Settings: S1 = all adapters rank 8; S2 = ranks 64/32/16/8 evenly (q,k,v,o); GQA = Llama-3-8B's
+# shape (8 KV heads) with ranks 64/32/16/8 on attention and MLP (q,k,v,o,gate,up,down):
+#   PRESET=llama-3-8b SETTINGS=GQA bash benchmarks/slora_headline.sh
+# PEFT and base-only run on the same workload (PEFT only at small n: it serves one request at a time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-llama-7b}
 MODEL=${MODEL:-/tmp/loraserve-$PRESET}
 RESULTS=${RESULTS:-benchmarks/results/headline}
-RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S1_NS-5,2000}
+RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S1_NS-5,2000}; GQA_NS=${GQA_NS-5,100,1000}
 PEFT_NS=${PEFT_NS-5,100}; PEFT_DURATION=${PEFT_DURATION:-30}
 SETTINGS=${SETTINGS-S2,S1}   # empty: none
 INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
@@ -51,10 +54,20 @@ log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet${WARM:+ --warm}"
 for S in ${SETTINGS//,/ }; do
   [ -n "$S" ] || continue
-  case $S in S1) RANKS=8; N=$S1_NS ;; S2) RANKS=64,32,16,8; N=$NS ;; esac
-  log "$S: n=$N"
-  # shellcheck disable=SC2086
-  loraserve bench $COMMON --synthetic --ranks $RANKS --n "$N" --out "$RESULTS/$S.json" --plot "$RESULTS/$S.png" | tee "$RESULTS/$S.txt"
+  TARGETS=q_proj,k_proj,v_proj,o_proj
+  case $S in
+    S1) RANKS=8; N=$S1_NS ;;
+    S2) RANKS=64,32,16,8; N=$NS ;;
+    GQA) RANKS=64,32,16,8; N=$GQA_NS; TARGETS=$TARGETS,gate_proj,up_proj,down_proj
+         [ "$PRESET" = llama-3-8b ] || { log "GQA runs on PRESET=llama-3-8b"; exit 2; } ;;
+    *) log "unknown setting $S (S1, S2, GQA)"; exit 2 ;;
+  esac
+  for n in ${N//,/ }; do   # one file per n: a run cut short keeps the ones before it
+    log "$S: n=$n"
+    # shellcheck disable=SC2086
+    loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n "$n" --out "$RESULTS/$S-n$n.json" \
+      | tee -a "$RESULTS/$S.txt"
+  done
 done
 if [ -z "${SKIP_BASE:-}" ]; then
   log "base-only"
@@ -65,8 +78,9 @@ log "engine stats: $(loraserve stats | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"
   # shellcheck disable=SC2086
-  loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $PEFT_DURATION --drain-timeout $DRAIN \
+  loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate "${PEFT_RATE:-$RATE}" --duration $PEFT_DURATION --drain-timeout $DRAIN \
     --input-range $INPUT --output-range $OUTPUT --quiet --ranks 64,32,16,8 --n "$PEFT_NS" \
     --compare peft --model "$MODEL" --peft-dtype float16 --out "$RESULTS/peft.json" | tee "$RESULTS/peft.txt"
 fi
+python3 benchmarks/headline_table.py "$RESULTS" | tee "$RESULTS/table.md"
 log done

@@ -17,6 +17,7 @@ import torch
 
 from kernels.batch import AttnBatch, LoraBatch
 from server.adapters import AdapterManager
+from server.block_tables import BlockTables
 from server.model import LlamaModel
 from server.pool import AdapterTable, UnifiedPool
 from server.request import Finish, Output, Request
@@ -51,6 +52,8 @@ class Engine:
         self._stop = threading.Event()
         self._pin = pool.device.type == "cuda"
         self.graphs = None   # server.cuda_graphs.DecodeGraphs once captured (CUDA only)
+        self.block_tables = BlockTables(2 * sched_cfg.max_num_seqs, -(-self.max_model_len // pool.block_tokens),
+                                        2 * pool.cfg.num_layers, pool.device)
 
     def capture_graphs(self, max_batch: int, max_rank: int) -> None:
         """Capture decode CUDA graphs (before start()); steps that fit replay them."""
@@ -201,16 +204,11 @@ class Engine:
             return
         req.finished = True
         self.scheduler.remove(req)
+        self.block_tables.release(req)
         self._by_id.pop(req.request_id, None)
         req.emit(Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error))
 
     # -- model runner ------------------------------------------------------------------------
-    def _block_table(self, req: Request) -> torch.Tensor:
-        """A request's block table as an int32 [n_blocks, 2L] tensor, rebuilt only when it grows."""
-        if req.bt_cache is None or req.bt_cache.shape[0] != len(req.blocks):
-            req.bt_cache = torch.tensor(req.blocks, dtype=torch.int32).view(len(req.blocks), -1)
-        return req.bt_cache
-
     def _run(self, step) -> None:
         t0 = time.perf_counter()
         seqs = step.prefills + step.decodes
@@ -229,37 +227,34 @@ class Engine:
             slots.append(req.slot)
             logits_idx.append(len(ids) - 1)
         S = len(seqs)
-        L2 = 2 * self.cfg.num_layers
-        tables = [self._block_table(r) for r in seqs]
-        max_blocks = max(t.shape[0] for t in tables)
-        bt = torch.zeros(S, max_blocks, L2, dtype=torch.int32, pin_memory=self._pin)
-        for s, t in enumerate(tables):
-            bt[s, :t.shape[0]] = t
+        rows = self.block_tables.sync(seqs)
+        max_blocks = max(len(r.blocks) for r in seqs)
         pos_t = torch.tensor(pos, dtype=torch.int64)
-        if len(ids) == S:      # pure decode: one token per sequence
-            token_pages = bt[torch.arange(S), pos_t // B]
-        else:
-            seq_of_token = torch.repeat_interleave(torch.arange(S), torch.tensor(seq_lens))
-            token_pages = bt[seq_of_token, pos_t // B]
+        pos_d = pos_t.to(dev, non_blocking=self._pin)
+        # the pages each new token's K/V land in, gathered on the device from the tables
+        tok_rows = rows if len(ids) == S else torch.repeat_interleave(
+            rows, torch.tensor(seq_lens, device=dev), output_size=len(ids))
+        token_pages = self.block_tables.table[tok_rows, pos_d // B]
+        off_d = (pos_d % B).to(torch.int32)
         ctx = [n for _, _, n in q_host]
         max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
-        off_t = (pos_t % B).to(torch.int32)
         t1 = time.perf_counter()
         if (self.graphs is not None and not step.prefills
                 and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
-            logits = self.graphs.run(ids_t, pos_t, bt, ctx_t, token_pages, off_t,
-                                     torch.tensor(slots, dtype=torch.int32), use_lora=max_rank > 0)
+            logits = self.graphs.run(ids_t, pos_d, self.block_tables.gather(rows, max_blocks), ctx_t,
+                                     token_pages, off_d, torch.tensor(slots, dtype=torch.int32),
+                                     use_lora=max_rank > 0)
         else:
             to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
             attn = AttnBatch(
-                block_tables=bt.to(dev, non_blocking=True),
+                block_tables=self.block_tables.gather(rows, max_blocks),
                 q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
-                context_lens=to(ctx_t), token_pages=to(token_pages), token_offsets=to(off_t),
+                context_lens=to(ctx_t), token_pages=token_pages, token_offsets=off_d,
                 max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
             lora = LoraBatch.build(seq_lens, slots, max_rank, dev) if max_rank > 0 else None
-            logits = self.model.forward(to(ids_t), to(pos_t), attn, lora, self.pool, self.table,
+            logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
         t2 = time.perf_counter()

@@ -43,7 +43,8 @@ class Request:
     generator: torch.Generator | None = None
     finished: bool = False
     preempted: int = 0
-    bt_cache: torch.Tensor | None = None   # blocks as a tensor (engine's cache)
+    bt_row: int = -1                # its row in the engine's BlockTables (-1: none yet)
+    bt_len: int = 0                 # blocks already written to that row
 
     @property
     def all_ids(self) -> list[int]:

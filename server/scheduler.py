@@ -76,7 +76,7 @@ class Scheduler:
         for b in req.blocks:
             self.pool.free(b, "kv")
         req.blocks = []
-        req.bt_cache = None
+        req.bt_len = 0            # the engine rewrites the block table row from scratch
         req.num_computed = 0
         if req.slot >= 0:
             self.adapters.release(req.adapter_id, req.slot)

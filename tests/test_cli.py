@@ -2,6 +2,7 @@
 client subcommand (and `bench`) against a real server on loopback (``live_server``)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from clients import cli
 from clients.cli import apply_env_defaults, build_parser, env_name, main
+from clients.workload import WorkloadSpec, generate_workload
 
 SUBCOMMANDS = ["serve", "store", "register", "list", "get", "delete", "generate", "load", "unload", "stats",
                "health", "bench"]
@@ -318,9 +320,20 @@ def test_bench_synthetic_several_n_and_compare_base(server, capsys, tmp_path):
         infos = {a.adapter_id: a for a in c.list_adapters()}
         assert infos["bench-00000"].rank == 4 and infos["bench-00001"].rank == 8 and infos["bench-00002"].rank == 4
         assert infos["bench-00001"].synthetic
-    # a second run reuses the registered adapters
-    rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "2", *SMALL)
+    # a second run of the same setting reuses the registered adapters (no new version) ...
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "2", "--ranks", "4,8",
+                       "--targets", "q_proj,v_proj", *SMALL)
     assert rc == 0, err
+    with Client(server.target) as c:
+        assert c.get_adapter("bench-00001").version == infos["bench-00001"].version
+    # ... and a run of another setting (S1 after S2) replaces them rather than serving the old ranks
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "2", "--ranks", "16",
+                       "--targets", "q_proj,k_proj,v_proj", *SMALL)
+    assert rc == 0, err
+    with Client(server.target) as c:
+        now = c.get_adapter("bench-00001")
+        assert now.rank == 16 and sorted(now.target_modules) == ["k_proj", "q_proj", "v_proj"]
+        assert now.version > infos["bench-00001"].version
 
 
 def test_bench_base_only_and_trace(server, capsys, tmp_path):
@@ -424,6 +437,10 @@ def test_bench_warm_loads_host_cache_first(server, capsys, tmp_path):
     assert rc == 0, err
     (r,) = json.loads(out_file.read_text())["runs"]
     assert r["config"]["warm_s"] > 0 and r["result"]["num_finished"] == 6
-    used = {f"bench-{i:05d}" for i in range(4)}
+    # the adapters the trace draws (the same seeded workload) are warmed, and only those
+    cfg = {f.name: r["config"][f.name] for f in dataclasses.fields(WorkloadSpec)}
+    spec = WorkloadSpec(**dict(cfg, input_range=tuple(cfg["input_range"]), output_range=tuple(cfg["output_range"])))
+    used = {q.adapter_id for q in generate_workload(spec)}
+    assert r["config"]["warm_adapters"] == len(used) == r["config"]["workload"]["num_adapters_used"]
     cached = set(server.engine.adapters.cached_ids()) | set(server.engine.adapters.resident)
     assert used <= cached
