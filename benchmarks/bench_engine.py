@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama7b", choices=sorted(SHAPES))
     ap.add_argument("--batches", default="1,32,128,256")
     ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--spread", default="",
+                    help="comma list: also time each batch spread over only K of the adapters (e.g. 16,1); "
+                         "the batch then has runs of requests sharing an adapter")
     ap.add_argument("--distinct", type=int, default=8, help="distinct weight sets (copies fill the other slots)")
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--pool-gb", type=float, default=30)
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager steps only")
+    ap.add_argument("--no-eager", dest="eager", action="store_false", help="CUDA-graph steps only")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -128,11 +132,12 @@ def main() -> None:
     sync()
     print(f"loaded {args.adapters} adapters in {time.time() - t0:.1f}s; pool {pool.stats()}", flush=True)
 
-    def make_batch(n: int, with_adapters: bool) -> list[Request]:
+    def make_batch(n: int, spread: int) -> list[Request]:
+        """n requests; spread 0: base model; else over `spread` adapters, interleaved."""
         reqs = []
         rng = random.Random(n)
         for i in range(n):
-            aid = f"a{i % args.adapters}" if with_adapters and args.adapters else ""
+            aid = f"a{i % spread}" if spread else ""
             r = Request(f"{n}-{i}", [rng.randrange(cfg.vocab_size) for _ in range(args.context)],
                         SamplingParams(max_new_tokens=10_000, ignore_eos=True), aid)
             r.output_ids = [1]
@@ -161,7 +166,9 @@ def main() -> None:
     # bytes a decode step must read: every weight once (the embedding only its T rows) + the KV
     weight_bytes = model.weight_bytes - model.embed.numel() * model.embed.element_size()
     batches = [int(b) for b in args.batches.split(",")]
-    for graphs in ([False, True] if dev.type == "cuda" and args.graphs else [False]):
+    spreads = [args.adapters] + [int(k) for k in args.spread.split(",") if k] if args.adapters else []
+    modes = [("base", 0)] + [("lora" if k == args.adapters else f"lora{k}", min(k, args.adapters)) for k in spreads]
+    for graphs in ([False] * args.eager + [True] * (dev.type == "cuda" and args.graphs) or [False]):
         if graphs:
             t0 = time.time()
             engine.capture_graphs(max(batches), max(ranks))
@@ -169,10 +176,8 @@ def main() -> None:
         tag = "graph" if graphs else "eager"
         for n in batches:
             out = {"batch": n, "mode": tag}
-            for mode in ("base", "lora"):
-                if mode == "lora" and not args.adapters:
-                    continue
-                reqs = make_batch(n, mode == "lora")
+            for mode, spread in modes:
+                reqs = make_batch(n, spread)
                 split, wall_ms = time_steps(reqs)
                 out[f"{mode}_prep_device_post_ms"] = split
                 kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
@@ -180,20 +185,23 @@ def main() -> None:
                 out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
                 for r in reqs:
                     engine.scheduler.free(r)
-            if "lora_ms" in out:
-                out["lora_overhead"] = round(out["lora_ms"] / out["base_ms"] - 1, 3)
+            for mode, _ in modes[1:]:
+                out[f"{mode}_overhead"] = round(out[f"{mode}_ms"] / out["base_ms"] - 1, 3)
             out["base_vs_roofline"] = round(out["base_ms"] / out["roofline_ms"], 2)
             rows.append(out)
             print(json.dumps(out), flush=True)
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
             "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
-            "adapters": args.adapters, "ranks": ranks, "targets": targets, "context": args.context,
+            "adapters": args.adapters, "spread": spreads, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     print(json.dumps(meta))
-    print(f"\n{'mode':>6} {'batch':>6} {'base ms':>9} {'lora ms':>9} {'overhead':>9} {'roofline ms':>12} {'base/roof':>10}")
+    lm = [m for m, _ in modes[1:]]
+    print(f"\n{'mode':>6} {'batch':>6} {'base ms':>9} " + " ".join(f"{m + ' ms':>10} {'overhead':>9}" for m in lm)
+          + f" {'roofline ms':>12} {'base/roof':>10}")
     for r in rows:
-        print(f"{r['mode']:>6} {r['batch']:>6} {r['base_ms']:>9} {r.get('lora_ms', '-'):>9} "
-              f"{r.get('lora_overhead', '-'):>9} {r['roofline_ms']:>12} {r['base_vs_roofline']:>10}")
+        print(f"{r['mode']:>6} {r['batch']:>6} {r['base_ms']:>9} "
+              + " ".join(f"{r.get(m + '_ms', '-'):>10} {r.get(m + '_overhead', '-'):>9}" for m in lm)
+              + f" {r['roofline_ms']:>12} {r['base_vs_roofline']:>10}")
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         (pathlib.Path(args.out) / f"engine-{args.shape}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

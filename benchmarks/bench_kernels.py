@@ -187,6 +187,12 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
     row["graph_ms"] = graph_ms(tri, sets)
     if row["graph_ms"]:
         row["graph_frac_roof"] = row["roof_ms"] / row["graph_ms"]
+    # grouped schedule: the same tokens sorted by adapter (what the engine sends when adapters repeat)
+    gsets = [(LoraBatch.build([1] * tokens, sorted(h[2] for h in b.seg_host), b.max_rank, dev, grouped=True), x, ys)
+             for b, x, ys in sets]
+    row["grouped_graph_ms"] = graph_ms(tri, gsets)
+    if row["grouped_graph_ms"]:
+        row["grouped_frac_roof"] = row["roof_ms"] / row["grouped_graph_ms"]
     if baselines:
         row["torch_loop_ms"] = bench(lambda b, x, ys: [ref.lora_expand(y, ref.lora_shrink(x, pool.flat, table.rows, m, b),
                                                                        pool.flat, table.rows, m, table.scaling, b)
@@ -351,6 +357,9 @@ def _lora_cases(pool, table, ranks, dtype, dev, kind):
     out = []
     if kind == "decode":
         specs = [("T256x256", [1] * 256, 256), ("T64x64", [1] * 64, 64)] if not SMOKE else [("T6x6", [1] * 6, 6)]
+    elif kind == "grouped":
+        specs = [("G256x16", [1] * 256, 16), ("G256x64", [1] * 256, 64), ("G64x4", [1] * 64, 4)] if not SMOKE \
+            else [("G6x2", [1] * 6, 2)]
     else:
         metas = metas[:1]
         r64 = [i for i in range(N) if ranks[i] == 64]
@@ -364,8 +373,10 @@ def _lora_cases(pool, table, ranks, dtype, dev, kind):
             if isinstance(nd, list):
                 ids = [nd[0][k % len(nd[0])]] * len(lens)
             else:
-                ids = [(k * nd + i) % N for i in range(len(lens))]
-            b = LoraBatch.build(lens, ids, max(ranks[i] for i in ids), dev)
+                ids = [(k * nd + i % nd) % N for i in range(len(lens))]
+            if kind == "grouped":
+                ids.sort()
+            b = LoraBatch.build(lens, ids, max(ranks[i] for i in ids), dev, grouped=kind == "grouped")
             T = sum(lens)
             x = torch.randn(T, d, dtype=dtype, device=dev)
             ys = [torch.randn(T, d, dtype=dtype, device=dev) for _ in metas]
@@ -425,8 +436,10 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
         print(f"sweep {family}: chose {table_[family]} (rel err vs reference {err:.2e})", flush=True)
 
     key = lambda var: tuple(sorted(var.items()))  # noqa: E731
-    if pool is not None and "decode_lora" in only:
-        cases = _lora_cases(pool, table, ranks, dtype, dev, "decode")
+    for kind in ("decode", "grouped"):
+        if pool is None or "decode_lora" not in only:
+            break
+        cases = _lora_cases(pool, table, ranks, dtype, dev, kind)
         sh = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas])(m), s)
               for c, m, s in cases]
         ex = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
@@ -446,6 +459,17 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
                 ref.lora_expand(y2, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
                 return rel(y1.float() - y0.float(), y2.float() - y0.float())
             return chk
+        if kind == "grouped":
+            tune("shrink_grouped", tlora.TUNE, key,
+                 [dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, num_warps=nw) for bm, br, bk, nw in
+                  [(16, 16, 256, 4), (16, 32, 256, 4), (16, 16, 512, 4), (32, 16, 256, 4), (16, 64, 128, 4),
+                   (32, 32, 256, 8), (16, 16, 128, 2)]],
+                 sh, check_lora("shrink"))
+            tune("expand_grouped", tlora.TUNE, key,
+                 [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw) for bm, bn, nw in
+                  [(16, 128, 4), (16, 64, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (32, 64, 4), (64, 128, 8)]],
+                 ex, check_lora("expand"))
+            continue
         tune("shrink_decode", tlora.TUNE, key,
              [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3) for br, bk, nw in
               [(16, 512, 4), (8, 1024, 4), (8, 512, 4), (8, 512, 2), (16, 1024, 4), (8, 2048, 8), (16, 256, 4), (8, 1024, 8)]],
@@ -551,12 +575,16 @@ def markdown(meta, res) -> str:
     dl = [r for r in res if r["kind"] == "decode_lora"]
     if dl:
         out += ["## Decode LoRA (shrink+expand, q/k/v/o 4096->4096, mixed ranks 8..128), us", "",
-                "| tokens | distinct adapters | triton | roofline | % roofline | shrink | expand | graph replay | graph % roofline | torch loop | padded bmm |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| tokens | distinct adapters | triton | roofline | % roofline | shrink | expand | graph replay | graph % roofline "
+                "| grouped graph | grouped % roofline | torch loop | padded bmm |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in dl:
             out.append(f"| {r['tokens']} | {r['distinct']} | {f(r['ms'])} | {f(r['roof_ms'])} | {100*r['frac_roof']:.0f}% | "
                        f"{f(r['shrink_ms'])} | {f(r['expand_ms'])} | {f(r.get('graph_ms'))} | "
-                       f"{(str(round(100 * r['graph_frac_roof'])) + '%') if r.get('graph_frac_roof') else ''} | {f(r.get('torch_loop_ms'))} | "
+                       f"{(str(round(100 * r['graph_frac_roof'])) + '%') if r.get('graph_frac_roof') else ''} | "
+                       f"{f(r.get('grouped_graph_ms'))} | "
+                       f"{(str(round(100 * r['grouped_frac_roof'])) + '%') if r.get('grouped_frac_roof') else ''} | "
+                       f"{f(r.get('torch_loop_ms'))} | "
                        f"{f(r.get('torch_bmm_ms'))} |")
         out.append("")
     pl = [r for r in res if r["kind"] == "prefill_lora"]

@@ -19,9 +19,13 @@ class LoraBatch:
     max_seg_len: int           # host int: 1 for a pure decode batch
     max_rank: int              # host int: the largest rank of any adapter in the batch (0: none)
     seg_host: list[tuple[int, int, int]] | None = None  # (start, end, slot) on the host
+    # decode only: tokens come sorted by slot, so runs of one adapter fill token tiles and the
+    # grouped kernels read each adapter's rows once per tile instead of once per token
+    grouped: bool = False
 
     @classmethod
-    def build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device) -> "LoraBatch":
+    def build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device,
+              grouped: bool = False) -> "LoraBatch":
         token_slot, indptr, slots, host, pos = [], [0], [], [], 0
         for n, s in zip(seq_lens, seq_slots):
             token_slot += [s] * n
@@ -30,7 +34,7 @@ class LoraBatch:
             indptr.append(pos)
             slots.append(s)
         t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-        return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host)
+        return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host, grouped)
 
 
 @dataclass

@@ -9,11 +9,14 @@ Row j of a matrix whose rows start at row-table entry ``start`` lives at
 ``flat[rows[start + j] : rows[start + j] + width]``; ``meta`` is ``table.meta[:, layer, module]``
 (int32 [slots, 3] = A row start, B^T row start, rank), any strides.
 
-Two schedules, picked by ``batch.max_seg_len``:
+Three schedules, picked by ``batch.max_seg_len`` and ``batch.grouped``:
 
 * decode (max_seg_len == 1), BGMV-like: one program per (token, tile of rank rows) for shrink and
   per (token, tile of output columns) for expand; a reduction on the CUDA cores, since one token
   gives no matrix for the tensor cores. Memory bound on the adapter rows.
+* grouped decode (max_seg_len == 1, tokens sorted by slot): one program per (tile of tokens, tile
+  of outputs), one masked ``tl.dot`` per distinct slot in the tile; an adapter shared by many
+  tokens is read once per tile, not once per token.
 * prefill, SGMV-like: one program per (segment, tile of tokens, tile of outputs), ``tl.dot`` on
   tensor cores with fp32 accumulation.
 
@@ -41,6 +44,9 @@ TUNE = {
     # 4096 tokens and a small win at 512, so it is off (1) by default.
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
+    # grouped decode: first guesses (16-token tiles, the smallest tl.dot); --sweep refines them
+    "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
+    "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
 }
 apply_overrides("lora", TUNE)
 
@@ -150,6 +156,100 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped decode (one token per request, tokens sorted by slot): tiles of tokens, tensor cores
+# ---------------------------------------------------------------------------------------------
+# A program owns a tile of BLOCK_M consecutive tokens and walks the distinct slots in it (most
+# tiles hold one or two when the batch is sorted); per slot it runs one masked tl.dot over the
+# tile, so an adapter's rows are read once per tile rather than once per token. The grid does not
+# depend on how many adapters there are, so CUDA graphs capture it once per batch size.
+@triton.jit
+def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, slot_ptr,
+                           v_ptr, sv0, sv1, T, d_in, max_rank,
+                           ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    mt = tl.program_id(0)
+    rt = tl.program_id(1)
+    BIG: tl.constexpr = 2147483647
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < T
+    slots = tl.load(slot_ptr + offs_m, mask=mmask, other=-1)
+    offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx0
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)   # rows of other slots see x = 0
+    cur = tl.min(tl.where(slots >= 0, slots, BIG), axis=0)
+    while cur < BIG:
+        mrow = meta_ptr + cur.to(tl.int64) * sm0
+        a0 = tl.load(mrow)
+        rank = tl.load(mrow + 2 * sm1)
+        if rt * BLOCK_R < rank:
+            sel = slots == cur
+            rmask = offs_r < rank
+            roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
+            if ALIGN > 1:
+                roff = tl.multiple_of(roff, ALIGN)
+            for k0 in range(0, d_in, BLOCK_K):
+                kk = k0 + offs_k
+                kmask = kk < d_in
+                xt = tl.load(x_rows + kk[None, :] * sx1, mask=sel[:, None] & kmask[None, :], other=0.0)
+                at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & rmask[None, :],
+                             other=0.0)                                  # A^T tile [BLOCK_K, BLOCK_R]
+                if IEEE:
+                    acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, at.to(xt.dtype), acc)
+        cur = tl.min(tl.where(slots > cur, slots, BIG), axis=0)
+    v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * sv0 + offs_r[None, :] * sv1
+    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mmask[:, None] & (offs_r < max_rank)[None, :])
+
+
+@triton.jit
+def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
+                           scale_ptr, slot_ptr, T, d_out,
+                           ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    mt = tl.program_id(0)
+    nt = tl.program_id(1)
+    BIG: tl.constexpr = 2147483647
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < T
+    slots = tl.load(slot_ptr + offs_m, mask=mmask, other=-1)
+    cur = tl.min(tl.where(slots >= 0, slots, BIG), axis=0)
+    if cur == BIG:          # only base tokens in this tile
+        return
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < d_out
+    offs_k = tl.arange(0, BLOCK_K)
+    v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * sv0
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * sy0 + offs_n[None, :] * sy1
+    ymask = (mmask & (slots >= 0))[:, None] & nmask[None, :]
+    y = tl.load(y_ptrs, mask=ymask, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    while cur < BIG:
+        mrow = meta_ptr + cur.to(tl.int64) * sm0
+        b0 = tl.load(mrow + sm1)
+        rank = tl.load(mrow + 3 * sm1)  # B^T rows (equal to A's rank unless A is TP-split)
+        sel = slots == cur
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j0 in range(0, rank, BLOCK_K):
+            jj = j0 + offs_k
+            jmask = jj < rank
+            vt = tl.load(v_rows + jj[None, :] * sv1, mask=sel[:, None] & jmask[None, :], other=0.0)
+            roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+            if ALIGN > 1:
+                roff = tl.multiple_of(roff, ALIGN)
+            bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                         other=0.0)                                      # B^T tile [BLOCK_K, BLOCK_N]
+            if IEEE:
+                part = tl.dot(vt.to(tl.float32), bt.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(vt, bt.to(vt.dtype), part)
+        acc += part * tl.load(scale_ptr + cur)
+        cur = tl.min(tl.where(slots > cur, slots, BIG), axis=0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +382,16 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
     if T == 0 or R == 0:
         return v
     align = _row_align(flat)
-    if batch.max_seg_len <= 1:
+    if batch.max_seg_len <= 1 and batch.grouped:
+        cfg = TUNE["shrink_grouped"]
+        BLOCK_M, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_R"]
+        BLOCK_K = min(cfg["BLOCK_K"], max(16, _p2(d_in))) if x.dtype != torch.float32 else 32
+        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R))
+        _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
+                                     batch.token_slot, v, v.stride(0), v.stride(1), T, d_in, R,
+                                     ALIGN=align, IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
+                                     BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif batch.max_seg_len <= 1:
         cfg = TUNE["shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
@@ -327,7 +436,17 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
     if T == 0 or batch.max_rank == 0 or d_out == 0:
         return
     align = _row_align(flat)
-    if batch.max_seg_len <= 1:
+    if batch.max_seg_len <= 1 and batch.grouped:
+        cfg = TUNE["expand_grouped"]
+        BLOCK_M = cfg["BLOCK_M"]
+        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(d_out)))
+        BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
+        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(d_out, BLOCK_N))
+        _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
+                                     meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, T, d_out,
+                                     ALIGN=align, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                     BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif batch.max_seg_len <= 1:
         cfg = TUNE["expand_decode"]
         BLOCK_N = min(cfg["BLOCK_N"], _p2(d_out))
         BLOCK_R = cfg["BLOCK_R"]

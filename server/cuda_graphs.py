@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs, so Python's per-kernel launch cost leaves the
 critical path (a Llama-7B decode step launches ~1,500 kernels; at batch 1 the GPU needs ~5 ms).
 
-One graph per batch-size bucket, captured twice: with the LoRA kernels and without (a base-only
-batch pays nothing for LoRA). Every per-step input lives in static buffers that the step copies
+One graph per batch-size bucket and LoRA schedule: per-token, grouped by adapter, and none (a
+base-only batch pays nothing for LoRA). Every per-step input lives in static buffers that the step copies
 into; rows past the real batch are padding that reads and writes only the pool's scratch page.
 Graphs are captured for a fixed rank cap and context cap: a batch beyond either runs eagerly.
 """
@@ -17,6 +17,9 @@ from kernels.batch import AttnBatch, LoraBatch
 log = logging.getLogger("loraserve.graphs")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+# LoRA schedules a decode graph is captured for: per-token ("token"), tokens grouped by adapter
+# ("grouped", batches where adapters are shared), and none (a base-model-only batch)
+LORA_MODES = ("token", "grouped", None)
 
 
 class DecodeGraphs:
@@ -38,17 +41,17 @@ class DecodeGraphs:
         self.token_off = torch.zeros(n, **i32)
         self.logits_idx = torch.arange(n, dtype=torch.int64, device=dev)
         self.token_slot = torch.full((n,), -1, **i32)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
 
-    def _batches(self, bs: int, lora: bool):
+    def _batches(self, bs: int, lora: str | None):
         attn = AttnBatch(self.bt[:bs], self.q_indptr[:bs + 1], self.ctx[:bs], self.token_pages[:bs],
                          self.token_off[:bs], max_q_len=1, max_context=self.max_context)
         lb = LoraBatch(self.token_slot[:bs], self.q_indptr[:bs + 1], self.token_slot[:bs],
-                       max_seg_len=1, max_rank=self.max_rank) if lora else None
+                       max_seg_len=1, max_rank=self.max_rank, grouped=lora == "grouped") if lora else None
         return attn, lb
 
-    def _forward(self, bs: int, lora: bool) -> torch.Tensor:
+    def _forward(self, bs: int, lora: str | None) -> torch.Tensor:
         attn, lb = self._batches(bs, lora)
         return self.model.forward(self.ids[:bs], self.pos[:bs], attn, lb, self.pool, self.table,
                                   self.logits_idx[:bs])
@@ -58,7 +61,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for lora in (True, False):
+            for lora in LORA_MODES:
                 for bs in reversed(self.buckets):
                     for _ in range(2):            # warm up: compile and autotune outside capture
                         self._forward(bs, lora)
@@ -76,7 +79,7 @@ class DecodeGraphs:
         return (n <= self.buckets[-1] and max_rank <= self.max_rank and max_context <= self.max_context
                 and max_blocks <= self.max_blocks)
 
-    def run(self, ids, pos, bt, ctx, token_pages, token_off, slots, use_lora: bool) -> torch.Tensor:
+    def run(self, ids, pos, bt, ctx, token_pages, token_off, slots, lora: str | None) -> torch.Tensor:
         """Copy one decode batch into the static buffers, replay, return logits [n, vocab]."""
         n = ids.numel()
         bs = next(b for b in self.buckets if b >= n)
@@ -96,6 +99,6 @@ class DecodeGraphs:
             self.token_pages[n:bs] = self.pool.scratch_page
             self.token_off[n:bs] = 0
             self.token_slot[n:bs] = -1
-        g, out = self.graphs[(bs, use_lora)]
+        g, out = self.graphs[(bs, lora)]
         g.replay()
         return out[:n]

@@ -26,6 +26,9 @@ from server.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraserve.engine")
 
+# grouped decode LoRA when adapters average at least this many tokens each in the step
+GROUP_MIN_TOKENS = 2
+
 
 @dataclass
 class EngineStats:
@@ -209,8 +212,20 @@ class Engine:
         req.emit(Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error))
 
     # -- model runner ------------------------------------------------------------------------
+    def _lora_mode(self, step) -> str | None:
+        """LoRA schedule of a pure decode step: "grouped" when adapters are shared by enough
+        tokens that reading each once per token tile beats once per token (tokens are then
+        sorted by slot), else "token"; None without adapters."""
+        slots = [r.slot for r in step.decodes if r.slot >= 0]
+        if not slots:
+            return None
+        return "grouped" if len(set(slots)) * GROUP_MIN_TOKENS <= len(slots) else "token"
+
     def _run(self, step) -> None:
         t0 = time.perf_counter()
+        mode = None if step.prefills else self._lora_mode(step)
+        if mode == "grouped":
+            step.decodes.sort(key=lambda r: r.slot)
         seqs = step.prefills + step.decodes
         B = self.pool.block_tokens
         dev = self.model.device
@@ -245,7 +260,7 @@ class Engine:
                 and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
             logits = self.graphs.run(ids_t, pos_d, self.block_tables.gather(rows, max_blocks), ctx_t,
                                      token_pages, off_d, torch.tensor(slots, dtype=torch.int32),
-                                     use_lora=max_rank > 0)
+                                     lora=mode if max_rank > 0 else None)
         else:
             to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
             attn = AttnBatch(
@@ -253,7 +268,7 @@ class Engine:
                 q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
                 context_lens=to(ctx_t), token_pages=token_pages, token_offsets=off_d,
                 max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
-            lora = LoraBatch.build(seq_lens, slots, max_rank, dev) if max_rank > 0 else None
+            lora = LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped") if max_rank > 0 else None
             logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])

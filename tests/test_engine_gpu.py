@@ -1,5 +1,6 @@
 """GPU-only: the CUDA-graph decode path against eager steps and transformers+peft, at batch
-sizes that need padding rows (3, 6 -> buckets 4, 8), one request, and adapters loaded later."""
+sizes that need padding rows (3, 6 -> buckets 4, 8), one request, adapters shared by several
+requests (grouped decode LoRA), and adapters loaded later."""
 import json
 
 import pytest
@@ -27,7 +28,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("graphs", [True, False])
-@pytest.mark.parametrize("names", [["full"], ["attn", "", "qv"], ["qv", "full", "", "attn", "full", ""]])
+@pytest.mark.parametrize("names", [["full"], ["attn", "", "qv"], ["qv", "full", "", "attn", "full", ""],
+                                   # adapters shared by several requests: the grouped decode schedule
+                                   ["full", "qv", "full", "", "qv", "full", "wide", "full"]])
 def test_graph_and_eager_decode_match_peft(tiny, graphs, names):
     model_dir, adapters = tiny
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs))

@@ -110,11 +110,12 @@ def build_attn(pool: UnifiedPool, q_lens, ctx_lens, device, gen=None):
 # -------------------------------------------------------------------------------------------------
 # LoRA
 # -------------------------------------------------------------------------------------------------
-def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4):
+def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4,
+                grouped=False):
     pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
     seg_slots = [-1 if p < 0 else slots[p] for p in pick]
     max_rank = max((int(table.max_rank[s]) for s in seg_slots if s >= 0), default=0)
-    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV)
+    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
     T = sum(seq_lens)
     for m in check_modules:
         mi = TARGET_MODULES.index(m)
@@ -160,6 +161,23 @@ def test_lora_mixed_ranks(dtype, decode):
     pick = [0, -1, 1, 2, 3, 1, -1, 0, 2]
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     _check_lora(TINY, dtype, lens, pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("order", ["sorted", "interleaved"])
+def test_lora_grouped_decode(dtype, order):
+    """Grouped decode: 37 tokens over 3 token tiles; sorted by slot (what the engine sends) and
+    interleaved (every tile holds every adapter); base tokens and a rank-0 module mixed in."""
+    gen = torch.Generator().manual_seed(11 + (order == "sorted") + 2 * (dtype == torch.float16))
+    ranks = [8, 16, 32, 12]
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
+            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
+    pick = [(i * 7) % 5 - 1 for i in range(37)]
+    if order == "sorted":
+        pick.sort()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    _check_lora(TINY, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen,
+                grouped=True)
 
 
 @pytest.mark.parametrize("split", [2, 3])
@@ -307,6 +325,21 @@ def test_gpu_lora_llama7b(dtype, decode):
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, lens, pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
                 tol, gen, block_tokens=16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_lora_grouped_llama7b(dtype):
+    """Grouped decode at Llama-7B shapes: 200 tokens sorted by adapter, runs of uneven length."""
+    gen = torch.Generator().manual_seed(23)
+    ranks = [8, 16, 32, 64, 128, 24]
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "down_proj")]
+    pick = sorted(int(p) for p in torch.randint(-1, 6, (200,), generator=gen))
+    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
+    _check_lora(LLAMA7B, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"),
+                0, tol, gen, block_tokens=16, grouped=True)
 
 
 @gpu
