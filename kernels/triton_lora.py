@@ -44,9 +44,10 @@ TUNE = {
     # 4096 tokens and a small win at 512, so it is off (1) by default.
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
-    # grouped decode: first guesses (16-token tiles, the smallest tl.dot); --sweep refines them
-    "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
-    "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+    # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
+    # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
+    "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
+    "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
 }
 apply_overrides("lora", TUNE)
 

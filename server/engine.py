@@ -26,8 +26,9 @@ from server.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("loraserve.engine")
 
-# grouped decode LoRA when adapters average at least this many tokens each in the step
-GROUP_MIN_TOKENS = 2
+# grouped decode LoRA when adapters average at least this many tokens each in the step (on the
+# H100 the two schedules tie at 4 tokens per adapter; grouped is 2.4x faster at 16, 5x slower at 1)
+GROUP_MIN_TOKENS = 6
 
 
 @dataclass

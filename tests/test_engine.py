@@ -221,7 +221,7 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny):
     for name, slot in slots.items():
         for (layer, module), (a, b) in loaded[name].weights.items():
             a0, b0, ra, rb = (int(z) for z in table.meta[slot, layer, TARGET_MODULES.index(module)])
-            assert torch.equal(gather_rows(pool.flat, table.rows, a0, ra, a.shape[1]), a)
-            assert torch.equal(gather_rows(pool.flat, table.rows, b0, rb, b.shape[0]), b.t())
+            assert torch.equal(gather_rows(pool.flat, table.rows, a0, ra, a.shape[1]).cpu(), a)
+            assert torch.equal(gather_rows(pool.flat, table.rows, b0, rb, b.shape[0]).cpu(), b.t())
     assert table.num_rows == sum(e.num_rows for e in table.slots.values())
     engine.adapters.close()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call that checks and times the GPU path (results under $OUT, at most 8 files):
+#   1. decode-LoRA kernel sweep + table (bench_kernels.py --sweep --only decode_lora): tune.json
+#   2. GPU tests with those tiles (kernels at Llama-7B shapes, engine graph/eager vs transformers+peft)
+#   3. engine decode step (bench_engine.py): base vs LoRA over 256 / 16 / 1 adapters, CUDA graphs
+#     OUT=/tmp/out bash benchmarks/gpu_suite.sh [kernels] [tests] [engine]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT}
+STAGES=${*:-kernels tests engine}
+for s in $STAGES; do
+  case $s in
+    kernels) timeout 240 python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --sweep --only decode_lora \
+               > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?" ;;
+    tests) TUNE=$OUT/kernels/tune.json; [ -f "$TUNE" ] && export LORASERVE_KERNEL_TUNE=$TUNE
+           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_gpu.py \
+             tests/test_engine.py > "$OUT/gpu-tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/gpu-tests.log" ;;
+    engine) TUNE=$OUT/kernels/tune.json; [ -f "$TUNE" ] && export LORASERVE_KERNEL_TUNE=$TUNE
+            timeout 300 python3 benchmarks/bench_engine.py --shape llama7b --batches 1,32,128,256 --adapters 256 \
+              --spread 16,1 --no-eager --steps 10 --context 256 --pool-gb 54 --out "$OUT/engine" \
+              > "$OUT/engine.log" 2>&1; echo "engine rc=$?"; tail -8 "$OUT/engine.log" ;;
+  esac
+done
