@@ -52,6 +52,13 @@ for _ in $(seq 1 300); do loraserve health >/dev/null 2>&1 && break; kill -0 $EN
 log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 
 COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet${WARM:+ --warm}"
+base_only() {
+  [ -z "${SKIP_BASE:-}" ] || return 0
+  log "base-only"
+  # shellcheck disable=SC2086
+  loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
+}
+[ -z "${BASE_FIRST:-}" ] || base_only
 for S in ${SETTINGS//,/ }; do
   [ -n "$S" ] || continue
   TARGETS=q_proj,k_proj,v_proj,o_proj
@@ -69,11 +76,7 @@ for S in ${SETTINGS//,/ }; do
       | tee -a "$RESULTS/$S.txt"
   done
 done
-if [ -z "${SKIP_BASE:-}" ]; then
-  log "base-only"
-  # shellcheck disable=SC2086
-  loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
-fi
+[ -n "${BASE_FIRST:-}" ] || base_only
 log "engine stats: $(loraserve stats | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"

@@ -69,6 +69,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "none on CPUs; 0: threads only)")
     p.add_argument("--tensor-parallel-size", type=int, default=int(e("--tensor-parallel-size", 1)),
                    help="shard the model over N GPUs of this host (N processes; gloo on the CPU)")
+    p.add_argument("--prefill-interval", type=int, default=int(e("--prefill-interval", -1)),
+                   help="admit new prefills at most every N steps while others decode (S-LoRA/lightllm's "
+                        "max_wait_tokens); a full prefill budget waiting admits at once. -1 (default): 4 on "
+                        "CUDA, where prefill steps run outside the CUDA graphs; 1 on the CPU")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
     p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
@@ -134,7 +138,8 @@ async def start(args) -> Running:
         store_source, store_servicer, store_meta = _setup_store(args, data_dir, bound, cleanup)
 
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                            max_model_len=args.max_model_len, admission=args.admission)
+                            max_model_len=args.max_model_len, admission=args.admission,
+                            prefill_interval=args.prefill_interval)
     ec = EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_tokens=args.block_tokens,
                       pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,

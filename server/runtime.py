@@ -86,8 +86,11 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
         procs = min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
     adapters = AdapterManager(pool, table, source or LocalSource(), model.full_cfg, ec.host_cache_mb << 20,
                               ec.fetch_workers, model.tp, fetch_processes=procs)
+    graphs = ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled
+    if ec.sched.prefill_interval < 0:   # auto: batch admissions where decode steps replay graphs
+        ec.sched.prefill_interval = 4 if graphs else 1
     engine = Engine(model, pool, table, adapters, ec.sched)
-    if ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled:
+    if graphs:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
     log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
              cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)

@@ -25,6 +25,11 @@ class SchedulerConfig:
     max_prefill_tokens: int = 4096
     max_model_len: int = 4096
     admission: str = "peak"      # or "optimistic"
+    # Admit new prefills at most every this many steps while others decode (lightllm's
+    # max_wait_tokens, which S-LoRA inherits). A step with a prefill runs eagerly, outside the
+    # decode CUDA graphs, so batching admissions makes those costly steps rarer and fuller.
+    # A full prefill budget waiting, or an idle engine, admits at once.
+    prefill_interval: int = 1
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.preemptions = 0
         self.rejected: list[tuple[Request, str, str]] = []   # (request, grpc status, message)
+        self._since_admit = 0        # steps since the last one that admitted a prefill
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -119,6 +125,9 @@ class Scheduler:
                         break
         # 2. admit waiting requests.
         prefills: list[Request] = []
+        self._since_admit += 1
+        if not self._admission_due():
+            return Step(prefills, decodes)
         budget = self.cfg.max_prefill_tokens
         peak = self.cfg.admission == "peak"
         reserved = sum(self._pages(r.peak_len if peak else r.total_len + 1) for r in self.running)
@@ -138,7 +147,7 @@ class Scheduler:
                     skipped.append(req)    # still being fetched: let ready requests go first
                 continue
             n = req.total_len
-            if n > budget and (prefills or n > self.cfg.max_prefill_tokens):
+            if n > budget and prefills:     # a prompt over the whole budget runs alone in its step
                 self.waiting.appendleft(req)
                 break
             try:
@@ -172,7 +181,19 @@ class Scheduler:
             prefills.append(req)
         self.waiting.extendleft(reversed(skipped))
         self.running += prefills
+        if prefills:
+            self._since_admit = 0
         return Step(prefills, decodes)
+
+    def _admission_due(self) -> bool:
+        if self.cfg.prefill_interval <= 1 or not self.running or self._since_admit >= self.cfg.prefill_interval:
+            return True
+        waiting_tokens = 0
+        for r in self.waiting:
+            waiting_tokens += r.total_len
+            if waiting_tokens >= self.cfg.max_prefill_tokens:
+                return True
+        return False
 
     def _readiness(self) -> dict[str, int]:
         """Per waiting adapter: 1 ready, 0 still fetching, -1 fetch failed (agreed over ranks)."""
