@@ -71,7 +71,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model over N GPUs of this host (N processes; gloo on the CPU)")
     p.add_argument("--prefill-interval", type=int, default=int(e("--prefill-interval", -1)),
                    help="admit new prefills at most every N steps while others decode (S-LoRA/lightllm's "
-                        "max_wait_tokens); a full prefill budget waiting admits at once. -1 (default): 4 on "
+                        "max_wait_tokens); a full prefill budget waiting admits at once. -1 (default): 10 on "
                         "CUDA, where prefill steps run outside the CUDA graphs; 1 on the CPU")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")

@@ -88,7 +88,7 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
                               ec.fetch_workers, model.tp, fetch_processes=procs)
     graphs = ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled
     if ec.sched.prefill_interval < 0:   # auto: batch admissions where decode steps replay graphs
-        ec.sched.prefill_interval = 4 if graphs else 1
+        ec.sched.prefill_interval = 10 if graphs else 1
     engine = Engine(model, pool, table, adapters, ec.sched)
     if graphs:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
