@@ -45,7 +45,12 @@ def mixed_requests(names, seed=0, lo=2, hi=40):
             for i, name in enumerate(names)]
 
 
-def test_mixed_batch_matches_transformers_peft(tiny):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_mixed_batch_matches_transformers_peft(tiny, grouped, monkeypatch):
+    """grouped: decode steps sort their tokens by adapter (the grouped LoRA schedule's order)."""
+    if grouped:
+        import server.engine
+        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=4)
     free0 = engine.pool.free_pages
