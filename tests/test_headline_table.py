@@ -1,0 +1,32 @@
+"""benchmarks/headline_table.py: the headline folder's table and target ratios from bench JSON."""
+import json
+import sys
+
+from benchmarks import headline_table as ht
+
+
+def _run(backend, n, req_s, finished=10):
+    return {"backend": backend, "n": n, "config": {"warm_s": 3.0},
+            "result": {"num_finished": finished, "num_requests": 10, "throughput": req_s,
+                       "output_token_throughput": req_s * 250, "avg_latency": 5.0,
+                       "avg_first_token_latency": 0.5, "p90_first_token_latency": 0.9, "slo_attainment": 1.0}}
+
+
+def test_table_and_ratios_from_a_results_folder(tmp_path, capsys, monkeypatch):
+    files = {"S2-n5.json": [_run("loraserve", 5, 10.0)], "S2-n2000.json": [_run("loraserve", 2000, 9.6)],
+             "S2-n1000.json": [_run("loraserve", 1000, 8.0)], "base.json": [_run("base", 0, 10.0)],
+             "peft.json": [_run("loraserve", 100, 6.0), _run("peft", 100, 0.1, finished=2)],
+             "notes.json": {"not": "runs"}}
+    for name, runs in files.items():
+        (tmp_path / name).write_text(json.dumps({"runs": runs} if isinstance(runs, list) else runs))
+    data = ht.load(tmp_path)
+    assert sorted(data) == ["S2", "base", "peft"]
+    assert [r["n"] for r in data["S2"]] == [1000, 2000, 5]      # file order; the table sorts by n
+    monkeypatch.setattr(sys, "argv", ["headline_table.py", str(tmp_path), "--no-plot"])
+    ht.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| S2") and "| loraserve |" in line]
+    assert [r.split("|")[3].strip() for r in rows] == ["5", "1000", "2000"]
+    assert "| S2 throughput at n = 2000 >= 95% of n = 5 | n=2000 / n=5: 9.60 / 10.00 req/s = 96% | yes |" in out
+    assert "| S2 at n = 1000 >= 85% of base-only | n=1000 / base: 8.00 / 10.00 req/s = 80% | no |" in out
+    assert "loraserve / PEFT: 6.00 / 0.10 req/s = 60.0x | yes |" in out
