@@ -168,7 +168,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     spreads = [args.adapters] + [int(k) for k in args.spread.split(",") if k] if args.adapters else []
     modes = [("base", 0)] + [("lora" if k == args.adapters else f"lora{k}", min(k, args.adapters)) for k in spreads]
-    for graphs in ([False] * args.eager + [True] * (dev.type == "cuda" and args.graphs) or [False]):
+    graph_modes = [g for g, on in ((False, args.eager), (True, dev.type == "cuda" and args.graphs)) if on]
+    for graphs in graph_modes or [False]:
         if graphs:
             t0 = time.time()
             engine.capture_graphs(max(batches), max(ranks))

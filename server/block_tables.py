@@ -58,6 +58,15 @@ class BlockTables:
         """The batch's block tables [S, n_blocks, 2L] (a device gather)."""
         return self.table[rows, :n_blocks]
 
+    def token_pages(self, rows: torch.Tensor, tokens_per_row: list[int], positions: torch.Tensor,
+                    block_tokens: int) -> torch.Tensor:
+        """The pages [T, 2L] that each new token's K/V land in (a device gather): tokens come in
+        runs of tokens_per_row[i] for rows[i], at the given positions."""
+        if len(tokens_per_row) != positions.numel():
+            rows = torch.repeat_interleave(rows, torch.tensor(tokens_per_row, device=rows.device),
+                                           output_size=positions.numel())
+        return self.table[rows, positions // block_tokens]
+
     def release(self, req: Request) -> None:
         """The request is finished: its row goes back (its pages were freed by the scheduler)."""
         if req.bt_row >= 0:

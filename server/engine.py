@@ -245,12 +245,8 @@ class Engine:
         S = len(seqs)
         rows = self.block_tables.sync(seqs)
         max_blocks = max(len(r.blocks) for r in seqs)
-        pos_t = torch.tensor(pos, dtype=torch.int64)
-        pos_d = pos_t.to(dev, non_blocking=self._pin)
-        # the pages each new token's K/V land in, gathered on the device from the tables
-        tok_rows = rows if len(ids) == S else torch.repeat_interleave(
-            rows, torch.tensor(seq_lens, device=dev), output_size=len(ids))
-        token_pages = self.block_tables.table[tok_rows, pos_d // B]
+        pos_d = torch.tensor(pos, dtype=torch.int64).to(dev)
+        token_pages = self.block_tables.token_pages(rows, seq_lens, pos_d, B)
         off_d = (pos_d % B).to(torch.int32)
         ctx = [n for _, _, n in q_host]
         max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)

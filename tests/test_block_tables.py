@@ -64,3 +64,14 @@ def test_too_many_blocks_is_refused():
         assert "3 KV blocks" in str(e)
     else:
         raise AssertionError("3 blocks fit a 2-block table")
+
+
+def test_token_pages_follow_each_tokens_block():
+    per, B = 2, 4
+    bt = BlockTables(rows=2, max_blocks=3, pages_per_block=per, device=torch.device("cpu"))
+    a, b = _req("a", [[1, 2], [3, 4], [5, 6]]), _req("b", [[7, 8]])
+    rows = bt.sync([a, b])
+    pos = torch.tensor([3, 4, 9, 2])          # a: a prefill run of 3 tokens; b: one decode token
+    got = bt.token_pages(rows, [3, 1], pos, B)
+    assert got.tolist() == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    assert bt.token_pages(rows, [1, 1], torch.tensor([9, 2]), B).tolist() == [[5, 6], [7, 8]]
