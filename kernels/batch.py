@@ -22,10 +22,13 @@ class LoraBatch:
     # decode only: tokens come sorted by slot, so runs of one adapter fill token tiles and the
     # grouped kernels read each adapter's rows once per tile instead of once per token
     grouped: bool = False
+    # some adapter in the batch targets an MLP module (gate/up/down); when none does, the model
+    # skips those launches (most adapters, S-LoRA's included, target attention only)
+    mlp: bool = True
 
     @classmethod
     def build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device,
-              grouped: bool = False) -> "LoraBatch":
+              grouped: bool = False, mlp: bool = True) -> "LoraBatch":
         token_slot, indptr, slots, host, pos = [], [0], [], [], 0
         for n, s in zip(seq_lens, seq_slots):
             token_slot += [s] * n
@@ -34,7 +37,7 @@ class LoraBatch:
             indptr.append(pos)
             slots.append(s)
         t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-        return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host, grouped)
+        return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host, grouped, mlp)
 
 
 @dataclass

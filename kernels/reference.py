@@ -24,8 +24,11 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                 batch: LoraBatch) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
-    x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation).
+    x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation). Several modules
+    reading the same x: meta [slots, M, 4] returns [T, M, batch.max_rank].
     """
+    if meta.dim() == 3:
+        return torch.stack([lora_shrink(x, flat, rows, meta[:, m], batch) for m in range(meta.shape[1])], dim=1)
     T, d_in = x.shape
     v = torch.zeros(T, batch.max_rank, dtype=x.dtype, device=x.device)
     for s0, s1, slot in batch.seg_host:
@@ -40,8 +43,19 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
-                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch) -> None:
-    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view)."""
+                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
+                widths: tuple[int, ...] | None = None) -> None:
+    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
+
+    Several modules: meta [slots, M, 4], v [T, M, R]; module m adds into the ``widths[m]`` columns
+    after those of modules 0..m-1.
+    """
+    if meta.dim() == 3:
+        off = 0
+        for m, w in enumerate(widths):
+            lora_expand(y[:, off:off + w], v[:, m], flat, rows, meta[:, m], scaling, batch)
+            off += w
+        return
     T, d_out = y.shape
     for s0, s1, slot in batch.seg_host:
         if slot < 0:

@@ -83,14 +83,37 @@ def _p2(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# modules of one launch
+# ---------------------------------------------------------------------------------------------
+# Modules that read the same input (q/k/v; gate/up) share one launch: a grid axis picks the module,
+# whose meta rows, v columns and output columns are at fixed strides. Their outputs are adjacent
+# column ranges of one fused GEMM output, of widths W0, W1, W2 (up to three modules).
+@triton.jit
+def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
+    """Pointers and output width of module ``mod`` of a multi-module expand."""
+    col0 = 0
+    d_out = W0
+    if mod >= 1:
+        col0 = W0
+        d_out = W1
+    if mod >= 2:
+        col0 = W0 + W1
+        d_out = W2
+    return y_ptr + col0 * sy1, v_ptr + mod * svm, meta_ptr + mod * smm, d_out
+
+
+# ---------------------------------------------------------------------------------------------
 # decode (one token per segment): BGMV-like
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, slot_ptr,
-                          v_ptr, sv0, sv1, d_in, max_rank,
+def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
+                          v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     rt = tl.program_id(1)
+    mod = tl.program_id(2)
+    meta_ptr += mod * smm
+    v_ptr += mod * svm
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     out_mask = offs_r < max_rank
     v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
@@ -124,11 +147,14 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm
 
 
 @triton.jit
-def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
-                          scale_ptr, slot_ptr, d_out,
+def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
+                          scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     nt = tl.program_id(1)
+    y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    if nt * BLOCK_N >= d_out:
+        return
     slot = tl.load(slot_ptr + t)
     if slot < 0:
         return
@@ -167,12 +193,15 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, 
 # tile, so an adapter's rows are read once per tile rather than once per token. The grid does not
 # depend on how many adapters there are, so CUDA graphs capture it once per batch size.
 @triton.jit
-def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, slot_ptr,
-                           v_ptr, sv0, sv1, T, d_in, max_rank,
+def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
+                           v_ptr, sv0, sv1, svm, T, d_in, max_rank,
                            ALIGN: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     mt = tl.program_id(0)
     rt = tl.program_id(1)
+    mod = tl.program_id(2)
+    meta_ptr += mod * smm
+    v_ptr += mod * svm
     BIG: tl.constexpr = 2147483647
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < T
@@ -208,12 +237,15 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, s
 
 
 @triton.jit
-def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
-                           scale_ptr, slot_ptr, T, d_out,
+def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
+                           scale_ptr, slot_ptr, T, W0, W1, W2,
                            ALIGN: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     mt = tl.program_id(0)
     nt = tl.program_id(1)
+    y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    if nt * BLOCK_N >= d_out:
+        return
     BIG: tl.constexpr = 2147483647
     offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < T
@@ -257,14 +289,18 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr,
 # prefill (segments of many tokens): SGMV-like, tensor cores
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, indptr_ptr, seg_slot_ptr,
-                       v_ptr, sv0, sv1, d_in, max_rank, k_split,
+def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, indptr_ptr, seg_slot_ptr,
+                       v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles,
                        ALIGN: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)
     mt = tl.program_id(1)
-    nt = tl.program_id(2) // SPLIT_K
     ks = tl.program_id(2) % SPLIT_K
+    nt = tl.program_id(2) // SPLIT_K     # (module, rank tile) folded into one grid axis
+    mod = nt // n_tiles
+    nt = nt % n_tiles
+    meta_ptr += mod * smm
+    v_ptr += mod * svm
     s0 = tl.load(indptr_ptr + g)
     s1 = tl.load(indptr_ptr + g + 1)
     m0 = s0 + mt * BLOCK_M
@@ -312,13 +348,17 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
 
 
 @triton.jit
-def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1,
-                       scale_ptr, indptr_ptr, seg_slot_ptr, d_out,
+def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
+                       scale_ptr, indptr_ptr, seg_slot_ptr, W0, W1, W2, n_tiles,
                        ALIGN: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)
     mt = tl.program_id(1)
-    nt = tl.program_id(2)
+    nt = tl.program_id(2) % n_tiles      # (module, column tile) folded into one grid axis
+    y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2) // n_tiles, y_ptr, sy1, v_ptr, svm, meta_ptr, smm,
+                                            W0, W1, W2)
+    if nt * BLOCK_N >= d_out:
+        return
     s0 = tl.load(indptr_ptr + g)
     s1 = tl.load(indptr_ptr + g + 1)
     m0 = s0 + mt * BLOCK_M
@@ -373,32 +413,47 @@ def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
     return 16
 
 
+def _modules(meta: torch.Tensor) -> torch.Tensor:
+    """meta as [slots, modules, 4]: a single (layer, module) view is one module."""
+    return meta if meta.dim() == 3 else meta.unsqueeze(1)
+
+
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
                 batch: LoraBatch) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
-    x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation)."""
+
+    x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
+    (M <= 3 modules reading the same x, e.g. q/k/v): one launch, returns [T, M, batch.max_rank].
+    In x's dtype, fp32 accumulation.
+    """
     T, d_in = x.shape
     R = batch.max_rank
-    v = torch.empty(T, R, dtype=x.dtype, device=x.device)
+    meta3 = _modules(meta)
+    M = meta3.shape[1]
+    v3 = torch.empty(T, M, R, dtype=x.dtype, device=x.device)
+    v = v3 if meta.dim() == 3 else v3.view(T, R)
     if T == 0 or R == 0:
         return v
+    assert M <= 3, "at most three modules per launch"
     align = _row_align(flat)
+    sm0, smm, sm1 = meta3.stride()
+    sv0, svm, sv1 = v3.stride()
     if batch.max_seg_len <= 1 and batch.grouped:
         cfg = TUNE["shrink_grouped"]
         BLOCK_M, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], max(16, _p2(d_in))) if x.dtype != torch.float32 else 32
-        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R))
-        _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
-                                     batch.token_slot, v, v.stride(0), v.stride(1), T, d_in, R,
+        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R), M)
+        _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+                                     batch.token_slot, v3, sv0, sv1, svm, T, d_in, R,
                                      ALIGN=align, IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
         cfg = TUNE["shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        grid = (T, triton.cdiv(R, BLOCK_R))
-        _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
-                                    batch.token_slot, v, v.stride(0), v.stride(1), d_in, R,
+        grid = (T, triton.cdiv(R, BLOCK_R), M)
+        _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
@@ -406,66 +461,81 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_N = min(128, max(16, _p2(R)))
         n_tiles = triton.cdiv(R, BLOCK_N)
         G = batch.seg_slot.numel()
-        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, n_tiles)
+        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
         BLOCK_K = cfg["BLOCK_K"] if x.dtype != torch.float32 else 32
         m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
         # split-K when (segments x token tiles) leave most SMs idle (few, short or one adapter)
         split = cfg.get("SPLIT_K")
         if split is None:
             split = 1
-            while (G * m_tiles * n_tiles * split < _sms(x.device) and split < 16
+            while (G * m_tiles * M * n_tiles * split < _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
         k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
         split = triton.cdiv(d_in, k_split)
-        out = v if split == 1 else torch.zeros(T, R, dtype=torch.float32, device=x.device)
-        grid = (G, m_tiles, n_tiles * split)
-        _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta, meta.stride(0), meta.stride(1),
-                                 batch.seg_indptr, batch.seg_slot, out, out.stride(0), out.stride(1), d_in, R,
-                                 k_split, ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
+        out = v3 if split == 1 else torch.zeros(T, M, R, dtype=torch.float32, device=x.device)
+        so0, som, so1 = out.stride()
+        grid = (G, m_tiles, M * n_tiles * split)
+        _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+                                 batch.seg_indptr, batch.seg_slot, out, so0, so1, som, d_in, R, k_split, n_tiles,
+                                 ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if split > 1:
-            v.copy_(out)
+            v3.copy_(out)
     return v
 
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
-                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch) -> None:
-    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view)."""
+                meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
+                widths: tuple[int, ...] | None = None) -> None:
+    """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
+
+    Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
+    ``widths`` the M output widths; module m adds into columns sum(widths[:m]) + [0, widths[m]).
+    """
     T, d_out = y.shape
     if T == 0 or batch.max_rank == 0 or d_out == 0:
         return
+    meta3 = _modules(meta)
+    M = meta3.shape[1]
+    v3 = v if v.dim() == 3 else v.unsqueeze(1)
+    widths = tuple(widths) if widths is not None else (d_out,)
+    assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
+    W0, W1, W2 = (widths + (0, 0))[:3]
+    w_max = max(widths)
     align = _row_align(flat)
+    sm0, smm, sm1 = meta3.stride()
+    sv0, svm, sv1 = v3.stride()
     if batch.max_seg_len <= 1 and batch.grouped:
         cfg = TUNE["expand_grouped"]
         BLOCK_M = cfg["BLOCK_M"]
-        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(d_out)))
+        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
-        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(d_out, BLOCK_N))
-        _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
-                                     meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, T, d_out,
+        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(w_max, BLOCK_N), M)
+        _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, T, W0, W1, W2,
                                      ALIGN=align, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
         cfg = TUNE["expand_decode"]
-        BLOCK_N = min(cfg["BLOCK_N"], _p2(d_out))
+        BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        grid = (T, triton.cdiv(d_out, BLOCK_N))
-        _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
-                                    meta, meta.stride(0), meta.stride(1), scaling, batch.token_slot, d_out,
+        grid = (T, triton.cdiv(w_max, BLOCK_N), M)
+        _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+                                    meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]
-        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(d_out)))
-        n_tiles = triton.cdiv(d_out, BLOCK_N)
-        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, n_tiles)
+        BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
+        n_tiles = triton.cdiv(w_max, BLOCK_N)
+        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
         G = batch.seg_slot.numel()
-        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), n_tiles)
-        _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v, v.stride(0), v.stride(1), flat, rows,
-                                 meta, meta.stride(0), meta.stride(1), scaling, batch.seg_indptr, batch.seg_slot,
-                                 d_out, ALIGN=align, IEEE=y.dtype == torch.float32,
+        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), M * n_tiles)
+        _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+                                 meta3, sm0, sm1, smm, scaling, batch.seg_indptr, batch.seg_slot,
+                                 W0, W1, W2, n_tiles, ALIGN=align, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

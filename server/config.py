@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 # LoRA target modules the engine supports, in the order the pool's index tables use.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = TARGET_MODULES[:4]       # the rest (gate/up/down) are the MLP's
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 

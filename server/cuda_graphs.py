@@ -2,7 +2,8 @@
 critical path (a Llama-7B decode step launches ~1,500 kernels; at batch 1 the GPU needs ~5 ms).
 
 One graph per batch-size bucket and LoRA schedule: per-token, grouped by adapter, and none (a
-base-only batch pays nothing for LoRA). Every per-step input lives in static buffers that the step copies
+base-only batch pays nothing for LoRA); the two LoRA schedules are captured with and without the
+MLP modules (a batch whose adapters all target attention only skips those launches). Every per-step input lives in static buffers that the step copies
 into; rows past the real batch are padding that reads and writes only the pool's scratch page.
 Graphs are captured for a fixed rank cap and context cap: a batch beyond either runs eagerly.
 """
@@ -41,18 +42,18 @@ class DecodeGraphs:
         self.token_off = torch.zeros(n, **i32)
         self.logits_idx = torch.arange(n, dtype=torch.int64, device=dev)
         self.token_slot = torch.full((n,), -1, **i32)
-        self.graphs: dict[tuple[int, str | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str | None, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
 
-    def _batches(self, bs: int, lora: str | None):
+    def _batches(self, bs: int, lora: str | None, mlp: bool):
         attn = AttnBatch(self.bt[:bs], self.q_indptr[:bs + 1], self.ctx[:bs], self.token_pages[:bs],
                          self.token_off[:bs], max_q_len=1, max_context=self.max_context)
         lb = LoraBatch(self.token_slot[:bs], self.q_indptr[:bs + 1], self.token_slot[:bs],
-                       max_seg_len=1, max_rank=self.max_rank, grouped=lora == "grouped") if lora else None
+                       max_seg_len=1, max_rank=self.max_rank, grouped=lora == "grouped", mlp=mlp) if lora else None
         return attn, lb
 
-    def _forward(self, bs: int, lora: str | None) -> torch.Tensor:
-        attn, lb = self._batches(bs, lora)
+    def _forward(self, bs: int, lora: str | None, mlp: bool) -> torch.Tensor:
+        attn, lb = self._batches(bs, lora, mlp)
         return self.model.forward(self.ids[:bs], self.pos[:bs], attn, lb, self.pool, self.table,
                                   self.logits_idx[:bs])
 
@@ -61,25 +62,31 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for lora in LORA_MODES:
+            for lora, mlp in self.variants():
                 for bs in reversed(self.buckets):
                     for _ in range(2):            # warm up: compile and autotune outside capture
-                        self._forward(bs, lora)
+                        self._forward(bs, lora, mlp)
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.mempool, stream=stream):
-                        out = self._forward(bs, lora)
+                        out = self._forward(bs, lora, mlp)
                     self.mempool = g.pool()
-                    self.graphs[(bs, lora)] = (g, out)
+                    self.graphs[(bs, lora, mlp)] = (g, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs (batch up to %d, context %d, rank %d)",
                  len(self.graphs), self.buckets[-1], self.max_context, self.max_rank)
 
+    @staticmethod
+    def variants() -> list[tuple[str | None, bool]]:
+        """(LoRA schedule, MLP LoRA) pairs captured per bucket."""
+        return [(m, mlp) for m in LORA_MODES for mlp in ((True, False) if m else (False,))]
+
     def fits(self, n: int, max_rank: int, max_context: int, max_blocks: int) -> bool:
         return (n <= self.buckets[-1] and max_rank <= self.max_rank and max_context <= self.max_context
                 and max_blocks <= self.max_blocks)
 
-    def run(self, ids, pos, bt, ctx, token_pages, token_off, slots, lora: str | None) -> torch.Tensor:
+    def run(self, ids, pos, bt, ctx, token_pages, token_off, slots, lora: str | None,
+            mlp: bool = True) -> torch.Tensor:
         """Copy one decode batch into the static buffers, replay, return logits [n, vocab]."""
         n = ids.numel()
         bs = next(b for b in self.buckets if b >= n)
@@ -99,6 +106,6 @@ class DecodeGraphs:
             self.token_pages[n:bs] = self.pool.scratch_page
             self.token_off[n:bs] = 0
             self.token_slot[n:bs] = -1
-        g, out = self.graphs[(bs, lora)]
+        g, out = self.graphs[(bs, lora, mlp and lora is not None)]
         g.replay()
         return out[:n]

@@ -250,6 +250,7 @@ class Engine:
         off_d = (pos_d % B).to(torch.int32)
         ctx = [n for _, _, n in q_host]
         max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)
+        mlp = any(bool(self.table.mlp[s]) for s in slots if s >= 0)
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
         t1 = time.perf_counter()
@@ -257,7 +258,7 @@ class Engine:
                 and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
             logits = self.graphs.run(ids_t, pos_d, self.block_tables.gather(rows, max_blocks), ctx_t,
                                      token_pages, off_d, torch.tensor(slots, dtype=torch.int32),
-                                     lora=mode if max_rank > 0 else None)
+                                     lora=mode if max_rank > 0 else None, mlp=mlp)
         else:
             to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
             attn = AttnBatch(
@@ -265,7 +266,8 @@ class Engine:
                 q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
                 context_lens=to(ctx_t), token_pages=token_pages, token_offsets=off_d,
                 max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
-            lora = LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped") if max_rank > 0 else None
+            lora = (LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped", mlp=mlp)
+                    if max_rank > 0 else None)
             logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])

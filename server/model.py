@@ -20,6 +20,8 @@ from server.pool import AdapterTable, UnifiedPool
 from server.tp import COLUMN, TP, gather_rank_split, shard_config, shard_state
 
 M_IDX = {m: i for i, m in enumerate(TARGET_MODULES)}
+QKV = ("q_proj", "k_proj", "v_proj")        # LoRA groups: modules that read one input and whose
+GATE_UP = ("gate_proj", "up_proj")          # outputs are adjacent columns of one fused GEMM
 
 
 @dataclass
@@ -96,17 +98,38 @@ class LlamaModel:
             ts += [L.ln1, L.qkv, L.o, L.ln2, L.gate_up, L.down]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
-              table: AdapterTable, pool: UnifiedPool) -> None:
+    def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: LoraBatch,
+              table: AdapterTable, pool: UnifiedPool, widths: tuple[int, ...] | None = None) -> None:
+        """y += LoRA deltas of ``modules`` (adjacent in TARGET_MODULES, all reading x), whose
+        outputs are adjacent column ranges of y of the given widths (one module: all of y): one shrink and one expand
+        launch for the group (q/k/v; gate/up), where one per module costs launches and, in eager
+        prefill steps, host time."""
+        if self.tp.enabled:
+            off = 0
+            for m, w in zip(modules, widths or (y.shape[1],)):
+                self._lora_tp(y[:, off:off + w], x, layer, m, lora, table, pool)
+                off += w
+            return
+        i = M_IDX[modules[0]]
+        meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
+        v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
+        if len(modules) == 1:
+            self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
+        else:
+            self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora, widths)
+
+    def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
+                 table: AdapterTable, pool: UnifiedPool) -> None:
+        """One module under tensor parallelism (A is split by rank or by input: a collective sits
+        between shrink and expand, so modules are not fused)."""
         meta = table.meta[:, layer, M_IDX[module]]
         v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
-        if self.tp.enabled:
-            if module in COLUMN:    # rank-split A: gather the full rank-r vector
-                slots = lora.token_slot.long()
-                a_rows = torch.where(slots >= 0, meta[slots.clamp(min=0), 2], 0)
-                v = gather_rank_split(v, a_rows, lora.max_rank, self.tp)
-            else:                   # input-split A: sum the partial products
-                v = self.tp.all_reduce(v.float()).to(v.dtype)
+        if module in COLUMN:    # rank-split A: gather the full rank-r vector
+            slots = lora.token_slot.long()
+            a_rows = torch.where(slots >= 0, meta[slots.clamp(min=0), 2], 0)
+            v = gather_rank_split(v, a_rows, lora.max_rank, self.tp)
+        else:                   # input-split A: sum the partial products
+            v = self.tp.all_reduce(v.float()).to(v.dtype)
         self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
 
     @torch.inference_mode()
@@ -122,14 +145,13 @@ class LlamaModel:
         cos, sin = freqs.cos(), freqs.sin()
         kv = pool.kv_view()
         use_lora = lora is not None and lora.max_rank > 0
+        mlp_lora = use_lora and lora.mlp    # some adapter in the batch targets the MLP
         x = self.embed[input_ids]
         for li, L in enumerate(self.layers):
             h = ops.rms_norm(x, L.ln1, cfg.rms_norm_eps)
             qkv = F.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
-                for m, sl in (("q_proj", slice(0, qw)), ("k_proj", slice(qw, qw + kw)),
-                              ("v_proj", slice(qw + kw, qw + 2 * kw))):
-                    self._lora(qkv[:, sl], h, li, m, lora, table, pool)
+                self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
             # q and k heads rotate in one call: they are adjacent in the fused qkv output
             qk = ops.apply_rope(qkv[:, :qw + kw].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
             q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
@@ -138,17 +160,16 @@ class LlamaModel:
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
             out = F.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
-                self._lora(out[:, self._row_cols], o, li, "o_proj", lora, table, pool)
+                self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table, pool)
             x = x + self.tp.all_reduce(out)
             h = ops.rms_norm(x, L.ln2, cfg.rms_norm_eps)
             gu = F.linear(h, L.gate_up)
-            if use_lora:
-                self._lora(gu[:, :I], h, li, "gate_proj", lora, table, pool)
-                self._lora(gu[:, I:], h, li, "up_proj", lora, table, pool)
+            if mlp_lora:
+                self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
             a = F.silu(gu[:, :I]) * gu[:, I:]
             d = F.linear(a, L.down)
-            if use_lora:
-                self._lora(d[:, self._row_cols], a, li, "down_proj", lora, table, pool)
+            if mlp_lora:
+                self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
             x = x + self.tp.all_reduce(d)
         x = ops.rms_norm(x[logits_idx], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

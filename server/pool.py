@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.config import TARGET_MODULES, ModelConfig
+from server.config import ATTENTION, TARGET_MODULES, ModelConfig
 
 ROW_ALIGN = 8  # elements; 16 bytes at fp16/bf16
 
@@ -144,6 +144,7 @@ class AdapterTable:
         self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32, device=dev)
         self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
         self.max_rank = torch.zeros(max_slots, dtype=torch.int32)  # host copy, for kernel bounds
+        self.mlp = torch.zeros(max_slots, dtype=torch.bool)          # host: targets gate/up/down
         self.slots: dict[int, AdapterSlot] = {}
         self._free_slots = list(range(max_slots - 1, -1, -1))
 
@@ -179,6 +180,7 @@ class AdapterTable:
             self.scaling[slot] = staged.scaling
         self.num_rows += offsets.numel()
         self.max_rank[slot] = staged.max_rank
+        self.mlp[slot] = bool((staged.meta[:, len(ATTENTION):, 2:] > 0).any())
         entry = AdapterSlot(slot, pages, start, offsets.numel())
         self.slots[slot] = entry
         return entry
@@ -203,6 +205,7 @@ class AdapterTable:
         self.meta[slot] = 0
         self.scaling[slot] = 0
         self.max_rank[slot] = 0
+        self.mlp[slot] = False
         self._free_slots.append(slot)
 
 @dataclass

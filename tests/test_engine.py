@@ -74,6 +74,46 @@ def test_mixed_batch_matches_transformers_peft(tiny, grouped, monkeypatch):
     assert engine.pool.free_pages + engine.pool.adapter_pages == free0 == engine.pool.num_pages
 
 
+def test_lora_groups_and_attention_only_batches(tiny):
+    """q/k/v (and gate/up) run as one LoRA launch each; a batch whose adapters all target
+    attention only skips the MLP launches. Outputs still match transformers+peft."""
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=4)
+    ops, calls = engine.model.ops, []
+    shrink = ops.lora_shrink
+
+    def spy(x, flat, rows, meta, batch):
+        calls.append((tuple(meta.shape[1:-1]), batch.mlp))
+        return shrink(x, flat, rows, meta, batch)
+
+    ops.lora_shrink = spy
+    try:
+        by_name = {}
+        for names in (["attn", "qv", ""], ["attn", "full"]):
+            calls.clear()
+            reqs = mixed_requests(names, seed=3)
+            outs = run_engine(engine, reqs)
+            by_name[tuple(names)] = list(calls)
+            for req in reqs:
+                ref_t, ref_lp = hf_reference(model_dir, adapters.get(req.adapter_id), req.prompt_ids, N_NEW)
+                assert outs[req.request_id][0] == ref_t, req.adapter_id
+                assert max(abs(a - b) for a, b in zip(outs[req.request_id][1], ref_lp)) < 1e-2
+    finally:
+        engine.stop()
+    L = engine.model.cfg.num_layers
+    attn_only, with_full = by_name[("attn", "qv", "")], by_name[("attn", "full")]
+    # attention-only steps: per layer one q/k/v launch (3 modules) and one o_proj launch
+    assert attn_only and all(not mlp for _, mlp in attn_only)
+    assert sorted(set(shape for shape, _ in attn_only)) == [(), (3,)]
+    assert len(attn_only) % (2 * L) == 0
+    # with an MLP adapter in the batch: gate/up together (2 modules) and down_proj as well
+    assert all(mlp for _, mlp in with_full) and (2,) in {shape for shape, _ in with_full}
+    assert len(with_full) % (4 * L) == 0
+    # the table's host flag behind the choice, for the adapters the two batches loaded
+    flags = {name: bool(engine.table.mlp[engine.adapters.resident[name].slot]) for name in ("attn", "full", "qv")}
+    assert flags == {"attn": False, "full": True, "qv": False}
+
+
 @pytest.mark.parametrize("variant", ["llama3-rope", "qwen2-bias", "mistral-tied"])
 def test_model_families_match_transformers(tmp_path, variant):
     over = {

@@ -180,6 +180,67 @@ def test_lora_grouped_decode(dtype, order):
                 grouped=True)
 
 
+def _check_lora_fused(cfg, dtype, seq_lens, pick, ranks, modules_per, groups, layer, tol, gen, block_tokens=4,
+                      grouped=False):
+    """Modules sharing an input in one launch (meta [slots, M, 4]) against one reference call per
+    module: shrink output per module, and the expand into adjacent column ranges of one tensor."""
+    pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
+    seg_slots = [-1 if p < 0 else slots[p] for p in pick]
+    max_rank = max((int(table.max_rank[s]) for s in seg_slots if s >= 0), default=0)
+    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
+    T = sum(seq_lens)
+    for group in groups:
+        idx = [TARGET_MODULES.index(m) for m in group]
+        assert idx == list(range(idx[0], idx[0] + len(idx))), "fused modules are adjacent in the table"
+        meta = table.meta[:, layer, idx[0]:idx[0] + len(idx)]
+        d_in = cfg.module_dims(group[0])[0]
+        widths = tuple(cfg.module_dims(m)[1] for m in group)
+        x = torch.randn(T, d_in, generator=gen).to(DEV, dtype)
+        poison(T * len(group) * batch.max_rank, dtype)
+        v = tlora.lora_shrink(x, pool.flat, table.rows, meta, batch)
+        assert v.shape == (T, len(group), batch.max_rank) and torch.isfinite(v).all()
+        for j, m in enumerate(group):
+            v_ref = ref.lora_shrink(x, pool.flat, table.rows, meta[:, j], batch)
+            assert rel_err(v[:, j], v_ref) < tol, (m, rel_err(v[:, j], v_ref))
+            assert torch.equal(v[:, j][v_ref == 0], v_ref[v_ref == 0]), m
+        # expand into a column slice of a wider tensor (the fused GEMM output), 8 spare columns each side
+        W = sum(widths)
+        big = torch.randn(T, W + 16, generator=gen).to(DEV, dtype)
+        want, orig = big.clone(), big.clone()
+        tlora.lora_expand(big[:, 8:8 + W], v, pool.flat, table.rows, meta, table.scaling, batch, widths)
+        off = 8
+        for j, w in enumerate(widths):
+            ref.lora_expand(want[:, off:off + w], v[:, j], pool.flat, table.rows, meta[:, j], table.scaling, batch)
+            off += w
+        assert torch.equal(big[:, :8], want[:, :8]) and torch.equal(big[:, 8 + W:], want[:, 8 + W:])
+        assert rel_err(big, want) < tol, (group, rel_err(big, want))
+        # the reference's own multi-module form is the per-module calls
+        ref.lora_expand(orig[:, 8:8 + W], v, pool.flat, table.rows, meta, table.scaling, batch, widths)
+        assert torch.equal(orig, want)
+        assert torch.equal(ref.lora_shrink(x, pool.flat, table.rows, meta, batch),
+                           torch.stack([ref.lora_shrink(x, pool.flat, table.rows, meta[:, j], batch)
+                                        for j in range(len(group))], dim=1))
+
+
+@pytest.mark.parametrize("schedule", ["decode", "grouped", "prefill"])
+def test_lora_fused_modules(schedule):
+    """q/k/v (GQA: k and v narrower than q) and gate/up in one launch each; one adapter targets
+    only q and v (k's rank is 0 in its meta), base tokens mixed in."""
+    gen = torch.Generator().manual_seed(31 + len(schedule))
+    ranks = [8, 16, 24]
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "up_proj")]
+    if schedule == "prefill":
+        lens, pick = [5, 1, 19, 3, 9, 2], [0, -1, 1, 2, 1, 0]
+    else:
+        pick = [(i * 5) % 4 - 1 for i in range(21)]
+        if schedule == "grouped":
+            pick.sort()
+        lens = [1] * len(pick)
+    _check_lora_fused(TINY, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
+                      ("gate_proj", "up_proj")], 1, 2e-3, gen, grouped=schedule == "grouped")
+
+
 @pytest.mark.parametrize("split", [2, 3])
 def test_lora_split_k(split):
     """The segment shrink split over d_in (fp32 atomics into a zeroed buffer, then one cast)."""
@@ -340,6 +401,28 @@ def test_gpu_lora_grouped_llama7b(dtype):
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"),
                 0, tol, gen, block_tokens=16, grouped=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("schedule", ["decode", "grouped", "prefill"])
+@pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
+def test_gpu_lora_fused_modules(schedule, cfg):
+    """q/k/v and gate/up in one launch at Llama-7B and Llama-3-8B (8 KV heads) shapes."""
+    gen = torch.Generator().manual_seed(24)
+    ranks = [8, 16, 32, 64, 128, 24]
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "up_proj")]
+    if schedule == "prefill":
+        lens = [300, 1, 77, 512, 5, 129, 1, 64]
+        pick = [(i % 7) - 1 for i in range(len(lens))]
+    else:
+        pick = [int(p) for p in torch.randint(-1, 6, (200,), generator=gen)]
+        if schedule == "grouped":
+            pick.sort()
+        lens = [1] * len(pick)
+    _check_lora_fused(cfg, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
+                      ("gate_proj", "up_proj")], 0, 2e-3, gen, block_tokens=16, grouped=schedule == "grouped")
 
 
 @gpu
