@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--pool-gb", type=float, default=30)
+    ap.add_argument("--prefill", default="", metavar="PxL",
+                    help="also time mixed steps: P prompts of L tokens (same adapter spread) beside the decode batch; "
+                         "these run eagerly, as every step with a prefill does")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager steps only")
     ap.add_argument("--no-eager", dest="eager", action="store_false", help="CUDA-graph steps only")
     ap.add_argument("--out")
@@ -132,13 +135,13 @@ def main() -> None:
     sync()
     print(f"loaded {args.adapters} adapters in {time.time() - t0:.1f}s; pool {pool.stats()}", flush=True)
 
-    def make_batch(n: int, spread: int) -> list[Request]:
+    def make_batch(n: int, spread: int, context: int | None = None, tag: str = "d") -> list[Request]:
         """n requests; spread 0: base model; else over `spread` adapters, interleaved."""
         reqs = []
         rng = random.Random(n)
         for i in range(n):
             aid = f"a{i % spread}" if spread else ""
-            r = Request(f"{n}-{i}", [rng.randrange(cfg.vocab_size) for _ in range(args.context)],
+            r = Request(f"{tag}{n}-{i}", [rng.randrange(cfg.vocab_size) for _ in range(context or args.context)],
                         SamplingParams(max_new_tokens=10_000, ignore_eos=True), aid)
             r.output_ids = [1]
             if aid:
@@ -162,6 +165,22 @@ def main() -> None:
         split = [round((a - b) * 1e3 / args.steps, 2) for a, b in zip((st.prep_s, st.device_s, st.post_s), before)]
         return split, (time.perf_counter() - w0) * 1e3 / args.steps
 
+    def time_mixed(prefills, decodes) -> float:
+        """Wall ms of a step that prefills every prompt again beside the decode batch."""
+        def step():
+            for r in prefills:
+                r.output_ids, r.num_computed = [], 0
+            engine._run(Step(list(prefills), decodes))
+        for _ in range(2):
+            step()
+        sync()
+        w0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        return (time.perf_counter() - w0) * 1e3 / args.steps
+
+    n_pre, l_pre = (int(v) for v in args.prefill.split("x")) if args.prefill else (0, 0)
     rows = []
     # bytes a decode step must read: every weight once (the embedding only its T rows) + the KV
     weight_bytes = model.weight_bytes - model.embed.numel() * model.embed.element_size()
@@ -184,16 +203,23 @@ def main() -> None:
                 kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
                 out[f"{mode}_ms"] = round(wall_ms, 3)
                 out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
+                if n_pre:
+                    pre = make_batch(n_pre, spread, context=l_pre, tag="p")
+                    out[f"prefill_{mode}_ms"] = round(time_mixed(pre, reqs), 3)
+                    for r in pre:
+                        engine.scheduler.free(r)
                 for r in reqs:
                     engine.scheduler.free(r)
             for mode, _ in modes[1:]:
                 out[f"{mode}_overhead"] = round(out[f"{mode}_ms"] / out["base_ms"] - 1, 3)
+                if n_pre:
+                    out[f"prefill_{mode}_overhead"] = round(out[f"prefill_{mode}_ms"] / out["prefill_base_ms"] - 1, 3)
             out["base_vs_roofline"] = round(out["base_ms"] / out["roofline_ms"], 2)
             rows.append(out)
             print(json.dumps(out), flush=True)
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
             "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
-            "adapters": args.adapters, "spread": spreads, "ranks": ranks, "targets": targets, "context": args.context,
+            "adapters": args.adapters, "spread": spreads, "prefill": args.prefill, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     print(json.dumps(meta))
     lm = [m for m, _ in modes[1:]]

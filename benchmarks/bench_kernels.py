@@ -278,6 +278,46 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
           f"vs cuBLAS graph {(t_cub_graph or float('nan'))*1e3:7.1f} us", flush=True)
 
 
+def run_fused_lora(res, pool, table, ranks, dtype, dev, tokens, lens, distinct, grouped=False, nrot=3):
+    """q/k/v LoRA as three shrink+expand pairs vs one pair over a module grid axis (what the model
+    runs): eager (host launch cost included, as in a prefill step) and from a CUDA graph."""
+    d = pool.cfg.hidden_size
+    N = len(ranks)
+    i0 = TARGET_MODULES.index("q_proj")
+    meta3 = table.meta[:, 0, i0:i0 + 3]
+    metas = [table.meta[:, 0, i0 + j] for j in range(3)]
+    sets = []
+    for k in range(nrot):
+        ids = [(k * distinct + i % distinct) % N for i in range(len(lens))]
+        if grouped:
+            ids.sort()
+        b = LoraBatch.build(lens, ids, max(ranks[i] for i in ids), dev, grouped=grouped)
+        sets.append((b, torch.randn(tokens, d, dtype=dtype, device=dev), torch.randn(tokens, 3 * d, dtype=dtype, device=dev)))
+
+    def separate(b, x, y):
+        for j, m in enumerate(metas):
+            v = tlora.lora_shrink(x, pool.flat, table.rows, m, b)
+            tlora.lora_expand(y[:, j * d:(j + 1) * d], v, pool.flat, table.rows, m, table.scaling, b)
+
+    def fused(b, x, y):
+        v = tlora.lora_shrink(x, pool.flat, table.rows, meta3, b)
+        tlora.lora_expand(y, v, pool.flat, table.rows, meta3, table.scaling, b, (d, d, d))
+
+    b, x, y = sets[0]
+    y1, y2 = y.clone(), y.clone()
+    separate(b, x, y1)
+    fused(b, x, y2)
+    err = rel(y2.float() - y.float(), y1.float() - y.float())
+    row = {"kind": "fused_lora", "tokens": tokens, "segments": len(lens), "distinct": distinct, "grouped": grouped,
+           "separate_ms": bench(separate, sets), "fused_ms": bench(fused, sets),
+           "separate_graph_ms": graph_ms(separate, sets), "fused_graph_ms": graph_ms(fused, sets), "rel_err": err}
+    res.append(row)
+    g = lambda v: float("nan") if v is None else v * 1e3  # noqa: E731
+    print(f"fused_lora qkv T={tokens:5d} seg={len(lens):4d} distinct={distinct:4d}{' grouped' if grouped else ''}: "
+          f"eager 3 launches {row['separate_ms']*1e3:8.1f} us, fused {row['fused_ms']*1e3:8.1f} us; graph "
+          f"{g(row['separate_graph_ms']):8.1f} vs {g(row['fused_graph_ms']):8.1f} us (rel err {err:.1e})", flush=True)
+
+
 def build_attn_pool(cfg, seqs, ctx, q_len, dtype, dev, block=16):
     L2 = 2 * cfg.num_layers
     nb = -(-ctx // block)
@@ -619,6 +659,17 @@ def markdown(meta, res) -> str:
             out.append(f"| {r['model']} | {r['seqs']} | {r['q_len']} | {f(r['ms'])} | {r['tflops']:.1f} | "
                        f"{f(r.get('graph_ms'))} | {f(r['sdpa_ms'])} |")
         out.append("")
+    fl = [r for r in res if r["kind"] == "fused_lora"]
+    if fl:
+        out += ["## q/k/v LoRA: three shrink+expand pairs vs one launch pair over a module axis, us", "",
+                "| tokens | segments | distinct adapters | schedule | eager, 3 pairs | eager, fused | graph, 3 pairs | "
+                "graph, fused | rel err |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in fl:
+            sched = "grouped" if r["grouped"] else ("decode" if r["segments"] == r["tokens"] else "segments")
+            out.append(f"| {r['tokens']} | {r['segments']} | {r['distinct']} | {sched} | {f(r['separate_ms'])} | "
+                       f"{f(r['fused_ms'])} | {f(r.get('separate_graph_ms'))} | {f(r.get('fused_graph_ms'))} | "
+                       f"{r['rel_err']:.1e} |")
+        out.append("")
     tuned = [r for r in res if r["kind"] == "tuned"]
     if tuned:
         out += ["## Tiles used (picked by --sweep on this device, checked against the reference)", ""]
@@ -644,7 +695,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--adapters", type=int, default=1000, help="adapters resident in the pool")
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", default="", help="comma list of: decode_lora,prefill_lora,decode_attn,prefill_attn")
+    ap.add_argument("--only", default="", help="comma list of: decode_lora,prefill_lora,fused_lora,decode_attn,prefill_attn")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of the headline cases")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     a = ap.parse_args(argv)
@@ -658,7 +709,8 @@ def main(argv=None):
         GQA = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
                           head_dim=16, vocab_size=64)
     dtype = getattr(torch, a.dtype)
-    only = set(a.only.split(",")) if a.only else {"decode_lora", "prefill_lora", "decode_attn", "prefill_attn"}
+    only = set(a.only.split(",")) if a.only else {"decode_lora", "prefill_lora", "fused_lora", "decode_attn",
+                                                  "prefill_attn"}
     t0 = time.time()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -681,7 +733,7 @@ def main(argv=None):
         (outdir / "kernels.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
         (outdir / "kernels.md").write_text(markdown(meta, res))
 
-    if {"decode_lora", "prefill_lora"} & only:
+    if {"decode_lora", "prefill_lora", "fused_lora"} & only:
         pool, table, ranks = build_lora_pool(LLAMA7B, a.adapters, dtype, dev)
         print(f"lora pool: {a.adapters} adapters, {pool.adapter_pages} pages, built in {time.time()-t0:.1f}s", flush=True)
         if a.sweep:
@@ -704,6 +756,14 @@ def main(argv=None):
                 pre = [(40, 1, 16), (40, 4, None)]
             for T, n, r in pre:
                 guarded(run_prefill_lora, res, pool, table, ranks, dtype, dev, bw, T, n, rank=r)
+                dump()
+        if "fused_lora" in only:
+            cases = [(1, [1], 1, False), (32, [1] * 32, 32, False), (256, [1] * 256, 256, False),
+                     (256, [1] * 256, 16, True), (512, [128] * 4, 4, False), (4096, [512] * 8, 8, False)]
+            if SMOKE:
+                cases = [(4, [1] * 4, 4, False), (6, [1] * 6, 2, True), (40, [10] * 4, 4, False)]
+            for T, lens, n, grouped in cases:
+                guarded(run_fused_lora, res, pool, table, ranks, dtype, dev, T, lens, n, grouped=grouped)
                 dump()
         del pool, table
         empty_cache()

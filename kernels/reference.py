@@ -114,6 +114,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+def add_rms_norm(x: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The residual add and the next norm: x += d in place (rounded to x's dtype), then
+    rms_norm(x). One kernel on the GPU where torch runs two (and reads x twice)."""
+    x.add_(d)
+    return rms_norm(x, weight, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: silu(gate) * up, where gu = [gate | up] along the last dim (the fused GEMM)."""
+    i = gu.shape[-1] // 2
+    return torch.nn.functional.silu(gu[..., :i]) * gu[..., i:]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (the Hugging Face Llama convention). x: [T, H, D]; cos/sin: [T, D/2]."""
     d2 = x.shape[-1] // 2

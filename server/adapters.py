@@ -78,6 +78,7 @@ class Resident:
     pages: int
     refs: int = 0
     stale: bool = False   # replaced or deleted: finish running requests, admit none
+    copied: object = None  # torch.cuda.Event of its page copy until a step has waited on it
 
 
 @dataclass
@@ -116,6 +117,7 @@ class AdapterManager:
         self.resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU order
         self.stale: list[Resident] = []
         self.loads = 0
+        self.preloads = 0      # loads started ahead of admission (counted in loads too)
 
     # -- host side (any thread) ------------------------------------------------------------
     def prefetch(self, adapter_id: str) -> None:
@@ -204,44 +206,84 @@ class AdapterManager:
         with self._lock:
             return self._host[adapter_id][1].num_pages
 
+    def _load(self, adapter_id: str) -> Resident:
+        """Copy an adapter from the host cache into the pool (side stream on CUDA)."""
+        r = self.resident.get(adapter_id)
+        if r is not None:          # a stale copy still serves its running requests
+            self.stale.append(self.resident.pop(adapter_id))
+        with self._lock:
+            version, staged = self._host[adapter_id]
+            self._host.move_to_end(adapter_id)
+        self.make_room(staged.num_pages)
+        if self.table.full:
+            self._evict_one()
+        entry = self.table.insert(staged, self.copy_stream)
+        r = Resident(adapter_id, version, entry.slot, staged.num_pages, copied=entry.copied)
+        self.resident[adapter_id] = r
+        self.loads += 1
+        return r
+
+    def pages_to_load_or_zero(self, adapter_id: str) -> int:
+        """pages_to_load, or 0 where the host cache does not hold it (yet)."""
+        try:
+            return self.pages_to_load(adapter_id)
+        except KeyError:
+            return 0
+
     def acquire(self, adapter_id: str) -> int:
         """Pin an adapter in the pool for a request; loads it from the host cache if needed."""
         r = self.resident.get(adapter_id)
         if r is None or r.stale:
-            if r is not None:      # a stale copy still serves its running requests
-                self.stale.append(self.resident.pop(adapter_id))
-            with self._lock:
-                version, staged = self._host[adapter_id]
-                self._host.move_to_end(adapter_id)
-            self.make_room(staged.num_pages)
-            if self.table.full:
-                self._evict_one()
-            entry = self.table.insert(staged, self.copy_stream)
-            if self.copy_stream is not None:
-                # the step that uses it waits for the copy; other work already queued does not
-                torch.cuda.current_stream(self.pool.device).wait_stream(self.copy_stream)
-            r = Resident(adapter_id, version, entry.slot, staged.num_pages)
-            self.resident[adapter_id] = r
-            self.loads += 1
+            r = self._load(adapter_id)
+        if r.copied is not None:
+            # the next step reads it: it waits for the page copy (long done if it was preloaded);
+            # work already queued does not
+            torch.cuda.current_stream(self.pool.device).wait_event(r.copied)
+            r.copied = None
         r.refs += 1
         self.resident.move_to_end(adapter_id)
         return r.slot
+
+    def preload(self, adapter_id: str, free_pages: int) -> int:
+        """Start copying a waiting request's adapter into the pool before it is admitted, so the
+        copy overlaps the steps in between instead of stalling the step that admits it (S-LoRA
+        prefetches the next batch's adapters the same way). Only into free pages beyond
+        ``free_pages`` reserved and a free slot: it never evicts. Returns the pages it took."""
+        if self.tp.enabled or self.table.full:   # (under TP every rank must load alike)
+            return 0
+        r = self.resident.get(adapter_id)
+        if r is not None and not r.stale:
+            return 0
+        with self._lock:
+            hit = self._host.get(adapter_id)
+        if hit is None or self.pool.free_pages - hit[1].num_pages < free_pages:
+            return 0
+        self._load(adapter_id)
+        self.preloads += 1
+        return hit[1].num_pages
 
     def release(self, adapter_id: str, slot: int) -> None:
         r = self.resident.get(adapter_id)
         if r is not None and r.slot == slot:
             r.refs -= 1
             if r.stale and r.refs == 0:
-                self.table.remove(r.slot)
+                self._drop(r)
                 del self.resident[adapter_id]
             return
         for s in self.stale:
             if s.slot == slot:
                 s.refs -= 1
                 if s.refs == 0:
-                    self.table.remove(s.slot)
+                    self._drop(s)
                     self.stale.remove(s)
                 return
+
+    def _drop(self, r: Resident) -> None:
+        """Free an adapter's slot and pages; pages whose copy may still run are reused only after it."""
+        if r.copied is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(r.copied)
+            r.copied = None
+        self.table.remove(r.slot)
 
     def make_room(self, pages: int) -> None:
         while self.pool.free_pages < pages:
@@ -251,7 +293,7 @@ class AdapterManager:
     def _evict_one(self) -> bool:
         for aid, r in self.resident.items():   # LRU first
             if r.refs == 0:
-                self.table.remove(r.slot)
+                self._drop(r)
                 del self.resident[aid]
                 return True
         return False
@@ -269,7 +311,7 @@ class AdapterManager:
         if r is not None:
             found = True
             if r.refs == 0:
-                self.table.remove(r.slot)
+                self._drop(r)
                 del self.resident[adapter_id]
             else:
                 r.stale = True

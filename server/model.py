@@ -147,8 +147,8 @@ class LlamaModel:
         use_lora = lora is not None and lora.max_rank > 0
         mlp_lora = use_lora and lora.mlp    # some adapter in the batch targets the MLP
         x = self.embed[input_ids]
+        h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
         for li, L in enumerate(self.layers):
-            h = ops.rms_norm(x, L.ln1, cfg.rms_norm_eps)
             qkv = F.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
                 self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
@@ -161,15 +161,19 @@ class LlamaModel:
             out = F.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
                 self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table, pool)
-            x = x + self.tp.all_reduce(out)
-            h = ops.rms_norm(x, L.ln2, cfg.rms_norm_eps)
+            # the residual add and the next norm are one kernel (x is updated in place)
+            h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
             gu = F.linear(h, L.gate_up)
             if mlp_lora:
                 self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
-            a = F.silu(gu[:, :I]) * gu[:, I:]
+            a = ops.silu_mul(gu)
             d = F.linear(a, L.down)
             if mlp_lora:
                 self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
-            x = x + self.tp.all_reduce(d)
+            d = self.tp.all_reduce(d)
+            if li + 1 < len(self.layers):
+                h = ops.add_rms_norm(x, d, self.layers[li + 1].ln1, cfg.rms_norm_eps)
+            else:
+                x.add_(d)
         x = ops.rms_norm(x[logits_idx], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

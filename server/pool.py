@@ -118,6 +118,7 @@ class AdapterSlot:
     pages: list[int]
     row_start: int     # first entry of this adapter in the global row table
     num_rows: int
+    copied: "torch.cuda.Event | None" = None   # end of the side-stream page copy (CUDA)
 
 
 class AdapterTable:
@@ -156,8 +157,10 @@ class AdapterTable:
     def insert(self, staged: "StagedAdapter", stream: "torch.cuda.Stream | None" = None) -> AdapterSlot:
         """Copy a staged adapter into freshly allocated pages and index it. Raises PoolExhausted.
 
-        One host-to-device copy of the page images and one index_copy into the pool; on CUDA
-        both run on ``stream`` (a side stream) so they overlap the step running on the default.
+        The page images (the bulk: one host-to-device copy and one index_copy) go on ``stream``, a
+        side stream, so they overlap the steps running on the default stream; the entry's ``copied``
+        event marks their end, and the first step that reads the adapter must wait on it. The small
+        index writes stay on the default stream, ordered with compaction (remove).
         """
         if not self._free_slots:
             raise PoolExhausted(f"all {self.max_slots} adapter slots are in use")
@@ -170,18 +173,21 @@ class AdapterTable:
         start = self.num_rows
         meta = staged.meta.clone()
         meta[..., :2] += torch.where(meta[..., 3:4] > 0, start, 0).to(meta.dtype)
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            dev = pool.device
+        dev = pool.device
+        done = None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images = staged.images.to(dev, dtype=pool.dtype, non_blocking=True)
             pool.data.index_copy_(0, page_ids.to(dev, non_blocking=True), images)
-            self.rows[start:start + offsets.numel()] = offsets.to(dev, non_blocking=True)
-            self.meta[slot] = meta.to(dev, non_blocking=True)
-            self.scaling[slot] = staged.scaling
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+        self.rows[start:start + offsets.numel()] = offsets.to(dev, non_blocking=True)
+        self.meta[slot] = meta.to(dev, non_blocking=True)
+        self.scaling[slot] = staged.scaling
         self.num_rows += offsets.numel()
         self.max_rank[slot] = staged.max_rank
         self.mlp[slot] = bool((staged.meta[:, len(ATTENTION):, 2:] > 0).any())
-        entry = AdapterSlot(slot, pages, start, offsets.numel())
+        entry = AdapterSlot(slot, pages, start, offsets.numel(), done)
         self.slots[slot] = entry
         return entry
 

@@ -9,6 +9,7 @@ on preemption: the newest running request gives back its pages and is recomputed
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -127,6 +128,7 @@ class Scheduler:
         prefills: list[Request] = []
         self._since_admit += 1
         if not self._admission_due():
+            self._preload()
             return Step(prefills, decodes)
         budget = self.cfg.max_prefill_tokens
         peak = self.cfg.admission == "peak"
@@ -183,7 +185,27 @@ class Scheduler:
         self.running += prefills
         if prefills:
             self._since_admit = 0
+        self._preload()
         return Step(prefills, decodes)
+
+    def _preload(self, lookahead: int = 16) -> None:
+        """Copy the adapters of the next waiting requests into free pool pages now, so their
+        copies overlap the coming steps rather than stall the step that admits them.
+
+        Preloaded adapters are idle (no references): when running requests grow into those pages
+        later, the pool evicts them like any idle adapter, so only a margin stays free here: a
+        block for each running request and the prompts of the requests ahead in the queue."""
+        reserve = None
+        for req in itertools.islice(self.waiting, lookahead):
+            if reserve is None:
+                if not any(r.adapter_id and self.adapters.pages_to_load_or_zero(r.adapter_id)
+                           for r in itertools.islice(self.waiting, lookahead)):
+                    return
+                reserve = len(self.running) * 2 * self.pool.cfg.num_layers
+            reserve += self._pages(req.total_len + 1)
+            if req.adapter_id and self.adapters.pages_to_load_or_zero(req.adapter_id):
+                if not self.adapters.preload(req.adapter_id, reserve):
+                    return     # no room: later requests must not take what this one needs
 
     def _admission_due(self) -> bool:
         if self.cfg.prefill_interval <= 1 or not self.running or self._since_admit >= self.cfg.prefill_interval:

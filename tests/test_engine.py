@@ -272,6 +272,24 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny):
     engine.adapters.close()
 
 
+def test_preload_keeps_its_margin_and_never_evicts(tiny):
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4))
+    mgr, pool = engine.adapters, engine.pool
+    for name, path in adapters.items():
+        mgr.add_weights(load_peft_dir(name, path, engine.cfg))
+    free = pool.free_pages
+    assert mgr.preload("full", reserve := free) == 0 and "full" not in mgr.resident   # the margin stays free
+    took = mgr.preload("full", 0)
+    assert took > 0 and pool.free_pages == free - took and mgr.resident["full"].refs == 0
+    assert mgr.preload("full", 0) == 0                                              # already resident
+    # filling the pool with preloads never evicts one adapter for another
+    got = {a: mgr.preload(a, 0) for a in ("attn", "qv", "wide")}
+    assert set(mgr.resident) == {"full"} | {a for a, n in got.items() if n}
+    assert reserve == free
+    engine.adapters.close()
+
+
 def test_prefill_interval_batches_admissions_and_keeps_outputs(tiny):
     """prefill_interval=3: while a request decodes, newcomers wait up to 3 steps and are admitted
     together; a full prefill budget waiting is admitted at once; tokens match the reference."""
@@ -289,13 +307,18 @@ def test_prefill_interval_batches_admissions_and_keeps_outputs(tiny):
             engine._run(s)
         return [r.request_id for r in s.prefills]
 
+    mgr = engine.adapters
     sch.add(reqs[0])
     assert step() == ["r0"]                         # idle engine: admitted at once
     sch.add(reqs[1])
     assert step() == []                             # 1 step since the last admission
+    # while r1 waits, its adapter is copied into free pages (idle: evictable, no reference)
+    assert mgr.preloads == 1 and mgr.resident["qv"].refs == 0
     sch.add(reqs[2])
     assert step() == []                             # 2
+    loads = mgr.loads
     assert step() == ["r1", "r2"]                   # 3: both newcomers in one prefill step
+    assert mgr.loads == loads and mgr.resident["qv"].refs == 1   # admitted without another copy
     big = Request("big", list(range(3, 63)), greedy(4), "")   # with r3, >= the 64-token budget
     sch.add(reqs[3])
     sch.add(big)

@@ -355,9 +355,35 @@ def test_rms_norm_and_rope(dtype):
     assert rel_err(out, ref.apply_rope(q, cos, sin)) < tol
 
 
+def _check_add_norm_silu(T, H, I, dtype, tol, gen):
+    x = torch.randn(T, H, generator=gen).to(DEV, dtype)
+    d = torch.randn(T, H + 8, generator=gen).to(DEV, dtype)[:, 4:4 + H]     # a strided view
+    w = (1 + 0.1 * torch.randn(H, generator=gen)).to(DEV, dtype)
+    x_ref = x.clone()
+    poison(T * H, dtype)
+    h = tnr.add_rms_norm(x, d, w, 1e-5)
+    h_ref = ref.add_rms_norm(x_ref, d, w, 1e-5)
+    assert torch.equal(x, x_ref), "the residual stream must be x + d rounded as torch rounds it"
+    assert h.dtype == h_ref.dtype and rel_err(h, h_ref) < tol
+    gu = torch.randn(T, 2 * I, generator=gen).to(DEV, dtype) * 3
+    poison(T * I, dtype)
+    a = tnr.silu_mul(gu)
+    a_ref = ref.silu_mul(gu)
+    assert a.shape == (T, I) and torch.isfinite(a).all() and rel_err(a, a_ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_and_silu_mul(dtype):
+    gen = torch.Generator().manual_seed(16)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    _check_add_norm_silu(7, 64, 96, dtype, tol, gen)
+    _check_add_norm_silu(3, 40, 72, dtype, tol, gen)      # widths that are not powers of two
+
+
 def test_ops_table():
     from kernels import triton_ops
-    assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm", "apply_rope"}
+    assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm",
+                                   "add_rms_norm", "silu_mul", "apply_rope"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -437,6 +463,7 @@ def test_gpu_norm_rope_llama7b(dtype):
     ang = torch.rand(300, 64, generator=gen).to(DEV) * 1000
     q = qkv[:, :32]
     assert rel_err(tnr.apply_rope(q, ang.cos(), ang.sin()), ref.apply_rope(q, ang.cos(), ang.sin())) < 1e-2
+    _check_add_norm_silu(300, 4096, 11008, dtype, 1e-2, gen)
 
 
 @gpu
