@@ -25,10 +25,33 @@ class LoraBatch:
     # some adapter in the batch targets an MLP module (gate/up/down); when none does, the model
     # skips those launches (most adapters, S-LoRA's included, target attention only)
     mlp: bool = True
+    # a step of prefills and decodes: (first token, end token, batch) per part, the prefill
+    # segments on the segment schedule and the decode tokens (a suffix) on the decode schedule.
+    # One segment launch over both would give each one-token segment a whole, mostly empty,
+    # token tile: at 256 decodes that costs about twice the decode kernels.
+    parts: list[tuple[int, int, "LoraBatch"]] | None = None
+
+    def split(self) -> list[tuple[int, int, "LoraBatch"]]:
+        return self.parts or [(0, self.token_slot.numel(), self)]
 
     @classmethod
     def build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device,
-              grouped: bool = False, mlp: bool = True) -> "LoraBatch":
+              grouped: bool = False, mlp: bool = True, decode_from: int | None = None) -> "LoraBatch":
+        """decode_from: index of the first decode sequence (each of one token) after the prefills;
+        with both present the batch is built in two parts (``parts``)."""
+        whole = cls._build(seq_lens, seq_slots, max_rank, device, grouped and decode_from in (None, 0), mlp)
+        if decode_from and decode_from < len(seq_lens) and max(seq_lens[:decode_from]) > 1:
+            assert all(n == 1 for n in seq_lens[decode_from:]), "decode sequences hold one token each"
+            n_pre = sum(seq_lens[:decode_from])
+            whole.parts = [(0, n_pre, cls._build(seq_lens[:decode_from], seq_slots[:decode_from], max_rank, device,
+                                                 False, mlp)),
+                           (n_pre, sum(seq_lens), cls._build(seq_lens[decode_from:], seq_slots[decode_from:], max_rank,
+                                                             device, grouped, mlp))]
+        return whole
+
+    @classmethod
+    def _build(cls, seq_lens: list[int], seq_slots: list[int], max_rank: int, device, grouped: bool,
+               mlp: bool) -> "LoraBatch":
         token_slot, indptr, slots, host, pos = [], [0], [], [], 0
         for n, s in zip(seq_lens, seq_slots):
             token_slot += [s] * n

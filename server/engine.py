@@ -224,7 +224,7 @@ class Engine:
 
     def _run(self, step) -> None:
         t0 = time.perf_counter()
-        mode = None if step.prefills else self._lora_mode(step)
+        mode = self._lora_mode(step)     # of the decodes (in a mixed step: its decode part)
         if mode == "grouped":
             step.decodes.sort(key=lambda r: r.slot)
         seqs = step.prefills + step.decodes
@@ -249,8 +249,9 @@ class Engine:
         token_pages = self.block_tables.token_pages(rows, seq_lens, pos_d, B)
         off_d = (pos_d % B).to(torch.int32)
         ctx = [n for _, _, n in q_host]
-        max_rank = max((int(self.table.max_rank[s]) for s in slots if s >= 0), default=0)
-        mlp = any(bool(self.table.mlp[s]) for s in slots if s >= 0)
+        used = {s for s in slots if s >= 0}
+        max_rank = max((self.table.max_rank[s] for s in used), default=0)
+        mlp = any(self.table.mlp[s] for s in used)
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
         t1 = time.perf_counter()
@@ -266,8 +267,8 @@ class Engine:
                 q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
                 context_lens=to(ctx_t), token_pages=token_pages, token_offsets=off_d,
                 max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
-            lora = (LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped", mlp=mlp)
-                    if max_rank > 0 else None)
+            lora = (LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped", mlp=mlp,
+                                    decode_from=len(step.prefills)) if max_rank > 0 else None)
             logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])

@@ -112,11 +112,13 @@ class LlamaModel:
             return
         i = M_IDX[modules[0]]
         meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
-        v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
-        if len(modules) == 1:
-            self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
-        else:
-            self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora, widths)
+        for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
+            xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
+            v = self.ops.lora_shrink(xs, pool.flat, table.rows, meta, part)
+            if len(modules) == 1:
+                self.ops.lora_expand(ys, v, pool.flat, table.rows, meta, table.scaling, part)
+            else:
+                self.ops.lora_expand(ys, v, pool.flat, table.rows, meta, table.scaling, part, widths)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
                  table: AdapterTable, pool: UnifiedPool) -> None:

@@ -144,8 +144,9 @@ class AdapterTable:
         self.num_rows = 0
         self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32, device=dev)
         self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
-        self.max_rank = torch.zeros(max_slots, dtype=torch.int32)  # host copy, for kernel bounds
-        self.mlp = torch.zeros(max_slots, dtype=torch.bool)          # host: targets gate/up/down
+        # host lists (a step reads one entry per request: tensor indexing would cost ~1 ms at 256)
+        self.max_rank = [0] * max_slots       # for kernel bounds
+        self.mlp = [False] * max_slots        # targets gate/up/down
         self.slots: dict[int, AdapterSlot] = {}
         self._free_slots = list(range(max_slots - 1, -1, -1))
 

@@ -241,6 +241,35 @@ def test_lora_fused_modules(schedule):
                       ("gate_proj", "up_proj")], 1, 2e-3, gen, grouped=schedule == "grouped")
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_lora_mixed_step_parts(grouped):
+    """A step of prefills then decodes runs as two parts (segment schedule, then the decode
+    schedule on the decode suffix, grouped when sorted); together they equal the reference on the
+    whole batch."""
+    gen = torch.Generator().manual_seed(41 + grouped)
+    pool, table, slots = build_table(TINY, [8, 16, 24], [tuple(TARGET_MODULES)] * 3, torch.float16, DEV, gen=gen)
+    pre_lens, pre_pick = [5, 19, 3], [0, -1, 2]
+    dec_pick = sorted([1, 0, 2, 2, -1, 1, 0, 1, 2]) if grouped else [1, 0, 2, 2, -1, 1, 0, 1, 2]
+    lens, pick = pre_lens + [1] * len(dec_pick), pre_pick + dec_pick
+    seg_slots = [-1 if p < 0 else slots[p] for p in pick]
+    batch = LoraBatch.build(lens, seg_slots, 24, DEV, grouped=grouped, decode_from=len(pre_lens))
+    parts = batch.split()
+    assert [(a, b, q.max_seg_len, q.grouped) for a, b, q in parts] == [(0, 27, 19, False), (27, 36, 1, grouped)]
+    i0 = TARGET_MODULES.index("q_proj")
+    meta = table.meta[:, 1, i0:i0 + 3]
+    widths = tuple(TINY.module_dims(m)[1] for m in ("q_proj", "k_proj", "v_proj"))
+    x = torch.randn(36, TINY.hidden_size, generator=gen).to(DEV, torch.float16)
+    y = torch.randn(36, sum(widths), generator=gen).to(DEV, torch.float16)
+    y0, want = y.clone(), y.clone()
+    for t0, t1, part in parts:
+        v = tlora.lora_shrink(x[t0:t1], pool.flat, table.rows, meta, part)
+        tlora.lora_expand(y[t0:t1], v, pool.flat, table.rows, meta, table.scaling, part, widths)
+    ref.lora_expand(want, ref.lora_shrink(x, pool.flat, table.rows, meta, batch), pool.flat, table.rows, meta,
+                    table.scaling, batch, widths)
+    assert rel_err(y.float() - y0.float(), want.float() - y0.float()) < 5e-3   # the deltas, not y itself
+    assert LoraBatch.build([1, 1], [0, 1], 8, DEV, decode_from=1).parts is None   # one-token prompts: one part
+
+
 @pytest.mark.parametrize("split", [2, 3])
 def test_lora_split_k(split):
     """The segment shrink split over d_in (fp32 atomics into a zeroed buffer, then one cast)."""
