@@ -116,11 +116,10 @@ def generate_workload(spec: WorkloadSpec, adapter_ids: Sequence[str] | None = No
     if spec.max_requests is not None:
         total = min(total, int(spec.max_requests))
     total = max(total, 0)
-    # Draw every stream from the same generator in a fixed order.
-    if n > 0:
-        idx = np.minimum((rng.power(spec.alpha, total) * n).astype(np.int64), n - 1)
-    else:
-        idx = np.zeros(total, dtype=np.int64)
+    # Draw every stream from the same generator in a fixed order. The adapter draw happens for
+    # n = 0 too, so a base-only run gets the same arrivals, lengths and prompts as any n.
+    u = rng.power(spec.alpha, total)
+    idx = np.minimum((u * n).astype(np.int64), n - 1) if n > 0 else np.zeros(total, dtype=np.int64)
     in_lens = rng.integers(spec.input_range[0], spec.input_range[1], total)
     out_lens = rng.integers(spec.output_range[0], spec.output_range[1], total)
     shape = 1.0 / (spec.cv * spec.cv)

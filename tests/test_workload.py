@@ -152,6 +152,10 @@ def test_request_count_cap_and_base_only():
     assert all(r.adapter_id == "" for r in reqs)
     retarget = with_adapters(generate_workload(WorkloadSpec(num_adapters=4, req_rate=5, duration=4)), [""])
     assert all(r.adapter_id == "" for r in retarget)
+    # base-only (n = 0) and every n share arrivals, lengths and prompts: only the adapters differ
+    same = [[(r.timestamp, r.input_len, r.output_len, r.prompt_token_ids) for r in
+             generate_workload(WorkloadSpec(num_adapters=n, req_rate=10, duration=5, seed=7))] for n in (0, 5, 2000)]
+    assert same[0] == same[1] == same[2]
 
 
 def test_spec_validation():
