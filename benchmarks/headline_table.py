@@ -24,6 +24,8 @@ def load(folder: pathlib.Path) -> dict[str, list[dict]]:
     """{setting: [run, ...]} from every results JSON in the folder."""
     out: dict[str, list[dict]] = {}
     for f in sorted(folder.glob("*.json")):
+        if f.stem.startswith("prewarm"):     # discarded warm-up runs (compiles), not results
+            continue
         setting = f.stem.split("-n")[0]
         try:
             runs = json.loads(f.read_text())["runs"]

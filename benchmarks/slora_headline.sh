@@ -24,6 +24,7 @@ SETTINGS=${SETTINGS-S2,S1}   # empty: none
 INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
 GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
 WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S-LoRA's setup)
+PREWARM=${PREWARM-1}   # empty: no discarded pre-warm run per setting
 EXTRA_SERVE=${EXTRA_SERVE:-}
 mkdir -p "$RESULTS"
 DATA=$(mktemp -d)
@@ -58,7 +59,14 @@ base_only() {
   # shellcheck disable=SC2086
   loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
 }
-[ -z "${BASE_FIRST:-}" ] || base_only
+if [ -n "${BASE_FIRST:-}" ]; then
+  if [ -n "$PREWARM" ]; then
+    log "base: pre-warm (discarded), 40 requests"
+    # shellcheck disable=SC2086
+    loraserve bench $COMMON --base-only --n 1 --max-requests 40 --out "$RESULTS/prewarm-base.json" > /dev/null
+  fi
+  base_only
+fi
 for S in ${SETTINGS//,/ }; do
   [ -n "$S" ] || continue
   TARGETS=q_proj,k_proj,v_proj,o_proj
@@ -69,6 +77,14 @@ for S in ${SETTINGS//,/ }; do
          [ "$PRESET" = llama-3-8b ] || { log "GQA runs on PRESET=llama-3-8b"; exit 2; } ;;
     *) log "unknown setting $S (S1, S2, GQA)"; exit 2 ;;
   esac
+  if [ -n "$PREWARM" ]; then
+    # not measured: the first requests of a setting compile whatever Triton variants the server's
+    # start-up warm-up did not reach; this keeps those compiles out of the measured runs
+    log "$S: pre-warm (discarded), 40 requests at n=5"
+    # shellcheck disable=SC2086
+    loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n 5 --max-requests 40 \
+      --out "$RESULTS/prewarm-$S.json" > /dev/null
+  fi
   for n in ${N//,/ }; do   # one file per n: a run cut short keeps the ones before it
     log "$S: n=$n"
     # shellcheck disable=SC2086
@@ -77,7 +93,7 @@ for S in ${SETTINGS//,/ }; do
   done
 done
 [ -n "${BASE_FIRST:-}" ] || base_only
-log "engine stats: $(loraserve stats | tr '\n' ' ')"
+log "engine stats: $(loraserve stats | head -12 | cut -c1-200 | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"
   # shellcheck disable=SC2086

@@ -77,6 +77,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
     p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
                    help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-warmup", action="store_true", default=env_flag("--no-warmup"),
+                   help="skip the start-up steps that compile the eager-step Triton kernels (CUDA); they then "
+                        "compile during the first requests instead")
     p.add_argument("--max-lora-rank", type=int, default=int(e("--max-lora-rank", 64)),
                    help="rank cap of the captured decode graphs (batches with larger ranks run eagerly)")
     p.add_argument("--log-level", default=e("--log-level", "warning"))
@@ -143,7 +146,8 @@ async def start(args) -> Running:
     ec = EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_tokens=args.block_tokens,
                       pool_mb=args.pool_mb, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
-                      cuda_graphs=not args.no_cuda_graphs, max_lora_rank=args.max_lora_rank,
+                      cuda_graphs=not args.no_cuda_graphs, warmup=not args.no_warmup,
+                      max_lora_rank=args.max_lora_rank,
                       fetch_workers=args.fetch_workers, fetch_processes=args.fetch_processes)
     tp = None
     if args.tensor_parallel_size > 1:

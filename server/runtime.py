@@ -35,6 +35,7 @@ class EngineConfig:
     fetch_processes: int = -1           # processes doing their parse/stage work (-1: auto, 0: none)
     cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
+    warmup: bool = True                 # compile eager-step kernels before serving (CUDA only)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def resolve_device(self) -> torch.device:
@@ -92,6 +93,8 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
     engine = Engine(model, pool, table, adapters, ec.sched)
     if graphs:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
+    if ec.warmup and device.type == "cuda" and not model.tp.enabled:
+        log.info("warm-up steps took %.1f s", engine.warmup())
     log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
              cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)
     return engine, Tokenizer.from_dir(ec.model_dir)

@@ -272,6 +272,29 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny):
     engine.adapters.close()
 
 
+def test_warmup_runs_every_rank_and_leaves_nothing_behind(tiny):
+    """The start-up warm-up (compiles eager-step kernels on CUDA) runs prefill and mixed steps with
+    a temporary adapter per rank, and hands back every page, slot and block-table row."""
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8))
+    pool, table = engine.pool, engine.table
+    free0, slots0 = pool.free_pages, len(table._free_slots)
+    ranks_seen = []
+    run = engine._run
+
+    def spy(step):
+        ranks_seen.append(max((table.max_rank[r.slot] for r in step.prefills + step.decodes if r.slot >= 0), default=0))
+        return run(step)
+
+    engine._run = spy
+    engine.warmup(ranks=(8, 64), prompts=((5,), (20, 3)))
+    assert sorted(set(ranks_seen)) == [0, 8, 64] and len(ranks_seen) == 3 * 2 * 2
+    assert pool.free_pages == free0 and pool.adapter_pages == 0 and pool.kv_pages == 0
+    assert len(table._free_slots) == slots0 and table.num_rows == 0 and not table.slots
+    assert engine.stats.steps == 0 and not engine.scheduler.running
+    engine.adapters.close()
+
+
 def test_preload_keeps_its_margin_and_never_evicts(tiny):
     model_dir, adapters = tiny
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4))

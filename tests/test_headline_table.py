@@ -16,7 +16,7 @@ def test_table_and_ratios_from_a_results_folder(tmp_path, capsys, monkeypatch):
     files = {"S2-n5.json": [_run("loraserve", 5, 10.0)], "S2-n2000.json": [_run("loraserve", 2000, 9.6)],
              "S2-n1000.json": [_run("loraserve", 1000, 8.0)], "base.json": [_run("base", 0, 10.0)],
              "peft.json": [_run("loraserve", 100, 6.0), _run("peft", 100, 0.1, finished=2)],
-             "notes.json": {"not": "runs"}}
+             "notes.json": {"not": "runs"}, "prewarm-S2.json": [_run("loraserve", 5, 1.0)]}
     for name, runs in files.items():
         (tmp_path / name).write_text(json.dumps({"runs": runs} if isinstance(runs, list) else runs))
     data = ht.load(tmp_path)
