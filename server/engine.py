@@ -40,6 +40,19 @@ class EngineStats:
     prep_s: float = 0.0      # host: batch metadata for the step
     device_s: float = 0.0    # forward launch/replay until sampled tokens are back on the host
     post_s: float = 0.0      # host: appending tokens, finishing, emitting
+    # decode steps: tokens, distinct adapters and adapter bytes they read (each distinct adapter's
+    # rows once: the floor of what LoRA adds to a memory-bound step)
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_adapters: int = 0
+    decode_adapter_bytes: int = 0
+
+    def summary(self, weight_bytes: int) -> str:
+        n = max(self.decode_steps, 1)
+        return (f"steps={self.steps} decode_steps={self.decode_steps} mean_decode_batch={self.decode_tokens / n:.1f} "
+                f"mean_distinct_adapters={self.decode_adapters / n:.1f} "
+                f"adapter_GB_per_decode_step={self.decode_adapter_bytes / n / 1e9:.2f} "
+                f"adapter_bytes_vs_weights={self.decode_adapter_bytes / n / max(weight_bytes, 1):.3f}")
 
 
 class Engine:
@@ -324,7 +337,15 @@ class Engine:
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
         tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
         t2 = time.perf_counter()
-        self.stats.steps += 1
+        st = self.stats
+        st.steps += 1
+        if not step.prefills:
+            st.decode_steps += 1
+            st.decode_tokens += S
+            st.decode_adapters += len(used)
+            st.decode_adapter_bytes += sum(self.table.nbytes[s] for s in used)
+            if st.decode_steps % 500 == 0:
+                log.info("stats %s", st.summary(self.model.weight_bytes))
         for req, tok, lp in zip(seqs, tokens, logps):
             req.num_computed = req.total_len
             req.output_ids.append(tok)
@@ -340,7 +361,6 @@ class Engine:
                 req.emit(Output([tok], lp_list))
             else:
                 self._finish(req, reason, tokens=[tok], logprobs=lp_list)
-        st = self.stats
         st.prep_s += t1 - t0
         st.device_s += t2 - t1
         st.post_s += time.perf_counter() - t2

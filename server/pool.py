@@ -147,6 +147,7 @@ class AdapterTable:
         # host lists (a step reads one entry per request: tensor indexing would cost ~1 ms at 256)
         self.max_rank = [0] * max_slots       # for kernel bounds
         self.mlp = [False] * max_slots        # targets gate/up/down
+        self.nbytes = [0] * max_slots         # pool bytes it occupies (~ what a step reads of it)
         self.slots: dict[int, AdapterSlot] = {}
         self._free_slots = list(range(max_slots - 1, -1, -1))
 
@@ -188,6 +189,7 @@ class AdapterTable:
         self.num_rows += offsets.numel()
         self.max_rank[slot] = staged.max_rank
         self.mlp[slot] = bool((staged.meta[:, len(ATTENTION):, 2:] > 0).any())
+        self.nbytes[slot] = staged.nbytes
         entry = AdapterSlot(slot, pages, start, offsets.numel(), done)
         self.slots[slot] = entry
         return entry
@@ -213,6 +215,7 @@ class AdapterTable:
         self.scaling[slot] = 0
         self.max_rank[slot] = 0
         self.mlp[slot] = False
+        self.nbytes[slot] = 0
         self._free_slots.append(slot)
 
 @dataclass

@@ -109,6 +109,13 @@ def test_lora_groups_and_attention_only_batches(tiny):
     # with an MLP adapter in the batch: gate/up together (2 modules) and down_proj as well
     assert all(mlp for _, mlp in with_full) and (2,) in {shape for shape, _ in with_full}
     assert len(with_full) % (4 * L) == 0
+    # decode-step accounting: at most two distinct adapters per step in either batch, each
+    # counted at its pool size
+    st, sizes = engine.stats, {engine.table.nbytes[r.slot] for r in engine.adapters.resident.values()}
+    assert st.decode_steps > 0 and st.decode_tokens >= st.decode_steps
+    assert 0 < st.decode_adapters <= 2 * st.decode_steps
+    assert min(sizes) * st.decode_adapters <= st.decode_adapter_bytes <= max(sizes) * st.decode_adapters
+    assert "mean_distinct_adapters=" in st.summary(engine.model.weight_bytes)
     # the table's host flag behind the choice, for the adapters the two batches loaded
     flags = {name: bool(engine.table.mlp[engine.adapters.resident[name].slot]) for name in ("attn", "full", "qv")}
     assert flags == {"attn": False, "full": True, "qv": False}
