@@ -110,6 +110,7 @@ class Engine:
                 slot = self.table.insert(staged, None).slot
             for lens in prompts:
                 # a prefill step, then a mixed one: as many new prompts beside their decodes
+                lens = [min(n, self.max_model_len - 2) for n in lens]   # (+2: the tokens they sample)
                 first, second = ([Request(f"warmup-{k}-{i}", [1 + (j % 7) for j in range(n)], params)
                                   for i, n in enumerate(lens)] for k in "ab")
                 try:
