@@ -110,12 +110,17 @@ def build_attn(pool: UnifiedPool, q_lens, ctx_lens, device, gen=None):
 # -------------------------------------------------------------------------------------------------
 # LoRA
 # -------------------------------------------------------------------------------------------------
-def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4,
-                grouped=False):
+def _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped):
+    """A pool and table with one adapter per rank, and the batch of segments picking them (-1: base)."""
     pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
     seg_slots = [-1 if p < 0 else slots[p] for p in pick]
-    max_rank = max((int(table.max_rank[s]) for s in seg_slots if s >= 0), default=0)
-    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
+    max_rank = max((table.max_rank[s] for s in seg_slots if s >= 0), default=0)
+    return pool, table, LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
+
+
+def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4,
+                grouped=False):
+    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped)
     T = sum(seq_lens)
     for m in check_modules:
         mi = TARGET_MODULES.index(m)
@@ -184,10 +189,7 @@ def _check_lora_fused(cfg, dtype, seq_lens, pick, ranks, modules_per, groups, la
                       grouped=False):
     """Modules sharing an input in one launch (meta [slots, M, 4]) against one reference call per
     module: shrink output per module, and the expand into adjacent column ranges of one tensor."""
-    pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
-    seg_slots = [-1 if p < 0 else slots[p] for p in pick]
-    max_rank = max((int(table.max_rank[s]) for s in seg_slots if s >= 0), default=0)
-    batch = LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
+    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped)
     T = sum(seq_lens)
     for group in groups:
         idx = [TARGET_MODULES.index(m) for m in group]
