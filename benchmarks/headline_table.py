@@ -39,10 +39,20 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _engine(run: dict) -> str:
+    """The engine's decode steps during the run (bench records them from GetStats)."""
+    e = run.get("engine")
+    if not e:
+        return "- | - | -"
+    share = e.get("adapter_bytes_vs_weights")
+    return (f"{e['mean_batch']:.1f} | {e['mean_distinct_adapters']:.1f} | {e['adapter_GB_per_step']:.2f}"
+            + (f" ({100 * share:.0f}% of weights)" if share else ""))
+
+
 def table(data: dict[str, list[dict]]) -> str:
     rows = ["| setting | backend | n | finished | req/s | output tok/s | avg latency s | avg TTFT s | p90 TTFT s "
-            "| SLO (TTFT < 6 s) | warm-up s |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| SLO (TTFT < 6 s) | warm-up s | decode batch | adapters / step | adapter GB / step |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for setting, runs in data.items():
         for r in sorted(runs, key=lambda r: (r["backend"] != "loraserve", r["n"])):
             m = r["result"]
@@ -51,7 +61,8 @@ def table(data: dict[str, list[dict]]) -> str:
                         f"| {m['num_finished']}/{m['num_requests']} | {m['throughput']:.2f} "
                         f"| {m['output_token_throughput']:.0f} | {_f(m['avg_latency'], '{:.1f}')} "
                         f"| {_f(m['avg_first_token_latency'], '{:.2f}')} | {_f(m['p90_first_token_latency'], '{:.2f}')} "
-                        f"| {_f(m['slo_attainment'], '{:.2f}')} | {_f(r['config'].get('warm_s'), '{:.0f}')} |")
+                        f"| {_f(m['slo_attainment'], '{:.2f}')} | {_f(r['config'].get('warm_s'), '{:.0f}')} "
+                        f"| {_engine(r)} |")
     return "\n".join(rows)
 
 

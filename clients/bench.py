@@ -282,6 +282,20 @@ async def detect_vocab_size(client, upper: int = 256) -> int:
     return hi
 
 
+async def _engine_stats(client):
+    """The engine's counters, or None where GetStats is not served (another server)."""
+    try:
+        return await client.stats()
+    except Exception:  # noqa: BLE001 - the run goes on without the engine's view
+        return None
+
+
+async def _engine_window(client, before) -> dict | None:
+    """What the engine's decode steps did during a run (EngineStats.decode_window)."""
+    after = await _engine_stats(client)
+    return after.decode_window(before) if after is not None and before is not None else None
+
+
 async def warm_host_cache(client, adapter_ids: Sequence[str], concurrency: int = 16, quiet: bool = False) -> float:
     """LoadAdapter(host_only) for each adapter, `concurrency` at a time; returns the seconds taken."""
     t0 = time.monotonic()
@@ -572,19 +586,23 @@ async def _bench_async(args) -> list[dict]:
                 ids = list(dict.fromkeys(r.adapter_id for r in reqs if r.adapter_id))
                 cfg["warm_s"] = await warm_host_cache(client, ids, quiet=args.quiet)
                 cfg["warm_adapters"] = len(ids)
+            before = await _engine_stats(client)
             results, total = await run_requests(client, reqs, duration=None, drain_timeout=args.drain_timeout,
                                                 request_timeout=args.request_timeout, quiet=args.quiet,
                                                 label=f"loraserve n={n}")
             runs.append({"backend": "loraserve" if not args.base_only else "base", "n": n, "config": cfg,
-                         "result": compute_metrics(results, total, args.slo)})
+                         "result": compute_metrics(results, total, args.slo),
+                         "engine": await _engine_window(client, before)})
             _report_errors(runs[-1])
             if "base" in compare and not args.base_only:  # the same arrivals, lengths and prompts
                 base_reqs = with_adapters(reqs, [""])
+                before = await _engine_stats(client)
                 results, total = await run_requests(client, base_reqs, drain_timeout=args.drain_timeout,
                                                     request_timeout=args.request_timeout, quiet=args.quiet,
                                                     label=f"base n={n}")
                 runs.append({"backend": "base", "n": n, "config": cfg,
-                             "result": compute_metrics(results, total, args.slo)})
+                             "result": compute_metrics(results, total, args.slo),
+                             "engine": await _engine_window(client, before)})
                 _report_errors(runs[-1])
             if "peft" in compare:
                 from clients import peft_baseline  # noqa: PLC0415

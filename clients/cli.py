@@ -474,6 +474,12 @@ def cmd_stats(args) -> int:
     print(f"page             {_human_bytes(p.page_bytes)}, {p.block_tokens} tokens per KV block")
     print(f"requests         {s.running} running, {s.waiting} waiting")
     print(f"steps            {s.steps}  generated tokens {s.generated_tokens}  preemptions {s.preemptions}")
+    if s.decode_steps:
+        w = s.decode_window()
+        share = f" ({100 * w['adapter_bytes_vs_weights']:.1f}% of the weights)" if w["adapter_bytes_vs_weights"] else ""
+        print(f"decode steps     {w['decode_steps']}: {w['mean_batch']:.1f} tokens, {w['mean_distinct_adapters']:.1f} "
+              f"distinct adapters, {_human_bytes(int(w['adapter_GB_per_step'] * 1e9))} of adapter rows per step{share}")
+    print(f"adapter loads    {s.adapter_loads} into the pool ({s.adapter_preloads} before admission)")
     print(f"resident ({len(s.resident_adapters)})    {', '.join(s.resident_adapters) or '-'}")
     print(f"cached ({len(s.cached_adapters)})      {', '.join(s.cached_adapters) or '-'}")
     return 0

@@ -217,6 +217,27 @@ class EngineStats:
     model: str = ""
     device: str = ""
     dtype: str = ""
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_adapters: int = 0          # distinct adapters, summed over decode steps
+    decode_adapter_bytes: int = 0     # their rows' bytes, summed over decode steps
+    weight_bytes: int = 0
+    adapter_loads: int = 0
+    adapter_preloads: int = 0
+
+    def decode_window(self, before: "EngineStats | None" = None) -> dict:
+        """Per decode step since ``before`` (or since start): mean batch, distinct adapters, and
+        the adapter bytes read against the base weights'."""
+        b = before or EngineStats(PoolStats())
+        n = self.decode_steps - b.decode_steps
+        per = lambda a, z: (a - z) / n if n else 0.0  # noqa: E731
+        ab = per(self.decode_adapter_bytes, b.decode_adapter_bytes)
+        return {"decode_steps": n, "mean_batch": round(per(self.decode_tokens, b.decode_tokens), 2),
+                "mean_distinct_adapters": round(per(self.decode_adapters, b.decode_adapters), 2),
+                "adapter_GB_per_step": round(ab / 1e9, 3),
+                "adapter_bytes_vs_weights": round(ab / self.weight_bytes, 4) if self.weight_bytes else None,
+                "adapter_loads": self.adapter_loads - b.adapter_loads,
+                "adapter_preloads": self.adapter_preloads - b.adapter_preloads}
 
     @classmethod
     def from_pb(cls, m: pb.EngineStats) -> "EngineStats":
@@ -226,7 +247,9 @@ class EngineStats:
                    running=m.running, waiting=m.waiting, resident_adapters=list(m.resident_adapters),
                    cached_adapters=list(m.cached_adapters), steps=m.steps,
                    generated_tokens=m.generated_tokens, preemptions=m.preemptions, model=m.model,
-                   device=m.device, dtype=m.dtype)
+                   device=m.device, dtype=m.dtype, decode_steps=m.decode_steps, decode_tokens=m.decode_tokens,
+                   decode_adapters=m.decode_adapters, decode_adapter_bytes=m.decode_adapter_bytes,
+                   weight_bytes=m.weight_bytes, adapter_loads=m.adapter_loads, adapter_preloads=m.adapter_preloads)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -211,6 +211,9 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                 generated_tokens=e.stats.generated_tokens, preemptions=e.scheduler.preemptions,
                 model=self.model_name, device=str(e.model.device),
                 dtype=str(e.model.dtype).removeprefix("torch."), vocab_size=e.cfg.vocab_size,
-                max_model_len=e.max_model_len)
+                max_model_len=e.max_model_len, decode_steps=e.stats.decode_steps,
+                decode_tokens=e.stats.decode_tokens, decode_adapters=e.stats.decode_adapters,
+                decode_adapter_bytes=e.stats.decode_adapter_bytes, weight_bytes=e.model.weight_bytes,
+                adapter_loads=e.adapters.loads, adapter_preloads=e.adapters.preloads)
 
         return await self._run(snap)

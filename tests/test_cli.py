@@ -197,11 +197,15 @@ def test_health_and_stats(server, capsys):
     t = ["--target", server.target]
     rc, out, err = run(capsys, *t, "health")
     assert rc == 0 and out.strip() == "SERVING"
+    rc, out, err = run(capsys, *t, "generate", "--max-new-tokens", "3", "--token-ids", "5,6,7")
+    assert rc == 0, err
     rc, out, err = run(capsys, *t, "stats")
-    assert rc == 0 and "pool pages" in out and "running" in out
+    assert rc == 0 and "pool pages" in out and "running" in out and "adapter loads" in out
+    assert "decode steps" in out and "distinct adapters" in out
     rc, out, err = run(capsys, *t, "stats", "--json")
     s = json.loads(out)
     assert rc == 0 and s["pool"]["total_pages"] > 0 and s["model"]
+    assert s["weight_bytes"] > 0 and s["decode_steps"] >= 2 and s["decode_tokens"] >= s["decode_steps"]
 
 
 def test_list_get(server, capsys):
@@ -309,6 +313,12 @@ def test_bench_synthetic_several_n_and_compare_base(server, capsys, tmp_path):
     runs = json.loads(out_file.read_text())["runs"]
     assert [(r["backend"], r["n"]) for r in runs] == [("loraserve", 1), ("base", 1), ("loraserve", 3), ("base", 3)]
     assert all(r["result"]["num_finished"] == 6 for r in runs)
+    # the engine's view of each run: base runs read no adapter rows; one adapter is at most one per step
+    eng = [r["engine"] for r in runs]
+    assert all(e["decode_steps"] > 0 and e["mean_batch"] >= 1 for e in eng)
+    assert eng[1]["mean_distinct_adapters"] == 0 == eng[3]["mean_distinct_adapters"] == eng[1]["adapter_GB_per_step"]
+    assert 0 < eng[0]["mean_distinct_adapters"] <= 1 and eng[0]["adapter_bytes_vs_weights"] > 0
+    assert 0 < eng[2]["mean_distinct_adapters"] <= min(3, eng[2]["mean_batch"])
     assert "loraserve/base" in out
     try:
         import matplotlib  # noqa: F401

@@ -253,7 +253,7 @@ class PoolStats(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., kv_pages: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len")
+    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len", "decode_steps", "decode_tokens", "decode_adapters", "decode_adapter_bytes", "weight_bytes", "adapter_loads", "adapter_preloads")
     POOL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,13 @@ class EngineStats(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_LOADS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PRELOADS_FIELD_NUMBER: _ClassVar[int]
     pool: PoolStats
     running: int
     waiting: int
@@ -280,4 +287,11 @@ class EngineStats(_message.Message):
     dtype: str
     vocab_size: int
     max_model_len: int
-    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    decode_steps: int
+    decode_tokens: int
+    decode_adapters: int
+    decode_adapter_bytes: int
+    weight_bytes: int
+    adapter_loads: int
+    adapter_preloads: int
+    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_adapters: _Optional[int] = ..., decode_adapter_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_preloads: _Optional[int] = ...) -> None: ...
