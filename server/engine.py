@@ -19,12 +19,10 @@ from kernels.batch import AttnBatch, LoraBatch
 from server.adapters import AdapterManager
 from server.block_tables import BlockTables
 from server.model import LlamaModel
-from server.config import TARGET_MODULES
-from server.pool import AdapterTable, PoolExhausted, UnifiedPool
+from server.pool import AdapterTable, UnifiedPool
 from server.request import Finish, Output, Request
 from server.sampler import sample
 from server.scheduler import Scheduler, SchedulerConfig
-from server.tp import shard_lora
 
 log = logging.getLogger("loraserve.engine")
 
@@ -82,56 +80,6 @@ class Engine:
         g = DecodeGraphs(self.model, self.pool, self.table, max_batch, self.max_model_len, max_rank)
         g.capture()
         self.graphs = g
-
-    def warmup(self, ranks: tuple[int, ...] = (8, 16, 32, 64, 128),
-               prompts: tuple[tuple[int, ...], ...] = ((5,), (40, 3), (200,), (600, 300))) -> float:
-        """Run throwaway prefill+decode steps before serving (before start()), so the Triton
-        kernels of eager steps compile now rather than stall the first requests: their variants
-        depend on the batch's largest rank and prompt lengths (tile sizes), one compile each.
-        A temporary adapter of each rank (all target modules) sits in the pool meanwhile.
-        Returns the seconds it took; the pool, table and block tables end as they began."""
-        from server.lora import LoraWeights
-        from server.pool import stage_adapter
-        from server.sampler import SamplingParams
-        from server.scheduler import Step
-
-        t0 = time.perf_counter()
-        cfg = self.model.full_cfg
-        params = SamplingParams(max_new_tokens=1 << 20, ignore_eos=True)
-        for r in (0,) + tuple(ranks):
-            slot = -1
-            if r:     # zero weights: only the shapes matter here
-                w = {(layer, m): (torch.zeros(r, cfg.module_dims(m)[0]), torch.zeros(cfg.module_dims(m)[1], r))
-                     for layer in range(cfg.num_layers) for m in TARGET_MODULES}
-                staged = stage_adapter(shard_lora(LoraWeights("warmup", r, r, 1.0, list(TARGET_MODULES), False, w),
-                                                  cfg, self.tp), self.pool)
-                if staged.num_pages > self.pool.free_pages // 2 or self.table.full:
-                    continue
-                slot = self.table.insert(staged, None).slot
-            for lens in prompts:
-                # a prefill step, then a mixed one: as many new prompts beside their decodes
-                lens = [min(n, self.max_model_len - 2) for n in lens]   # (+2: the tokens they sample)
-                first, second = ([Request(f"warmup-{k}-{i}", [1 + (j % 7) for j in range(n)], params)
-                                  for i, n in enumerate(lens)] for k in "ab")
-                try:
-                    for q in first + second:
-                        q.slot = slot
-                        self.scheduler._grow(q, len(q.prompt_ids) + 2)
-                    self._run(Step(first, []))
-                    self._run(Step(second, first))
-                except PoolExhausted:
-                    pass
-                finally:
-                    for q in first + second:
-                        q.slot = -1
-                        self.scheduler.free(q)
-                        self.block_tables.release(q)
-            if slot >= 0:
-                self.table.remove(slot)
-        self.stats = EngineStats()
-        if self.pool.device.type == "cuda":
-            torch.cuda.synchronize(self.pool.device)
-        return time.perf_counter() - t0
 
     # -- thread-safe API -----------------------------------------------------------------
     def start(self) -> None:

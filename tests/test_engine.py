@@ -296,7 +296,8 @@ def test_warmup_runs_every_rank_and_leaves_nothing_behind(tiny):
     engine._run = spy
     # the default prompts include 600 tokens: more than this model's max_model_len, so clipped
     assert engine.max_model_len < 600
-    engine.warmup(ranks=(8, 64))
+    from server.warmup import warm_up
+    warm_up(engine, ranks=(8, 64))
     assert sorted(set(ranks_seen)) == [0, 8, 64] and len(ranks_seen) == 3 * 4 * 2
     assert pool.free_pages == free0 and pool.adapter_pages == 0 and pool.kv_pages == 0
     assert len(table._free_slots) == slots0 and table.num_rows == 0 and not table.slots
