@@ -244,11 +244,11 @@ class AdapterManager:
         self.resident.move_to_end(adapter_id)
         return r.slot
 
-    def preload(self, adapter_id: str, free_pages: int) -> int:
+    def preload(self, adapter_id: str, reserve: int) -> int:
         """Start copying a waiting request's adapter into the pool before it is admitted, so the
         copy overlaps the steps in between instead of stalling the step that admits it (S-LoRA
-        prefetches the next batch's adapters the same way). Only into free pages beyond
-        ``free_pages`` reserved and a free slot: it never evicts. Returns the pages it took."""
+        prefetches the next batch's adapters the same way). Only into free pages beyond the
+        ``reserve`` kept free, and a free slot: it never evicts. Returns the pages it took."""
         if self.tp.enabled or self.table.full:   # (under TP every rank must load alike)
             return 0
         r = self.resident.get(adapter_id)
@@ -256,7 +256,7 @@ class AdapterManager:
             return 0
         with self._lock:
             hit = self._host.get(adapter_id)
-        if hit is None or self.pool.free_pages - hit[1].num_pages < free_pages:
+        if hit is None or self.pool.free_pages - hit[1].num_pages < reserve:
             return 0
         self._load(adapter_id)
         self.preloads += 1
