@@ -312,14 +312,14 @@ def test_preload_keeps_its_margin_and_never_evicts(tiny):
     for name, path in adapters.items():
         mgr.add_weights(load_peft_dir(name, path, engine.cfg))
     free = pool.free_pages
-    assert mgr.preload("full", reserve := free) == 0 and "full" not in mgr.resident   # the margin stays free
+    assert mgr.preload("full", free) == 0 and "full" not in mgr.resident    # the margin stays free
     took = mgr.preload("full", 0)
     assert took > 0 and pool.free_pages == free - took and mgr.resident["full"].refs == 0
     assert mgr.preload("full", 0) == 0                                              # already resident
     # filling the pool with preloads never evicts one adapter for another
     got = {a: mgr.preload(a, 0) for a in ("attn", "qv", "wide")}
     assert set(mgr.resident) == {"full"} | {a for a, n in got.items() if n}
-    assert reserve == free
+    assert pool.free_pages == free - took - sum(got.values()) >= 0
     engine.adapters.close()
 
 
