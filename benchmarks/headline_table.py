@@ -66,23 +66,24 @@ def table(data: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def _tput(runs: list[dict], backend: str, n: int | None = None) -> float | None:
-    for r in runs:
-        if r["backend"] == backend and (n is None or r["n"] == n):
-            return r["result"]["throughput"]
-    return None
+def _tput(runs: list[dict], backend: str, n: int | None = None) -> tuple[float, int] | None:
+    """Mean requests/s over the matching runs (repeats of one command: REPEAT=k), and their count."""
+    got = [r["result"]["throughput"] for r in runs if r["backend"] == backend and (n is None or r["n"] == n)]
+    return (sum(got) / len(got), len(got)) if got else None
 
 
 def ratios(data: dict[str, list[dict]]) -> str:
     lines = ["| target | measured | met |", "| --- | --- | --- |"]
 
-    def add(target: str, a: float | None, b: float | None, goal: float, what: str) -> None:
+    def add(target: str, a: tuple | None, b: tuple | None, goal: float, what: str) -> None:
         if a is None or b is None:
             lines.append(f"| {target} | not measured | - |")
             return
-        r = a / b
+        r = a[0] / b[0]
         shown = f"{r:.0%}" if goal <= 1 else f"{r:.1f}x"
-        lines.append(f"| {target} | {what}: {a:.2f} / {b:.2f} req/s = {shown} | {'yes' if r >= goal else 'no'} |")
+        reps = f" (means of {a[1]} and {b[1]} runs)" if max(a[1], b[1]) > 1 else ""
+        lines.append(f"| {target} | {what}: {a[0]:.2f} / {b[0]:.2f} req/s = {shown}{reps} | "
+                     f"{'yes' if r >= goal else 'no'} |")
 
     base = _tput(data.get("base", []), "base")
     for s in ("S1", "S2", "GQA"):

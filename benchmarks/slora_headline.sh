@@ -25,6 +25,7 @@ INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
 GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
 WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S-LoRA's setup)
 PREWARM=${PREWARM-1}   # empty: no discarded pre-warm run per setting
+REPEAT=${REPEAT:-1}    # runs of each n (and of base-only); the table's ratios use their means
 EXTRA_SERVE=${EXTRA_SERVE:-}
 mkdir -p "$RESULTS"
 DATA=$(mktemp -d)
@@ -55,9 +56,12 @@ log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet${WARM:+ --warm}"
 base_only() {
   [ -z "${SKIP_BASE:-}" ] || return 0
-  log "base-only"
-  # shellcheck disable=SC2086
-  loraserve bench $COMMON --base-only --n 1 --out "$RESULTS/base.json" | tee "$RESULTS/base.txt"
+  for rep in $(seq 1 "$REPEAT"); do
+    log "base-only (run $rep of $REPEAT)"
+    out="$RESULTS/base.json"; [ "$rep" = 1 ] || out="$RESULTS/base-r$rep.json"
+    # shellcheck disable=SC2086
+    loraserve bench $COMMON --base-only --n 1 --out "$out" | tee -a "$RESULTS/base.txt"
+  done
 }
 if [ -n "${BASE_FIRST:-}" ]; then
   if [ -n "$PREWARM" ]; then
@@ -85,11 +89,14 @@ for S in ${SETTINGS//,/ }; do
     loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n 5 --max-requests 40 \
       --out "$RESULTS/prewarm-$S.json" > /dev/null
   fi
-  for n in ${N//,/ }; do   # one file per n: a run cut short keeps the ones before it
-    log "$S: n=$n"
-    # shellcheck disable=SC2086
-    loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n "$n" --out "$RESULTS/$S-n$n.json" \
-      | tee -a "$RESULTS/$S.txt"
+  for n in ${N//,/ }; do   # one file per n (and repeat): a run cut short keeps the ones before it
+    for rep in $(seq 1 "$REPEAT"); do
+      log "$S: n=$n${REPEAT:+ (run $rep of $REPEAT)}"
+      out="$RESULTS/$S-n$n.json"; [ "$rep" = 1 ] || out="$RESULTS/$S-n$n-r$rep.json"
+      # shellcheck disable=SC2086
+      loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n "$n" --out "$out" \
+        | tee -a "$RESULTS/$S.txt"
+    done
   done
 done
 [ -n "${BASE_FIRST:-}" ] || base_only

@@ -296,6 +296,15 @@ async def _engine_window(client, before) -> dict | None:
     return after.decode_window(before) if after is not None and before is not None else None
 
 
+async def cold_pool(client) -> int:
+    """Unload every adapter resident in the engine's GPU pool, keeping the host copies; returns how many."""
+    stats = await _engine_stats(client)
+    ids = stats.resident_adapters if stats is not None else []
+    for aid in ids:
+        await client.unload_adapter(aid, keep_host=True)
+    return len(ids)
+
+
 async def warm_host_cache(client, adapter_ids: Sequence[str], concurrency: int = 16, quiet: bool = False) -> float:
     """LoadAdapter(host_only) for each adapter, `concurrency` at a time; returns the seconds taken."""
     t0 = time.monotonic()
@@ -503,7 +512,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run and report")
     r.add_argument("--warm", action="store_true",
                    help="before measuring, load every adapter the run draws into the engine's host memory cache "
-                        "(S-LoRA's experiments start with all adapters in host memory)")
+                        "and empty the GPU pool of adapters (S-LoRA's experiments start with all adapters in host "
+                        "memory); each run, and each repeat, then starts alike")
     r.add_argument("--slo", type=float, default=6.0, help="first-token latency bound for SLO attainment, s (default 6)")
     r.add_argument("--drain-timeout", type=float, default=600.0,
                    help="after the last arrival, wait at most this long for outstanding requests (default 600)")
@@ -586,6 +596,9 @@ async def _bench_async(args) -> list[dict]:
                 ids = list(dict.fromkeys(r.adapter_id for r in reqs if r.adapter_id))
                 cfg["warm_s"] = await warm_host_cache(client, ids, quiet=args.quiet)
                 cfg["warm_adapters"] = len(ids)
+                # ... and the GPU pool starts empty of adapters, as in S-LoRA's runs: what an
+                # earlier run (or repeat) left resident goes back to host memory only
+                cfg["pool_unloaded"] = await cold_pool(client)
             before = await _engine_stats(client)
             results, total = await run_requests(client, reqs, duration=None, drain_timeout=args.drain_timeout,
                                                 request_timeout=args.request_timeout, quiet=args.quiet,

@@ -285,8 +285,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
     p = _add_client_cmd(sub, "unload", "evict an adapter from the engine's GPU pool",
                         "Evict an adapter from the engine's memory pool (it stays registered).",
-                        "  loraserve unload sql\n")
+                        "  loraserve unload sql\n  loraserve unload sql --keep-host\n")
     p.add_argument("adapter_id", help="adapter id")
+    p.add_argument("--keep-host", action="store_true",
+                   help="leave only the GPU pool: keep the engine's host-memory copy (a later load is one copy)")
     p.set_defaults(func=cmd_unload)
 
     # -- stats
@@ -455,7 +457,7 @@ def cmd_load(args) -> int:
 
 def cmd_unload(args) -> int:
     with _client(args) as c:
-        ok = c.unload_adapter(args.adapter_id)
+        ok = c.unload_adapter(args.adapter_id, keep_host=args.keep_host)
     print(f"unloaded {args.adapter_id}" if ok else f"{args.adapter_id} was not resident")
     return 0
 

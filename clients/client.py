@@ -677,8 +677,9 @@ class Client(_Base):
                         timeout, safe=False)
         return LoadResult(r.loaded, r.pages)
 
-    def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
-        return self._unary(self._admin.UnloadAdapter, pb.UnloadAdapterRequest(adapter_id=adapter_id),
+    def unload_adapter(self, adapter_id: str, *, keep_host: bool = False, timeout: float | None = None) -> bool:
+        """Evict from the GPU pool (and, unless keep_host, from the host cache)."""
+        return self._unary(self._admin.UnloadAdapter, pb.UnloadAdapterRequest(adapter_id=adapter_id, keep_host=keep_host),
                            timeout, safe=False).unloaded
 
     def stats(self, *, timeout: float | None = None) -> EngineStats:
@@ -866,8 +867,10 @@ class AsyncClient(_Base):
                               pb.LoadAdapterRequest(adapter_id=adapter_id, host_only=host_only), timeout, False)
         return LoadResult(r.loaded, r.pages)
 
-    async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
-        return (await self._unary(self._admin.UnloadAdapter, pb.UnloadAdapterRequest(adapter_id=adapter_id),
+    async def unload_adapter(self, adapter_id: str, *, keep_host: bool = False,
+                             timeout: float | None = None) -> bool:
+        return (await self._unary(self._admin.UnloadAdapter,
+                                  pb.UnloadAdapterRequest(adapter_id=adapter_id, keep_host=keep_host),
                                   timeout, False)).unloaded
 
     async def stats(self, *, timeout: float | None = None) -> EngineStats:

@@ -194,7 +194,7 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
         return pb.LoadAdapterResponse(loaded=True, pages=pages)
 
     async def UnloadAdapter(self, request, context):
-        ok = await self._run(lambda: self.engine.adapters.unload(request.adapter_id))
+        ok = await self._run(lambda: self.engine.adapters.unload(request.adapter_id, drop_host=not request.keep_host))
         return pb.UnloadAdapterResponse(unloaded=bool(ok))
 
     async def GetStats(self, request, context):

@@ -454,3 +454,13 @@ def test_bench_warm_loads_host_cache_first(server, capsys, tmp_path):
     assert r["config"]["warm_adapters"] == len(used) == r["config"]["workload"]["num_adapters_used"]
     cached = set(server.engine.adapters.cached_ids()) | set(server.engine.adapters.resident)
     assert used <= cached
+    # a second --warm run starts with the GPU pool empty of adapters: the first run's residents go
+    # back to host memory only (still cached: nothing is fetched again)
+    resident = [a for a, x in server.engine.adapters.resident.items() if not x.stale]
+    assert resident
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "4", "--ranks", "8",
+                       "--targets", "q_proj,v_proj", *SMALL, "--warm", "--out", str(out_file))
+    assert rc == 0, err
+    (r,) = json.loads(out_file.read_text())["runs"]
+    assert r["config"]["pool_unloaded"] >= len(resident) and r["result"]["num_finished"] == 6
+    assert r["engine"]["adapter_loads"] >= len(used)     # every drawn adapter copied into the pool again

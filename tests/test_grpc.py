@@ -137,8 +137,15 @@ def test_admin_stats_load_unload(demo_server):
             s2 = await admin.GetStats(pb.GetStatsRequest())
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="missing"))
-            return loaded, s1, un, s2, e.value.code()
-    loaded, s1, un, s2, code = asyncio.run(go())
+            # keep_host: out of the GPU pool, still in host memory
+            await admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="b"))
+            kept = await admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="b", keep_host=True))
+            s3 = await admin.GetStats(pb.GetStatsRequest())
+            again = await admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="b", keep_host=True))
+            return loaded, s1, un, s2, e.value.code(), (kept, s3, again)
+    loaded, s1, un, s2, code, (kept, s3, again) = asyncio.run(go())
+    assert kept.unloaded and "b" not in s3.resident_adapters and "b" in s3.cached_adapters
+    assert not again.unloaded       # nothing left in the pool to unload
     assert loaded.loaded and loaded.pages > 0
     assert "b" in s1.resident_adapters and s1.pool.adapter_pages >= loaded.pages
     assert s1.pool.total_pages == s1.pool.free_pages + s1.pool.kv_pages + s1.pool.adapter_pages

@@ -221,10 +221,12 @@ class LoadAdapterResponse(_message.Message):
     def __init__(self, loaded: _Optional[bool] = ..., pages: _Optional[int] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "keep_host")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HOST_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    keep_host: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., keep_host: _Optional[bool] = ...) -> None: ...
 
 class UnloadAdapterResponse(_message.Message):
     __slots__ = ("unloaded",)
