@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -26,7 +27,7 @@ def load(folder: pathlib.Path) -> dict[str, list[dict]]:
     for f in sorted(folder.glob("*.json")):
         if f.stem.startswith("prewarm"):     # discarded warm-up runs (compiles), not results
             continue
-        setting = f.stem.split("-n")[0]
+        setting = re.sub(r"-r\d+$", "", f.stem).split("-n")[0]    # S2-n5-r2.json: S2's second n=5 run
         try:
             runs = json.loads(f.read_text())["runs"]
         except (ValueError, KeyError):

@@ -33,3 +33,18 @@ def test_table_and_ratios_from_a_results_folder(tmp_path, capsys, monkeypatch):
     assert "| S2 throughput at n = 2000 >= 95% of n = 5 | n=2000 / n=5: 9.60 / 10.00 req/s = 96% | yes |" in out
     assert "| S2 at n = 1000 >= 85% of base-only | n=1000 / base: 8.00 / 10.00 req/s = 80% | no |" in out
     assert "loraserve / PEFT: 6.00 / 0.10 req/s = 60.0x | yes |" in out
+
+
+def test_repeated_runs_are_averaged(tmp_path):
+    """REPEAT=2 writes S2-n5-r2.json and base-r2.json beside the first runs: ratios use the means."""
+    files = {"S2-n5.json": [_run("loraserve", 5, 10.0)], "S2-n5-r2.json": [_run("loraserve", 5, 12.0)],
+             "S2-n2000.json": [_run("loraserve", 2000, 10.0)], "S2-n2000-r2.json": [_run("loraserve", 2000, 10.0)],
+             "S2-n1000.json": [_run("loraserve", 1000, 9.0)],
+             "base.json": [_run("base", 0, 12.0)], "base-r2.json": [_run("base", 0, 8.0)]}
+    for name, runs in files.items():
+        (tmp_path / name).write_text(json.dumps({"runs": runs}))
+    data = ht.load(tmp_path)
+    assert sorted(data) == ["S2", "base"] and len(data["S2"]) == 5 and len(data["base"]) == 2
+    out = ht.ratios(data)
+    assert "| S2 throughput at n = 2000 >= 95% of n = 5 | n=2000 / n=5: 10.00 / 11.00 req/s = 91% (means of 2 and 2 runs) | no |" in out
+    assert "| S2 at n = 1000 >= 85% of base-only | n=1000 / base: 9.00 / 10.00 req/s = 90% (means of 1 and 2 runs) | yes |" in out
