@@ -195,13 +195,8 @@ class Scheduler:
         Preloaded adapters are idle (no references): when running requests grow into those pages
         later, the pool evicts them like any idle adapter, so only a margin stays free here: a
         block for each running request and the prompts of the requests ahead in the queue."""
-        reserve = None
+        reserve = len(self.running) * 2 * self.pool.cfg.num_layers
         for req in itertools.islice(self.waiting, lookahead):
-            if reserve is None:
-                if not any(r.adapter_id and self.adapters.pages_to_load_or_zero(r.adapter_id)
-                           for r in itertools.islice(self.waiting, lookahead)):
-                    return
-                reserve = len(self.running) * 2 * self.pool.cfg.num_layers
             reserve += self._pages(req.total_len + 1)
             if req.adapter_id and self.adapters.pages_to_load_or_zero(req.adapter_id):
                 if not self.adapters.preload(req.adapter_id, reserve):

@@ -22,3 +22,9 @@ def live_server(tmp_path_factory):
     assert wait_for(lambda: all(meta.exists(x) for x in srv.adapters), timeout=30), "adapters not registered"
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(live_server):
+    """The shared live server, by the name the CLI and client tests use."""
+    return live_server

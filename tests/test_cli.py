@@ -21,14 +21,6 @@ SUBCOMMANDS = ["serve", "store", "register", "list", "get", "delete", "generate"
                "health", "bench"]
 
 
-@pytest.fixture
-def server(request):
-    try:
-        return request.getfixturevalue("live_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the live_server fixture from tests/conftest.py")
-
-
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in list(os.environ):

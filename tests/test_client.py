@@ -18,14 +18,6 @@ from clients.client import (AlreadyExists, AsyncClient, Client, DeadlineExceeded
 
 
 @pytest.fixture
-def server(request):
-    try:
-        return request.getfixturevalue("live_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the live_server fixture from tests/conftest.py")
-
-
-@pytest.fixture
 def c(server):
     with Client(server.target, timeout=60) as client:
         yield client
