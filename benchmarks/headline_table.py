@@ -44,16 +44,17 @@ def _engine(run: dict) -> str:
     """The engine's decode steps during the run (bench records them from GetStats)."""
     e = run.get("engine")
     if not e:
-        return "- | - | -"
+        return "- | - | - | -"
     share = e.get("adapter_bytes_vs_weights")
+    step = "-" if e.get("ms_per_step") is None else f"{e['ms_per_step']:.1f} ({100 * e['device_share']:.0f}% device)"
     return (f"{e['mean_batch']:.1f} | {e['mean_distinct_adapters']:.1f} | {e['adapter_GB_per_step']:.2f}"
-            + (f" ({100 * share:.0f}% of weights)" if share else ""))
+            + (f" ({100 * share:.0f}% of weights)" if share else "") + f" | {step}")
 
 
 def table(data: dict[str, list[dict]]) -> str:
     rows = ["| setting | backend | n | finished | req/s | output tok/s | avg latency s | avg TTFT s | p90 TTFT s "
-            "| SLO (TTFT < 6 s) | warm-up s | decode batch | adapters / step | adapter GB / step |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| SLO (TTFT < 6 s) | warm-up s | decode batch | adapters / step | adapter GB / step | ms / step |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for setting, runs in data.items():
         for r in sorted(runs, key=lambda r: (r["backend"] != "loraserve", r["n"])):
             m = r["result"]

@@ -481,6 +481,11 @@ def cmd_stats(args) -> int:
         share = f" ({100 * w['adapter_bytes_vs_weights']:.1f}% of the weights)" if w["adapter_bytes_vs_weights"] else ""
         print(f"decode steps     {w['decode_steps']}: {w['mean_batch']:.1f} tokens, {w['mean_distinct_adapters']:.1f} "
               f"distinct adapters, {_human_bytes(int(w['adapter_GB_per_step'] * 1e9))} of adapter rows per step{share}")
+    if s.busy_seconds:
+        t = s.time_window()
+        print(f"engine time      {t['busy_s']:.1f} s busy, {t['ms_per_step']} ms per step: {100 * t['device_share']:.0f}% "
+              f"device, {100 * t['host_share']:.0f}% host, {100 * t['outside_share']:.0f}% outside steps; "
+              f"{t['graph_steps']} graph steps, {t['prefill_steps']} prefill steps")
     print(f"adapter loads    {s.adapter_loads} into the pool ({s.adapter_preloads} before admission)")
     print(f"resident ({len(s.resident_adapters)})    {', '.join(s.resident_adapters) or '-'}")
     print(f"cached ({len(s.cached_adapters)})      {', '.join(s.cached_adapters) or '-'}")

@@ -224,6 +224,12 @@ class EngineStats:
     weight_bytes: int = 0
     adapter_loads: int = 0
     adapter_preloads: int = 0
+    busy_seconds: float = 0.0         # the engine loop's wall time while it had work
+    host_seconds: float = 0.0         # of it: scheduling, batch metadata, output handling
+    device_seconds: float = 0.0       # of it: launch/replay until sampled tokens are on the host
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    graph_steps: int = 0
 
     def decode_window(self, before: "EngineStats | None" = None) -> dict:
         """Per decode step since ``before`` (or since start): mean batch, distinct adapters, and
@@ -237,7 +243,25 @@ class EngineStats:
                 "adapter_GB_per_step": round(ab / 1e9, 3),
                 "adapter_bytes_vs_weights": round(ab / self.weight_bytes, 4) if self.weight_bytes else None,
                 "adapter_loads": self.adapter_loads - b.adapter_loads,
-                "adapter_preloads": self.adapter_preloads - b.adapter_preloads}
+                "adapter_preloads": self.adapter_preloads - b.adapter_preloads,
+                **self.time_window(b)}
+
+    def time_window(self, before: "EngineStats | None" = None) -> dict:
+        """Where the engine loop's time went since ``before``: steps per busy second, and the
+        busy time's shares on the device, on the host (scheduling, batch metadata, outputs) and
+        outside steps (the inbox, waiting for the GIL the gRPC threads hold)."""
+        b = before or EngineStats(PoolStats())
+        busy = self.busy_seconds - b.busy_seconds
+        steps = self.steps - b.steps
+        host, dev = self.host_seconds - b.host_seconds, self.device_seconds - b.device_seconds
+        share = lambda x: round(x / busy, 3) if busy > 0 else None  # noqa: E731
+        return {"busy_s": round(busy, 3), "steps": steps,
+                "ms_per_step": round(1e3 * busy / steps, 2) if steps else None,
+                "graph_steps": self.graph_steps - b.graph_steps,
+                "prefill_steps": self.prefill_steps - b.prefill_steps,
+                "prefill_tokens": self.prefill_tokens - b.prefill_tokens,
+                "device_share": share(dev), "host_share": share(host),
+                "outside_share": share(busy - host - dev)}
 
     @classmethod
     def from_pb(cls, m: pb.EngineStats) -> "EngineStats":
@@ -249,7 +273,9 @@ class EngineStats:
                    generated_tokens=m.generated_tokens, preemptions=m.preemptions, model=m.model,
                    device=m.device, dtype=m.dtype, decode_steps=m.decode_steps, decode_tokens=m.decode_tokens,
                    decode_adapters=m.decode_adapters, decode_adapter_bytes=m.decode_adapter_bytes,
-                   weight_bytes=m.weight_bytes, adapter_loads=m.adapter_loads, adapter_preloads=m.adapter_preloads)
+                   weight_bytes=m.weight_bytes, adapter_loads=m.adapter_loads, adapter_preloads=m.adapter_preloads,
+                   busy_seconds=m.busy_seconds, host_seconds=m.host_seconds, device_seconds=m.device_seconds,
+                   prefill_steps=m.prefill_steps, prefill_tokens=m.prefill_tokens, graph_steps=m.graph_steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

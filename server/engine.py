@@ -35,9 +35,17 @@ GROUP_MIN_TOKENS = 6
 class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
-    prep_s: float = 0.0      # host: batch metadata for the step
-    device_s: float = 0.0    # forward launch/replay until sampled tokens are back on the host
-    post_s: float = 0.0      # host: appending tokens, finishing, emitting
+    # where the engine thread's time goes: busy is the loop's wall time while it has work; host
+    # is scheduling + batch metadata + output handling, device is launch/replay until the sampled
+    # tokens are on the host. The rest of busy is outside steps (inbox, waiting for the GIL).
+    busy_s: float = 0.0
+    sched_s: float = 0.0
+    prep_s: float = 0.0
+    device_s: float = 0.0
+    post_s: float = 0.0
+    prefill_steps: int = 0
+    prefill_tokens: int = 0
+    graph_steps: int = 0
     # decode steps: tokens, distinct adapters and adapter bytes they read (each distinct adapter's
     # rows once: the floor of what LoRA adds to a memory-bound step)
     decode_steps: int = 0
@@ -45,12 +53,29 @@ class EngineStats:
     decode_adapters: int = 0
     decode_adapter_bytes: int = 0
 
+    @property
+    def host_s(self) -> float:
+        return self.sched_s + self.prep_s + self.post_s
+
+    def since(self, before: "EngineStats") -> "EngineStats":
+        return EngineStats(**{k: v - getattr(before, k) for k, v in vars(self).items()})
+
     def summary(self, weight_bytes: int) -> str:
         n = max(self.decode_steps, 1)
-        return (f"steps={self.steps} decode_steps={self.decode_steps} mean_decode_batch={self.decode_tokens / n:.1f} "
+        busy = max(self.busy_s, 1e-9)
+        return (f"steps={self.steps} decode_steps={self.decode_steps} graph_steps={self.graph_steps} "
+                f"prefill_steps={self.prefill_steps} prefill_tokens={self.prefill_tokens} "
+                f"mean_decode_batch={self.decode_tokens / n:.1f} "
                 f"mean_distinct_adapters={self.decode_adapters / n:.1f} "
                 f"adapter_GB_per_decode_step={self.decode_adapter_bytes / n / 1e9:.2f} "
-                f"adapter_bytes_vs_weights={self.decode_adapter_bytes / n / max(weight_bytes, 1):.3f}")
+                f"adapter_bytes_vs_weights={self.decode_adapter_bytes / n / max(weight_bytes, 1):.3f} "
+                f"busy_s={self.busy_s:.2f} ms_per_step={1e3 * self.busy_s / max(self.steps, 1):.2f} "
+                f"device={self.device_s / busy:.0%} sched={self.sched_s / busy:.0%} prep={self.prep_s / busy:.0%} "
+                f"post={self.post_s / busy:.0%} outside={(busy - self.host_s - self.device_s) / busy:.0%}")
+
+
+# the engine logs its stats over each window of this many busy seconds (at info level)
+STATS_EVERY_S = 10.0
 
 
 class Engine:
@@ -63,6 +88,7 @@ class Engine:
         self.max_model_len = sched_cfg.max_model_len
         self.eos = set(model.cfg.eos_token_ids)
         self.stats = EngineStats()
+        self._logged = EngineStats()     # the stats at the last window log
         self._inbox: queue.Queue = queue.Queue()
         self._by_id: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
@@ -108,17 +134,24 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
+        st = self.stats
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.scheduler.has_work)
                 if not self.scheduler.has_work:
                     continue
+                t0 = time.perf_counter()
                 step = self.scheduler.schedule()
                 self._fail_rejected()
+                st.sched_s += time.perf_counter() - t0
                 if step.empty:
                     self._drain(block=True, timeout=0.005)   # waiting on an adapter fetch
-                    continue
-                self._run(step)
+                else:
+                    self._run(step)
+                st.busy_s += time.perf_counter() - t0
+                if st.busy_s - self._logged.busy_s >= STATS_EVERY_S:
+                    log.info("stats %s", st.since(self._logged).summary(self.model.weight_bytes))
+                    self._logged = EngineStats(**vars(st))
             except Exception:   # never let one bad step kill the engine: fail what was running
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.scheduler.running):
@@ -268,8 +301,9 @@ class Engine:
         ids_t = torch.tensor(ids, dtype=torch.int64)
         ctx_t = torch.tensor(ctx, dtype=torch.int32)
         t1 = time.perf_counter()
-        if (self.graphs is not None and not step.prefills
-                and self.graphs.fits(S, max_rank, max(ctx), max_blocks)):
+        graph = (self.graphs is not None and not step.prefills
+                 and self.graphs.fits(S, max_rank, max(ctx), max_blocks))
+        if graph:
             logits = self.graphs.run(ids_t, pos_d, self.block_tables.gather(rows, max_blocks), ctx_t,
                                      token_pages, off_d, torch.tensor(slots, dtype=torch.int32),
                                      lora=mode if max_rank > 0 else None, mlp=mlp)
@@ -288,13 +322,15 @@ class Engine:
         t2 = time.perf_counter()
         st = self.stats
         st.steps += 1
-        if not step.prefills:
+        st.graph_steps += graph
+        if step.prefills:
+            st.prefill_steps += 1
+            st.prefill_tokens += sum(seq_lens[:len(step.prefills)])
+        else:
             st.decode_steps += 1
             st.decode_tokens += S
             st.decode_adapters += len(used)
             st.decode_adapter_bytes += sum(self.table.nbytes[s] for s in used)
-            if st.decode_steps % 500 == 0:
-                log.info("stats %s", st.summary(self.model.weight_bytes))
         for req, tok, lp in zip(seqs, tokens, logps):
             req.num_computed = req.total_len
             req.output_ids.append(tok)

@@ -214,6 +214,9 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                 max_model_len=e.max_model_len, decode_steps=e.stats.decode_steps,
                 decode_tokens=e.stats.decode_tokens, decode_adapters=e.stats.decode_adapters,
                 decode_adapter_bytes=e.stats.decode_adapter_bytes, weight_bytes=e.model.weight_bytes,
-                adapter_loads=e.adapters.loads, adapter_preloads=e.adapters.preloads)
+                adapter_loads=e.adapters.loads, adapter_preloads=e.adapters.preloads,
+                busy_seconds=e.stats.busy_s, host_seconds=e.stats.host_s, device_seconds=e.stats.device_s,
+                prefill_steps=e.stats.prefill_steps, prefill_tokens=e.stats.prefill_tokens,
+                graph_steps=e.stats.graph_steps)
 
         return await self._run(snap)

@@ -119,6 +119,21 @@ def test_closing_the_stream_early_cancels(c):
     assert len(c.complete([1, 2], max_new_tokens=2, ignore_eos=True).token_ids) == 2
 
 
+def test_stats_account_the_engine_time(c):
+    """GetStats' time sums: a window over one generation has its prefill step, its decode steps,
+    and busy time split into device, host and outside-step shares that add up."""
+    before = c.stats()
+    out = c.complete([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)
+    assert len(out.token_ids) == 6
+    after = c.stats()
+    t = after.time_window(before)
+    assert t["steps"] >= 6 and t["prefill_steps"] >= 1 and t["prefill_tokens"] >= 4
+    assert t["busy_s"] > 0 and t["ms_per_step"] > 0
+    assert t["device_share"] > 0 and t["host_share"] > 0
+    assert abs(t["device_share"] + t["host_share"] + t["outside_share"] - 1) < 0.01
+    assert after.decode_window(before)["decode_steps"] >= 5
+
+
 # ---------------------------------------------------------------------------------------- control plane
 
 def test_register_get_list_delete(c, server, tmp_path):

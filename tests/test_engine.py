@@ -370,3 +370,38 @@ def test_prefill_interval_batches_admissions_and_keeps_outputs(tiny):
         assert r.output_ids == ref_t, r.adapter_id
     assert len(big.output_ids) == 4
     engine.adapters.close()
+
+
+def test_a_full_pool_waits_out_the_prefill_interval(tiny):
+    """At saturation pages free up one finishing request at a time. A full prefill budget waiting
+    must not then admit each newcomer in its own (eager, costly) step: once an admission stopped
+    for want of pages, the next one waits for the interval and takes what has freed up by then."""
+    model_dir, adapters = tiny
+    # 2 layers x (K, V): a 16-token block is 4 pages; 8 pages hold two requests at their peak
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_pages=8 + 1,
+                                          sched=SchedulerConfig(prefill_interval=4, max_prefill_tokens=16)))
+    sch = engine.scheduler
+
+    def step():
+        s = sch.schedule()
+        if not s.empty:
+            engine._run(s)
+        return [r.request_id for r in s.prefills]
+
+    short = Request("short", [5, 6, 7, 8], greedy(2), "")
+    long = Request("long", [9, 10, 11, 12], greedy(12), "")
+    sch.add(short)
+    sch.add(long)
+    assert step() == ["short", "long"]          # idle engine: admitted at once; the pool is full
+    newcomers = [Request(f"n{i}", list(range(20 + 10 * i, 30 + 10 * i)), greedy(6), "") for i in range(2)]
+    for r in newcomers:
+        sch.add(r)                              # 20 tokens waiting: a full 16-token budget
+    assert step() == []                         # tried at once: no pages; `short` finishes here
+    assert short.finished and engine.pool.free_pages == 4
+    assert [step() for _ in range(3)] == [[], [], []]   # room for n0 now, but the interval runs
+    assert step() == ["n0"]                     # 4 steps after the page-bound attempt
+    while sch.has_work:
+        step()
+    assert [len(r.output_ids) for r in (long, *newcomers)] == [12, 6, 6]
+    assert engine.pool.kv_pages == 0
+    engine.adapters.close()
