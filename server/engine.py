@@ -2,6 +2,12 @@
 
 Other threads (the gRPC servicers) talk to it only through a thread-safe inbox: submit a
 request, abort one, or run a small function between steps (admin operations).
+
+Outputs go back through an outbox that is flushed while the next step runs on the device. Each
+emit wakes the servicers' event loop, which then wants the GIL for the stream writes; woken in
+the middle of the engine's host work, it made that work wait (Python hands the GIL over only
+every 5 ms). Woken while the engine thread waits on the device, it runs in time the engine
+does not need.
 """
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ class Engine:
         self.stats = EngineStats()
         self._logged = EngineStats()     # the stats at the last window log
         self._inbox: queue.Queue = queue.Queue()
+        self._outbox: list[tuple[Request, Output]] = []   # emitted at the next _flush
         self._by_id: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -137,6 +144,8 @@ class Engine:
         st = self.stats
         while not self._stop.is_set():
             try:
+                if not self.scheduler.has_work:
+                    self._flush()
                 self._drain(block=not self.scheduler.has_work)
                 if not self.scheduler.has_work:
                     continue
@@ -145,6 +154,7 @@ class Engine:
                 self._fail_rejected()
                 st.sched_s += time.perf_counter() - t0
                 if step.empty:
+                    self._flush()
                     self._drain(block=True, timeout=0.005)   # waiting on an adapter fetch
                 else:
                     self._run(step)
@@ -156,6 +166,7 @@ class Engine:
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.scheduler.running):
                     self._finish(req, None, error=("INTERNAL", "engine step failed"))
+                self._flush()
 
     def _drain(self, block: bool, timeout: float | None = None) -> None:
         if self.tp.enabled:
@@ -256,7 +267,13 @@ class Engine:
         self.scheduler.remove(req)
         self.block_tables.release(req)
         self._by_id.pop(req.request_id, None)
-        req.emit(Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error))
+        self._outbox.append((req, Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error)))
+
+    def _flush(self) -> None:
+        """Hand the outputs gathered since the last flush to their streams."""
+        out, self._outbox = self._outbox, []
+        for req, o in out:
+            req.emit(o)
 
     # -- model runner ------------------------------------------------------------------------
     def _lora_mode(self, step) -> str | None:
@@ -318,7 +335,9 @@ class Engine:
                                     decode_from=len(step.prefills)) if max_rank > 0 else None)
             logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
                                         to(torch.tensor(logits_idx, dtype=torch.int64)))
-        tokens, logps = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
+        tokens_d, logps_d = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
+        self._flush()    # the previous step's outputs, while this one runs on the device
+        tokens, logps = tokens_d.tolist(), logps_d.tolist()
         t2 = time.perf_counter()
         st = self.stats
         st.steps += 1
@@ -343,7 +362,7 @@ class Engine:
                 reason = Finish.LENGTH
             lp_list = [lp] if req.params.logprobs else []
             if reason is None:
-                req.emit(Output([tok], lp_list))
+                self._outbox.append((req, Output([tok], lp_list)))
             else:
                 self._finish(req, reason, tokens=[tok], logprobs=lp_list)
         st.prep_s += t1 - t0

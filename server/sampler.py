@@ -23,9 +23,10 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """logits: float32 [S, V]. Returns the chosen token per row and its log-probability under
-    the model (the raw distribution, before temperature and truncation)."""
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: float32 [S, V]. Returns, on logits' device, the chosen token per row and its
+    log-probability under the model (the raw distribution, before temperature and truncation).
+    Nothing here waits for the device: the caller decides when to read them."""
     logp = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     for i, p in enumerate(params):
@@ -43,4 +44,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         probs = row.softmax(-1)
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     chosen = logp.gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), chosen.tolist()
+    return tokens, chosen

@@ -405,3 +405,27 @@ def test_a_full_pool_waits_out_the_prefill_interval(tiny):
     assert [len(r.output_ids) for r in (long, *newcomers)] == [12, 6, 6]
     assert engine.pool.kv_pages == 0
     engine.adapters.close()
+
+
+def test_outputs_reach_the_stream_while_the_next_step_runs(tiny):
+    """A step's outputs are handed to the streams after the next step is launched (or when the
+    engine goes idle), in order, each request's finish last."""
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32"))
+    got: dict[str, list] = {"a": [], "b": []}
+    reqs = [Request(name, [5, 6, 7], greedy(n), "", emit=got[name].append) for name, n in (("a", 2), ("b", 3))]
+    sch = engine.scheduler
+    for r in reqs:
+        sch.add(r)
+    engine._run(sch.schedule())
+    assert got == {"a": [], "b": []}                # nothing yet: step 1's tokens wait in the outbox
+    engine._run(sch.schedule())
+    assert [o.token_ids for o in got["a"]] == [[reqs[0].output_ids[0]]] and got["a"][0].finish is None
+    engine._run(sch.schedule())                     # a finished in step 2: its last token arrives now
+    assert [o.token_ids for o in got["a"]] == [[t] for t in reqs[0].output_ids]
+    assert got["a"][-1].finish == Finish.LENGTH and len(got["b"]) == 2
+    assert not sch.has_work
+    engine._flush()                                 # what the loop does when it goes idle
+    assert [o.token_ids for o in got["b"]] == [[t] for t in reqs[1].output_ids]
+    assert [o.finish for o in got["b"]] == [None, None, Finish.LENGTH]
+    engine.adapters.close()
