@@ -404,7 +404,7 @@ def _lora_cases(pool, table, ranks, dtype, dev, kind):
         metas = metas[:1]
         r64 = [i for i in range(N) if ranks[i] == 64]
         specs = [("T4096 r64", [4096], [r64]), ("T512 r64", [512], [r64]), ("T4096 64seg", [64] * 64, 64),
-                 ("T4096 8seg", [512] * 8, 8)]
+                 ("T4096 8seg", [512] * 8, 8), ("T64 r64", [64], [r64]), ("T1024 4seg", [256] * 4, 4)]
         if SMOKE:
             specs = [("T40 r64", [40], [r64]), ("T40 4seg", [10] * 4, 4)]
     for name, lens, nd in specs:
@@ -749,7 +749,7 @@ def main(argv=None):
                 dump()
         if "prefill_lora" in only:
             pre = [(8, 1, 64), (64, 1, 64), (512, 1, 64), (4096, 1, 16), (4096, 1, 64), (4096, 1, 128),
-                   (512, 8, None), (4096, 8, None), (4096, 64, None), (4096, 1000, None)]
+                   (512, 8, None), (1024, 4, None), (4096, 8, None), (4096, 64, None), (4096, 1000, None)]
             if a.quick:
                 pre = [p for p in pre if p[0] in (512, 4096)]
             if SMOKE:

@@ -40,9 +40,8 @@ TUNE = {
     # the GPU tests ran with exactly these. LORASERVE_KERNEL_TUNE overrides them per device.
     "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3),
     "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=2, num_stages=3),
-    # SPLIT_K=None: split d_in when the grid leaves SMs idle; the sweep found the split a loss at
-    # 4096 tokens and a small win at 512, so it is off (1) by default.
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=1),
+    # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=None),
     "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
@@ -464,11 +463,13 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
         BLOCK_K = cfg["BLOCK_K"] if x.dtype != torch.float32 else 32
         m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
-        # split-K when (segments x token tiles) leave most SMs idle (few, short or one adapter)
+        # split-K when (segments x token tiles) leave most SMs idle (short prompts, few adapters):
+        # one program per tile would walk all of d_in alone. Not at a quarter of the SMs or more,
+        # where the zeroed fp32 buffer, the atomics and the cast cost more than the parallelism.
         split = cfg.get("SPLIT_K")
         if split is None:
             split = 1
-            while (G * m_tiles * M * n_tiles * split < _sms(x.device) and split < 16
+            while (G * m_tiles * M * n_tiles * split * 4 <= _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
         k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
@@ -533,7 +534,12 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
         G = batch.seg_slot.numel()
-        grid = (G, triton.cdiv(batch.max_seg_len, BLOCK_M), M * n_tiles)
+        m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
+        # short prompts: narrower column tiles until the grid covers half the SMs
+        while BLOCK_N > 64 and G * m_tiles * M * n_tiles * 2 < _sms(y.device):
+            BLOCK_N //= 2
+            n_tiles = triton.cdiv(w_max, BLOCK_N)
+        grid = (G, m_tiles, M * n_tiles)
         _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
                                  meta3, sm0, sm1, smm, scaling, batch.seg_indptr, batch.seg_slot,
                                  W0, W1, W2, n_tiles, ALIGN=align, IEEE=y.dtype == torch.float32,

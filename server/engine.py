@@ -51,6 +51,7 @@ class EngineStats:
     post_s: float = 0.0
     prefill_steps: int = 0
     prefill_tokens: int = 0
+    prefill_device_s: float = 0.0   # of device_s: steps that prefilled (eager)
     graph_steps: int = 0
     # decode steps: tokens, distinct adapters and adapter bytes they read (each distinct adapter's
     # rows once: the floor of what LoRA adds to a memory-bound step)
@@ -71,6 +72,8 @@ class EngineStats:
         busy = max(self.busy_s, 1e-9)
         return (f"steps={self.steps} decode_steps={self.decode_steps} graph_steps={self.graph_steps} "
                 f"prefill_steps={self.prefill_steps} prefill_tokens={self.prefill_tokens} "
+                f"prefill_ms_per_step={1e3 * self.prefill_device_s / max(self.prefill_steps, 1):.1f} "
+                f"decode_ms_per_step={1e3 * (self.device_s - self.prefill_device_s) / n:.1f} "
                 f"mean_decode_batch={self.decode_tokens / n:.1f} "
                 f"mean_distinct_adapters={self.decode_adapters / n:.1f} "
                 f"adapter_GB_per_decode_step={self.decode_adapter_bytes / n / 1e9:.2f} "
@@ -344,6 +347,7 @@ class Engine:
         st.graph_steps += graph
         if step.prefills:
             st.prefill_steps += 1
+            st.prefill_device_s += t2 - t1
             st.prefill_tokens += sum(seq_lens[:len(step.prefills)])
         else:
             st.decode_steps += 1
