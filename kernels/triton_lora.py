@@ -41,8 +41,10 @@ TUNE = {
     "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3),
     "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=2, num_stages=3),
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=4, num_stages=4, SPLIT_K=None),
-    "expand_seg": dict(BLOCK_M=None, BLOCK_N=128, num_warps=4, num_stages=3),
+    # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
+    # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None),
+    "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
     "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
