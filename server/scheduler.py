@@ -30,7 +30,8 @@ class SchedulerConfig:
     # max_wait_tokens, which S-LoRA inherits). A step with a prefill runs eagerly, outside the
     # decode CUDA graphs, so batching admissions makes those costly steps rarer and fuller.
     # A full prefill budget waiting, or an idle engine, admits at once, unless the last admission
-    # stopped for want of pages: then each finishing request would get its own eager step.
+    # stopped for want of pages or at max_num_seqs: then each finishing request would get its own
+    # eager step.
     prefill_interval: int = 1
 
 
@@ -55,7 +56,7 @@ class Scheduler:
         self.preemptions = 0
         self.rejected: list[tuple[Request, str, str]] = []   # (request, grpc status, message)
         self._since_admit = 0        # steps since the last one that admitted a prefill
-        self._page_bound = False     # the last admission stopped because the pool was full
+        self._full = False            # the last admission stopped: pool pages or max_num_seqs
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -132,7 +133,7 @@ class Scheduler:
         if not self._admission_due():
             self._preload()
             return Step(prefills, decodes)
-        self._page_bound = False
+        self._full = False
         budget = self.cfg.max_prefill_tokens
         peak = self.cfg.admission == "peak"
         reserved = sum(self._pages(r.peak_len if peak else r.total_len + 1) for r in self.running)
@@ -171,7 +172,7 @@ class Scheduler:
                                           f"{capacity}; lower max_new_tokens or the prompt length"))
                     continue
                 self.waiting.appendleft(req)
-                self._page_bound = True
+                self._full = True
                 break
             try:
                 if req.adapter_id:
@@ -181,14 +182,16 @@ class Scheduler:
             except PoolExhausted:
                 self.free(req)
                 self.waiting.appendleft(req)
-                self._page_bound = True
+                self._full = True
                 break
             reserved += self._pages(req.peak_len if peak else n)
             budget -= n
             prefills.append(req)
+        if self.waiting and len(self.running) + len(prefills) >= self.cfg.max_num_seqs:
+            self._full = True
         self.waiting.extendleft(reversed(skipped))
         self.running += prefills
-        if prefills or self._page_bound:   # a full pool also restarts the interval: see _admission_due
+        if prefills or self._full:   # a full pool also restarts the interval: see _admission_due
             self._since_admit = 0
         self._preload()
         return Step(prefills, decodes)
@@ -210,7 +213,7 @@ class Scheduler:
     def _admission_due(self) -> bool:
         if self.cfg.prefill_interval <= 1 or not self.running or self._since_admit >= self.cfg.prefill_interval:
             return True
-        if self._page_bound:     # pages free up a request at a time: wait for the interval's worth
+        if self._full:     # room frees up a request at a time: wait for the interval's worth
             return False
         waiting_tokens = 0
         for r in self.waiting:

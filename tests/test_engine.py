@@ -372,14 +372,16 @@ def test_prefill_interval_batches_admissions_and_keeps_outputs(tiny):
     engine.adapters.close()
 
 
-def test_a_full_pool_waits_out_the_prefill_interval(tiny):
-    """At saturation pages free up one finishing request at a time. A full prefill budget waiting
+@pytest.mark.parametrize("limit", ["pages", "max_num_seqs"])
+def test_a_full_engine_waits_out_the_prefill_interval(tiny, limit):
+    """At saturation room frees up one finishing request at a time. A full prefill budget waiting
     must not then admit each newcomer in its own (eager, costly) step: once an admission stopped
-    for want of pages, the next one waits for the interval and takes what has freed up by then."""
+    for want of pages (or at max_num_seqs), the next one waits for the interval."""
     model_dir, adapters = tiny
     # 2 layers x (K, V): a 16-token block is 4 pages; 8 pages hold two requests at their peak
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_pages=8 + 1,
-                                          sched=SchedulerConfig(prefill_interval=4, max_prefill_tokens=16)))
+    sched = SchedulerConfig(prefill_interval=4, max_prefill_tokens=16, max_num_seqs=2 if limit == "max_num_seqs" else 256)
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", sched=sched,
+                                          pool_pages=8 + 1 if limit == "pages" else 0))
     sch = engine.scheduler
 
     def step():
@@ -396,8 +398,8 @@ def test_a_full_pool_waits_out_the_prefill_interval(tiny):
     newcomers = [Request(f"n{i}", list(range(20 + 10 * i, 30 + 10 * i)), greedy(6), "") for i in range(2)]
     for r in newcomers:
         sch.add(r)                              # 20 tokens waiting: a full 16-token budget
-    assert step() == []                         # tried at once: no pages; `short` finishes here
-    assert short.finished and engine.pool.free_pages == 4
+    assert step() == []                         # tried at once: no room; `short` finishes here
+    assert short.finished and len(sch.running) == 1
     assert [step() for _ in range(3)] == [[], [], []]   # room for n0 now, but the interval runs
     assert step() == ["n0"]                     # 4 steps after the page-bound attempt
     while sch.has_work:
