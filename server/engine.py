@@ -12,6 +12,7 @@ does not need.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -164,7 +165,7 @@ class Engine:
                 st.busy_s += time.perf_counter() - t0
                 if st.busy_s - self._logged.busy_s >= STATS_EVERY_S:
                     log.info("stats %s", st.since(self._logged).summary(self.model.weight_bytes))
-                    self._logged = EngineStats(**vars(st))
+                    self._logged = dataclasses.replace(st)
             except Exception:   # never let one bad step kill the engine: fail what was running
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.scheduler.running):

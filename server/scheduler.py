@@ -191,7 +191,7 @@ class Scheduler:
             self._full = True
         self.waiting.extendleft(reversed(skipped))
         self.running += prefills
-        if prefills or self._full:   # a full pool also restarts the interval: see _admission_due
+        if prefills or self._full:   # a full engine also restarts the interval: see _admission_due
             self._since_admit = 0
         self._preload()
         return Step(prefills, decodes)
