@@ -99,6 +99,8 @@ def main() -> None:
                          "these run eagerly, as every step with a prefill does")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager steps only")
     ap.add_argument("--no-eager", dest="eager", action="store_false", help="CUDA-graph steps only")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS steps of each batch and mode (torch.profiler): kernel tables under --out")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -180,6 +182,18 @@ def main() -> None:
         sync()
         return (time.perf_counter() - w0) * 1e3 / args.steps
 
+    def profile(step, name: str) -> None:
+        """Kernel time table of a few steps (CUPTI records the kernels inside graph replays too)."""
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(args.profile):
+                step()
+            sync()
+        table = p.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.out) / f"profile-{name}.txt").write_text(f"{args.profile} steps\n{table}\n")
+
     n_pre, l_pre = (int(v) for v in args.prefill.split("x")) if args.prefill else (0, 0)
     rows = []
     # bytes a decode step must read: every weight once (the embedding only its T rows) + the KV
@@ -199,6 +213,8 @@ def main() -> None:
             for mode, spread in modes:
                 reqs = make_batch(n, spread)
                 split, wall_ms = time_steps(reqs)
+                if args.profile and args.out:
+                    profile(lambda: engine._run(Step([], reqs)), f"{args.shape}-{tag}-b{n}-{mode}")
                 out[f"{mode}_prep_device_post_ms"] = split
                 kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
                 out[f"{mode}_ms"] = round(wall_ms, 3)

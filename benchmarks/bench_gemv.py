@@ -1,12 +1,16 @@
-"""What bounds the batch-1 decode step: cuBLAS (torch F.linear) at one token per Llama-7B layer
-shape, as achieved weight-read bandwidth against the device-to-device copy bandwidth, and the
-same four GEMVs of a layer replayed from one CUDA graph (as the engine's decode graph runs them).
+"""What bounds the small-batch decode step: cuBLAS (torch F.linear) against the Triton GEMV
+(kernels/triton_gemv.py; its tiles swept) at 1-16 tokens per Llama-7B layer shape, as achieved
+weight-read bandwidth against the device-to-device copy bandwidth. Every time is taken the way
+the engine's decode graph runs these GEMMs: 8 calls (on 8 copies of the weight, so none is found
+in the 50 MB L2) replayed from one CUDA graph, so launch costs on the host do not count. The
+last rows replay one layer's four GEMMs both ways, the Triton ones with their default tiles.
 
-    python benchmarks/bench_gemv.py [--out FILE.json]
+    python benchmarks/bench_gemv.py [--tokens 1,4,8,16] [--out FILE.json]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -17,53 +21,69 @@ import triton.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.bench_kernels import copy_bandwidth  # noqa: E402
+from kernels import triton_gemv  # noqa: E402
+from kernels.triton_gemv import gemv  # noqa: E402
 
+SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+         for n, k, w, s in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 5))]
 SHAPES = {"qkv": (3 * 4096, 4096), "o": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
+COPIES = 8
+
+
+def graph_us(calls) -> float:
+    """Mean time per call of `calls` (a list of thunks) replayed from one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return triton.testing.do_bench(g.replay, warmup=5, rep=50, return_mode="median") * 1e3 / len(calls)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
-    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--tokens", default="1,4,8,16")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.float16
     bw = copy_bandwidth(dev)
     rows = []
+    ws = {k: [torch.randn(n, k_, dtype=dt, device=dev) * 0.02 for _ in range(COPIES)] for k, (n, k_) in SHAPES.items()}
+    frac = lambda nbytes, us: round(nbytes / (us * 1e-6) / bw, 3)  # noqa: E731
     for T in (int(t) for t in a.tokens.split(",")):
-        # 8 copies of each weight, rotated, so no call finds its weight in the 50 MB L2
-        ws = {k: [torch.randn(n, k_, dtype=dt, device=dev) * 0.02 for _ in range(8)] for k, (n, k_) in SHAPES.items()}
-        for name, mats in ws.items():
-            x = torch.randn(T, mats[0].shape[1], dtype=dt, device=dev)
-            it = iter(range(1 << 30))
-            ms = triton.testing.do_bench(lambda: F.linear(x, mats[next(it) % 8]), warmup=20, rep=200,
-                                         return_mode="median")
-            nbytes = mats[0].numel() * 2
-            rows.append({"tokens": T, "gemm": name, "shape": list(mats[0].shape), "us": round(ms * 1e3, 1),
-                         "GBps": round(nbytes / (ms * 1e-3) / 1e9), "frac_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3)})
-            print(json.dumps(rows[-1]), flush=True)
-        # one layer's four GEMVs, 8 layers deep, from a CUDA graph
         xs = {k: torch.randn(T, m[0].shape[1], dtype=dt, device=dev) for k, m in ws.items()}
+        for name, mats in ws.items():
+            x = xs[name]
+            nbytes = mats[0].numel() * 2
+            us = graph_us([lambda w=w: F.linear(x, w) for w in mats])
+            err = (gemv(x, mats[0]).float() - F.linear(x, mats[0]).float()).abs().max().item()
+            default = graph_us([lambda w=w: gemv(x, w) for w in mats])
+            sweep = []
+            for cfg in SWEEP:
+                try:
+                    sweep.append((graph_us([lambda w=w: gemv(x, w, **cfg) for w in mats]), cfg))
+                except Exception as e:     # noqa: BLE001  (tiles over the shared memory limit)
+                    print(f"skip {cfg}: {type(e).__name__}", file=sys.stderr)
+            best_us, best = min(sweep, key=lambda c: c[0])
+            rows.append({"tokens": T, "gemm": name, "shape": list(mats[0].shape), "roof_us": round(nbytes / bw * 1e6, 1),
+                         "cublas_us": round(us, 1), "cublas_frac_copy_bw": frac(nbytes, us),
+                         "triton_us": round(default, 1), "triton_frac_copy_bw": frac(nbytes, default),
+                         "triton_vs_cublas": round(default / us, 3), "triton_max_abs_err": err,
+                         "best_us": round(best_us, 1), "best_cfg": best})
+            print(json.dumps(rows[-1]), flush=True)
         layer = [k for k in SHAPES if k != "lm_head"]
-
-        def run():
-            for i in range(8):
-                for k in layer:
-                    F.linear(xs[k], ws[k][i])
-        run()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            run()
-        ms = triton.testing.do_bench(g.replay, warmup=10, rep=200, return_mode="median") / 8
         nbytes = sum(ws[k][0].numel() * 2 for k in layer)
-        rows.append({"tokens": T, "gemm": "layer (graph)", "us": round(ms * 1e3, 1), "roof_us": round(nbytes / bw * 1e6, 1),
-                     "frac_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3)})
+        row = {"tokens": T, "gemm": "layer", "roof_us": round(nbytes / bw * 1e6, 1)}
+        for how, fn in (("cublas", F.linear), ("triton", gemv)):
+            us = graph_us([lambda k=k, i=i, fn=fn: fn(xs[k], ws[k][i]) for i in range(COPIES) for k in layer]) * len(layer)
+            row.update({f"{how}_us": round(us, 1), f"{how}_frac_copy_bw": frac(nbytes, us)})
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
-        del ws
-        torch.cuda.empty_cache()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw_GBps": round(bw / 1e9, 1),
-           "rows": rows}
+           "triton_default": triton_gemv.TUNE["gemv"], "rows": rows}
     if a.out:
         pathlib.Path(a.out).write_text(json.dumps(out, indent=1))
 

@@ -78,7 +78,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int, bat
 @triton.jit
 def _decode_kernel(q_ptr, sq0, sq1, sq2, kv_ptr, skv0, skv1, skv2, skv3, bt_ptr, sbt0, sbt1, sbt2,
                    qind_ptr, ctx_ptr, out_ptr, so0, so1, so2, ws_acc_ptr, ws_ml_ptr,
-                   layer, qk_scale, B, D, G, chunk,
+                   layer, qk_scale, B, D, G,
                    SPLITS: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     s = tl.program_id(0)
@@ -93,6 +93,10 @@ def _decode_kernel(q_ptr, sq0, sq1, sq2, kv_ptr, skv0, skv1, skv2, skv3, bt_ptr,
     qh = h * G + g
     q = tl.load(q_ptr + qrow * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    # each split takes an equal share of this sequence's own context: the split count is fixed
+    # per launch (and per CUDA graph, which captures it for the longest context it allows), so a
+    # chunk sized from that maximum would leave one split walking a short context alone
+    chunk = tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLITS) * BLOCK_N
     n_start = sp * chunk
     n_end = tl.minimum(ctx, n_start + chunk)
     m_i = tl.full([BLOCK_G], _NEG, dtype=tl.float32)
@@ -252,7 +256,6 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBa
         splits = 1
         while S * Hkv * splits < want and splits * 2 <= n_tiles and splits < 64:
             splits *= 2
-        chunk = triton.cdiv(n_tiles, splits) * BLOCK_N
         if splits > 1:
             ws_acc = torch.empty(S, Hq, splits, BLOCK_D, dtype=torch.float32, device=q.device)
             ws_ml = torch.empty(S, Hq, splits, 2, dtype=torch.float32, device=q.device)
@@ -262,7 +265,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBa
             q, q.stride(0), q.stride(1), q.stride(2), kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
             bt, bt.stride(0), bt.stride(1), bt.stride(2), batch.q_indptr, batch.context_lens,
             out, out.stride(0), out.stride(1), out.stride(2), ws_acc, ws_ml,
-            layer, qk_scale, B, D, G, chunk, SPLITS=splits, IEEE=ieee,
+            layer, qk_scale, B, D, G, SPLITS=splits, IEEE=ieee,
             BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if splits > 1:
             _decode_merge_kernel[(S, Hq)](ws_acc, ws_ml, batch.q_indptr, out, out.stride(0), out.stride(1),

@@ -6,6 +6,7 @@ All of them were checked against kernels/reference.py on an H100 at Llama-7B sha
 from __future__ import annotations
 
 from kernels.triton_attention import paged_attention, write_kv
+from kernels.triton_gemv import linear
 from kernels.triton_lora import lora_expand, lora_shrink
 from kernels.triton_norm_rope import add_rms_norm, apply_rope, rms_norm, silu_mul
 
@@ -18,4 +19,5 @@ OPS = {
     "apply_rope": apply_rope,
     "add_rms_norm": add_rms_norm,
     "silu_mul": silu_mul,
+    "linear": linear,
 }

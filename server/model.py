@@ -11,7 +11,6 @@ import pathlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels import get_ops
 from kernels.batch import AttnBatch, LoraBatch
@@ -151,7 +150,7 @@ class LlamaModel:
         x = self.embed[input_ids]
         h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
         for li, L in enumerate(self.layers):
-            qkv = F.linear(h, L.qkv, L.qkv_bias)
+            qkv = ops.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
                 self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
             # q and k heads rotate in one call: they are adjacent in the fused qkv output
@@ -160,16 +159,16 @@ class LlamaModel:
             v = qkv[:, qw + kw:].view(T, cfg.num_kv_heads, cfg.head_dim)
             ops.write_kv(k, v, kv, li, attn)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
-            out = F.linear(o, L.o)
+            out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
                 self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table, pool)
             # the residual add and the next norm are one kernel (x is updated in place)
             h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
-            gu = F.linear(h, L.gate_up)
+            gu = ops.linear(h, L.gate_up)
             if mlp_lora:
                 self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
             a = ops.silu_mul(gu)
-            d = F.linear(a, L.down)
+            d = ops.linear(a, L.down)
             if mlp_lora:
                 self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
             d = self.tp.all_reduce(d)
@@ -178,4 +177,4 @@ class LlamaModel:
             else:
                 x.add_(d)
         x = ops.rms_norm(x[logits_idx], self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return ops.linear(x, self.lm_head).float()

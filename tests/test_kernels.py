@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from kernels import reference as ref  # noqa: E402
 from kernels import triton_attention as tatt  # noqa: E402
+from kernels import triton_gemv as tgemv  # noqa: E402
 from kernels import triton_lora as tlora  # noqa: E402
 from kernels import triton_norm_rope as tnr  # noqa: E402
 from kernels.batch import AttnBatch, LoraBatch  # noqa: E402
@@ -307,11 +308,13 @@ def test_lora_all_base_and_rank_past_tile():
 # -------------------------------------------------------------------------------------------------
 # attention
 # -------------------------------------------------------------------------------------------------
-def _check_attn(cfg, dtype, q_lens, ctx_lens, layer, tol, gen, block_tokens=4, extra=0):
+def _check_attn(cfg, dtype, q_lens, ctx_lens, layer, tol, gen, block_tokens=4, extra=0, max_context=None):
     pool = UnifiedPool(cfg, 2 + sum(-(-n // block_tokens) for n in ctx_lens) * 2 * cfg.num_layers + extra,
                        block_tokens, dtype, DEV)
     pool.data.copy_(torch.randn(pool.data.shape, generator=gen))   # cached prefixes: random K/V
     batch = build_attn(pool, q_lens, ctx_lens, DEV, gen)
+    if max_context is not None:       # as a CUDA graph captures it: the longest context it allows
+        batch.max_context = max_context
     kv = pool.kv_view()
     T = sum(q_lens)
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -361,6 +364,16 @@ def test_attention_decode_split():
     cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                       head_dim=16, vocab_size=64)
     _check_attn(cfg, torch.float32, [1], [150], 0, 1e-5, gen, block_tokens=8)
+
+
+@pytest.mark.parametrize("ctx_lens", [[150], [150, 5, 40], [3]])
+def test_attention_decode_split_sized_by_each_context(ctx_lens):
+    """A graph fixes the split count for its largest context (4096 here); each sequence then splits
+    its own context evenly, and splits past a short one hold nothing, which the merge must ignore."""
+    gen = torch.Generator().manual_seed(15)
+    cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=16, vocab_size=64)
+    _check_attn(cfg, torch.float32, [1] * len(ctx_lens), ctx_lens, 0, 1e-5, gen, block_tokens=8, max_context=4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -414,7 +427,73 @@ def test_add_rms_norm_and_silu_mul(dtype):
 def test_ops_table():
     from kernels import triton_ops
     assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm",
-                                   "add_rms_norm", "silu_mul", "apply_rope"}
+                                   "add_rms_norm", "silu_mul", "apply_rope", "linear"}
+
+
+# -------------------------------------------------------------------------------------------------
+# GEMV (the base model's projections at a few tokens)
+# -------------------------------------------------------------------------------------------------
+def _check_gemv(M, N, K, dtype, tol, gen, bias=False, **tune):
+    x = torch.randn(M, K, generator=gen).to(DEV, dtype)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(DEV, dtype)
+    b = torch.randn(N, generator=gen).to(DEV, dtype) if bias else None
+    poison(M * N, dtype)
+    y = tgemv.gemv(x, w, b, **tune)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (M, N) and y.dtype == dtype
+    e = rel_err(y, want)
+    assert e < tol, (M, N, K, e)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_gemv(M):
+    """One token (multiply-reduce) and several (tensor-core dot), rows and K not multiples of the
+    tiles, with and without a bias."""
+    gen = torch.Generator().manual_seed(30)
+    _check_gemv(M, 40, 96, torch.float32, 1e-5, gen, BLOCK_N=16, BLOCK_K=32)
+    _check_gemv(M, 33, 200, torch.float32, 1e-5, gen, bias=True, BLOCK_N=16, BLOCK_K=64)
+    _check_gemv(M, 64, 128, torch.float16, 2e-3, gen, BLOCK_N=32, BLOCK_K=64)
+
+
+def test_linear_takes_the_gemv_only_inside_a_graph_capture():
+    """Eager calls stay on cuBLAS (Triton's launcher costs host time there); with no capture the
+    op is F.linear itself, bit for bit."""
+    gen = torch.Generator().manual_seed(31)
+    x, w = torch.randn(2, 64, generator=gen).to(DEV), torch.randn(48, 64, generator=gen).to(DEV)
+    assert torch.equal(tgemv.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 8, 16])
+def test_gpu_gemv_llama7b(dtype, M):
+    gen = torch.Generator().manual_seed(32)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for N, K in ((3 * 4096, 4096), (4096, 4096), (2 * 11008, 4096), (4096, 11008), (32000, 4096)):
+        _check_gemv(M, N, K, dtype, tol, gen)
+    _check_gemv(M, 1536, 4096, dtype, tol, gen, bias=True)     # a biased qkv (Qwen-style)
+
+
+@gpu
+@needs_cuda
+def test_gpu_linear_inside_a_graph_matches_cublas():
+    """The decode graph's projections (the GEMV) against the same projection eagerly (cuBLAS)."""
+    gen = torch.Generator().manual_seed(33)
+    x = torch.randn(4, 4096, generator=gen).to(DEV, torch.float16)
+    w = (torch.randn(11008, 4096, generator=gen) * 0.02).to(DEV, torch.float16)
+    eager = tgemv.linear(x, w)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tgemv.linear(x, w)          # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = tgemv.linear(x, w)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, eager) < 2e-3
 
 
 # -------------------------------------------------------------------------------------------------

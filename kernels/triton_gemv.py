@@ -1,0 +1,90 @@
+"""y = x @ W^T for a handful of tokens (decode at batch 1-16), in Triton.
+
+At one token a linear layer is a pure weight read; cuBLAS's GEMV kernels reach 49-76% of the
+copy bandwidth at Llama-7B's shapes (benchmarks/results/gemv-2026-11-25-h100.json). Here each
+program streams a BLOCK_N x K slab of W (rows contiguous, so every load is coalesced) with deep
+pipelining; the few tokens ride along, as a broadcast multiply-reduce for one token or a
+tensor-core dot (tokens padded to 16) for more.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_tune import apply_overrides
+
+MAX_TOKENS = 16
+
+TUNE = {
+    # H100 (2026-11-25, benchmarks/bench_gemv.py): best or within 3% of best at every Llama-7B shape
+    "gemv": dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=3),
+}
+apply_overrides("gemv", TUNE)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                 HAS_BIAS: tl.constexpr, ONE: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    nmask = rn < N
+    rn_safe = tl.where(nmask, rn, 0)        # out-of-range rows read row 0, never stored
+    w_rows = w_ptr + rn_safe.to(tl.int64)[:, None] * swn
+    if ONE:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + rk[None, :])
+        else:
+            w = tl.load(w_rows + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+        if ONE:
+            if EVEN_K:
+                x = tl.load(x_ptr + rk)
+            else:
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+    if ONE:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_safe).to(tl.float32)
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & nmask[None, :])
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
+    """x [M, K] (M <= MAX_TOKENS, rows contiguous), w [N, K] (rows contiguous) -> [M, N] in x's dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert M <= MAX_TOKENS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
+    cfg = {**TUNE["gemv"], **tune}
+    BN, BK = cfg["BLOCK_N"], min(cfg["BLOCK_K"], triton.next_power_of_2(K))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, BN),)](
+        x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0,
+        BLOCK_M=16, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the GEMV above for a few tokens while a CUDA graph is being captured.
+
+    Only there: eagerly, Triton's Python launcher costs ~20-30 us of host time per call against
+    cuBLAS's ~5, which an eager step (prefill) pays on the critical path; inside a graph launches
+    are free and only the kernel's bandwidth counts."""
+    if (x.is_cuda and x.shape[0] <= MAX_TOKENS and x.stride(-1) == 1 and w.stride(-1) == 1 and x.dim() == 2
+            and torch.cuda.is_current_stream_capturing()):
+        return gemv(x, w, bias)
+    return torch.nn.functional.linear(x, w, bias)
