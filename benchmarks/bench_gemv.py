@@ -5,7 +5,7 @@ the engine's decode graph runs these GEMMs: 8 calls (on 8 copies of the weight, 
 in the 50 MB L2) replayed from one CUDA graph, so launch costs on the host do not count. The
 last rows replay one layer's four GEMMs both ways, the Triton ones with their default tiles.
 
-    python benchmarks/bench_gemv.py [--tokens 1,4,8,16] [--out FILE.json]
+    python benchmarks/bench_gemv.py [--tokens 1,4,8,16] [--out FILE.json]   (default: one token)
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from kernels import triton_gemv  # noqa: E402
 from kernels.triton_gemv import gemv  # noqa: E402
 
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-         for n, k, w, s in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 5))]
+         for n, k, w, s in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (3, 5))]
 SHAPES = {"qkv": (3 * 4096, 4096), "o": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
 COPIES = 8
@@ -46,7 +46,7 @@ def graph_us(calls) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
-    ap.add_argument("--tokens", default="1,4,8,16")
+    ap.add_argument("--tokens", default="1")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.float16
     bw = copy_bandwidth(dev)
@@ -77,7 +77,10 @@ def main() -> None:
         layer = [k for k in SHAPES if k != "lm_head"]
         nbytes = sum(ws[k][0].numel() * 2 for k in layer)
         row = {"tokens": T, "gemm": "layer", "roof_us": round(nbytes / bw * 1e6, 1)}
-        for how, fn in (("cublas", F.linear), ("triton", gemv)):
+        # "engine": what the decode graph runs (kernels/triton_gemv.linear's rule, default tiles)
+        engine = lambda x, w: gemv(x, w) if T == 1 and x.shape[1] % triton_gemv.TUNE["gemv"]["BLOCK_K"] == 0 \
+            else F.linear(x, w)  # noqa: E731
+        for how, fn in (("cublas", F.linear), ("triton", gemv), ("engine", engine)):
             us = graph_us([lambda k=k, i=i, fn=fn: fn(xs[k], ws[k][i]) for i in range(COPIES) for k in layer]) * len(layer)
             row.update({f"{how}_us": round(us, 1), f"{how}_frac_copy_bw": frac(nbytes, us)})
         rows.append(row)

@@ -25,7 +25,7 @@ apply_overrides("gemv", TUNE)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                 HAS_BIAS: tl.constexpr, ONE: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ONE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,7 +51,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         else:
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w))
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
     if ONE:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn_safe).to(tl.float32)
@@ -73,18 +76,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **t
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0,
+        HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0, IEEE=x.dtype == torch.float32,
         BLOCK_M=16, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the GEMV above for a few tokens while a CUDA graph is being captured.
+    """F.linear, through the GEMV above for one token while a CUDA graph is being captured.
 
     Only there: eagerly, Triton's Python launcher costs ~20-30 us of host time per call against
     cuBLAS's ~5, which an eager step (prefill) pays on the critical path; inside a graph launches
-    are free and only the kernel's bandwidth counts."""
-    if (x.is_cuda and x.shape[0] <= MAX_TOKENS and x.stride(-1) == 1 and w.stride(-1) == 1 and x.dim() == 2
-            and torch.cuda.is_current_stream_capturing()):
+    are free and only the kernel's bandwidth counts. Only at one token and a K its K tile divides:
+    measured from graphs on an H100 (benchmarks/bench_gemv.py), the one-token kernel beats cuBLAS
+    by 1-12% at Llama-7B's qkv/o/gate_up/lm_head, but the masked-K loop (down_proj, K 11008)
+    and the tensor-core path for 4-16 tokens do not."""
+    if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+            and x.shape[1] % TUNE["gemv"]["BLOCK_K"] == 0 and torch.cuda.is_current_stream_capturing()):
         return gemv(x, w, bias)
     return torch.nn.functional.linear(x, w, bias)
