@@ -75,6 +75,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **t
     assert M <= MAX_TOKENS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
     cfg = {**TUNE["gemv"], **tune}
     BN, BK = cfg["BLOCK_N"], min(cfg["BLOCK_K"], triton.next_power_of_2(K))
+    if M > 1:                 # tl.dot wants 16 or more columns
+        BN, BK = max(BN, 16), min(BK, 256)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
