@@ -94,7 +94,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     cuBLAS's ~5, which an eager step (prefill) pays on the critical path; inside a graph launches
     are free and only the kernel's bandwidth counts. Only at one token: measured from graphs on an
     H100 (benchmarks/bench_gemv.py), the one-token kernel reads a Llama-7B layer's four weights in
-    146 us against cuBLAS's 159 (roofline 137), but the tensor-core path for 4-16 tokens loses."""
+    141 us against cuBLAS's 158 (roofline 137), but the tensor-core path for 4-16 tokens loses."""
     if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
             and torch.cuda.is_current_stream_capturing()):
         return gemv(x, w, bias)
