@@ -19,8 +19,8 @@ MAX_TOKENS = 16
 TUNE = {
     # H100 (2026-11-25, benchmarks/bench_gemv.py): narrow row tiles and long K tiles, deeply
     # pipelined, were the best at every Llama-7B shape (gate_up and lm_head at 96-100% of the
-    # copy bandwidth, cuBLAS 85-89%). Outputs of 4096 or
-    # fewer (o_proj, down_proj) ran best with 4 warps (14.8 and 34.8 us vs 15.6 and 38.5 with 8).
+    # copy bandwidth, cuBLAS 85-89%). Outputs of 4096 or fewer (o_proj, down_proj) ran best
+    # with 4 warps (14.8 and 34.8 us vs 15.6 and 38.5 with 8).
     "gemv": dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8, num_stages=5, narrow_n=4096, narrow_warps=4),
 }
 apply_overrides("gemv", TUNE)
@@ -75,6 +75,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **t
     N = w.shape[0]
     assert M <= MAX_TOKENS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
     cfg = {**TUNE["gemv"], **tune}
+    warps = tune.get("num_warps") or (cfg["narrow_warps"] if N <= cfg["narrow_n"] else cfg["num_warps"])
     BN, BK = cfg["BLOCK_N"], min(cfg["BLOCK_K"], triton.next_power_of_2(K))
     if M > 1:                 # tl.dot wants 16 or more columns
         BN, BK = max(BN, 16), min(BK, 256)
@@ -82,8 +83,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **t
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0, IEEE=x.dtype == torch.float32,
-        BLOCK_M=16, BLOCK_N=BN, BLOCK_K=BK, num_stages=cfg["num_stages"],
-        num_warps=cfg["narrow_warps"] if "num_warps" not in tune and N <= cfg["narrow_n"] else cfg["num_warps"])
+        BLOCK_M=16, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=cfg["num_stages"])
     return y
 
 
