@@ -167,12 +167,16 @@ def main() -> None:
         split = [round((a - b) * 1e3 / args.steps, 2) for a, b in zip((st.prep_s, st.device_s, st.post_s), before)]
         return split, (time.perf_counter() - w0) * 1e3 / args.steps
 
-    def time_mixed(prefills, decodes) -> float:
-        """Wall ms of a step that prefills every prompt again beside the decode batch."""
+    def mixed_step(prefills, decodes):
+        """A step that prefills every prompt again beside the decode batch."""
         def step():
             for r in prefills:
                 r.output_ids, r.num_computed = [], 0
             engine._run(Step(list(prefills), decodes))
+        return step
+
+    def time_mixed(step) -> float:
+        """Wall ms of a mixed step."""
         for _ in range(2):
             step()
         sync()
@@ -221,7 +225,10 @@ def main() -> None:
                 out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
                 if n_pre:
                     pre = make_batch(n_pre, spread, context=l_pre, tag="p")
-                    out[f"prefill_{mode}_ms"] = round(time_mixed(pre, reqs), 3)
+                    step = mixed_step(pre, reqs)
+                    out[f"prefill_{mode}_ms"] = round(time_mixed(step), 3)
+                    if args.profile and args.out:
+                        profile(step, f"{args.shape}-{tag}-b{n}-{mode}-prefill{args.prefill}")
                     for r in pre:
                         engine.scheduler.free(r)
                 for r in reqs:

@@ -3,7 +3,9 @@
 weight-read bandwidth against the device-to-device copy bandwidth. Every time is taken the way
 the engine's decode graph runs these GEMMs: 8 calls (on 8 copies of the weight, so none is found
 in the 50 MB L2) replayed from one CUDA graph, so launch costs on the host do not count. The
-last rows replay one layer's four GEMMs both ways, the Triton ones with their default tiles.
+last rows replay SwiGLU's activation and down projection (two kernels, or the GEMV that computes
+the activation as it reads the weight), then one layer's four GEMMs both ways, the Triton ones
+with their default tiles.
 
     python benchmarks/bench_gemv.py [--tokens 1,4,8,16] [--out FILE.json]   (default: one token)
 """
@@ -23,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.bench_kernels import copy_bandwidth  # noqa: E402
 from kernels import triton_gemv  # noqa: E402
 from kernels.triton_gemv import gemv  # noqa: E402
+from kernels.triton_norm_rope import silu_mul  # noqa: E402
 
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
          for n, k, w, s in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (3, 5))]
@@ -74,6 +77,26 @@ def main() -> None:
                          "triton_vs_cublas": round(default / us, 3), "triton_max_abs_err": err,
                          "best_us": round(best_us, 1), "best_cfg": best})
             print(json.dumps(rows[-1]), flush=True)
+        # SwiGLU's down projection with its activation: the activation kernel then the GEMM, against
+        # the gated GEMV that computes silu(gate) * up as it streams the weight
+        gu = torch.randn(T, 2 * SHAPES["down"][1], dtype=dt, device=dev) * 3
+        mats, nbytes = ws["down"], ws["down"][0].numel() * 2
+        two = graph_us([lambda w=w: F.linear(silu_mul(gu), w) for w in mats])
+        two_tri = graph_us([lambda w=w: gemv(silu_mul(gu), w) for w in mats])
+        fused = graph_us([lambda w=w: gemv(gu, w, gated=True) for w in mats])
+        sweep = []
+        for cfg in SWEEP:
+            try:
+                sweep.append((graph_us([lambda w=w: gemv(gu, w, gated=True, **cfg) for w in mats]), cfg))
+            except Exception as e:     # noqa: BLE001
+                print(f"skip {cfg}: {type(e).__name__}", file=sys.stderr)
+        best_us, best = min(sweep, key=lambda c: c[0])
+        err = (gemv(gu, mats[0], gated=True).float() - F.linear(silu_mul(gu), mats[0]).float()).abs().max().item()
+        rows.append({"tokens": T, "gemm": "down_gated", "roof_us": round(nbytes / bw * 1e6, 1),
+                     "silu_then_cublas_us": round(two, 1), "silu_then_triton_us": round(two_tri, 1),
+                     "gated_triton_us": round(fused, 1), "gated_frac_copy_bw": frac(nbytes, fused),
+                     "gated_max_abs_err": err, "best_us": round(best_us, 1), "best_cfg": best})
+        print(json.dumps(rows[-1]), flush=True)
         layer = [k for k in SHAPES if k != "lm_head"]
         nbytes = sum(ws[k][0].numel() * 2 for k in layer)
         row = {"tokens": T, "gemm": "layer", "roof_us": round(nbytes / bw * 1e6, 1)}

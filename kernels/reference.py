@@ -75,6 +75,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int, bat
     kv[batch.token_pages[:, 2 * layer + 1].long(), off] = v.to(kv.dtype)
 
 
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, layer: int,
+                  batch: AttnBatch, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The fused q|k|v projection output [T, (Hq + 2 Hkv) * D]: rotate q and k (RoPE), store k
+    and v in their KV pages, return the rotated q [T, Hq, D]. One kernel on the GPU for three."""
+    T = qkv.shape[0]
+    D = kv.shape[-1]
+    qk = apply_rope(qkv[:, :(num_heads + num_kv_heads) * D].view(T, num_heads + num_kv_heads, D), cos, sin)
+    write_kv(qk[:, num_heads:], qkv[:, (num_heads + num_kv_heads) * D:].view(T, num_kv_heads, D), kv, layer, batch)
+    return qk[:, :num_heads]
+
+
 def gather_kv(kv: torch.Tensor, block_tables: torch.Tensor, seq: int, layer: int, n: int):
     """A sequence's first n K and V of one layer as contiguous [n, Hkv, D] tensors."""
     B = kv.shape[1]
@@ -138,3 +149,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w^T (+ bias): the base model's projections."""
     return torch.nn.functional.linear(x, w, bias)
+
+
+def silu_mul_linear(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation and down projection: linear(silu_mul(gu), w)."""
+    return linear(silu_mul(gu), w)

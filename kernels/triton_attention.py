@@ -37,6 +37,67 @@ apply_overrides("attention", TUNE)
 
 
 @triton.jit
+def _rope_write_kv_kernel(qkv_ptr, sqkv, c_ptr, sc, s_ptr, ss, q_ptr, sq0, sq1,
+                          kv_ptr, skv0, skv1, skv2, skv3, pages_ptr, sp0, offs_ptr, layer, HQ, HKV, D2,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (token, block of heads); heads run over q, then k, then v of the fused row
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    is_q = h < HQ
+    is_k = (h >= HQ) & (h < HQ + HKV)
+    is_kv = (h >= HQ) & (h < HQ + 2 * HKV)
+    dm = (d < D2)[None, :]
+    src = qkv_ptr + t * sqkv + h[:, None] * (2 * D2) + d[None, :]
+    live = (is_q | is_kv)[:, None] & dm
+    x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
+    x2 = tl.load(src + D2, mask=live, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + t * sc + d, mask=d < D2, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(s_ptr + t * ss + d, mask=d < D2, other=0.0).to(tl.float32)[None, :]
+    rot = (h < HQ + HKV)[:, None]               # q and k rotate; v is stored as it is
+    y1 = tl.where(rot, x1 * c - x2 * s, x1)
+    y2 = tl.where(rot, x2 * c + x1 * s, x2)
+    qd = q_ptr + t * sq0 + h[:, None] * sq1 + d[None, :]
+    qm = is_q[:, None] & dm
+    tl.store(qd, y1.to(q_ptr.dtype.element_ty), mask=qm)
+    tl.store(qd + D2, y2.to(q_ptr.dtype.element_ty), mask=qm)
+    # k and v: the token's K page and V page of this layer, at its slot in the block
+    page = tl.load(pages_ptr + t * sp0 + 2 * layer + tl.where(is_k, 0, 1), mask=is_kv, other=0).to(tl.int64)
+    off = tl.load(offs_ptr + t).to(tl.int64)
+    head = tl.where(is_k, h - HQ, h - HQ - HKV)
+    kd = kv_ptr + page[:, None] * skv0 + off * skv1 + head[:, None] * skv2 + d[None, :] * skv3
+    km = is_kv[:, None] & dm
+    # rounded to q's dtype first, as the reference's rotate-then-store does
+    tl.store(kd, y1.to(q_ptr.dtype.element_ty).to(kv_ptr.dtype.element_ty), mask=km)
+    tl.store(kd + D2 * skv3, y2.to(q_ptr.dtype.element_ty).to(kv_ptr.dtype.element_ty), mask=km)
+
+
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, layer: int,
+                  batch: AttnBatch, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """kernels.reference.rope_write_kv in one kernel: rotate q and k of the fused qkv output
+    [T, (Hq + 2 Hkv) * D], store k and v in their pages, return q [T, Hq, D]: one launch per layer
+    where the rope and KV-write kernels were two."""
+    T = qkv.shape[0]
+    D = kv.shape[-1]
+    assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
+    q = torch.empty(T, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    if T == 0:
+        return q
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    D2 = D // 2
+    BLOCK_D = triton.next_power_of_2(D2)
+    H = num_heads + 2 * num_kv_heads
+    BLOCK_H = max(1, min(triton.next_power_of_2(H), 4096 // BLOCK_D))
+    tp = batch.token_pages
+    _rope_write_kv_kernel[(T, triton.cdiv(H, BLOCK_H))](
+        qkv, qkv.stride(0), cos, cos.stride(0), sin, sin.stride(0), q, q.stride(0), q.stride(1),
+        kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), tp, tp.stride(0), batch.token_offsets,
+        layer, num_heads, num_kv_heads, D2, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=4)
+    return q
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, sk0, sk1, sk2, v_ptr, sv0, sv1, sv2, kv_ptr, skv0, skv1, skv2, skv3,
                      pages_ptr, sp0, offs_ptr, layer, H, D,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):

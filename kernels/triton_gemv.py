@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_norm_rope import silu_mul
 from kernels.triton_tune import apply_overrides
 
 MAX_TOKENS = 16
@@ -27,8 +28,17 @@ apply_overrides("gemv", TUNE)
 
 
 @triton.jit
+def _silu_mul(g, u):
+    """silu(g) * u rounded where torch rounds (silu's output, then the product) in g's dtype."""
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    return (s * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
                  HAS_BIAS: tl.constexpr, ONE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 GATED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,9 +61,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
                 x = tl.load(x_ptr + rk)
             else:
                 x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            if GATED:
+                x = _silu_mul(x, tl.load(x_ptr + K + rk, mask=rk < K, other=0.0))
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         else:
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+            xp = x_ptr + rm[:, None] * sxm + rk[None, :]
+            xm = (rm < M)[:, None] & (rk < K)[None, :]
+            x = tl.load(xp, mask=xm, other=0.0)
+            if GATED:
+                x = _silu_mul(x, tl.load(xp + K, mask=xm, other=0.0))
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -69,9 +85,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sxm, swn, sym,
                  mask=(rm < M)[:, None] & nmask[None, :])
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **tune) -> torch.Tensor:
-    """x [M, K] (M <= MAX_TOKENS, rows contiguous), w [N, K] (rows contiguous) -> [M, N] in x's dtype."""
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+         **tune) -> torch.Tensor:
+    """x [M, K] (M <= MAX_TOKENS, rows contiguous), w [N, K] (rows contiguous) -> [M, N] in x's dtype.
+
+    gated: x is [M, 2K] = [gate | up] and the product is silu(gate) * up @ w^T (SwiGLU's down
+    projection), the activation computed as the weight streams by instead of in its own kernel."""
     M, K = x.shape
+    if gated:
+        K //= 2
     N = w.shape[0]
     assert M <= MAX_TOKENS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
     cfg = {**TUNE["gemv"], **tune}
@@ -82,9 +104,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, **t
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, BN),)](
         x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, ONE=M == 1, EVEN_K=K % BK == 0, IEEE=x.dtype == torch.float32, GATED=gated,
         BLOCK_M=16, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=cfg["num_stages"])
     return y
+
+
+def _graph_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+            and torch.cuda.is_current_stream_capturing())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +122,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     are free and only the kernel's bandwidth counts. Only at one token: measured from graphs on an
     H100 (benchmarks/bench_gemv.py), the one-token kernel reads a Llama-7B layer's four weights in
     141 us against cuBLAS's 158 (roofline 137), but the tensor-core path for 4-16 tokens loses."""
-    if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
-            and torch.cuda.is_current_stream_capturing()):
+    if _graph_gemv(x, w):
         return gemv(x, w, bias)
     return torch.nn.functional.linear(x, w, bias)
+
+
+def silu_mul_linear(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """linear(silu_mul(gu), w): SwiGLU's activation and down projection. At one token inside a
+    graph capture one GEMV computes the activation as it streams the weight (the activation
+    kernel and its launch gap go: 32 kernels per Llama-7B step); elsewhere the two kernels."""
+    if _graph_gemv(gu, w):
+        return gemv(gu, w, gated=True)
+    return torch.nn.functional.linear(silu_mul(gu), w)

@@ -5,8 +5,8 @@ All of them were checked against kernels/reference.py on an H100 at Llama-7B sha
 """
 from __future__ import annotations
 
-from kernels.triton_attention import paged_attention, write_kv
-from kernels.triton_gemv import linear
+from kernels.triton_attention import paged_attention, rope_write_kv, write_kv
+from kernels.triton_gemv import linear, silu_mul_linear
 from kernels.triton_lora import lora_expand, lora_shrink
 from kernels.triton_norm_rope import add_rms_norm, apply_rope, rms_norm, silu_mul
 
@@ -20,4 +20,6 @@ OPS = {
     "add_rms_norm": add_rms_norm,
     "silu_mul": silu_mul,
     "linear": linear,
+    "silu_mul_linear": silu_mul_linear,
+    "rope_write_kv": rope_write_kv,
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -86,6 +87,9 @@ class EngineStats:
 
 # the engine logs its stats over each window of this many busy seconds (at info level)
 STATS_EVERY_S = 10.0
+# a folder: the engine thread runs under cProfile and writes each stats window's profile there
+# (window-NNN.prof, NNN as in the window's log line); a diagnostic, it slows the host work
+PROFILE_DIR = os.environ.get("LORASERVE_PROFILE_ENGINE")
 
 
 class Engine:
@@ -146,6 +150,12 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         st = self.stats
+        prof, window = None, 0
+        if PROFILE_DIR:
+            import cProfile
+            os.makedirs(PROFILE_DIR, exist_ok=True)
+            prof = cProfile.Profile()
+            prof.enable()
         while not self._stop.is_set():
             try:
                 if not self.scheduler.has_work:
@@ -164,8 +174,14 @@ class Engine:
                     self._run(step)
                 st.busy_s += time.perf_counter() - t0
                 if st.busy_s - self._logged.busy_s >= STATS_EVERY_S:
-                    log.info("stats %s", st.since(self._logged).summary(self.model.weight_bytes))
+                    log.info("stats window=%d %s", window, st.since(self._logged).summary(self.model.weight_bytes))
                     self._logged = dataclasses.replace(st)
+                    if prof is not None:
+                        prof.disable()
+                        prof.dump_stats(os.path.join(PROFILE_DIR, f"window-{window:03d}.prof"))
+                        prof = cProfile.Profile()
+                        prof.enable()
+                    window += 1
             except Exception:   # never let one bad step kill the engine: fail what was running
                 log.exception("engine step failed; aborting the running requests")
                 for req in list(self.scheduler.running):

@@ -153,11 +153,7 @@ class LlamaModel:
             qkv = ops.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
                 self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
-            # q and k heads rotate in one call: they are adjacent in the fused qkv output
-            qk = ops.apply_rope(qkv[:, :qw + kw].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
-            v = qkv[:, qw + kw:].view(T, cfg.num_kv_heads, cfg.head_dim)
-            ops.write_kv(k, v, kv, li, attn)
+            q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
             out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
@@ -167,10 +163,12 @@ class LlamaModel:
             gu = ops.linear(h, L.gate_up)
             if mlp_lora:
                 self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
-            a = ops.silu_mul(gu)
-            d = ops.linear(a, L.down)
-            if mlp_lora:
+            if mlp_lora:     # down_proj's LoRA reads the activation: it is kept
+                a = ops.silu_mul(gu)
+                d = ops.linear(a, L.down)
                 self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
+            else:
+                d = ops.silu_mul_linear(gu, L.down)
             d = self.tp.all_reduce(d)
             if li + 1 < len(self.layers):
                 h = ops.add_rms_norm(x, d, self.layers[li + 1].ln1, cfg.rms_norm_eps)

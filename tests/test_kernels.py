@@ -399,6 +399,42 @@ def test_rms_norm_and_rope(dtype):
     assert rel_err(out, ref.apply_rope(q, cos, sin)) < tol
 
 
+def _check_rope_write_kv(cfg, dtype, q_lens, ctx_lens, layer, gen, block_tokens=4):
+    pool = UnifiedPool(cfg, 2 + sum(-(-n // block_tokens) for n in ctx_lens) * 2 * cfg.num_layers,
+                       block_tokens, dtype, DEV)
+    pool.data.copy_(torch.randn(pool.data.shape, generator=gen))
+    batch = build_attn(pool, q_lens, ctx_lens, DEV, gen)
+    T, Hq, Hkv, D = sum(q_lens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(DEV, dtype)
+    pos = torch.tensor([p for m, n in zip(q_lens, ctx_lens) for p in range(n - m, n)], device=DEV)
+    ang = pos.float()[:, None] * torch.rand(D // 2, generator=gen).to(DEV)
+    kv = pool.kv_view()
+    kv_ref = kv.clone()
+    poison(T * Hq * D, dtype)
+    q = tatt.rope_write_kv(qkv, ang.cos(), ang.sin(), kv, layer, batch, Hq, Hkv)
+    q_ref = ref.rope_write_kv(qkv, ang.cos(), ang.sin(), kv_ref, layer, batch, Hq, Hkv)
+    assert q.shape == (T, Hq, D) and q.dtype == dtype
+    # the same fp32 rotation rounded once: equal up to one rounding of the last bit
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert rel_err(q, q_ref) < tol
+    assert rel_err(kv, kv_ref) < tol
+    untouched = torch.ones(kv.shape[0], dtype=torch.bool, device=DEV)
+    untouched[batch.token_pages[:, 2 * layer:2 * layer + 2].long().flatten()] = False
+    assert untouched.any() and torch.equal(kv[untouched], kv_ref[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_write_kv(dtype):
+    """RoPE on q and k of the fused qkv row, k and v into their KV pages, in one kernel: the rotated
+    q and every KV page (written and untouched) match the reference's rope then write_kv."""
+    gen = torch.Generator().manual_seed(17)
+    _check_rope_write_kv(TINY, dtype, [1, 1, 1], [1, 13, 37], 1, gen)          # decode, GQA (4 q, 2 kv heads)
+    _check_rope_write_kv(TINY, dtype, [21, 7, 1], [21, 30, 9], 0, gen)         # prefill and decode
+    mha = ModelConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3, num_kv_heads=3,
+                      head_dim=16, vocab_size=64)
+    _check_rope_write_kv(mha, dtype, [2, 1], [5, 11], 0, gen, block_tokens=3)   # 9 heads: not a power of two
+
+
 def _check_add_norm_silu(T, H, I, dtype, tol, gen):
     x = torch.randn(T, H, generator=gen).to(DEV, dtype)
     d = torch.randn(T, H + 8, generator=gen).to(DEV, dtype)[:, 4:4 + H]     # a strided view
@@ -427,7 +463,8 @@ def test_add_rms_norm_and_silu_mul(dtype):
 def test_ops_table():
     from kernels import triton_ops
     assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm",
-                                   "add_rms_norm", "silu_mul", "apply_rope", "linear"}
+                                   "add_rms_norm", "silu_mul", "apply_rope", "linear", "silu_mul_linear",
+                                   "rope_write_kv"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -455,6 +492,27 @@ def test_gemv(M):
     _check_gemv(M, 64, 128, torch.float16, 2e-3, gen, BLOCK_N=32, BLOCK_K=64)
 
 
+def _check_gated_gemv(M, N, K, dtype, tol, gen, **tune):
+    gu = (torch.randn(M, 2 * K, generator=gen) * 3).to(DEV, dtype)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(DEV, dtype)
+    poison(M * N, dtype)
+    y = tgemv.gemv(gu, w, gated=True, **tune)
+    want = ref.silu_mul_linear(gu.double(), w.double())
+    assert y.shape == (M, N) and y.dtype == dtype
+    e = rel_err(y, want)
+    assert e < tol, (M, N, K, e)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_gated(M):
+    """SwiGLU's down projection with the activation computed inside the GEMV: silu(gate) * up of a
+    [gate | up] input, K not a multiple of the tile."""
+    gen = torch.Generator().manual_seed(32)
+    _check_gated_gemv(M, 40, 96, torch.float32, 1e-5, gen, BLOCK_N=16, BLOCK_K=32)
+    _check_gated_gemv(M, 33, 200, torch.float32, 1e-5, gen, BLOCK_N=16, BLOCK_K=64)
+    _check_gated_gemv(M, 64, 128, torch.float16, 2e-3, gen, BLOCK_N=32, BLOCK_K=64)
+
+
 def test_linear_takes_the_gemv_only_inside_a_graph_capture():
     """Eager calls stay on cuBLAS (Triton's launcher costs host time there); with no capture the
     op is F.linear itself, bit for bit."""
@@ -473,6 +531,50 @@ def test_gpu_gemv_llama7b(dtype, M):
     for N, K in ((3 * 4096, 4096), (4096, 4096), (2 * 11008, 4096), (4096, 11008), (32000, 4096)):
         _check_gemv(M, N, K, dtype, tol, gen)
     _check_gemv(M, 1536, 4096, dtype, tol, gen, bias=True)     # a biased qkv (Qwen-style)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 16])
+def test_gpu_gemv_gated_llama7b(dtype, M):
+    gen = torch.Generator().manual_seed(34)
+    _check_gated_gemv(M, 4096, 11008, dtype, 2e-3 if dtype == torch.float16 else 1e-2, gen)
+    _check_gated_gemv(M, 4096, 14336, dtype, 2e-3 if dtype == torch.float16 else 1e-2, gen)    # Llama-3-8B
+
+
+@gpu
+@needs_cuda
+def test_gpu_silu_mul_linear_inside_a_graph():
+    """The decode graph's down projection (activation fused into the GEMV) against the eager
+    activation kernel plus cuBLAS."""
+    gen = torch.Generator().manual_seed(35)
+    gu = (torch.randn(1, 2 * 11008, generator=gen) * 3).to(DEV, torch.float16)
+    w = (torch.randn(4096, 11008, generator=gen) * 0.02).to(DEV, torch.float16)
+    eager = tgemv.silu_mul_linear(gu, w)
+    assert torch.equal(eager, torch.nn.functional.linear(tnr.silu_mul(gu), w))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tgemv.gemv(gu, w, gated=True)          # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = tgemv.silu_mul_linear(gu, w)
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, eager) < 2e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_rope_write_kv_llama7b(dtype):
+    gen = torch.Generator().manual_seed(36)
+    for cfg in (LLAMA7B, GQA):
+        _check_rope_write_kv(cfg, dtype, [1] * 64, [int(n) for n in torch.randint(1, 600, (64,), generator=gen)],
+                             0, gen, block_tokens=16)
+        _check_rope_write_kv(cfg, dtype, [300, 1, 1], [300, 700, 33], 0, gen, block_tokens=16)
 
 
 @gpu
