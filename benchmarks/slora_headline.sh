@@ -22,7 +22,9 @@ RATE=${RATE:-12}; DURATION=${DURATION:-60}; NS=${NS:-5,100,1000,2000}; S1_NS=${S
 PEFT_NS=${PEFT_NS-5,100}; PEFT_DURATION=${PEFT_DURATION:-30}
 SETTINGS=${SETTINGS-S2,S1}   # empty: none
 INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
-GPU_UTIL=${GPU_UTIL:-0.70}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
+# the PEFT baseline loads a second copy of the model on the same GPU while the engine holds its
+# pool: leave it room only when it runs
+GPU_UTIL=${GPU_UTIL:-$([ -n "$PEFT_NS" ] && echo 0.70 || echo 0.90)}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
 WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S-LoRA's setup)
 PREWARM=${PREWARM-1}   # empty: no discarded pre-warm run per setting
 REPEAT=${REPEAT:-1}    # runs of each n (and of base-only); the table's ratios use their means

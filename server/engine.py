@@ -3,9 +3,9 @@
 Other threads (the gRPC servicers) talk to it only through a thread-safe inbox: submit a
 request, abort one, or run a small function between steps (admin operations).
 
-Outputs go back through an outbox that is flushed while the next step runs on the device. Each
-emit wakes the servicers' event loop, which then wants the GIL for the stream writes; woken in
-the middle of the engine's host work, it made that work wait (Python hands the GIL over only
+Outputs go back through an outbox that is flushed while the next step runs on the device. A
+flush wakes each servicer event loop once, which then wants the GIL for the stream writes; woken
+in the middle of the engine's host work, it made that work wait (Python hands the GIL over only
 every 5 ms). Woken while the engine thread waits on the device, it runs in time the engine
 does not need.
 """
@@ -290,10 +290,20 @@ class Engine:
         self._outbox.append((req, Output(list(tokens), list(logprobs), finish=reason or Finish.ABORTED, error=error)))
 
     def _flush(self) -> None:
-        """Hand the outputs gathered since the last flush to their streams."""
+        """Hand the outputs gathered since the last flush to their streams: one call per event
+        loop (see StreamQueue), the rest through each request's emit."""
         out, self._outbox = self._outbox, []
+        by_loop: dict = {}
         for req, o in out:
-            req.emit(o)
+            if req.stream is None:
+                req.emit(o)
+            else:
+                by_loop.setdefault(req.stream.loop, []).append((req.stream.queue, o))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:     # that loop is closed (the server is stopping): nobody listens
+                pass
 
     # -- model runner ------------------------------------------------------------------------
     def _lora_mode(self, step) -> str | None:
@@ -389,3 +399,9 @@ class Engine:
         st.prep_s += t1 - t0
         st.device_s += t2 - t1
         st.post_s += time.perf_counter() - t2
+
+
+def _deliver(items: list) -> None:
+    """On a servicer's event loop: put each output on its stream's queue."""
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -27,13 +27,23 @@ class Output:
     error: tuple[str, str] | None = None   # (grpc status name, message)
 
 
+@dataclass(frozen=True)
+class StreamQueue:
+    """A stream's asyncio queue and the event loop that owns it. The engine hands all of a step's
+    outputs bound for one loop over in one thread-safe call: one wake-up of that loop per step,
+    where a callback per request cost a socket write and a wake-up for every token."""
+    loop: Any     # asyncio.AbstractEventLoop
+    queue: Any    # asyncio.Queue[Output]
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     adapter_id: str = ""
-    emit: Callable[[Output], None] = lambda out: None
+    emit: Callable[[Output], None] = lambda out: None   # where no stream is set (in-process use)
+    stream: StreamQueue | None = None
     arrival: float = field(default_factory=time.monotonic)
     # engine state
     output_ids: list[int] = field(default_factory=list)

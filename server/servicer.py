@@ -17,7 +17,7 @@ from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
 from server.adapters import SourceUnavailable
 from server.engine import Engine
-from server.request import Finish, Output, Request
+from server.request import Finish, Output, Request, StreamQueue
 from server.sampler import SamplingParams
 from server.tokenizer import TextStream, Tokenizer
 
@@ -111,8 +111,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         rid = request.request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        req = Request(rid, prompt, params, request.adapter_id,
-                      emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        req = Request(rid, prompt, params, request.adapter_id, stream=StreamQueue(loop, queue))
         if params.seed is not None:
             import torch
             req.generator = torch.Generator(self.engine.model.device).manual_seed(params.seed)

@@ -431,3 +431,50 @@ def test_outputs_reach_the_stream_while_the_next_step_runs(tiny):
     assert [o.token_ids for o in got["b"]] == [[t] for t in reqs[1].output_ids]
     assert [o.finish for o in got["b"]] == [None, None, Finish.LENGTH]
     engine.adapters.close()
+
+
+def test_flush_wakes_each_event_loop_once(tiny):
+    """Streams on one servicer event loop get a step's outputs through one thread-safe call (one
+    wake-up per step, not per token), each on its own queue and in order; requests without a
+    stream use emit; a closed loop (server stopping) does not break the flush."""
+    import asyncio
+    import threading
+
+    from server.request import Output, StreamQueue
+    model_dir, _ = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32"))
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    for lp in loops:
+        threading.Thread(target=lp.run_forever, daemon=True).start()
+    wakeups = []
+    for lp in loops:
+        real = lp.call_soon_threadsafe
+        lp.call_soon_threadsafe = lambda *a, lp=lp, real=real: (wakeups.append(lp), real(*a))[1]
+    queues = [asyncio.Queue() for _ in range(3)]
+    emitted = []
+    reqs = [Request("a", [1], greedy(4), "", stream=StreamQueue(loops[0], queues[0])),
+            Request("b", [1], greedy(4), "", stream=StreamQueue(loops[0], queues[1])),
+            Request("c", [1], greedy(4), "", stream=StreamQueue(loops[1], queues[2])),
+            Request("d", [1], greedy(4), "", emit=emitted.append)]
+    outs = [Output([i], []) for i in range(6)]
+    engine._outbox = [(reqs[0], outs[0]), (reqs[1], outs[1]), (reqs[0], outs[2]), (reqs[2], outs[3]),
+                      (reqs[3], outs[4]), (reqs[1], outs[5])]
+    engine._flush()
+    assert sorted(map(id, wakeups)) == sorted(map(id, loops)) and len(wakeups) == 2
+
+    def drain(q, lp):
+        async def take():
+            return [q.get_nowait() for _ in range(q.qsize())]
+        return asyncio.run_coroutine_threadsafe(take(), lp).result(timeout=5)
+    assert drain(queues[0], loops[0]) == [outs[0], outs[2]]
+    assert drain(queues[1], loops[0]) == [outs[1], outs[5]]
+    assert drain(queues[2], loops[1]) == [outs[3]]
+    assert emitted == [outs[4]] and engine._outbox == []
+    loops[1].call_soon_threadsafe(loops[1].stop)
+    assert wait_for(lambda: not loops[1].is_running())
+    loops[1].close()
+    engine._outbox = [(reqs[2], Output([9], [])), (reqs[0], Output([7], []))]
+    engine._flush()                                  # the closed loop's output is dropped
+    assert [o.token_ids for o in drain(queues[0], loops[0])] == [[7]]
+    loops[0].call_soon_threadsafe(loops[0].stop)
+    engine.adapters.close()
