@@ -478,3 +478,32 @@ def test_flush_wakes_each_event_loop_once(tiny):
     assert [o.token_ids for o in drain(queues[0], loops[0])] == [[7]]
     loops[0].call_soon_threadsafe(loops[0].stop)
     engine.adapters.close()
+
+
+def test_admission_checks_only_the_adapters_it_reaches(tiny):
+    """A long queue over many adapters: a step looks up the readiness of the adapters of the
+    requests it considers, not of every adapter waiting; everything still runs to the end."""
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", sched=SchedulerConfig(max_num_seqs=2)))
+    mgr = engine.adapters
+    for name, path in adapters.items():
+        mgr.add_weights(load_peft_dir(name, path, engine.cfg))
+    names = [n for n in adapters][:3]
+    reqs = mixed_requests([names[i % 3] for i in range(12)], seed=4, lo=3, hi=6)
+    sch = engine.scheduler
+    for r in reqs:
+        sch.add(r)
+    looked_up = []
+    real = mgr.ready
+    mgr.ready = lambda aid: (looked_up.append(aid), real(aid))[1]
+    step = sch.schedule()
+    assert [r.request_id for r in step.prefills] == ["r0", "r1"]
+    assert looked_up == names[:2]
+    assert [mgr.resident[n].refs for n in names[:2]] == [1, 1]
+    engine._run(step)
+    while sch.has_work:
+        s = sch.schedule()
+        if not s.empty:
+            engine._run(s)
+    assert all(r.finished for r in reqs) and engine.pool.kv_pages == 0
+    mgr.close()
