@@ -47,7 +47,8 @@ TUNE = {
     "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
-    "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3),
+    "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3, SPLIT_K=None,
+                           programs_per_sm=4),
     "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
 }
 apply_overrides("lora", TUNE)
@@ -195,11 +196,12 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
 # depend on how many adapters there are, so CUDA graphs capture it once per batch size.
 @triton.jit
 def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                           v_ptr, sv0, sv1, svm, T, d_in, max_rank,
-                           ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                           v_ptr, sv0, sv1, svm, T, d_in, max_rank, k_split,
+                           ALIGN: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     mt = tl.program_id(0)
-    rt = tl.program_id(1)
+    rt = tl.program_id(1) // SPLIT_K    # (rank tile, K split) folded into one grid axis
+    ks = tl.program_id(1) % SPLIT_K
     mod = tl.program_id(2)
     meta_ptr += mod * smm
     v_ptr += mod * svm
@@ -211,20 +213,24 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, s
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sx0
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)   # rows of other slots see x = 0
+    k_lo = ks * k_split
+    k_hi = tl.minimum(d_in, k_lo + k_split)
+    work = 0
     cur = tl.min(tl.where(slots >= 0, slots, BIG), axis=0)
     while cur < BIG:
         mrow = meta_ptr + cur.to(tl.int64) * sm0
         a0 = tl.load(mrow)
         rank = tl.load(mrow + 2 * sm1)
         if rt * BLOCK_R < rank:
+            work = 1
             sel = slots == cur
             rmask = offs_r < rank
             roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
             if ALIGN > 1:
                 roff = tl.multiple_of(roff, ALIGN)
-            for k0 in range(0, d_in, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
-                kmask = kk < d_in
+                kmask = kk < k_hi
                 xt = tl.load(x_rows + kk[None, :] * sx1, mask=sel[:, None] & kmask[None, :], other=0.0)
                 at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & rmask[None, :],
                              other=0.0)                                  # A^T tile [BLOCK_K, BLOCK_R]
@@ -234,7 +240,11 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, s
                     acc = tl.dot(xt, at.to(xt.dtype), acc)
         cur = tl.min(tl.where(slots > cur, slots, BIG), axis=0)
     v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * sv0 + offs_r[None, :] * sv1
-    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mmask[:, None] & (offs_r < max_rank)[None, :])
+    v_mask = mmask[:, None] & (offs_r < max_rank)[None, :]
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
+    elif work > 0:     # partial sums into a zeroed fp32 buffer; idle tiles add nothing
+        tl.atomic_add(v_ptrs, acc, mask=v_mask)
 
 
 @triton.jit
@@ -443,11 +453,27 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = TUNE["shrink_grouped"]
         BLOCK_M, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], max(16, _p2(d_in))) if x.dtype != torch.float32 else 32
-        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R), M)
+        tiles = triton.cdiv(T, BLOCK_M) * triton.cdiv(R, BLOCK_R) * M
+        # A few adapters over a batch leave few tiles, each walking all of d_in alone (18 us a
+        # launch at 192 tokens over 5 adapters on the H100, for ~0.1 MB of rows): split d_in until
+        # there are `programs_per_sm` programs per SM (fixed by the shapes, so graphs capture it).
+        split = cfg.get("SPLIT_K")
+        if split is None:
+            split = 1
+            while tiles * split < cfg["programs_per_sm"] * _sms(x.device) and d_in >= 2 * split * BLOCK_K:
+                split *= 2
+        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+        split = triton.cdiv(d_in, k_split)
+        out = v3 if split == 1 else torch.zeros(T, M, R, dtype=torch.float32, device=x.device)
+        so0, som, so1 = out.stride()
+        grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R) * split, M)
         _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
-                                     batch.token_slot, v3, sv0, sv1, svm, T, d_in, R,
-                                     ALIGN=align, IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
+                                     batch.token_slot, out, so0, so1, som, T, d_in, R, k_split,
+                                     ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
+                                     BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if split > 1:
+            v3.copy_(out)
     elif batch.max_seg_len <= 1:
         cfg = TUNE["shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]

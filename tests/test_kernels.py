@@ -186,6 +186,21 @@ def test_lora_grouped_decode(dtype, order):
                 grouped=True)
 
 
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_lora_grouped_decode_split_k(split, monkeypatch):
+    """The grouped shrink with d_in split over programs (partial sums added into an fp32 buffer),
+    forced to 1, 2 and 4 splits; down_proj's d_in (96) leaves a short last split."""
+    monkeypatch.setitem(tlora.TUNE["shrink_grouped"], "SPLIT_K", split)
+    gen = torch.Generator().manual_seed(50 + split)
+    ranks = [8, 16, 32, 12]
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
+            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
+    pick = sorted((i * 7) % 5 - 1 for i in range(37))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        _check_lora(TINY, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
+                    tol, gen, grouped=True)
+
+
 def _check_lora_fused(cfg, dtype, seq_lens, pick, ranks, modules_per, groups, layer, tol, gen, block_tokens=4,
                       grouped=False):
     """Modules sharing an input in one launch (meta [slots, M, 4]) against one reference call per
