@@ -35,8 +35,9 @@ from server.scheduler import Scheduler, SchedulerConfig
 log = logging.getLogger("loraserve.engine")
 
 # grouped decode LoRA when adapters average at least this many tokens each in the step (on the
-# H100 the two schedules tie at 4 tokens per adapter; grouped is 2.4x faster at 16, 5x slower at 1)
-GROUP_MIN_TOKENS = 6
+# H100, 256 tokens, with the grouped shrink's split-K: 2 tokens per adapter 300 vs 225 us for the
+# per-token schedule, 4: 180 vs 194, 16: 93 vs 174; benchmarks/results/engine-2026-11-25f-h100/)
+GROUP_MIN_TOKENS = 4
 
 
 @dataclass
