@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--no-eager", dest="eager", action="store_false", help="CUDA-graph steps only")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS steps of each batch and mode (torch.profiler): kernel tables under --out")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -116,7 +117,7 @@ def main() -> None:
 
     raw = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, **SHAPES[args.shape]}
     cfg = ModelConfig.from_dict(raw, name=args.shape)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
     model = LlamaModel(cfg, random_state(raw, dtype, dev), dtype, dev)
     bw = copy_bandwidth(dev) if dev.type == "cuda" else 20e9
     B = block_tokens_for(cfg, 16)
@@ -241,7 +242,7 @@ def main() -> None:
             rows.append(out)
             print(json.dumps(out), flush=True)
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
-            "dtype": "float16", "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
+            "dtype": str(dtype).removeprefix("torch."), "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
             "adapters": args.adapters, "spread": spreads, "prefill": args.prefill, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     print(json.dumps(meta))
@@ -254,7 +255,7 @@ def main() -> None:
               + f" {r['roofline_ms']:>12} {r['base_vs_roofline']:>10}")
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(args.out) / f"engine-{args.shape}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (pathlib.Path(args.out) / f"engine-{args.shape}{'' if args.dtype == 'float16' else '-' + args.dtype}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
