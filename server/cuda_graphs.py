@@ -99,13 +99,14 @@ class DecodeGraphs:
         self.token_off[:n].copy_(token_off, non_blocking=True)
         self.token_slot[:n].copy_(slots, non_blocking=True)
         if bs > n:     # padding rows: base model, one token of context in the scratch page
-            self.ids[n:bs] = 0
-            self.pos[n:bs] = 0
-            self.ctx[n:bs] = 1
-            self.bt[n:bs, 0] = self.pool.scratch_page
-            self.token_pages[n:bs] = self.pool.scratch_page
-            self.token_off[n:bs] = 0
-            self.token_slot[n:bs] = -1
+            # (fill_: assigning a Python number to a slice of a CUDA tensor waits for the device)
+            self.ids[n:bs].zero_()
+            self.pos[n:bs].zero_()
+            self.ctx[n:bs].fill_(1)
+            self.bt[n:bs, 0].fill_(self.pool.scratch_page)
+            self.token_pages[n:bs].fill_(self.pool.scratch_page)
+            self.token_off[n:bs].zero_()
+            self.token_slot[n:bs].fill_(-1)
         g, out = self.graphs[(bs, lora, mlp and lora is not None)]
         g.replay()
         return out[:n]

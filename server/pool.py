@@ -171,7 +171,6 @@ class AdapterTable:
         slot = self._free_slots.pop()
         P = pool.page_elems
         page_ids = torch.tensor(pages, dtype=torch.int64)
-        offsets = page_ids[staged.rel_offsets // P] * P + staged.rel_offsets % P
         start = self.num_rows
         meta = staged.meta.clone()
         meta[..., :2] += torch.where(meta[..., 3:4] > 0, start, 0).to(meta.dtype)
@@ -187,14 +186,20 @@ class AdapterTable:
             if stream is not None:
                 done = torch.cuda.Event()
                 done.record(stream)
-        self.rows[start:start + offsets.numel()] = to(offsets)
+        # each row's element offset, computed where it is needed (on the host, the integer
+        # division over ~16K rows of a rank-64 adapter cost ~0.3 ms of the engine thread)
+        rel = to(staged.rel_offsets)
+        n_rows = rel.numel()
+        self.rows[start:start + n_rows] = to(page_ids)[rel // P] * P + rel % P
         self.meta[slot] = to(meta)
-        self.scaling[slot] = staged.scaling
-        self.num_rows += offsets.numel()
+        # fill_, not `scaling[slot] = x`: assigning a Python number to an element of a CUDA tensor
+        # waited for the device (0.7 ms per load on the H100, 15 ms behind a queued step)
+        self.scaling[slot:slot + 1].fill_(staged.scaling)
+        self.num_rows += n_rows
         self.max_rank[slot] = staged.max_rank
         self.mlp[slot] = bool((staged.meta[:, len(ATTENTION):, 2:] > 0).any())
         self.nbytes[slot] = staged.nbytes
-        entry = AdapterSlot(slot, pages, start, offsets.numel(), done)
+        entry = AdapterSlot(slot, pages, start, n_rows, done)
         self.slots[slot] = entry
         return entry
 
@@ -215,8 +220,8 @@ class AdapterTable:
             shift[later] = n
             shift = shift.to(self.meta.device, non_blocking=True)
             self.meta[..., :2] -= torch.where(self.meta[..., 3:4] > 0, shift, 0)
-        self.meta[slot] = 0
-        self.scaling[slot] = 0
+        self.meta[slot].zero_()            # (zero_, not `= 0`: see insert)
+        self.scaling[slot:slot + 1].zero_()
         self.max_rank[slot] = 0
         self.mlp[slot] = False
         self.nbytes[slot] = 0
