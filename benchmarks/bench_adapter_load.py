@@ -12,14 +12,14 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from benchmarks.bench_engine import random_adapter  # noqa: E402
+from benchmarks.bench_engine import SHAPES, random_adapter  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
 from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 
 def main() -> None:
-    cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                      head_dim=128, vocab_size=32000)
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, **SHAPES["llama7b"]},
+                                name="llama7b")
     dev = torch.device("cuda")
     w = torch.randn(8192, 8192, device=dev, dtype=torch.float16)
     free, total = torch.cuda.mem_get_info()

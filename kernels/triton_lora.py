@@ -424,6 +424,15 @@ def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
     return 16
 
 
+def _split_k(v3: torch.Tensor, d_in: int, block_k: int, split: int) -> tuple[int, int, torch.Tensor]:
+    """d_in cut into about ``split`` ranges of whole BLOCK_K tiles: (splits, elements per split,
+    the shrink's output: v3 itself for one split, else a zeroed fp32 buffer the splits add into)."""
+    k_split = triton.cdiv(triton.cdiv(d_in, split), block_k) * block_k
+    split = triton.cdiv(d_in, k_split)
+    out = v3 if split == 1 else torch.zeros(v3.shape, dtype=torch.float32, device=v3.device)
+    return split, k_split, out
+
+
 def _modules(meta: torch.Tensor) -> torch.Tensor:
     """meta as [slots, modules, 4]: a single (layer, module) view is one module."""
     return meta if meta.dim() == 3 else meta.unsqueeze(1)
@@ -449,6 +458,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
     align = _row_align(flat)
     sm0, smm, sm1 = meta3.stride()
     sv0, svm, sv1 = v3.stride()
+    out = v3
     if batch.max_seg_len <= 1 and batch.grouped:
         cfg = TUNE["shrink_grouped"]
         BLOCK_M, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_R"]
@@ -462,9 +472,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
             split = 1
             while tiles * split < cfg["programs_per_sm"] * _sms(x.device) and d_in >= 2 * split * BLOCK_K:
                 split *= 2
-        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
-        split = triton.cdiv(d_in, k_split)
-        out = v3 if split == 1 else torch.zeros(T, M, R, dtype=torch.float32, device=x.device)
+        split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
         so0, som, so1 = out.stride()
         grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R) * split, M)
         _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
@@ -472,8 +480,6 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if split > 1:
-            v3.copy_(out)
     elif batch.max_seg_len <= 1:
         cfg = TUNE["shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]
@@ -500,9 +506,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
             while (G * m_tiles * M * n_tiles * split * 4 <= _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
-        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
-        split = triton.cdiv(d_in, k_split)
-        out = v3 if split == 1 else torch.zeros(T, M, R, dtype=torch.float32, device=x.device)
+        split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
         so0, som, so1 = out.stride()
         grid = (G, m_tiles, M * n_tiles * split)
         _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
@@ -510,8 +514,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                  ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if split > 1:
-            v3.copy_(out)
+    if out is not v3:       # split-K partial sums: one cast into v
+        v3.copy_(out)
     return v
 
 
