@@ -6,6 +6,18 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device.
+
+    A plain ``torch.tensor(values, device=cuda)`` copies from pageable memory and then waits for
+    the stream: with the previous step still queued (the engine launches step N+1 before it reads
+    step N's tokens) that wait would undo the overlap. From pinned memory the copy is queued."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class LoraBatch:
     """Which adapter each token uses.
@@ -59,7 +71,7 @@ class LoraBatch:
             pos += n
             indptr.append(pos)
             slots.append(s)
-        t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+        t = lambda v: to_device(v, torch.int32, device)  # noqa: E731
         return cls(t(token_slot), t(indptr), t(slots), max(seq_lens, default=0), max_rank, host, grouped, mlp)
 
 

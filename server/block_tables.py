@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.batch import to_device
 from server.request import Request
 
 
@@ -49,10 +50,10 @@ class BlockTables:
                 req.bt_len = n
             rows.append(req.bt_row)
         if new_rows:
-            pages = torch.tensor(new_pages, dtype=torch.int32).to(self.device)
-            idx = torch.tensor([new_rows, new_blocks], dtype=torch.int64).to(self.device)
+            pages = to_device(new_pages, torch.int32, self.device)
+            idx = to_device([new_rows, new_blocks], torch.int64, self.device)
             self.table[idx[0], idx[1]] = pages
-        return torch.tensor(rows, dtype=torch.int64).to(self.device)
+        return to_device(rows, torch.int64, self.device)
 
     def gather(self, rows: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """The batch's block tables [S, n_blocks, 2L] (a device gather)."""
@@ -63,7 +64,7 @@ class BlockTables:
         """The pages [T, 2L] that each new token's K/V land in (a device gather): tokens come in
         runs of tokens_per_row[i] for rows[i], at the given positions."""
         if len(tokens_per_row) != positions.numel():
-            rows = torch.repeat_interleave(rows, torch.tensor(tokens_per_row, device=rows.device),
+            rows = torch.repeat_interleave(rows, to_device(tokens_per_row, torch.int64, rows.device),
                                            output_size=positions.numel())
         return self.table[rows, positions // block_tokens]
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from kernels.batch import AttnBatch, LoraBatch
+from kernels.batch import AttnBatch, LoraBatch, to_device
 from server.adapters import AdapterManager
 from server.block_tables import BlockTables
 from server.model import LlamaModel
@@ -45,16 +45,19 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0
     # where the engine thread's time goes: busy is the loop's wall time while it has work; host
-    # is scheduling + batch metadata + output handling, device is launch/replay until the sampled
-    # tokens are on the host. The rest of busy is outside steps (inbox, waiting for the GIL).
+    # is scheduling + batch metadata + output handling, device is launching steps and waiting
+    # for their tokens. The rest of busy is outside steps (inbox, waiting for the GIL).
     busy_s: float = 0.0
     sched_s: float = 0.0
     prep_s: float = 0.0
     device_s: float = 0.0
     post_s: float = 0.0
+    # the device's own time per step (CUDA events, from the moment the stream reaches the step
+    # to its tokens on the host): with host work overlapped, gpu_s / busy_s nears 1
+    gpu_s: float = 0.0
     prefill_steps: int = 0
     prefill_tokens: int = 0
-    prefill_device_s: float = 0.0   # of device_s: steps that prefilled (eager)
+    prefill_gpu_s: float = 0.0      # of gpu_s: steps that prefilled (eager)
     graph_steps: int = 0
     # decode steps: tokens, distinct adapters and adapter bytes they read (each distinct adapter's
     # rows once: the floor of what LoRA adds to a memory-bound step)
@@ -75,13 +78,14 @@ class EngineStats:
         busy = max(self.busy_s, 1e-9)
         return (f"steps={self.steps} decode_steps={self.decode_steps} graph_steps={self.graph_steps} "
                 f"prefill_steps={self.prefill_steps} prefill_tokens={self.prefill_tokens} "
-                f"prefill_ms_per_step={1e3 * self.prefill_device_s / max(self.prefill_steps, 1):.1f} "
-                f"decode_ms_per_step={1e3 * (self.device_s - self.prefill_device_s) / n:.1f} "
+                f"prefill_ms_per_step={1e3 * self.prefill_gpu_s / max(self.prefill_steps, 1):.1f} "
+                f"decode_ms_per_step={1e3 * (self.gpu_s - self.prefill_gpu_s) / n:.1f} "
                 f"mean_decode_batch={self.decode_tokens / n:.1f} "
                 f"mean_distinct_adapters={self.decode_adapters / n:.1f} "
                 f"adapter_GB_per_decode_step={self.decode_adapter_bytes / n / 1e9:.2f} "
                 f"adapter_bytes_vs_weights={self.decode_adapter_bytes / n / max(weight_bytes, 1):.3f} "
                 f"busy_s={self.busy_s:.2f} ms_per_step={1e3 * self.busy_s / max(self.steps, 1):.2f} "
+                f"gpu={self.gpu_s / busy:.0%} "
                 f"device={self.device_s / busy:.0%} sched={self.sched_s / busy:.0%} prep={self.prep_s / busy:.0%} "
                 f"post={self.post_s / busy:.0%} outside={(busy - self.host_s - self.device_s) / busy:.0%}")
 
@@ -109,8 +113,8 @@ class Engine:
         self._by_id: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pin = pool.device.type == "cuda"
         self.graphs = None   # server.cuda_graphs.DecodeGraphs once captured (CUDA only)
+        self._inflight: _Launched | None = None   # the step on the device whose tokens are unread
         self.block_tables = BlockTables(2 * sched_cfg.max_num_seqs, -(-self.max_model_len // pool.block_tokens),
                                         2 * pool.cfg.num_layers, pool.device)
 
@@ -159,20 +163,18 @@ class Engine:
             prof.enable()
         while not self._stop.is_set():
             try:
-                if not self.scheduler.has_work:
+                idle = not self.scheduler.has_work and self._inflight is None
+                if idle:
                     self._flush()
-                self._drain(block=not self.scheduler.has_work)
-                if not self.scheduler.has_work:
+                self._drain(block=idle)
+                if not self.scheduler.has_work and self._inflight is None:
                     continue
                 t0 = time.perf_counter()
                 step = self.scheduler.schedule()
                 self._fail_rejected()
                 st.sched_s += time.perf_counter() - t0
-                if step.empty:
-                    self._flush()
+                if not self._overlap(step):
                     self._drain(block=True, timeout=0.005)   # waiting on an adapter fetch
-                else:
-                    self._run(step)
                 st.busy_s += time.perf_counter() - t0
                 if st.busy_s - self._logged.busy_s >= STATS_EVERY_S:
                     log.info("stats window=%d %s", window, st.since(self._logged).summary(self.model.weight_bytes))
@@ -185,6 +187,7 @@ class Engine:
                     window += 1
             except Exception:   # never let one bad step kill the engine: fail what was running
                 log.exception("engine step failed; aborting the running requests")
+                self._inflight = None
                 for req in list(self.scheduler.running):
                     self._finish(req, None, error=("INTERNAL", "engine step failed"))
                 self._flush()
@@ -316,7 +319,29 @@ class Engine:
             return None
         return "grouped" if len(set(slots)) * GROUP_MIN_TOKENS <= len(slots) else "token"
 
+    def _overlap(self, step) -> bool:
+        """Launch a step behind the one in flight, then read that one's tokens and hand them to
+        the streams. The host work of a step (scheduling, inputs, launches, output handling)
+        overlaps the device's work on the previous step instead of leaving the GPU idle.
+        Returns False when there was nothing to launch or read."""
+        launched = None if step.empty else self._launch(step)
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._complete(previous)
+        self._flush()
+        return launched is not None or previous is not None
+
     def _run(self, step) -> None:
+        """One step, start to finish (warm-up, tests, benchmarks; the loop overlaps steps)."""
+        launched = self._launch(step)
+        self._flush()    # the previous step's outputs, while this one runs on the device
+        self._complete(launched)
+
+    def _launch(self, step) -> "_Launched":
+        """Queue one step on the device: inputs, forward, sampling, and the copy of the sampled
+        tokens to the host. Nothing here waits for the device, so the host prepares this step
+        while the previous one still runs; a decode whose input token is still in flight reads
+        it from the previous step's output on the device."""
         t0 = time.perf_counter()
         mode = self._lora_mode(step)     # of the decodes (in a mixed step: its decode part)
         if mode == "grouped":
@@ -325,9 +350,15 @@ class Engine:
         B = self.pool.block_tokens
         dev = self.model.device
         ids, pos, q_host, seq_lens, slots, logits_idx = [], [], [], [], [], []
+        feed_dst, feed_src = [], []      # ids rows taken from the in-flight step's tokens
         for req in seqs:
             start, end = req.num_computed, req.total_len
-            if end - start == 1 and req.output_ids:     # decode: only the last sampled token
+            if end - start == 1 and req.inflight:      # decode of a token still on the device
+                assert req.inflight == 1 and self._inflight is not None, "one step in flight at most"
+                feed_dst.append(len(ids))
+                feed_src.append(req.last_row)
+                ids.append(0)
+            elif end - start == 1 and req.output_ids:   # decode of a token the host has read
                 ids.append(req.output_ids[-1])
             else:
                 ids += req.all_ids[start:end]
@@ -339,67 +370,117 @@ class Engine:
         S = len(seqs)
         rows = self.block_tables.sync(seqs)
         max_blocks = max(len(r.blocks) for r in seqs)
-        pos_d = torch.tensor(pos, dtype=torch.int64).to(dev)
+        pos_d = to_device(pos, torch.int64, dev)
         token_pages = self.block_tables.token_pages(rows, seq_lens, pos_d, B)
         off_d = (pos_d % B).to(torch.int32)
         ctx = [n for _, _, n in q_host]
         used = {s for s in slots if s >= 0}
         max_rank = max((self.table.max_rank[s] for s in used), default=0)
         mlp = any(self.table.mlp[s] for s in used)
-        ids_t = torch.tensor(ids, dtype=torch.int64)
-        ctx_t = torch.tensor(ctx, dtype=torch.int32)
+        ids_d = to_device(ids, torch.int64, dev)
+        if feed_dst:
+            src = self._inflight.tokens.index_select(0, to_device(feed_src, torch.int64, dev))
+            ids_d.index_copy_(0, to_device(feed_dst, torch.int64, dev), src)
+        ctx_d = to_device(ctx, torch.int32, dev)
         t1 = time.perf_counter()
+        cuda = dev.type == "cuda"
+        began = torch.cuda.Event(enable_timing=True) if cuda else None
+        if began is not None:
+            began.record()
         graph = (self.graphs is not None and not step.prefills
                  and self.graphs.fits(S, max_rank, max(ctx), max_blocks))
         if graph:
-            logits = self.graphs.run(ids_t, pos_d, self.block_tables.gather(rows, max_blocks), ctx_t,
-                                     token_pages, off_d, torch.tensor(slots, dtype=torch.int32),
+            logits = self.graphs.run(ids_d, pos_d, self.block_tables.gather(rows, max_blocks), ctx_d,
+                                     token_pages, off_d, to_device(slots, torch.int32, dev),
                                      lora=mode if max_rank > 0 else None, mlp=mlp)
         else:
-            to = lambda t: t.pin_memory().to(dev, non_blocking=True) if self._pin else t  # noqa: E731
             attn = AttnBatch(
                 block_tables=self.block_tables.gather(rows, max_blocks),
-                q_indptr=to(torch.tensor([0] + [q1 for _, q1, _ in q_host], dtype=torch.int32)),
-                context_lens=to(ctx_t), token_pages=token_pages, token_offsets=off_d,
+                q_indptr=to_device([0] + [q1 for _, q1, _ in q_host], torch.int32, dev),
+                context_lens=ctx_d, token_pages=token_pages, token_offsets=off_d,
                 max_q_len=max(seq_lens), max_context=max(ctx), q_host=q_host)
             lora = (LoraBatch.build(seq_lens, slots, max_rank, dev, grouped=mode == "grouped", mlp=mlp,
                                     decode_from=len(step.prefills)) if max_rank > 0 else None)
-            logits = self.model.forward(to(ids_t), pos_d, attn, lora, self.pool, self.table,
-                                        to(torch.tensor(logits_idx, dtype=torch.int64)))
+            logits = self.model.forward(ids_d, pos_d, attn, lora, self.pool, self.table,
+                                        to_device(logits_idx, torch.int64, dev))
         tokens_d, logps_d = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
-        self._flush()    # the previous step's outputs, while this one runs on the device
-        tokens, logps = tokens_d.tolist(), logps_d.tolist()
+        out = _Launched(seqs, [r.epoch for r in seqs], tokens_d, tokens_d, logps_d, began=began)
+        if cuda:   # the host copies land in pinned memory; `done` marks them (and the step) finished
+            out.tokens_host = torch.empty(S, dtype=tokens_d.dtype, pin_memory=True)
+            out.tokens_host.copy_(tokens_d, non_blocking=True)
+            out.logps = torch.empty(S, dtype=logps_d.dtype, pin_memory=True)
+            out.logps.copy_(logps_d, non_blocking=True)
+            out.done = torch.cuda.Event(enable_timing=True)
+            out.done.record()
         t2 = time.perf_counter()
+        out.cpu_s = 0.0 if cuda else t2 - t1
+        for i, req in enumerate(seqs):
+            req.num_computed = req.total_len
+            req.inflight += 1
+            req.last_row = i
         st = self.stats
         st.steps += 1
         st.graph_steps += graph
         if step.prefills:
+            out.prefill = True
             st.prefill_steps += 1
-            st.prefill_device_s += t2 - t1
             st.prefill_tokens += sum(seq_lens[:len(step.prefills)])
         else:
             st.decode_steps += 1
             st.decode_tokens += S
             st.decode_adapters += len(used)
             st.decode_adapter_bytes += sum(self.table.nbytes[s] for s in used)
-        for req, tok, lp in zip(seqs, tokens, logps):
-            req.num_computed = req.total_len
+        st.prep_s += t1 - t0
+        st.device_s += t2 - t1
+        return out
+
+    def _complete(self, launched: "_Launched") -> None:
+        """Wait for a launched step, then hand its tokens to their requests (in the outbox).
+        A request that left the running set since the launch (finished, aborted, preempted)
+        gets nothing: its token is void."""
+        t0 = time.perf_counter()
+        if launched.done is not None:
+            launched.done.synchronize()
+        tokens, logps = launched.tokens_host.tolist(), launched.logps.tolist()
+        t1 = time.perf_counter()
+        st = self.stats
+        gpu = launched.began.elapsed_time(launched.done) / 1e3 if launched.done is not None else launched.cpu_s
+        st.gpu_s += gpu
+        if launched.prefill:
+            st.prefill_gpu_s += gpu
+        for req, epoch, tok, lp in zip(launched.seqs, launched.epochs, tokens, logps):
+            if req.finished or req.epoch != epoch:
+                continue
+            req.inflight -= 1
             req.output_ids.append(tok)
-            self.stats.generated_tokens += 1
+            st.generated_tokens += 1
             n_out = len(req.output_ids)
             reason = None
             if tok in self.eos and not req.params.ignore_eos:
                 reason = Finish.EOS
-            elif n_out >= req.params.max_new_tokens or req.total_len >= self.max_model_len:
+            elif n_out >= req.params.max_new_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
                 reason = Finish.LENGTH
             lp_list = [lp] if req.params.logprobs else []
             if reason is None:
                 self._outbox.append((req, Output([tok], lp_list)))
             else:
                 self._finish(req, reason, tokens=[tok], logprobs=lp_list)
-        st.prep_s += t1 - t0
-        st.device_s += t2 - t1
-        st.post_s += time.perf_counter() - t2
+        st.device_s += t1 - t0
+        st.post_s += time.perf_counter() - t1
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+    seqs: list[Request]
+    epochs: list[int]          # each request's epoch at launch: a token for an older one is void
+    tokens: torch.Tensor       # sampled tokens on the device (the next step's decode inputs)
+    tokens_host: torch.Tensor  # their host copy (pinned on CUDA), valid once `done` fired
+    logps: torch.Tensor        # log-probabilities, on the host likewise
+    began: "torch.cuda.Event | None" = None
+    done: "torch.cuda.Event | None" = None
+    cpu_s: float = 0.0         # without CUDA: the step's compute time
+    prefill: bool = False
 
 
 def _deliver(items: list) -> None:

@@ -180,6 +180,11 @@ class AdapterTable:
         # goes through pinned memory and the engine thread never waits here.
         to = (lambda t: t.pin_memory().to(dev, non_blocking=True)) if dev.type == "cuda" else (lambda t: t)  # noqa: E731
         done = None
+        if stream is not None:
+            # the pages may have been freed by a request whose last step is still queued (the
+            # engine launches a step before it reads the previous one's tokens): write them only
+            # after the work queued so far has read them
+            stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images = staged.images.to(dev, dtype=pool.dtype, non_blocking=True)
             pool.data.index_copy_(0, to(page_ids), images)

@@ -55,14 +55,22 @@ class Request:
     preempted: int = 0
     bt_row: int = -1                # its row in the engine's BlockTables (-1: none yet)
     bt_len: int = 0                 # blocks already written to that row
+    # Tokens sampled on the device that the host has not read yet. The engine launches step N+1
+    # before it reads step N's tokens, so a running request has one (two, between that launch
+    # and the read); step N+1 takes its input token from step N's output on the device.
+    inflight: int = 0
+    last_row: int = -1              # its row in the latest launched step's output
+    epoch: int = 0                  # bumped when it leaves the running set: tokens in flight are void
 
     @property
     def all_ids(self) -> list[int]:
+        """The tokens the host knows (the in-flight ones are not among them)."""
         return self.prompt_ids + self.output_ids
 
     @property
     def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens in its sequence, counting those still in flight."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     @property
     def peak_len(self) -> int:

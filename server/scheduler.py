@@ -81,13 +81,21 @@ class Scheduler:
             pages = self.pool.alloc(need * per, "kv")
             req.blocks += [pages[i * per:(i + 1) * per] for i in range(need)]
 
+    def _last_in_flight(self, req: Request) -> bool:
+        """Its last token is already being sampled: it must not decode again."""
+        return req.inflight > 0 and (len(req.output_ids) + req.inflight >= req.params.max_new_tokens
+                                     or req.total_len >= self.cfg.max_model_len)
+
     def free(self, req: Request) -> None:
-        """Return a request's KV pages and adapter reference (finish, abort, preempt)."""
+        """Return a request's KV pages and adapter reference (finish, abort, preempt). Tokens it
+        has in flight are void: a preempted request recomputes from the tokens the host knows."""
         for b in req.blocks:
             self.pool.free(b, "kv")
         req.blocks = []
         req.bt_len = 0            # the engine rewrites the block table row from scratch
         req.num_computed = 0
+        req.inflight = 0
+        req.epoch += 1
         if req.slot >= 0:
             self.adapters.release(req.adapter_id, req.slot)
             req.slot = -1
@@ -119,6 +127,8 @@ class Scheduler:
         for req in list(self.running):
             if req not in self.running:
                 continue   # preempted below
+            if self._last_in_flight(req):
+                continue   # it finishes when the host reads that token
             while True:
                 try:
                     self._grow(req, req.total_len)

@@ -433,6 +433,73 @@ def test_outputs_reach_the_stream_while_the_next_step_runs(tiny):
     engine.adapters.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_next_step_launches_before_the_previous_tokens_are_read(tiny, device):
+    """The loop launches step N+1, then reads step N's tokens. Decodes of N+1 take their input
+    token from N's output on the device; a request whose last token is in flight is not
+    scheduled again; one that hits EOS, is aborted or preempted while a step is in flight gets
+    nothing from it. Tokens match a step-at-a-time run."""
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", device=device))
+    for name, path in adapters.items():
+        engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
+    sch = engine.scheduler
+    make = lambda: [Request("a", [5, 6, 7], greedy(6), "attn"), Request("b", [9, 3], greedy(1), ""),  # noqa: E731
+                    Request("c", [8, 8, 4, 2], greedy(6), "full"), Request("d", [3, 4], greedy(6), "qv")]
+    ref = make()
+    for r in ref:
+        sch.add(r)
+    while sch.has_work:
+        engine._run(sch.schedule())
+    engine._flush()
+    assert [len(r.output_ids) for r in ref] == [6, 1, 6, 6]
+
+    reqs = make()
+    a, b, c, d = reqs
+    got = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        r.emit = got[r.request_id].append
+        engine._handle(("add", r))
+    engine.eos = {ref[2].output_ids[2]}      # c's third token ends it (c does not ignore EOS)
+    c.params = SamplingParams(max_new_tokens=6, logprobs=True)
+
+    def pipelined_step():      # what the loop does
+        step = sch.schedule()
+        engine._overlap(step)
+        return step
+
+    s1 = pipelined_step()
+    assert len(s1.prefills) == 4 and all(r.inflight == 1 and not r.output_ids for r in reqs)
+    s2 = pipelined_step()                    # launched before step 1's tokens were read
+    assert b not in s2.decodes               # its only token was in flight
+    assert [len(r.output_ids) for r in reqs] == [1, 1, 1, 1] and b.finished
+    assert a.inflight == 1 and engine._inflight is not None
+    engine.abort("d")
+    engine._drain(block=False)               # d leaves while step 2 (holding d) is in flight
+    assert d.finished and d.inflight == 0
+    while sch.has_work or engine._inflight is not None:
+        pipelined_step()
+    assert a.output_ids == ref[0].output_ids and b.output_ids == ref[1].output_ids
+    assert c.output_ids == ref[2].output_ids[:3] and got["c"][-1].finish == Finish.EOS
+    assert d.output_ids == ref[3].output_ids[:1] and got["d"][-1].finish == Finish.ABORTED
+    # each stream got each token once, the finish last
+    assert [t for o in got["a"] for t in o.token_ids] == ref[0].output_ids
+    assert [o.finish for o in got["c"]] == [None, None, Finish.EOS]
+    assert engine.pool.kv_pages == 0 and all(r.inflight == 0 for r in reqs)
+    # a preempted request's token in flight is void; it recomputes and ends with the same tokens
+    e = Request("e", [5, 6, 7], greedy(6), "attn")
+    sch.add(e)
+    pipelined_step()
+    pipelined_step()
+    assert e.inflight == 1 and len(e.output_ids) == 1     # step 2 holds its second token
+    assert sch._preempt() and e.inflight == 0
+    while sch.has_work or engine._inflight is not None:
+        pipelined_step()
+    assert e.output_ids == ref[0].output_ids and e.preempted == 1
+    engine.adapters.close()
+
+
 def test_flush_wakes_each_event_loop_once(tiny):
     """Streams on one servicer event loop get a step's outputs through one thread-safe call (one
     wake-up per step, not per token), each on its own queue and in order; requests without a
