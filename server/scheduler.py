@@ -5,9 +5,14 @@ while (a) the prefill token budget lasts and (b) the peak future KV need of runn
 requests fits the pool's pages minus the pages their adapters hold. Under that rule ("peak")
 the pool never runs out mid-step. "optimistic" admission (what fits now) over-commits and relies
 on preemption: the newest running request gives back its pages and is recomputed later.
+
+The peak is not the sum of every request's final length: requests finish at different times and
+give their pages back, so the most the batch ever holds is reached just before one of them ends
+(S-LoRA inherits this bound from lightllm). See ``FuturePeak``.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import logging
@@ -146,7 +151,12 @@ class Scheduler:
         self._full = False
         budget = self.cfg.max_prefill_tokens
         peak = self.cfg.admission == "peak"
-        reserved = sum(self._pages(r.peak_len if peak else r.total_len + 1) for r in self.running)
+        if peak:
+            future = FuturePeak(self.pool.block_tokens, 2 * self.pool.cfg.num_layers)
+            for r in self.running:
+                future.add(*self._remaining(r))
+        else:
+            reserved = sum(self._pages(r.total_len + 1) for r in self.running)
         held = {r.adapter_id for r in self.running if r.adapter_id}
         # pages that admission cannot count on: adapters held by running requests (or pinned),
         # kept up to date as admissions pin more (once per step: a sum over every resident
@@ -177,9 +187,16 @@ class Scheduler:
                 self.adapters.prefetch(req.adapter_id)
                 skipped.append(req)
                 continue
-            need = self._pages(req.peak_len if peak else n) + adapter_pages
-            if reserved + need > capacity:
+            if peak:
+                entry = future.add(*self._remaining(req))
+                fits = future.pages() + adapter_pages <= capacity
+                if not fits:
+                    future.remove(entry)
+            else:
+                fits = reserved + self._pages(n) + adapter_pages <= capacity
+            if not fits:
                 if not self.running and not prefills:
+                    need = self._pages(self._final_len(req)) + adapter_pages
                     self.rejected.append((req, "RESOURCE_EXHAUSTED",
                                           f"the request needs {need} pages but the pool can hold "
                                           f"{capacity}; lower max_new_tokens or the prompt length"))
@@ -200,7 +217,8 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 self._full = True
                 break
-            reserved += self._pages(req.peak_len if peak else n)
+            if not peak:
+                reserved += self._pages(n)
             budget -= n
             prefills.append(req)
         if self.waiting and len(self.running) + len(prefills) >= self.cfg.max_num_seqs:
@@ -211,6 +229,13 @@ class Scheduler:
             self._since_admit = 0
         self._preload()
         return Step(prefills, decodes)
+
+    def _final_len(self, req: Request) -> int:
+        return min(req.peak_len, self.cfg.max_model_len)
+
+    def _remaining(self, req: Request) -> tuple[int, int]:
+        """(tokens it may still add, tokens it holds now)."""
+        return max(self._final_len(req) - req.total_len, 0), req.total_len
 
     def _preload(self, lookahead: int = 16) -> None:
         """Copy the adapters of the next waiting requests into free pool pages now, so their
@@ -284,3 +309,40 @@ class _Readiness(dict):
     def __missing__(self, adapter_id: str) -> int:
         code = self[adapter_id] = _ready_code(self.adapters, adapter_id)
         return code
+
+
+class FuturePeak:
+    """The most KV pages a set of requests will ever hold at once, if each runs to its limit.
+
+    Request j holds c_j tokens and may add up to r_j more, one per step; it gives its pages back
+    when it ends. The total only grows between endings, so its maximum comes just before one:
+    at step r_i, the requests with r_j >= r_i hold sum(ceil((c_j + r_i) / B)) blocks. Sorted by
+    r descending, that is a prefix. Two bounds of the prefix sum, each never below the truth,
+    and the smaller is taken: (sum(c_j) + i (r_i + B - 1)) // B, loose by up to a block per
+    request; and the sum of the requests' final blocks ceil((c_j + r_j) / B), exact when they
+    all end together. Admitting against this never over-commits, yet lets in the requests that
+    summing every final length (the second bound alone) would turn away.
+    """
+
+    def __init__(self, block_tokens: int, pages_per_block: int):
+        self.B, self.per = block_tokens, pages_per_block
+        self._items: list[tuple[int, int, int]] = []     # (-remaining, holding, final blocks), ascending
+
+    def add(self, remaining: int, holding: int) -> tuple[int, int, int]:
+        item = (-remaining, holding, -(-(holding + remaining) // self.B))
+        bisect.insort(self._items, item)
+        return item
+
+    def remove(self, item: tuple[int, int, int]) -> None:
+        del self._items[bisect.bisect_left(self._items, item)]
+
+    def pages(self) -> int:
+        best = held = final = 0
+        extra = self.B - 1
+        for i, (neg_rem, holding, final_blocks) in enumerate(self._items, 1):
+            held += holding
+            final += final_blocks
+            blocks = min((held + i * (extra - neg_rem)) // self.B, final)
+            if blocks > best:
+                best = blocks
+        return best * self.per
