@@ -46,7 +46,9 @@ def _engine(run: dict) -> str:
     if not e:
         return "- | - | - | -"
     share = e.get("adapter_bytes_vs_weights")
-    step = "-" if e.get("ms_per_step") is None else f"{e['ms_per_step']:.1f} ({100 * e['device_share']:.0f}% device)"
+    step = "-" if e.get("ms_per_step") is None else (
+        f"{e['ms_per_step']:.1f} (GPU busy {100 * e['gpu_share']:.0f}%)" if e.get("gpu_share") is not None
+        else f"{e['ms_per_step']:.1f} ({100 * e['device_share']:.0f}% device)")   # runs from before gpu_share
     return (f"{e['mean_batch']:.1f} | {e['mean_distinct_adapters']:.1f} | {e['adapter_GB_per_step']:.2f}"
             + (f" ({100 * share:.0f}% of weights)" if share else "") + f" | {step}")
 

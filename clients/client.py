@@ -226,10 +226,11 @@ class EngineStats:
     adapter_preloads: int = 0
     busy_seconds: float = 0.0         # the engine loop's wall time while it had work
     host_seconds: float = 0.0         # of it: scheduling, batch metadata, output handling
-    device_seconds: float = 0.0       # of it: launch/replay until sampled tokens are on the host
+    device_seconds: float = 0.0       # of it: launching steps and waiting for their tokens
     prefill_steps: int = 0
     prefill_tokens: int = 0
     graph_steps: int = 0
+    gpu_seconds: float = 0.0          # the GPU's own time on steps (host work overlaps it)
 
     def decode_window(self, before: "EngineStats | None" = None) -> dict:
         """Per decode step since ``before`` (or since start): mean batch, distinct adapters, and
@@ -261,7 +262,8 @@ class EngineStats:
                 "prefill_steps": self.prefill_steps - b.prefill_steps,
                 "prefill_tokens": self.prefill_tokens - b.prefill_tokens,
                 "device_share": share(dev), "host_share": share(host),
-                "outside_share": share(busy - host - dev)}
+                "outside_share": share(busy - host - dev),
+                "gpu_share": share(self.gpu_seconds - b.gpu_seconds)}
 
     @classmethod
     def from_pb(cls, m: pb.EngineStats) -> "EngineStats":
@@ -275,7 +277,8 @@ class EngineStats:
                    decode_adapters=m.decode_adapters, decode_adapter_bytes=m.decode_adapter_bytes,
                    weight_bytes=m.weight_bytes, adapter_loads=m.adapter_loads, adapter_preloads=m.adapter_preloads,
                    busy_seconds=m.busy_seconds, host_seconds=m.host_seconds, device_seconds=m.device_seconds,
-                   prefill_steps=m.prefill_steps, prefill_tokens=m.prefill_tokens, graph_steps=m.graph_steps)
+                   prefill_steps=m.prefill_steps, prefill_tokens=m.prefill_tokens, graph_steps=m.graph_steps,
+                   gpu_seconds=m.gpu_seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)

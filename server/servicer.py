@@ -216,6 +216,6 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
                 adapter_loads=e.adapters.loads, adapter_preloads=e.adapters.preloads,
                 busy_seconds=e.stats.busy_s, host_seconds=e.stats.host_s, device_seconds=e.stats.device_s,
                 prefill_steps=e.stats.prefill_steps, prefill_tokens=e.stats.prefill_tokens,
-                graph_steps=e.stats.graph_steps)
+                graph_steps=e.stats.graph_steps, gpu_seconds=e.stats.gpu_s)
 
         return await self._run(snap)

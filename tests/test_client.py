@@ -131,6 +131,7 @@ def test_stats_account_the_engine_time(c):
     assert t["busy_s"] > 0 and t["ms_per_step"] > 0
     assert t["device_share"] > 0 and t["host_share"] > 0
     assert abs(t["device_share"] + t["host_share"] + t["outside_share"] - 1) < 0.01
+    assert 0 < t["gpu_share"] <= 1.0    # (without CUDA: the steps' compute time)
     assert after.decode_window(before)["decode_steps"] >= 5
 
 

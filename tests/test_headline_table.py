@@ -17,7 +17,10 @@ def test_table_and_ratios_from_a_results_folder(tmp_path, capsys, monkeypatch):
                                                          "adapter_GB_per_step": 5.0, "adapter_bytes_vs_weights": 0.38,
                                                          "ms_per_step": 31.25, "device_share": 0.625})
     files = {"S2-n5.json": [_run("loraserve", 5, 10.0)], "S2-n2000.json": [n2000],
-             "S2-n1000.json": [_run("loraserve", 1000, 8.0)], "base.json": [_run("base", 0, 10.0)],
+             "S2-n1000.json": [dict(_run("loraserve", 1000, 8.0), engine={
+                 "mean_batch": 90.0, "mean_distinct_adapters": 70.0, "adapter_GB_per_step": 4.0,
+                 "adapter_bytes_vs_weights": 0.3, "ms_per_step": 25.0, "device_share": 0.8, "gpu_share": 0.95})],
+             "base.json": [_run("base", 0, 10.0)],
              "peft.json": [_run("loraserve", 100, 6.0), _run("peft", 100, 0.1, finished=2)],
              "notes.json": {"not": "runs"}, "prewarm-S2.json": [_run("loraserve", 5, 1.0)]}
     for name, runs in files.items():
@@ -30,7 +33,8 @@ def test_table_and_ratios_from_a_results_folder(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| S2") and "| loraserve |" in line]
     assert [r.split("|")[3].strip() for r in rows] == ["5", "1000", "2000"]
-    assert rows[2].endswith("| 80.0 | 75.5 | 5.00 (38% of weights) | 31.2 (62% device) |")
+    assert rows[2].endswith("| 80.0 | 75.5 | 5.00 (38% of weights) | 31.2 (62% device) |")   # before gpu_share
+    assert rows[1].endswith("| 90.0 | 70.0 | 4.00 (30% of weights) | 25.0 (GPU busy 95%) |")
     assert rows[0].endswith("| - | - | - | - |")
     assert "| S2 throughput at n = 2000 >= 95% of n = 5 | n=2000 / n=5: 9.60 / 10.00 req/s = 96% | yes |" in out
     assert "| S2 at n = 1000 >= 85% of base-only | n=1000 / base: 8.00 / 10.00 req/s = 80% | no |" in out

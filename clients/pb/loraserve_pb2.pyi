@@ -255,7 +255,7 @@ class PoolStats(_message.Message):
     def __init__(self, total_pages: _Optional[int] = ..., kv_pages: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len", "decode_steps", "decode_tokens", "decode_adapters", "decode_adapter_bytes", "weight_bytes", "adapter_loads", "adapter_preloads", "busy_seconds", "host_seconds", "device_seconds", "prefill_steps", "prefill_tokens", "graph_steps")
+    __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len", "decode_steps", "decode_tokens", "decode_adapters", "decode_adapter_bytes", "weight_bytes", "adapter_loads", "adapter_preloads", "busy_seconds", "host_seconds", "device_seconds", "prefill_steps", "prefill_tokens", "graph_steps", "gpu_seconds")
     POOL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,7 @@ class EngineStats(_message.Message):
     PREFILL_STEPS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     pool: PoolStats
     running: int
     waiting: int
@@ -308,4 +309,5 @@ class EngineStats(_message.Message):
     prefill_steps: int
     prefill_tokens: int
     graph_steps: int
-    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_adapters: _Optional[int] = ..., decode_adapter_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_preloads: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., host_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., prefill_steps: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., graph_steps: _Optional[int] = ...) -> None: ...
+    gpu_seconds: float
+    def __init__(self, pool: _Optional[_Union[PoolStats, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., cached_adapters: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., preemptions: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., decode_adapters: _Optional[int] = ..., decode_adapter_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_preloads: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., host_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., prefill_steps: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., graph_steps: _Optional[int] = ..., gpu_seconds: _Optional[float] = ...) -> None: ...
