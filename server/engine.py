@@ -341,6 +341,8 @@ class Engine:
 
     def _run(self, step) -> None:
         """One step, start to finish (warm-up, tests, benchmarks; the loop overlaps steps)."""
+        if step.empty:
+            return
         launched = self._launch(step)
         self._flush()    # the previous step's outputs, while this one runs on the device
         self._complete(launched)

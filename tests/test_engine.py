@@ -327,7 +327,7 @@ def test_prefill_interval_batches_admissions_and_keeps_outputs(tiny):
     """prefill_interval=3: while a request decodes, newcomers wait up to 3 steps and are admitted
     together; a full prefill budget waiting is admitted at once; tokens match the reference."""
     model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32",
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8,
                                           sched=SchedulerConfig(prefill_interval=3, max_prefill_tokens=64)))
     for name, path in adapters.items():
         engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
@@ -413,7 +413,7 @@ def test_outputs_reach_the_stream_while_the_next_step_runs(tiny):
     """A step's outputs are handed to the streams after the next step is launched (or when the
     engine goes idle), in order, each request's finish last."""
     model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32"))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8))
     got: dict[str, list] = {"a": [], "b": []}
     reqs = [Request(name, [5, 6, 7], greedy(n), "", emit=got[name].append) for name, n in (("a", 2), ("b", 3))]
     sch = engine.scheduler
@@ -441,7 +441,7 @@ def test_next_step_launches_before_the_previous_tokens_are_read(tiny, device):
     scheduled again; one that hits EOS, is aborted or preempted while a step is in flight gets
     nothing from it. Tokens match a step-at-a-time run."""
     model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", device=device))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", device=device, pool_mb=8))
     for name, path in adapters.items():
         engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
     sch = engine.scheduler
@@ -510,7 +510,7 @@ def test_flush_wakes_each_event_loop_once(tiny):
 
     from server.request import Output, StreamQueue
     model_dir, _ = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32"))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8))
     loops = [asyncio.new_event_loop() for _ in range(2)]
     for lp in loops:
         threading.Thread(target=lp.run_forever, daemon=True).start()
@@ -552,7 +552,7 @@ def test_admission_checks_only_the_adapters_it_reaches(tiny):
     """A long queue over many adapters: a step looks up the readiness of the adapters of the
     requests it considers, not of every adapter waiting; everything still runs to the end."""
     model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", sched=SchedulerConfig(max_num_seqs=2)))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, sched=SchedulerConfig(max_num_seqs=2)))
     mgr = engine.adapters
     for name, path in adapters.items():
         mgr.add_weights(load_peft_dir(name, path, engine.cfg))
