@@ -418,8 +418,8 @@ class Engine:
         if cuda:   # the host copies land in pinned memory; `done` marks them (and the step) finished
             out.tokens_host = torch.empty(S, dtype=tokens_d.dtype, pin_memory=True)
             out.tokens_host.copy_(tokens_d, non_blocking=True)
-            out.logps = torch.empty(S, dtype=logps_d.dtype, pin_memory=True)
-            out.logps.copy_(logps_d, non_blocking=True)
+            out.logps_host = torch.empty(S, dtype=logps_d.dtype, pin_memory=True)
+            out.logps_host.copy_(logps_d, non_blocking=True)
             out.done = torch.cuda.Event(enable_timing=True)
             out.done.record()
         t2 = time.perf_counter()
@@ -451,7 +451,7 @@ class Engine:
         t0 = time.perf_counter()
         if launched.done is not None:
             launched.done.synchronize()
-        tokens, logps = launched.tokens_host.tolist(), launched.logps.tolist()
+        tokens, logps = launched.tokens_host.tolist(), launched.logps_host.tolist()
         t1 = time.perf_counter()
         st = self.stats
         gpu = launched.began.elapsed_time(launched.done) / 1e3 if launched.done is not None else launched.cpu_s
@@ -486,7 +486,7 @@ class _Launched:
     epochs: list[int]          # each request's epoch at launch: a token for an older one is void
     tokens: torch.Tensor       # sampled tokens on the device (the next step's decode inputs)
     tokens_host: torch.Tensor  # their host copy (pinned on CUDA), valid once `done` fired
-    logps: torch.Tensor        # log-probabilities, on the host likewise
+    logps_host: torch.Tensor   # log-probabilities, on the host likewise
     began: "torch.cuda.Event | None" = None
     done: "torch.cuda.Event | None" = None
     cpu_s: float = 0.0         # without CUDA: the step's compute time

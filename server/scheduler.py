@@ -151,10 +151,9 @@ class Scheduler:
         self._full = False
         budget = self.cfg.max_prefill_tokens
         peak = self.cfg.admission == "peak"
-        if peak:
-            future = FuturePeak(self.pool.block_tokens, 2 * self.pool.cfg.num_layers)
-            for r in self.running:
-                future.add(*self._remaining(r))
+        if peak:    # (only a queue needs it: built once per admitting step, not per candidate)
+            future = FuturePeak(self.pool.block_tokens, 2 * self.pool.cfg.num_layers,
+                                [self._remaining(r) for r in self.running] if self.waiting else [])
         else:
             reserved = sum(self._pages(r.total_len + 1) for r in self.running)
         held = {r.adapter_id for r in self.running if r.adapter_id}
@@ -324,12 +323,17 @@ class FuturePeak:
     summing every final length (the second bound alone) would turn away.
     """
 
-    def __init__(self, block_tokens: int, pages_per_block: int):
+    def __init__(self, block_tokens: int, pages_per_block: int, requests: list[tuple[int, int]] = ()):
+        """requests: (remaining, holding) pairs to start from."""
         self.B, self.per = block_tokens, pages_per_block
-        self._items: list[tuple[int, int, int]] = []     # (-remaining, holding, final blocks), ascending
+        # (-remaining, holding, final blocks), ascending
+        self._items: list[tuple[int, int, int]] = sorted(self._item(r, h) for r, h in requests)
+
+    def _item(self, remaining: int, holding: int) -> tuple[int, int, int]:
+        return -remaining, holding, -(-(holding + remaining) // self.B)
 
     def add(self, remaining: int, holding: int) -> tuple[int, int, int]:
-        item = (-remaining, holding, -(-(holding + remaining) // self.B))
+        item = self._item(remaining, holding)
         bisect.insort(self._items, item)
         return item
 
