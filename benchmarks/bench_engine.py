@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS steps of each batch and mode (torch.profiler): kernel tables under --out")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "int8"],
+                    help="adapter rows in the pool: the model's dtype, or int8 with a scale per row")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -122,7 +124,8 @@ def main() -> None:
     bw = copy_bandwidth(dev) if dev.type == "cuda" else 20e9
     B = block_tokens_for(cfg, 16)
     page_bytes = B * cfg.kv_width * 2
-    pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev)
+    pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev,
+                       torch.int8 if args.adapter_dtype == "int8" else None)
     pool.data.normal_(0, 0.02)     # never time on zeros
     table = AdapterTable(pool, max(args.adapters, 1))
     mgr = AdapterManager(pool, table, LocalSource(), cfg)
@@ -258,7 +261,7 @@ def main() -> None:
             rows.append(out)
             print(json.dumps(out), flush=True)
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
-            "dtype": str(dtype).removeprefix("torch."), "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
+            "dtype": str(dtype).removeprefix("torch."), "adapter_dtype": args.adapter_dtype, "copy_bw_GBps": round(bw / 1e9, 1), "weight_GB": round(weight_bytes / 1e9, 2),
             "adapters": args.adapters, "spread": spreads, "prefill": args.prefill, "ranks": ranks, "targets": targets, "context": args.context,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     print(json.dumps(meta))
@@ -276,7 +279,8 @@ def main() -> None:
             f"{m}: {r[m + '_overlapped_ms']} vs {r[m + '_ms']}" for m in ["base"] + lm))
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(args.out) / f"engine-{args.shape}{'' if args.dtype == 'float16' else '-' + args.dtype}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        suffix = ('' if args.dtype == 'float16' else '-' + args.dtype) + ('' if args.adapter_dtype == 'auto' else '-int8')
+        (pathlib.Path(args.out) / f"engine-{args.shape}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

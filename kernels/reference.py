@@ -5,7 +5,8 @@ Adapter weights are read in place from the unified pool (server/pool.py): row j 
 whose rows start at table entry ``start`` is ``flat[rows[start + j] : rows[start + j] + width]``.
 ``meta`` is one (layer, module) view of the adapter index table: int32 [slots, 4] =
 (A row start, B^T row start, A rows, B^T rows); the two ranks differ only when tensor parallelism
-splits A by rank (server/tp.py), and 0 means the adapter does not target that module.
+splits A by rank (server/tp.py), and 0 means the adapter does not target that module. An int8
+``flat`` holds quantized rows: row j is ``flat[...] * row_scale[start + j]``.
 """
 from __future__ import annotations
 
@@ -14,21 +15,27 @@ import torch
 from kernels.batch import AttnBatch, LoraBatch
 
 
-def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, width: int) -> torch.Tensor:
-    """Rows start..start+r of the row table as an [r, width] matrix (a gather, not a copy loop)."""
+def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, width: int,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows start..start+r of the row table as an [r, width] matrix (a gather, not a copy loop);
+    int8 rows come back dequantized, in fp32."""
     offs = rows[start:start + r]
-    return flat[offs[:, None] + torch.arange(width, device=flat.device)]
+    m = flat[offs[:, None] + torch.arange(width, device=flat.device)]
+    if flat.dtype == torch.int8:
+        m = m.float() * row_scale[start:start + r, None]
+    return m
 
 
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]; returns [T, batch.max_rank] in x's dtype (fp32 accumulation). Several modules
     reading the same x: meta [slots, M, 4] returns [T, M, batch.max_rank].
     """
     if meta.dim() == 3:
-        return torch.stack([lora_shrink(x, flat, rows, meta[:, m], batch) for m in range(meta.shape[1])], dim=1)
+        return torch.stack([lora_shrink(x, flat, rows, meta[:, m], batch, row_scale) for m in range(meta.shape[1])],
+                           dim=1)
     T, d_in = x.shape
     v = torch.zeros(T, batch.max_rank, dtype=x.dtype, device=x.device)
     for s0, s1, slot in batch.seg_host:
@@ -37,14 +44,14 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         a0, _, r, _ = (int(z) for z in meta[slot])
         if r == 0:
             continue
-        A = gather_rows(flat, rows, a0, r, d_in)
+        A = gather_rows(flat, rows, a0, r, d_in, row_scale)
         v[s0:s1, :r] = (x[s0:s1].float() @ A.float().t()).to(x.dtype)
     return v
 
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules: meta [slots, M, 4], v [T, M, R]; module m adds into the ``widths[m]`` columns
@@ -53,7 +60,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
     if meta.dim() == 3:
         off = 0
         for m, w in enumerate(widths):
-            lora_expand(y[:, off:off + w], v[:, m], flat, rows, meta[:, m], scaling, batch)
+            lora_expand(y[:, off:off + w], v[:, m], flat, rows, meta[:, m], scaling, batch, row_scale=row_scale)
             off += w
         return
     T, d_out = y.shape
@@ -63,7 +70,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         _, b0, _, r = (int(z) for z in meta[slot])
         if r == 0:
             continue
-        Bt = gather_rows(flat, rows, b0, r, d_out)
+        Bt = gather_rows(flat, rows, b0, r, d_out, row_scale)
         delta = (v[s0:s1, :r].float() @ Bt.float()) * scaling[slot].float()
         y[s0:s1] += delta.to(y.dtype)
 

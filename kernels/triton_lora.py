@@ -22,6 +22,12 @@ Three schedules, picked by ``batch.max_seg_len`` and ``batch.grouped``:
 
 Heterogeneous ranks share a launch (rows past a slot's rank are masked, and tiles wholly past
 it exit early); base tokens (slot -1) exit at once (shrink still writes their zero row).
+
+int8 rows (QUANT, ``flat`` is int8 and ``row_scale[start + j]`` scales row j): the CUDA-core
+schedules scale the fp32 vector side (shrink's output column, expand's v[j]); the tensor-core
+schedules dequantize the weight tile to the activation dtype before ``tl.dot`` (scaling v instead
+would push its fp16 values toward underflow), except the segment shrink, whose one adapter per
+program lets it scale the fp32 accumulator's columns once at the end.
 """
 from __future__ import annotations
 
@@ -55,15 +61,18 @@ apply_overrides("lora", TUNE)
 
 
 def _row_align(flat: torch.Tensor) -> int:
-    """Element alignment every row offset is known to have (pool rows are 8-aligned in a page).
+    """Element alignment every row offset is known to have (pool rows are 8-aligned in a page,
+    int8 rows 16-aligned: see server/pool.py).
 
-    ``flat`` is ``pool.data.view(-1)``; its base holds the page size. With a page size that is a
-    multiple of 8 every row starts 8-aligned, which lets the compiler emit 16-byte loads.
+    ``flat`` is ``pool.adapter_flat``, a view of ``pool.data`` that holds the page size. With a
+    page size that is a multiple of the alignment every row starts aligned, which lets the
+    compiler emit 16-byte loads.
     """
     base = flat._base
-    if (base is not None and base.dim() == 2 and base.shape[1] % 8 == 0 and flat.storage_offset() == 0
-            and flat.data_ptr() % 16 == 0):
-        return 8
+    align = 16 if flat.dtype == torch.int8 else 8
+    if (base is not None and base.dim() == 2 and base.shape[1] * base.element_size() % (align * flat.element_size()) == 0
+            and flat.storage_offset() == 0 and flat.data_ptr() % 16 == 0):
+        return align
     return 1
 
 
@@ -108,9 +117,9 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 # decode (one token per segment): BGMV-like
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
+def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
-                          ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     rt = tl.program_id(1)
     mod = tl.program_id(2)
@@ -145,13 +154,15 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm
                     other=0.0).to(tl.float32)
         acc += a * xv[None, :]
     out = tl.sum(acc, axis=1)
+    if QUANT:
+        out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
-                          scale_ptr, slot_ptr, W0, W1, W2,
-                          ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2,
+                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     nt = tl.program_id(1)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
@@ -180,6 +191,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+        if QUANT:
+            vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
         b = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
                     other=0.0).to(tl.float32)
         acc += b * vj[:, None]
@@ -195,9 +208,9 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
 # tile, so an adapter's rows are read once per tile rather than once per token. The grid does not
 # depend on how many adapters there are, so CUDA graphs capture it once per batch size.
 @triton.jit
-def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
+def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                            v_ptr, sv0, sv1, svm, T, d_in, max_rank, k_split,
-                           ALIGN: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                           ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     mt = tl.program_id(0)
     rt = tl.program_id(1) // SPLIT_K    # (rank tile, K split) folded into one grid axis
@@ -228,12 +241,16 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, s
             roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
             if ALIGN > 1:
                 roff = tl.multiple_of(roff, ALIGN)
+            if QUANT:
+                rs = tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 kmask = kk < k_hi
                 xt = tl.load(x_rows + kk[None, :] * sx1, mask=sel[:, None] & kmask[None, :], other=0.0)
                 at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & rmask[None, :],
                              other=0.0)                                  # A^T tile [BLOCK_K, BLOCK_R]
+                if QUANT:
+                    at = (at.to(tl.float32) * rs[None, :]).to(xt.dtype)
                 if IEEE:
                     acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -248,9 +265,9 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, s
 
 
 @triton.jit
-def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
-                           scale_ptr, slot_ptr, T, W0, W1, W2,
-                           ALIGN: tl.constexpr, IEEE: tl.constexpr,
+def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
+                           smm, scale_ptr, slot_ptr, T, W0, W1, W2,
+                           ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     mt = tl.program_id(0)
     nt = tl.program_id(1)
@@ -287,6 +304,8 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
                 roff = tl.multiple_of(roff, ALIGN)
             bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
                          other=0.0)                                      # B^T tile [BLOCK_K, BLOCK_N]
+            if QUANT:
+                bt = (bt.to(tl.float32) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
             if IEEE:
                 part = tl.dot(vt.to(tl.float32), bt.to(tl.float32), part, input_precision="ieee")
             else:
@@ -300,9 +319,9 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
 # prefill (segments of many tokens): SGMV-like, tensor cores
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm, indptr_ptr, seg_slot_ptr,
-                       v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles,
-                       ALIGN: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, indptr_ptr,
+                       seg_slot_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles,
+                       ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)
     mt = tl.program_id(1)
@@ -352,6 +371,8 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, at.to(xt.dtype), acc)
+    if QUANT:     # one adapter per program: the row scales are the accumulator's column scales
+        acc *= tl.load(rs_ptr + a0 + offs_n, mask=nmask, other=0.0)[None, :]
     if SPLIT_K == 1:
         tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
     else:
@@ -359,9 +380,9 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, 
 
 
 @triton.jit
-def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, meta_ptr, sm0, sm1, smm,
-                       scale_ptr, indptr_ptr, seg_slot_ptr, W0, W1, W2, n_tiles,
-                       ALIGN: tl.constexpr, IEEE: tl.constexpr,
+def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
+                       smm, scale_ptr, indptr_ptr, seg_slot_ptr, W0, W1, W2, n_tiles,
+                       ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)
     mt = tl.program_id(1)
@@ -404,6 +425,8 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
             roff = tl.multiple_of(roff, ALIGN)
         bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
                      other=0.0)                                          # B^T tile [BLOCK_K, BLOCK_N]
+        if QUANT:
+            bt = (bt.to(tl.float32) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
         if IEEE:
             acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -433,21 +456,30 @@ def _split_k(v3: torch.Tensor, d_in: int, block_k: int, split: int) -> tuple[int
     return split, k_split, out
 
 
+def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
+    """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
+    if flat.dtype != torch.int8:
+        return False, rows
+    assert row_scale is not None, "int8 adapter rows need their row_scale"
+    return True, row_scale
+
+
 def _modules(meta: torch.Tensor) -> torch.Tensor:
     """meta as [slots, modules, 4]: a single (layer, module) view is one module."""
     return meta if meta.dim() == 3 else meta.unsqueeze(1)
 
 
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
     (M <= 3 modules reading the same x, e.g. q/k/v): one launch, returns [T, M, batch.max_rank].
-    In x's dtype, fp32 accumulation.
+    In x's dtype, fp32 accumulation. int8 ``flat``: row j is ``flat[...] * row_scale[start + j]``.
     """
     T, d_in = x.shape
     R = batch.max_rank
+    quant, rs = _quant(flat, rows, row_scale)
     meta3 = _modules(meta)
     M = meta3.shape[1]
     v3 = torch.empty(T, M, R, dtype=x.dtype, device=x.device)
@@ -475,9 +507,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
         so0, som, so1 = out.stride()
         grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R) * split, M)
-        _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+        _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                      batch.token_slot, out, so0, so1, som, T, d_in, R, k_split,
-                                     ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
+                                     ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
@@ -485,9 +517,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid = (T, triton.cdiv(R, BLOCK_R), M)
-        _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+        _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
+                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
@@ -509,9 +541,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
         so0, som, so1 = out.stride()
         grid = (G, m_tiles, M * n_tiles * split)
-        _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, meta3, sm0, sm1, smm,
+        _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                  batch.seg_indptr, batch.seg_slot, out, so0, so1, som, d_in, R, k_split, n_tiles,
-                                 ALIGN=align, IEEE=x.dtype == torch.float32, SPLIT_K=split,
+                                 ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if out is not v3:       # split-K partial sums: one cast into v
@@ -521,7 +553,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
@@ -537,6 +569,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
     assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
     W0, W1, W2 = (widths + (0, 0))[:3]
     w_max = max(widths)
+    quant, rs = _quant(flat, rows, row_scale)
     align = _row_align(flat)
     sm0, smm, sm1 = meta3.stride()
     sv0, svm, sv1 = v3.stride()
@@ -546,18 +579,18 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
         grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(w_max, BLOCK_N), M)
-        _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+        _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                      meta3, sm0, sm1, smm, scaling, batch.token_slot, T, W0, W1, W2,
-                                     ALIGN=align, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                     ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
         cfg = TUNE["expand_decode"]
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid = (T, triton.cdiv(w_max, BLOCK_N), M)
-        _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+        _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
-                                    ALIGN=align, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]
@@ -572,8 +605,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
             BLOCK_N //= 2
             n_tiles = triton.cdiv(w_max, BLOCK_N)
         grid = (G, m_tiles, M * n_tiles)
-        _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows,
+        _expand_seg_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                  meta3, sm0, sm1, smm, scaling, batch.seg_indptr, batch.seg_slot,
-                                 W0, W1, W2, n_tiles, ALIGN=align, IEEE=y.dtype == torch.float32,
+                                 W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -134,7 +134,7 @@ class AdapterManager:
             if self._procs is not None:
                 version, staged = self._procs.submit(
                     fetch_and_stage, adapter_id, self.source, self.model_cfg, self.tp,
-                    self.pool.block_tokens, self.pool.dtype).result()
+                    self.pool.block_tokens, self.pool.dtype, self.pool.adapter_dtype).result()
                 if self.cuda:
                     staged.images = staged.images.pin_memory()
                 self.put_host(adapter_id, version, staged)
@@ -324,7 +324,7 @@ class AdapterManager:
 
 
 def fetch_and_stage(adapter_id: str, source: AdapterSource, model_cfg, tp, block_tokens: int,
-                    dtype: torch.dtype) -> tuple[int, StagedAdapter]:
+                    dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> tuple[int, StagedAdapter]:
     """In a fetch worker process: fetch, validate against the whole model, shard for this TP rank,
     and lay out as page images in shared memory (the engine process maps them without a copy)."""
     from server.tp import shard_config, shard_lora
@@ -332,12 +332,15 @@ def fetch_and_stage(adapter_id: str, source: AdapterSource, model_cfg, tp, block
     version, cfg_bytes, w_bytes = source.fetch(adapter_id)
     weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, model_cfg, dtype)
     weights = shard_lora(weights, model_cfg, tp)
-    key = (repr(model_cfg), tp.rank, tp.world, block_tokens, str(dtype))
+    key = (repr(model_cfg), tp.rank, tp.world, block_tokens, str(dtype), str(adapter_dtype))
     layout = _layouts.get(key)
     if layout is None:   # a one-page pool: only its shapes and page size are used
-        layout = _layouts[key] = UnifiedPool(shard_config(model_cfg, tp), 2, block_tokens, dtype, "cpu")
+        layout = _layouts[key] = UnifiedPool(shard_config(model_cfg, tp), 2, block_tokens, dtype, "cpu",
+                                             adapter_dtype)
     staged = stage_adapter(weights, layout)
     staged.images.share_memory_()
+    if staged.row_scale is not None:
+        staged.row_scale.share_memory_()
     return version, staged
 
 

@@ -113,25 +113,23 @@ class LlamaModel:
         meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
         for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
             xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
-            v = self.ops.lora_shrink(xs, pool.flat, table.rows, meta, part)
-            if len(modules) == 1:
-                self.ops.lora_expand(ys, v, pool.flat, table.rows, meta, table.scaling, part)
-            else:
-                self.ops.lora_expand(ys, v, pool.flat, table.rows, meta, table.scaling, part, widths)
+            v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
+            self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part,
+                                 widths if len(modules) > 1 else None, table.row_scale)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
                  table: AdapterTable, pool: UnifiedPool) -> None:
         """One module under tensor parallelism (A is split by rank or by input: a collective sits
         between shrink and expand, so modules are not fused)."""
         meta = table.meta[:, layer, M_IDX[module]]
-        v = self.ops.lora_shrink(x, pool.flat, table.rows, meta, lora)
+        v = self.ops.lora_shrink(x, table.flat, table.rows, meta, lora, table.row_scale)
         if module in COLUMN:    # rank-split A: gather the full rank-r vector
             slots = lora.token_slot.long()
             a_rows = torch.where(slots >= 0, meta[slots.clamp(min=0), 2], 0)
             v = gather_rank_split(v, a_rows, lora.max_rank, self.tp)
         else:                   # input-split A: sum the partial products
             v = self.tp.all_reduce(v.float()).to(v.dtype)
-        self.ops.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, lora)
+        self.ops.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, lora, row_scale=table.row_scale)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnBatch,

@@ -11,6 +11,13 @@ S-LoRA pages the pool by one hidden-size vector. That breaks for grouped-query a
   A global row table maps each row to its element offset in the pool, and a per-slot index
   table gives, for each (layer, module), where that matrix's rows start and its rank.
 
+Adapter rows are stored in the model's dtype, or (opt-in, ``adapter_dtype=torch.int8``) as int8
+with one fp32 scale per row (symmetric, the row's max |w| / 127). A decode step over many
+distinct adapters is bound by reading their rows; int8 halves those bytes (and the host cache's).
+The kernels then read ``pool.adapter_flat`` (the pool's bytes as int8) and the scales beside the
+row table, and dequantize in registers. Per-row scales factor out of both products exactly:
+shrink scales its output column r, expand scales its input v[r].
+
 Kernels read A and B in place through the row table: no per-step copy into contiguous buffers.
 """
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 
 from server.config import ATTENTION, TARGET_MODULES, ModelConfig
 
-ROW_ALIGN = 8  # elements; 16 bytes at fp16/bf16
+ROW_ALIGN = 8  # elements, and at least 16 bytes (int8 rows: 16), so kernels can use wide loads
 
 
 class PoolExhausted(RuntimeError):
@@ -43,7 +50,7 @@ class UnifiedPool:
     """Pages of one size shared by KV blocks and adapter weights; no reserved partition."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, block_tokens: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, adapter_dtype: torch.dtype | None = None):
         self.cfg = cfg
         self.block_tokens = block_tokens
         self.page_elems = block_tokens * cfg.kv_width
@@ -51,6 +58,15 @@ class UnifiedPool:
         self.device = torch.device(device)
         self.data = torch.zeros(num_pages, self.page_elems, dtype=dtype, device=self.device)  # incl. scratch
         self.flat = self.data.view(-1)
+        # adapter rows: the model's dtype, or int8 with a scale per row (see the module doc)
+        self.adapter_dtype = adapter_dtype or dtype
+        if self.adapter_dtype not in (dtype, torch.int8):
+            raise ValueError(f"adapter rows are stored as {dtype} or int8, not {self.adapter_dtype}")
+        self.quantized = self.adapter_dtype == torch.int8
+        self.adapter_flat = self.data.view(torch.int8).view(-1) if self.quantized else self.flat
+        esize = self.adapter_flat.element_size()
+        self.row_elems = self.page_elems * self.data.element_size() // esize   # adapter elements per page
+        self.row_align = max(ROW_ALIGN, 16 // esize)
         # The last page is scratch: padding rows of a CUDA-graph batch read and write only it.
         self.scratch_page = num_pages - 1
         self.num_pages = num_pages - 1
@@ -98,16 +114,16 @@ class UnifiedPool:
 
     # -- adapter rows ----------------------------------------------------------------------
     def pack_rows(self, widths: list[int]) -> tuple[int, list[tuple[int, int]]]:
-        """Lay out rows of the given widths into pages: (pages needed, [(page index, offset)])."""
-        placed, page, off = [], 0, 0
+        """Lay out rows of the given widths into pages: (pages needed, [(page index, offset)]),
+        offsets in adapter elements (``row_elems`` to a page)."""
+        placed, page, off, P, align = [], 0, 0, self.row_elems, self.row_align
         for w in widths:
-            if w > self.page_elems:
-                raise ValueError(f"a row of {w} elements does not fit a page of {self.page_elems}; "
-                                 f"raise block_tokens")
-            if off + w > self.page_elems:
+            if w > P:
+                raise ValueError(f"a row of {w} elements does not fit a page of {P}; raise block_tokens")
+            if off + w > P:
                 page, off = page + 1, 0
             placed.append((page, off))
-            off += -(-w // ROW_ALIGN) * ROW_ALIGN
+            off += -(-w // align) * align
         return (page + 1 if placed else 0), placed
 
 
@@ -129,6 +145,8 @@ class AdapterTable:
     * ``meta``: int32 [max_slots, L, M, 4] = (A row start, B^T row start, A rows, B^T rows); 0 rows
       means the adapter does not target that module in that layer. Kernels take ``meta[:, l, m]``.
     * ``scaling``: float32 [max_slots]: lora_alpha / r (or / sqrt(r) with rsLoRA).
+    * ``row_scale``: float32 [capacity] beside ``rows`` when the pool stores int8 rows, else None.
+    * ``flat``: the pool as kernels read adapter rows (``pool.adapter_flat``).
     """
 
     def __init__(self, pool: UnifiedPool, max_slots: int):
@@ -139,8 +157,10 @@ class AdapterTable:
         # Sized once for the most rows the pool could ever hold (every page full of the narrowest
         # rows): CUDA graphs capture this tensor's address, so it must never be reallocated.
         narrowest = min(min(c.module_dims(m)) for m in TARGET_MODULES)
-        per_page = max(1, pool.page_elems // (-(-narrowest // ROW_ALIGN) * ROW_ALIGN))
+        per_page = max(1, pool.row_elems // (-(-narrowest // pool.row_align) * pool.row_align))
         self.rows = torch.zeros(pool.num_pages * per_page, dtype=torch.int64, device=dev)
+        self.row_scale = torch.zeros_like(self.rows, dtype=torch.float32) if pool.quantized else None
+        self.flat = pool.adapter_flat
         self.num_rows = 0
         self.meta = torch.zeros(max_slots, c.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32, device=dev)
         self.scaling = torch.zeros(max_slots, dtype=torch.float32, device=dev)
@@ -167,9 +187,11 @@ class AdapterTable:
         if not self._free_slots:
             raise PoolExhausted(f"all {self.max_slots} adapter slots are in use")
         pool = self.pool
+        if (staged.row_scale is not None) != pool.quantized or staged.images.shape[1] != pool.row_elems:
+            raise ValueError("the adapter was staged for another pool layout (adapter dtype or page size)")
         pages = pool.alloc(staged.num_pages, "adapter")
         slot = self._free_slots.pop()
-        P = pool.page_elems
+        P = pool.row_elems
         page_ids = torch.tensor(pages, dtype=torch.int64)
         start = self.num_rows
         meta = staged.meta.clone()
@@ -186,8 +208,8 @@ class AdapterTable:
             # after the work queued so far has read them
             stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            images = staged.images.to(dev, dtype=pool.dtype, non_blocking=True)
-            pool.data.index_copy_(0, to(page_ids), images)
+            images = staged.images.to(dev, non_blocking=True)
+            pool.data.view(images.dtype).index_copy_(0, to(page_ids), images)
             if stream is not None:
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -196,6 +218,8 @@ class AdapterTable:
         rel = to(staged.rel_offsets)
         n_rows = rel.numel()
         self.rows[start:start + n_rows] = to(page_ids)[rel // P] * P + rel % P
+        if self.row_scale is not None:
+            self.row_scale[start:start + n_rows] = to(staged.row_scale)
         self.meta[slot] = to(meta)
         # fill_, not `scaling[slot] = x`: assigning a Python number to an element of a CUDA tensor
         # waited for the device (0.7 ms per load on the H100, 15 ms behind a queued step)
@@ -215,6 +239,8 @@ class AdapterTable:
         s, n = entry.row_start, entry.num_rows
         tail = self.rows[s + n:self.num_rows].clone()
         self.rows[s:s + tail.numel()] = tail
+        if self.row_scale is not None:
+            self.row_scale[s:s + tail.numel()] = self.row_scale[s + n:self.num_rows].clone()
         self.num_rows -= n
         later = [o.slot for o in self.slots.values() if o.row_start > s]
         for o in self.slots.values():
@@ -236,8 +262,9 @@ class AdapterTable:
 class StagedAdapter:
     """An adapter laid out as page images in host memory, ready to copy into any free pages.
 
-    ``images`` [num_pages, page_elems] holds the rows exactly as they will sit in the pool;
-    ``rel_offsets`` [rows] are element offsets relative to the adapter's own first page;
+    ``images`` [num_pages, pool.row_elems] holds the rows exactly as they will sit in the pool
+    (in the pool's adapter dtype); ``rel_offsets`` [rows] are element offsets relative to the
+    adapter's own first page; ``row_scale`` [rows] the int8 rows' scales (None unquantized);
     ``meta`` [L, M, 4] holds (A row start, B^T row start, A rows, B^T rows) relative to the adapter's first row.
     This is what the host cache keeps (pinned on CUDA), so a warm load is one copy.
     """
@@ -246,6 +273,7 @@ class StagedAdapter:
     meta: torch.Tensor
     scaling: float
     max_rank: int
+    row_scale: torch.Tensor | None = None
 
     @property
     def num_pages(self) -> int:
@@ -253,36 +281,51 @@ class StagedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size()
+        scales = 0 if self.row_scale is None else self.row_scale.numel() * 4
+        return self.images.numel() * self.images.element_size() + scales
 
 
 def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) -> StagedAdapter:  # noqa: F821
-    """Pack an adapter's A rows and B^T rows into page images for ``pool``'s page size."""
-    cfg, P = pool.cfg, pool.page_elems
+    """Pack an adapter's A rows and B^T rows into page images for ``pool``'s page size and
+    adapter dtype (int8: each row quantized with its own scale)."""
+    cfg, P = pool.cfg, pool.row_elems
     mats = list(weights.matrices())
     widths = []
     for _, (a, b) in mats:
         widths += [a.shape[1]] * a.shape[0] + [b.shape[0]] * b.shape[1]
     n_pages, placed = pool.pack_rows(widths)
     # every byte a kernel reads is written below; page tails and row padding are never read
-    images = torch.empty(n_pages, P, dtype=pool.dtype, pin_memory=pin)
+    images = torch.empty(n_pages, P, dtype=pool.adapter_dtype, pin_memory=pin)
     flat = images.view(-1)
     rel = torch.tensor([p * P + off for p, off in placed], dtype=torch.int64)
     meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32)
+    scales = torch.empty(len(placed), dtype=torch.float32) if pool.quantized else None
     i = 0
     for (layer, module), (a, b) in mats:
         ra, rb = a.shape[0], b.shape[1]
         meta[layer, TARGET_MODULES.index(module)] = torch.tensor([i, i + ra, ra, rb])
-        _copy_rows(flat, rel[i:i + ra], a.to(pool.dtype))
-        _copy_rows(flat, rel[i + ra:i + ra + rb], b.t().to(pool.dtype))
+        for j, m in ((i, a), (i + ra, b.t())):
+            if scales is not None:
+                m, scales[j:j + m.shape[0]] = quantize_rows(m)
+            _copy_rows(flat, rel[j:j + m.shape[0]], m.to(pool.adapter_dtype), pool.row_align)
         i += ra + rb
-    return StagedAdapter(images, rel, meta, float(weights.scaling), weights.max_rank)
+    if scales is not None and pin:
+        scales = scales.pin_memory()
+    return StagedAdapter(images, rel, meta, float(weights.scaling), weights.max_rank, scales)
 
 
-def _copy_rows(flat: torch.Tensor, offs: torch.Tensor, m: torch.Tensor) -> None:
+def quantize_rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (q, scale) with m ~= q * scale[:, None]; a zero row gets scale 0."""
+    m = m.float()
+    scale = m.abs().amax(dim=1) / 127
+    q = torch.round(m / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def _copy_rows(flat: torch.Tensor, offs: torch.Tensor, m: torch.Tensor, align: int) -> None:
     """Write matrix rows to their offsets, one slice per run of rows that sit back to back."""
     w = m.shape[1]
-    step = -(-w // ROW_ALIGN) * ROW_ALIGN
+    step = -(-w // align) * align
     offs = offs.tolist()
     j = 0
     while j < len(offs):

@@ -35,6 +35,7 @@ class EngineConfig:
     fetch_processes: int = -1           # processes doing their parse/stage work (-1: auto, 0: none)
     cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
+    adapter_dtype: str = "auto"         # adapter rows in the pool: auto (the model's dtype) or int8
     warmup: bool = True                 # compile eager-step kernels before serving (CUDA only)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -49,6 +50,11 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         return DTYPES[self.dtype]
+
+    def resolve_adapter_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.adapter_dtype not in ("auto", "int8"):
+            raise ValueError(f"--adapter-dtype must be auto or int8, got {self.adapter_dtype!r}")
+        return torch.int8 if self.adapter_dtype == "int8" else dtype
 
 
 def block_tokens_for(cfg, want: int) -> int:
@@ -78,7 +84,7 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
     else:
         pool_bytes = 256 << 20
     num_pages = ec.pool_pages or max(pool_bytes // page_bytes, 2 * cfg.num_layers)
-    pool = UnifiedPool(cfg, num_pages, B, dtype, device)
+    pool = UnifiedPool(cfg, num_pages, B, dtype, device, ec.resolve_adapter_dtype(dtype))
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
     table = AdapterTable(pool, ec.max_adapters)

@@ -74,6 +74,36 @@ def test_mixed_batch_matches_transformers_peft(tiny, grouped, monkeypatch):
     assert engine.pool.free_pages + engine.pool.adapter_pages == free0 == engine.pool.num_pages
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_int8_adapter_rows_match_transformers_peft_within_their_error(tiny, grouped, monkeypatch):
+    """--adapter-dtype int8: the pool holds each adapter row as int8 with a scale. Against
+    transformers + peft on the full-precision weights: the same greedy tokens for every adapter
+    in the mixed batch, log-probabilities within a bound looser than the fp32 engine's (1e-2)."""
+    if grouped:
+        import server.engine
+        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=4, adapter_dtype="int8")
+    assert engine.pool.quantized and engine.table.flat.dtype == torch.int8
+    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
+    reqs = mixed_requests(names, seed=1)
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    worst = 0.0
+    for req in reqs:
+        toks, lps, _ = outs[req.request_id]
+        ref_t, ref_lp = hf_reference(model_dir, adapters.get(req.adapter_id), req.prompt_ids, N_NEW)
+        assert toks == ref_t, f"{req.adapter_id or 'base'}: tokens differ"
+        err = max(abs(a - b) for a, b in zip(lps, ref_lp))
+        if req.adapter_id:
+            worst = max(worst, err)
+        else:       # base requests do not touch adapter rows: exact as before
+            assert err < 1e-3
+    assert worst < 3e-2, worst
+
+
 def test_lora_groups_and_attention_only_batches(tiny):
     """q/k/v (and gate/up) run as one LoRA launch each; a batch whose adapters all target
     attention only skips the MLP launches. Outputs still match transformers+peft."""
@@ -82,9 +112,9 @@ def test_lora_groups_and_attention_only_batches(tiny):
     ops, calls = engine.model.ops, []
     shrink = ops.lora_shrink
 
-    def spy(x, flat, rows, meta, batch):
+    def spy(x, flat, rows, meta, batch, row_scale=None):
         calls.append((tuple(meta.shape[1:-1]), batch.mlp))
-        return shrink(x, flat, rows, meta, batch)
+        return shrink(x, flat, rows, meta, batch, row_scale)
 
     ops.lora_shrink = spy
     try:
@@ -254,17 +284,26 @@ def test_sampling_seed_topk_and_eos(tiny):
         engine.stop()
 
 
-def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny):
+@pytest.mark.parametrize("adapter_dtype", ["auto", "int8"])
+def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny, adapter_dtype):
     """Insert several adapters, remove ones from the middle, insert again: every remaining adapter's
-    rows (through the row table and index) still hold exactly its weights."""
+    rows (through the row table and index, and int8 rows' scales) still hold exactly its weights
+    (int8: exactly their quantized form)."""
     from kernels.reference import gather_rows
     from server.config import TARGET_MODULES
-    from server.pool import AdapterTable, UnifiedPool, stage_adapter
+    from server.pool import AdapterTable, UnifiedPool, quantize_rows, stage_adapter
 
     model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=2))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=2, adapter_dtype=adapter_dtype))
     pool = engine.pool
     table = AdapterTable(pool, 8)
+
+    def stored(m):     # what the pool holds of a matrix
+        if adapter_dtype == "auto":
+            return m
+        q, scale = quantize_rows(m)
+        return q.float() * scale[:, None]
+
     loaded = {n: load_peft_dir(n, p, engine.cfg) for n, p in adapters.items()}
     slots = {n: table.insert(stage_adapter(w, pool)).slot for n, w in loaded.items()}
     table.remove(slots.pop("attn"))
@@ -273,8 +312,10 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny):
     for name, slot in slots.items():
         for (layer, module), (a, b) in loaded[name].weights.items():
             a0, b0, ra, rb = (int(z) for z in table.meta[slot, layer, TARGET_MODULES.index(module)])
-            assert torch.equal(gather_rows(pool.flat, table.rows, a0, ra, a.shape[1]).cpu(), a)
-            assert torch.equal(gather_rows(pool.flat, table.rows, b0, rb, b.shape[0]).cpu(), b.t())
+            assert torch.equal(gather_rows(table.flat, table.rows, a0, ra, a.shape[1], table.row_scale).cpu(),
+                               stored(a))
+            assert torch.equal(gather_rows(table.flat, table.rows, b0, rb, b.shape[0], table.row_scale).cpu(),
+                               stored(b.t()))
     assert table.num_rows == sum(e.num_rows for e in table.slots.values())
     engine.adapters.close()
 
@@ -575,3 +616,42 @@ def test_admission_checks_only_the_adapters_it_reaches(tiny):
             engine._run(s)
     assert all(r.finished for r in reqs) and engine.pool.kv_pages == 0
     mgr.close()
+
+
+def test_fetch_process_stages_int8_rows_like_the_engine(tiny):
+    """The fetch worker processes stage adapters for the pool's layout: with int8 rows they send
+    the quantized page images and their row scales (in shared memory), the same bytes the engine
+    would stage itself, and the engine's table accepts them."""
+    from kernels.reference import gather_rows
+    from server.adapters import LocalSource, fetch_and_stage
+    from server.config import TARGET_MODULES
+    from server.pool import stage_adapter
+    from server.tp import TP
+
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=2, adapter_dtype="int8"))
+    pool = engine.pool
+    version, staged = fetch_and_stage("full", LocalSource(adapters), engine.adapters.model_cfg, TP(),
+                                      pool.block_tokens, pool.dtype, pool.adapter_dtype)
+    weights = load_peft_dir("full", adapters["full"], engine.cfg)
+    here = stage_adapter(weights, pool)
+    assert staged.images.dtype == torch.int8 and staged.images.is_shared() and staged.row_scale.is_shared()
+    assert torch.equal(staged.rel_offsets, here.rel_offsets) and torch.equal(staged.row_scale, here.row_scale)
+    assert staged.nbytes < here.images.numel() * 4 / 3     # a quarter of fp32's bytes, plus the scales
+    # every row the kernels read holds the same bytes (page tails are never written nor read)
+    table = engine.table
+    ours, theirs = table.insert(staged), table.insert(here)
+    assert table.row_scale[ours.row_start:ours.row_start + ours.num_rows].equal(staged.row_scale)
+    for (layer, module), (a, b) in weights.weights.items():
+        m = TARGET_MODULES.index(module)
+        for col, width in ((0, a.shape[1]), (1, b.shape[0])):
+            got = [gather_rows(table.flat, table.rows, int(table.meta[e.slot, layer, m, col]),
+                               int(table.meta[e.slot, layer, m, 2 + col]), width, table.row_scale)
+                   for e in (ours, theirs)]
+            assert torch.equal(*got)
+    # a staged adapter of another layout is refused, not copied in as garbage
+    fp = stage_adapter(load_peft_dir("full", adapters["full"], engine.cfg),
+                       type(pool)(pool.cfg, 4, pool.block_tokens, pool.dtype, "cpu"))
+    with pytest.raises(ValueError, match="another pool layout"):
+        engine.table.insert(fp)
+    engine.adapters.close()

@@ -29,6 +29,8 @@ from server.lora import LoraWeights  # noqa: E402
 from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
+# adapter rows as stored in the pool: the model's dtype, or int8 with a scale per row
+ADAPTER_DTYPES = pytest.mark.parametrize("adapter_dtype", [None, torch.int8], ids=["rows-model-dtype", "rows-int8"])
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
@@ -67,13 +69,13 @@ def random_adapter(cfg: ModelConfig, name: str, rank: int, modules, layers=None,
 
 
 def build_table(cfg: ModelConfig, ranks, modules_per, dtype, device, block_tokens=4, extra_pages=0,
-                gen=None):
+                gen=None, adapter_dtype=None):
     """A pool + table holding one adapter per rank; returns (pool, table, [slot ids])."""
     weights = [random_adapter(cfg, f"a{i}", r, mods, gen=gen) for i, (r, mods) in enumerate(zip(ranks, modules_per))]
-    probe = UnifiedPool(cfg, 1, block_tokens, dtype, "cpu")
+    probe = UnifiedPool(cfg, 1, block_tokens, dtype, "cpu", adapter_dtype)
     staged = [stage_adapter(w, probe) for w in weights]
     pages = sum(s.num_pages for s in staged) + extra_pages + 2   # + the garbage page + the pool's scratch page
-    pool = UnifiedPool(cfg, pages, block_tokens, dtype, device)
+    pool = UnifiedPool(cfg, pages, block_tokens, dtype, device, adapter_dtype)
     # a first page of garbage keeps offset 0 from being a valid row by accident
     pool.alloc(1, "kv")
     pool.data.normal_()
@@ -111,17 +113,22 @@ def build_attn(pool: UnifiedPool, q_lens, ctx_lens, device, gen=None):
 # -------------------------------------------------------------------------------------------------
 # LoRA
 # -------------------------------------------------------------------------------------------------
-def _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped):
+def _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped, adapter_dtype=None):
     """A pool and table with one adapter per rank, and the batch of segments picking them (-1: base)."""
-    pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen)
+    pool, table, slots = build_table(cfg, ranks, modules_per, dtype, DEV, block_tokens=block_tokens, gen=gen,
+                                     adapter_dtype=adapter_dtype)
     seg_slots = [-1 if p < 0 else slots[p] for p in pick]
     max_rank = max((table.max_rank[s] for s in seg_slots if s >= 0), default=0)
     return pool, table, LoraBatch.build(seq_lens, seg_slots, max_rank, DEV, grouped=grouped)
 
 
 def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, layer, tol, gen, block_tokens=4,
-                grouped=False):
-    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped)
+                grouped=False, adapter_dtype=None):
+    """Each module's shrink, expand and delta against the reference; adapter_dtype=torch.int8
+    stores the rows quantized (the reference then reads the same int8 rows and scales)."""
+    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped,
+                                     adapter_dtype)
+    F, R, S = table.flat, table.rows, table.row_scale
     T = sum(seq_lens)
     for m in check_modules:
         mi = TARGET_MODULES.index(m)
@@ -129,8 +136,8 @@ def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, l
         meta = table.meta[:, layer, mi]
         x = torch.randn(T, d_in, generator=gen).to(DEV, dtype)
         poison(T * batch.max_rank, dtype)
-        v = tlora.lora_shrink(x, pool.flat, table.rows, meta, batch)
-        v_ref = ref.lora_shrink(x, pool.flat, table.rows, meta, batch)
+        v = tlora.lora_shrink(x, F, R, meta, batch, S)
+        v_ref = ref.lora_shrink(x, F, R, meta, batch, S)
         assert v.shape == v_ref.shape and v.dtype == v_ref.dtype
         assert torch.isfinite(v).all(), f"{m}: unwritten or NaN shrink output"
         assert rel_err(v, v_ref) < tol, (m, rel_err(v, v_ref))
@@ -140,22 +147,23 @@ def _check_lora(cfg, dtype, seq_lens, pick, ranks, modules_per, check_modules, l
         big = torch.randn(T, d_out + 24, generator=gen).to(DEV, dtype)
         want = big.clone()
         y = big[:, 8:8 + d_out]
-        tlora.lora_expand(y, v_ref, pool.flat, table.rows, meta, table.scaling, batch)
-        ref.lora_expand(want[:, 8:8 + d_out], v_ref, pool.flat, table.rows, meta, table.scaling, batch)
+        tlora.lora_expand(y, v_ref, F, R, meta, table.scaling, batch, row_scale=S)
+        ref.lora_expand(want[:, 8:8 + d_out], v_ref, F, R, meta, table.scaling, batch, row_scale=S)
         assert torch.equal(big[:, :8], want[:, :8]) and torch.equal(big[:, 8 + d_out:], want[:, 8 + d_out:])
         # the LoRA delta alone, against the fp32 reference delta
         d_tri = torch.zeros(T, d_out, dtype=torch.float32, device=DEV)
-        tlora.lora_expand(d_tri, v_ref.float(), pool.flat, table.rows, meta, table.scaling, batch)
+        tlora.lora_expand(d_tri, v_ref.float(), F, R, meta, table.scaling, batch, row_scale=S)
         d_ref = torch.zeros(T, d_out, dtype=torch.float32, device=DEV)
-        ref.lora_expand(d_ref, v_ref.float(), pool.flat, table.rows, meta, table.scaling, batch)
+        ref.lora_expand(d_ref, v_ref.float(), F, R, meta, table.scaling, batch, row_scale=S)
         if d_ref.abs().sum() > 0:
             assert rel_err(d_tri, d_ref) < tol, (m, rel_err(d_tri, d_ref))
         assert rel_err(y, want[:, 8:8 + d_out]) < tol, (m, rel_err(y, want[:, 8:8 + d_out]))
 
 
+@ADAPTER_DTYPES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("decode", [True, False])
-def test_lora_mixed_ranks(dtype, decode):
+def test_lora_mixed_ranks(dtype, decode, adapter_dtype):
     gen = torch.Generator().manual_seed(1 + decode + (dtype == torch.float16) * 2)
     ranks = [8, 16, 32, 12]
     mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
@@ -166,12 +174,14 @@ def test_lora_mixed_ranks(dtype, decode):
         lens = [5, 1, 19, 3, 9, 2, 1, 17, 4]       # uneven segments, decode tokens mixed in
     pick = [0, -1, 1, 2, 3, 1, -1, 0, 2]
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    _check_lora(TINY, dtype, lens, pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen)
+    _check_lora(TINY, dtype, lens, pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen,
+                adapter_dtype=adapter_dtype)
 
 
+@ADAPTER_DTYPES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("order", ["sorted", "interleaved"])
-def test_lora_grouped_decode(dtype, order):
+def test_lora_grouped_decode(dtype, order, adapter_dtype):
     """Grouped decode: 37 tokens over 3 token tiles; sorted by slot (what the engine sends) and
     interleaved (every tile holds every adapter); base tokens and a rank-0 module mixed in."""
     gen = torch.Generator().manual_seed(11 + (order == "sorted") + 2 * (dtype == torch.float16))
@@ -183,11 +193,12 @@ def test_lora_grouped_decode(dtype, order):
         pick.sort()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     _check_lora(TINY, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1, tol, gen,
-                grouped=True)
+                grouped=True, adapter_dtype=adapter_dtype)
 
 
+@ADAPTER_DTYPES
 @pytest.mark.parametrize("split", [1, 2, 4])
-def test_lora_grouped_decode_split_k(split, monkeypatch):
+def test_lora_grouped_decode_split_k(split, monkeypatch, adapter_dtype):
     """The grouped shrink with d_in split over programs (partial sums added into an fp32 buffer),
     forced to 1, 2 and 4 splits; down_proj's d_in (96) leaves a short last split."""
     monkeypatch.setitem(tlora.TUNE["shrink_grouped"], "SPLIT_K", split)
@@ -198,14 +209,16 @@ def test_lora_grouped_decode_split_k(split, monkeypatch):
     pick = sorted((i * 7) % 5 - 1 for i in range(37))
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
         _check_lora(TINY, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
-                    tol, gen, grouped=True)
+                    tol, gen, grouped=True, adapter_dtype=adapter_dtype)
 
 
 def _check_lora_fused(cfg, dtype, seq_lens, pick, ranks, modules_per, groups, layer, tol, gen, block_tokens=4,
-                      grouped=False):
+                      grouped=False, adapter_dtype=None):
     """Modules sharing an input in one launch (meta [slots, M, 4]) against one reference call per
     module: shrink output per module, and the expand into adjacent column ranges of one tensor."""
-    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped)
+    pool, table, batch = _lora_setup(cfg, dtype, seq_lens, pick, ranks, modules_per, gen, block_tokens, grouped,
+                                     adapter_dtype)
+    F, R, S = table.flat, table.rows, table.row_scale
     T = sum(seq_lens)
     for group in groups:
         idx = [TARGET_MODULES.index(m) for m in group]
@@ -215,33 +228,34 @@ def _check_lora_fused(cfg, dtype, seq_lens, pick, ranks, modules_per, groups, la
         widths = tuple(cfg.module_dims(m)[1] for m in group)
         x = torch.randn(T, d_in, generator=gen).to(DEV, dtype)
         poison(T * len(group) * batch.max_rank, dtype)
-        v = tlora.lora_shrink(x, pool.flat, table.rows, meta, batch)
+        v = tlora.lora_shrink(x, F, R, meta, batch, S)
         assert v.shape == (T, len(group), batch.max_rank) and torch.isfinite(v).all()
         for j, m in enumerate(group):
-            v_ref = ref.lora_shrink(x, pool.flat, table.rows, meta[:, j], batch)
+            v_ref = ref.lora_shrink(x, F, R, meta[:, j], batch, S)
             assert rel_err(v[:, j], v_ref) < tol, (m, rel_err(v[:, j], v_ref))
             assert torch.equal(v[:, j][v_ref == 0], v_ref[v_ref == 0]), m
         # expand into a column slice of a wider tensor (the fused GEMM output), 8 spare columns each side
         W = sum(widths)
         big = torch.randn(T, W + 16, generator=gen).to(DEV, dtype)
         want, orig = big.clone(), big.clone()
-        tlora.lora_expand(big[:, 8:8 + W], v, pool.flat, table.rows, meta, table.scaling, batch, widths)
+        tlora.lora_expand(big[:, 8:8 + W], v, F, R, meta, table.scaling, batch, widths, S)
         off = 8
         for j, w in enumerate(widths):
-            ref.lora_expand(want[:, off:off + w], v[:, j], pool.flat, table.rows, meta[:, j], table.scaling, batch)
+            ref.lora_expand(want[:, off:off + w], v[:, j], F, R, meta[:, j], table.scaling, batch, row_scale=S)
             off += w
         assert torch.equal(big[:, :8], want[:, :8]) and torch.equal(big[:, 8 + W:], want[:, 8 + W:])
         assert rel_err(big, want) < tol, (group, rel_err(big, want))
         # the reference's own multi-module form is the per-module calls
-        ref.lora_expand(orig[:, 8:8 + W], v, pool.flat, table.rows, meta, table.scaling, batch, widths)
+        ref.lora_expand(orig[:, 8:8 + W], v, F, R, meta, table.scaling, batch, widths, S)
         assert torch.equal(orig, want)
-        assert torch.equal(ref.lora_shrink(x, pool.flat, table.rows, meta, batch),
-                           torch.stack([ref.lora_shrink(x, pool.flat, table.rows, meta[:, j], batch)
+        assert torch.equal(ref.lora_shrink(x, F, R, meta, batch, S),
+                           torch.stack([ref.lora_shrink(x, F, R, meta[:, j], batch, S)
                                         for j in range(len(group))], dim=1))
 
 
+@ADAPTER_DTYPES
 @pytest.mark.parametrize("schedule", ["decode", "grouped", "prefill"])
-def test_lora_fused_modules(schedule):
+def test_lora_fused_modules(schedule, adapter_dtype):
     """q/k/v (GQA: k and v narrower than q) and gate/up in one launch each; one adapter targets
     only q and v (k's rank is 0 in its meta), base tokens mixed in."""
     gen = torch.Generator().manual_seed(31 + len(schedule))
@@ -256,7 +270,8 @@ def test_lora_fused_modules(schedule):
             pick.sort()
         lens = [1] * len(pick)
     _check_lora_fused(TINY, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
-                      ("gate_proj", "up_proj")], 1, 2e-3, gen, grouped=schedule == "grouped")
+                      ("gate_proj", "up_proj")], 1, 2e-3, gen, grouped=schedule == "grouped",
+                      adapter_dtype=adapter_dtype)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -288,8 +303,9 @@ def test_lora_mixed_step_parts(grouped):
     assert LoraBatch.build([1, 1], [0, 1], 8, DEV, decode_from=1).parts is None   # one-token prompts: one part
 
 
+@ADAPTER_DTYPES
 @pytest.mark.parametrize("split", [2, 3])
-def test_lora_split_k(split):
+def test_lora_split_k(split, adapter_dtype):
     """The segment shrink split over d_in (fp32 atomics into a zeroed buffer, then one cast)."""
     gen = torch.Generator().manual_seed(5 + split)
     saved = dict(tlora.TUNE["shrink_seg"])
@@ -297,7 +313,7 @@ def test_lora_split_k(split):
     try:
         _check_lora(TINY, torch.float16, [6, 1, 19, 3], [0, -1, 1, 2], [8, 16, 40],
                     [("q_proj", "down_proj"), ("q_proj", "down_proj"), ("q_proj",)], ("q_proj", "down_proj"), 0,
-                    2e-3, gen, block_tokens=16)
+                    2e-3, gen, block_tokens=16, adapter_dtype=adapter_dtype)
     finally:
         tlora.TUNE["shrink_seg"] = saved
 
@@ -318,6 +334,36 @@ def test_lora_all_base_and_rank_past_tile():
     y0 = y.clone()
     tlora.lora_expand(y, v, pool.flat, table.rows, table.meta[:, 0, 0], table.scaling, batch)
     assert torch.equal(y, y0)
+
+
+def test_int8_rows_stay_within_their_quantization_error():
+    """int8 rows (opt-in): each element within half a step of the weight it stores, a zero row
+    stays zero, and a LoRA delta over a mixed batch is within 1% of the unquantized adapter's.
+    The kernels match the int8 reference (the tests above); this bounds the reference itself."""
+    from server.pool import quantize_rows
+    gen = torch.Generator().manual_seed(77)
+    m = torch.randn(6, 40, generator=gen) * torch.logspace(-4, 1, 6)[:, None]
+    m[2] = 0
+    q, scale = quantize_rows(m)
+    assert q.dtype == torch.int8 and scale[2] == 0 and not q[2].any()
+    assert ((q.float() * scale[:, None] - m).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert (q.abs().amax(dim=1)[scale > 0] == 127).all()
+
+    deltas = {}
+    for adapter_dtype in (None, torch.int8):
+        g = torch.Generator().manual_seed(5)     # the same adapters and inputs in both pools
+        pool, table, batch = _lora_setup(TINY, torch.float32, [3, 1, 4, 1], [0, -1, 1, 0], [8, 16],
+                                         [("q_proj", "down_proj")] * 2, g, 4, False, adapter_dtype)
+        assert table.flat.dtype == (adapter_dtype or torch.float32)
+        assert (table.row_scale is not None) == (adapter_dtype is not None)
+        meta = table.meta[:, 0, TARGET_MODULES.index("down_proj")]
+        x = torch.randn(9, TINY.intermediate_size, generator=g)
+        y = torch.zeros(9, TINY.hidden_size)
+        v = ref.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
+        ref.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
+        deltas[adapter_dtype] = y
+    err = rel_err(deltas[torch.int8], deltas[None])
+    assert 0 < err < 1e-2, err
 
 
 # -------------------------------------------------------------------------------------------------
@@ -626,7 +672,8 @@ GQA = ModelConfig(hidden_size=4096, intermediate_size=14336, num_layers=1, num_h
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("decode", [True, False])
-def test_gpu_lora_llama7b(dtype, decode):
+@ADAPTER_DTYPES
+def test_gpu_lora_llama7b(dtype, decode, adapter_dtype):
     gen = torch.Generator().manual_seed(21)
     ranks = [8, 16, 32, 64, 128, 24]
     allm = tuple(TARGET_MODULES)
@@ -638,13 +685,14 @@ def test_gpu_lora_llama7b(dtype, decode):
     pick = [(i % 7) - 1 for i in range(len(lens))]   # -1 = base, 0..5 adapters
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, lens, pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
-                tol, gen, block_tokens=16)
+                tol, gen, block_tokens=16, adapter_dtype=adapter_dtype)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_lora_grouped_llama7b(dtype):
+@ADAPTER_DTYPES
+def test_gpu_lora_grouped_llama7b(dtype, adapter_dtype):
     """Grouped decode at Llama-7B shapes: 200 tokens sorted by adapter, runs of uneven length."""
     gen = torch.Generator().manual_seed(23)
     ranks = [8, 16, 32, 64, 128, 24]
@@ -653,14 +701,15 @@ def test_gpu_lora_grouped_llama7b(dtype):
     pick = sorted(int(p) for p in torch.randint(-1, 6, (200,), generator=gen))
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"),
-                0, tol, gen, block_tokens=16, grouped=True)
+                0, tol, gen, block_tokens=16, grouped=True, adapter_dtype=adapter_dtype)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("schedule", ["decode", "grouped", "prefill"])
 @pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
-def test_gpu_lora_fused_modules(schedule, cfg):
+@ADAPTER_DTYPES
+def test_gpu_lora_fused_modules(schedule, cfg, adapter_dtype):
     """q/k/v and gate/up in one launch at Llama-7B and Llama-3-8B (8 KV heads) shapes."""
     gen = torch.Generator().manual_seed(24)
     ranks = [8, 16, 32, 64, 128, 24]
@@ -675,7 +724,8 @@ def test_gpu_lora_fused_modules(schedule, cfg):
             pick.sort()
         lens = [1] * len(pick)
     _check_lora_fused(cfg, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
-                      ("gate_proj", "up_proj")], 0, 2e-3, gen, block_tokens=16, grouped=schedule == "grouped")
+                      ("gate_proj", "up_proj")], 0, 2e-3, gen, block_tokens=16, grouped=schedule == "grouped",
+                      adapter_dtype=adapter_dtype)
 
 
 @gpu
