@@ -76,6 +76,20 @@ def _row_align(flat: torch.Tensor) -> int:
     return 1
 
 
+@triton.jit
+def _load_rows(ptrs, mask, QUANT: tl.constexpr):
+    """A tile of adapter rows. Model-dtype rows are loaded masked (fp16 garbage can be NaN, and
+    NaN * 0 is NaN). int8 rows are loaded unmasked: masks whose bounds the compiler cannot prove
+    aligned (a module's width, a rank) cut int8 loads to single bytes, and at 1 byte the
+    pipeliner's async copies fail to compile. Unmasked is safe: every address is a row start plus
+    less than one tile, inside the pool (whose last page is scratch); rows past a rank read from
+    offset 0 and get scale 0; columns past d_in meet activations masked to 0; columns past d_out are
+    never stored. int8 garbage is finite, so each of those products is exactly 0 or never seen."""
+    if QUANT:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
 _SMS: dict = {}
 
 
@@ -150,8 +164,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = tl.load(flat_ptr + roff[:, None] + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
+        a = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT).to(tl.float32)
         acc += a * xv[None, :]
     out = tl.sum(acc, axis=1)
     if QUANT:
@@ -193,8 +206,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
         if QUANT:
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-        b = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
-                    other=0.0).to(tl.float32)
+        b = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT).to(tl.float32)
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
@@ -247,8 +259,8 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr
                 kk = k0 + offs_k
                 kmask = kk < k_hi
                 xt = tl.load(x_rows + kk[None, :] * sx1, mask=sel[:, None] & kmask[None, :], other=0.0)
-                at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & rmask[None, :],
-                             other=0.0)                                  # A^T tile [BLOCK_K, BLOCK_R]
+                # A^T tile [BLOCK_K, BLOCK_R]
+                at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & rmask[None, :], QUANT)
                 if QUANT:
                     at = (at.to(tl.float32) * rs[None, :]).to(xt.dtype)
                 if IEEE:
@@ -302,8 +314,8 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
             roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
             if ALIGN > 1:
                 roff = tl.multiple_of(roff, ALIGN)
-            bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
-                         other=0.0)                                      # B^T tile [BLOCK_K, BLOCK_N]
+            # B^T tile [BLOCK_K, BLOCK_N]
+            bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
             if QUANT:
                 bt = (bt.to(tl.float32) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
             if IEEE:
@@ -365,8 +377,8 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
         kk = k0 + offs_k
         kmask = kk < k_hi
         xt = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        at = tl.load(flat_ptr + roff[None, :] + kk[:, None], mask=kmask[:, None] & nmask[None, :],
-                     other=0.0)                                          # A^T tile [BLOCK_K, BLOCK_N]
+        # A^T tile [BLOCK_K, BLOCK_N]
+        at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
         if IEEE:
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -423,8 +435,8 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
         roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
-        bt = tl.load(flat_ptr + roff[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
-                     other=0.0)                                          # B^T tile [BLOCK_K, BLOCK_N]
+        # B^T tile [BLOCK_K, BLOCK_N]
+        bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
             bt = (bt.to(tl.float32) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
         if IEEE:

@@ -357,8 +357,8 @@ def test_int8_rows_stay_within_their_quantization_error():
         assert table.flat.dtype == (adapter_dtype or torch.float32)
         assert (table.row_scale is not None) == (adapter_dtype is not None)
         meta = table.meta[:, 0, TARGET_MODULES.index("down_proj")]
-        x = torch.randn(9, TINY.intermediate_size, generator=g)
-        y = torch.zeros(9, TINY.hidden_size)
+        x = torch.randn(9, TINY.intermediate_size, generator=g).to(DEV)
+        y = torch.zeros(9, TINY.hidden_size, device=DEV)
         v = ref.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
         ref.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
         deltas[adapter_dtype] = y
