@@ -591,10 +591,14 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
         BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
         grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(w_max, BLOCK_N), M)
+        # int8 rows: no software pipelining. Triton 3.6 lowers this kernel's int8 tile to 1-byte
+        # async copies, which fail to compile (H100); the rank loop is one iteration at rank <= 64,
+        # so there was nothing to pipeline anyway.
         _expand_grouped_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                      meta3, sm0, sm1, smm, scaling, batch.token_slot, T, W0, W1, W2,
                                      ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                     BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                     BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
+                                     num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1:
         cfg = TUNE["expand_decode"]
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
