@@ -46,6 +46,13 @@ TUNE = {
     # the GPU tests ran with exactly these. LORASERVE_KERNEL_TUNE overrides them per device.
     "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3),
     "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=2, num_stages=3),
+    # int8 rows: small one-warp tiles. Picked on the H100 in the engine bench (2026-11-25, 256
+    # requests over 256 adapters, CUDA-graph decode, benchmarks/results/engine-2026-11-25h-h100):
+    # the step's LoRA cost fell from +29% (the fp16 tiles above) to +23%; tiles holding the fp16
+    # tiles' bytes (twice the elements) cost +42%. More programs in flight, not wider loads, is
+    # what these latency-bound launches need once the bytes halve.
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3),
+    "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -545,7 +552,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["shrink_decode"]
+        cfg = TUNE["shrink_decode_int8" if quant else "shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid = (T, triton.cdiv(R, BLOCK_R), M)
@@ -620,7 +627,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["expand_decode"]
+        cfg = TUNE["expand_decode_int8" if quant else "expand_decode"]
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid = (T, triton.cdiv(w_max, BLOCK_N), M)
