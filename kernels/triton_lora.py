@@ -51,6 +51,8 @@ TUNE = {
     # the step's LoRA cost fell from +29% (the fp16 tiles above) to +23%; tiles holding the fp16
     # tiles' bytes (twice the elements) cost +42%. More programs in flight, not wider loads, is
     # what these latency-bound launches need once the bytes halve.
+    # At batch 1 the one-warp tiles cost more (a step 6.47 ms vs 6.00 with the fp16 tiles, base
+    # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3),
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
@@ -65,6 +67,7 @@ TUNE = {
     "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
 }
 apply_overrides("lora", TUNE)
+INT8_SMALL_TILES_MIN_T = 64
 
 
 def _row_align(flat: torch.Tensor) -> int:
@@ -552,7 +555,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["shrink_decode_int8" if quant else "shrink_decode"]
+        cfg = TUNE["shrink_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else "shrink_decode"]
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid = (T, triton.cdiv(R, BLOCK_R), M)
@@ -627,7 +630,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["expand_decode_int8" if quant else "expand_decode"]
+        cfg = TUNE["expand_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else "expand_decode"]
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid = (T, triton.cdiv(w_max, BLOCK_N), M)

@@ -336,6 +336,20 @@ def test_lora_all_base_and_rank_past_tile():
     assert torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("small_tiles_from", [1, 10 ** 6])
+def test_int8_decode_tiles_at_any_batch_size(small_tiles_from, monkeypatch):
+    """int8 rows take one-warp decode tiles from INT8_SMALL_TILES_MIN_T tokens up and the fp16
+    tiles below it: both against the reference, with base tokens and rank-0 modules mixed in."""
+    monkeypatch.setattr(tlora, "INT8_SMALL_TILES_MIN_T", small_tiles_from)
+    gen = torch.Generator().manual_seed(90)
+    ranks = [8, 16, 32, 12]
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
+            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
+    pick = [(i * 7) % 5 - 1 for i in range(13)]
+    _check_lora(TINY, torch.float16, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
+                2e-3, gen, adapter_dtype=torch.int8)
+
+
 def test_int8_rows_stay_within_their_quantization_error():
     """int8 rows (opt-in): each element within half a step of the weight it stores, a zero row
     stays zero, and a LoRA delta over a mixed batch is within 1% of the unquantized adapter's.
