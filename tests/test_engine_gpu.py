@@ -37,19 +37,24 @@ def test_graph_and_eager_decode_match_peft(tiny, graphs, names, monkeypatch):
         import server.engine
         monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 2)
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs))
+    check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=len(names)), 1e-2)
+
+
+def check_against_peft(engine, model_dir, adapters, reqs, tol) -> None:
+    """Start the engine, load the adapters after its graphs were captured (the store's cold
+    path), run the requests, and compare each with transformers + peft: the same greedy tokens,
+    log-probabilities within tol."""
     engine.start()
     try:
-        # adapters arrive after the graphs were captured (the store's cold path)
         for name, path in adapters.items():
             engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
-        reqs = mixed_requests(names, seed=len(names))
         outs = run_engine(engine, reqs)
     finally:
         engine.stop()
     for r in reqs:
         ref_t, ref_lp = hf_reference(model_dir, adapters.get(r.adapter_id), r.prompt_ids, N_NEW)
-        assert outs[r.request_id][0] == ref_t, (r.adapter_id, graphs)
-        assert max(abs(a - b) for a, b in zip(outs[r.request_id][1], ref_lp)) < 1e-2
+        assert outs[r.request_id][0] == ref_t, r.adapter_id
+        assert max(abs(a - b) for a, b in zip(outs[r.request_id][1], ref_lp)) < tol, r.adapter_id
 
 
 @pytest.mark.parametrize("graphs", [True, False])
@@ -62,16 +67,5 @@ def test_int8_adapter_rows_match_peft_within_their_error(tiny, graphs, monkeypat
     model_dir, adapters = tiny
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs,
                                           adapter_dtype="int8"))
-    engine.start()
     names = ["full", "qv", "full", "", "qv", "full", "wide", "attn"]
-    try:
-        for name, path in adapters.items():
-            engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
-        reqs = mixed_requests(names, seed=5)
-        outs = run_engine(engine, reqs)
-    finally:
-        engine.stop()
-    for r in reqs:
-        ref_t, ref_lp = hf_reference(model_dir, adapters.get(r.adapter_id), r.prompt_ids, N_NEW)
-        assert outs[r.request_id][0] == ref_t, (r.adapter_id, graphs)
-        assert max(abs(a - b) for a, b in zip(outs[r.request_id][1], ref_lp)) < 3e-2
+    check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=5), 3e-2)
