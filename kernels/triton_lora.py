@@ -117,6 +117,13 @@ def _rows_f32(w, QUANT: tl.constexpr):
     return w.to(tl.float32)
 
 
+@triton.jit
+def _dequant(q, scale, dtype: tl.constexpr):
+    """An int8 tile times its rows' scales (``scale`` already broadcast along the rows' axis), in
+    ``dtype`` for tl.dot."""
+    return (_i8_to_f16(q).to(tl.float32) * scale).to(dtype)
+
+
 _SMS: dict = {}
 
 
@@ -290,7 +297,7 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr
                 # A^T tile [BLOCK_K, BLOCK_R]
                 at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & rmask[None, :], QUANT)
                 if QUANT:
-                    at = (_rows_f32(at, QUANT) * rs[None, :]).to(xt.dtype)
+                    at = _dequant(at, rs[None, :], xt.dtype)
                 if IEEE:
                     acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -345,7 +352,7 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
             # B^T tile [BLOCK_K, BLOCK_N]
             bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
             if QUANT:
-                bt = (_rows_f32(bt, QUANT) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
+                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
             if IEEE:
                 part = tl.dot(vt.to(tl.float32), bt.to(tl.float32), part, input_precision="ieee")
             else:
@@ -468,7 +475,7 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
         # B^T tile [BLOCK_K, BLOCK_N]
         bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
-            bt = (_rows_f32(bt, QUANT) * tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]).to(vt.dtype)
+            bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
         if IEEE:
             acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -496,6 +503,12 @@ def _split_k(v3: torch.Tensor, d_in: int, block_k: int, split: int) -> tuple[int
     split = triton.cdiv(d_in, k_split)
     out = v3 if split == 1 else torch.zeros(v3.shape, dtype=torch.float32, device=v3.device)
     return split, k_split, out
+
+
+def _decode_tiles(kind: str, quant: bool, T: int) -> dict:
+    """TUNE entry of the decode schedule ("shrink" or "expand"): int8 rows take their own tiles
+    from INT8_SMALL_TILES_MIN_T tokens up."""
+    return TUNE[f"{kind}_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else f"{kind}_decode"]
 
 
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
@@ -555,7 +568,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["shrink_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else "shrink_decode"]
+        cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid = (T, triton.cdiv(R, BLOCK_R), M)
@@ -630,7 +643,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = TUNE["expand_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else "expand_decode"]
+        cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid = (T, triton.cdiv(w_max, BLOCK_N), M)
