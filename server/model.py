@@ -108,19 +108,29 @@ class LlamaModel:
             ts += [L.ln1, L.qkv, L.o, L.ln2, L.gate_up, L.down]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def _ready(self, use_lora: bool) -> torch.cuda.Event | None:
+        """An event on the main stream once the next GEMM's input is written (None: no side stream)."""
+        if not use_lora or self.lora_stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
     def _lora_shrink(self, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: LoraBatch,
-                     table: AdapterTable) -> list:
+                     table: AdapterTable, ready: torch.cuda.Event | None) -> list:
         """Shrink launches of a LoRA group (modules adjacent in TARGET_MODULES, all reading x): one
-        per batch part (prefill segments, then decode tokens). Called before the base GEMM that
-        reads x: on CUDA they go on ``lora_stream`` and run beside it. Returns what
-        ``_lora_expand`` needs."""
+        per batch part (prefill segments, then decode tokens). Returns what ``_lora_expand`` needs.
+
+        On CUDA they go on ``lora_stream``, waiting only for ``ready`` (x written), so they run
+        beside the base GEMM that reads x. They are launched after it: the shrink's thousands of
+        small programs would otherwise take every SM first and the GEMM would wait for them."""
         if self.tp.enabled:
             return []
         i = M_IDX[modules[0]]
         meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
         side = self.lora_stream
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream())   # x is ready
+            side.wait_event(ready)
         out = []
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for t0, t1, part in lora.split():
@@ -181,25 +191,29 @@ class LlamaModel:
         x = self.embed[input_ids]
         h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
         for li, L in enumerate(self.layers):
-            lv = self._lora_shrink(h, li, QKV, lora, table) if use_lora else None
+            ready = self._ready(use_lora)
             qkv = ops.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
+                lv = self._lora_shrink(h, li, QKV, lora, table, ready)
                 self._lora_expand(qkv, h, lv, li, QKV, lora, table, (qw, kw, kw))
             q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
-            lv = self._lora_shrink(o, li, ("o_proj",), lora, table) if use_lora else None
+            ready = self._ready(use_lora)
             out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
+                lv = self._lora_shrink(o, li, ("o_proj",), lora, table, ready)
                 self._lora_expand(out[:, self._row_cols], o, lv, li, ("o_proj",), lora, table)
             # the residual add and the next norm are one kernel (x is updated in place)
             h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
-            lv = self._lora_shrink(h, li, GATE_UP, lora, table) if mlp_lora else None
+            ready = self._ready(mlp_lora)
             gu = ops.linear(h, L.gate_up)
             if mlp_lora:
+                lv = self._lora_shrink(h, li, GATE_UP, lora, table, ready)
                 self._lora_expand(gu, h, lv, li, GATE_UP, lora, table, (I, I))
                 a = ops.silu_mul(gu)     # down_proj's LoRA reads the activation: it is kept
-                lv = self._lora_shrink(a, li, ("down_proj",), lora, table)
+                ready = self._ready(True)
                 d = ops.linear(a, L.down)
+                lv = self._lora_shrink(a, li, ("down_proj",), lora, table, ready)
                 self._lora_expand(d[:, self._row_cols], a, lv, li, ("down_proj",), lora, table)
             else:
                 d = ops.silu_mul_linear(gu, L.down)

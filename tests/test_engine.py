@@ -641,7 +641,7 @@ def test_fetch_process_stages_int8_rows_like_the_engine(tiny):
     # every row the kernels read holds the same bytes (page tails are never written nor read)
     table = engine.table
     ours, theirs = table.insert(staged), table.insert(here)
-    assert table.row_scale[ours.row_start:ours.row_start + ours.num_rows].equal(staged.row_scale)
+    assert table.row_scale[ours.row_start:ours.row_start + ours.num_rows].cpu().equal(staged.row_scale)
     for (layer, module), (a, b) in weights.weights.items():
         m = TARGET_MODULES.index(module)
         for col, width in ((0, a.shape[1]), (1, b.shape[0])):
