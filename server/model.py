@@ -6,9 +6,7 @@ adapter rows and KV pages in place from the unified pool.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
 from dataclasses import dataclass
 
@@ -23,8 +21,6 @@ from server.tp import COLUMN, TP, gather_rank_split, shard_config, shard_state
 M_IDX = {m: i for i, m in enumerate(TARGET_MODULES)}
 QKV = ("q_proj", "k_proj", "v_proj")        # LoRA groups: modules that read one input and whose
 GATE_UP = ("gate_proj", "up_proj")          # outputs are adjacent columns of one fused GEMM
-# LoRA shrinks on a side CUDA stream, beside the base GEMM that reads the same input (0: in line).
-LORA_STREAM = os.environ.get("LORASERVE_LORA_STREAM", "1") != "0"
 
 
 @dataclass
@@ -88,13 +84,6 @@ class LlamaModel:
         # row-parallel LoRA writes only this rank's slice of the output columns
         self._row_cols = self.tp.part(cfg.hidden_size) if self.tp.enabled else slice(None)
         self.scale = cfg.head_dim ** -0.5
-        # The shrink (x @ A^T) needs only the GEMM's input, so it runs on this stream while the
-        # base GEMM runs on the main one. A decode step's fused q/k/v GEMM at batch 200 fills
-        # about half the H100's SMs and a fraction of its bandwidth; the shrink's row reads take
-        # the rest instead of waiting behind it. Under tensor parallelism a collective sits
-        # between shrink and expand: those stay in line.
-        self.lora_stream = (torch.cuda.Stream(self.device)
-                            if LORA_STREAM and self.device.type == "cuda" and not self.tp.enabled else None)
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path, dtype: torch.dtype, device, tp: TP | None = None) -> "LlamaModel":
@@ -108,60 +97,28 @@ class LlamaModel:
             ts += [L.ln1, L.qkv, L.o, L.ln2, L.gate_up, L.down]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def _ready(self, use_lora: bool) -> torch.cuda.Event | None:
-        """An event on the main stream once the next GEMM's input is written (None: no side stream)."""
-        if not use_lora or self.lora_stream is None:
-            return None
-        ev = torch.cuda.Event()
-        ev.record()
-        return ev
-
-    def _lora_shrink(self, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: LoraBatch,
-                     table: AdapterTable, ready: torch.cuda.Event | None) -> list:
-        """Shrink launches of a LoRA group (modules adjacent in TARGET_MODULES, all reading x): one
-        per batch part (prefill segments, then decode tokens). Returns what ``_lora_expand`` needs.
-
-        On CUDA they go on ``lora_stream``, waiting only for ``ready`` (x written), so they run
-        beside the base GEMM that reads x. They are launched after it: the shrink's thousands of
-        small programs would otherwise take every SM first and the GEMM would wait for them."""
-        if self.tp.enabled:
-            return []
-        i = M_IDX[modules[0]]
-        meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
-        side = self.lora_stream
-        if side is not None:
-            side.wait_event(ready)
-        out = []
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for t0, t1, part in lora.split():
-                xs = x if part is lora else x[t0:t1]
-                out.append((t0, t1, part, meta, self.ops.lora_shrink(xs, table.flat, table.rows, meta, part,
-                                                                     table.row_scale)))
-        return out
-
-    def _lora_expand(self, y: torch.Tensor, x: torch.Tensor, shrunk: list, layer: int, modules: tuple[str, ...],
-                     lora: LoraBatch, table: AdapterTable, widths: tuple[int, ...] | None = None) -> None:
-        """y += the group's LoRA deltas, from ``_lora_shrink``'s v. The modules' outputs are
-        adjacent column ranges of y of the given widths (one module: all of y): one expand launch
-        for the group (q/k/v; gate/up), where one per module costs launches and, in eager prefill
-        steps, host time."""
+    def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: LoraBatch,
+              table: AdapterTable, pool: UnifiedPool, widths: tuple[int, ...] | None = None) -> None:
+        """y += LoRA deltas of ``modules`` (adjacent in TARGET_MODULES, all reading x), whose
+        outputs are adjacent column ranges of y of the given widths (one module: all of y): one shrink and one expand
+        launch for the group (q/k/v; gate/up), where one per module costs launches and, in eager
+        prefill steps, host time."""
         if self.tp.enabled:
             off = 0
             for m, w in zip(modules, widths or (y.shape[1],)):
-                self._lora_tp(y[:, off:off + w], x, layer, m, lora, table)
+                self._lora_tp(y[:, off:off + w], x, layer, m, lora, table, pool)
                 off += w
             return
-        if self.lora_stream is not None:
-            # join: the expand reads v, and nothing the side stream allocated is reused before
-            # the main stream is done with it (the next shrink waits for the main stream first)
-            torch.cuda.current_stream().wait_stream(self.lora_stream)
-        for t0, t1, part, meta, v in shrunk:
-            ys = y if part is lora else y[t0:t1]
+        i = M_IDX[modules[0]]
+        meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
+        for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
+            xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
+            v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
             self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part,
                                  widths if len(modules) > 1 else None, table.row_scale)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
-                 table: AdapterTable) -> None:
+                 table: AdapterTable, pool: UnifiedPool) -> None:
         """One module under tensor parallelism (A is split by rank or by input: a collective sits
         between shrink and expand, so modules are not fused)."""
         meta = table.meta[:, layer, M_IDX[module]]
@@ -191,30 +148,23 @@ class LlamaModel:
         x = self.embed[input_ids]
         h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
         for li, L in enumerate(self.layers):
-            ready = self._ready(use_lora)
             qkv = ops.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
-                lv = self._lora_shrink(h, li, QKV, lora, table, ready)
-                self._lora_expand(qkv, h, lv, li, QKV, lora, table, (qw, kw, kw))
+                self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
             q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
-            ready = self._ready(use_lora)
             out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
-                lv = self._lora_shrink(o, li, ("o_proj",), lora, table, ready)
-                self._lora_expand(out[:, self._row_cols], o, lv, li, ("o_proj",), lora, table)
+                self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table, pool)
             # the residual add and the next norm are one kernel (x is updated in place)
             h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
-            ready = self._ready(mlp_lora)
             gu = ops.linear(h, L.gate_up)
             if mlp_lora:
-                lv = self._lora_shrink(h, li, GATE_UP, lora, table, ready)
-                self._lora_expand(gu, h, lv, li, GATE_UP, lora, table, (I, I))
-                a = ops.silu_mul(gu)     # down_proj's LoRA reads the activation: it is kept
-                ready = self._ready(True)
+                self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
+            if mlp_lora:     # down_proj's LoRA reads the activation: it is kept
+                a = ops.silu_mul(gu)
                 d = ops.linear(a, L.down)
-                lv = self._lora_shrink(a, li, ("down_proj",), lora, table, ready)
-                self._lora_expand(d[:, self._row_cols], a, lv, li, ("down_proj",), lora, table)
+                self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
             else:
                 d = ops.silu_mul_linear(gu, L.down)
             d = self.tp.all_reduce(d)
