@@ -31,8 +31,6 @@ program lets it scale the fp32 accumulator's columns once at the end.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -102,36 +100,11 @@ def _load_rows(ptrs, mask, QUANT: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
-# QUANT: 0 model-dtype rows; int8 rows, dequantized by integer ops (1: portable, what the CPU
-# interpreter runs) or by PTX byte permutes (2: CUDA). See _i8_to_f16.
-I8_PORTABLE, I8_PTX = 1, 2
-# LORASERVE_I8_PTX=0 keeps the portable form on CUDA too (to compare the two on a device)
-I8_CUDA = I8_PTX if os.environ.get("LORASERVE_I8_PTX", "1") != "0" else I8_PORTABLE
-
-
 @triton.jit
-def _i8_to_f16(q, QUANT: tl.constexpr):
-    """int8 -> fp16, exact, without the int-to-float instruction (it runs at an eighth of the FP32
-    rate on the H100 and bound the decode kernels). 0x6400 | (q + 128) is the bit pattern of the
-    fp16 number 1152 + q (exponent of 1024, q + 128 in the mantissa's low byte).
-
-    On CUDA, four bytes at a time in PTX: an xor makes q + 128, two byte permutes lay each byte
-    under 0x64, and two packed subtractions take off 1152: five instructions for four weights,
-    where the portable form (sign extension, add, subtract and the casts around them) cost the
-    decode shrink about 4.7 instructions per weight in its SASS."""
-    if QUANT == 2:
-        return tl.inline_asm_elementwise(
-            "{\n"
-            ".reg .b32 u, hi, k;\n"
-            "xor.b32 u, $2, 0x80808080;\n"
-            "mov.b32 hi, 0x64646464;\n"
-            "mov.b32 k, 0x64806480;\n"
-            "prmt.b32 $0, u, hi, 0x4140;\n"
-            "prmt.b32 $1, u, hi, 0x4342;\n"
-            "sub.f16x2 $0, $0, k;\n"
-            "sub.f16x2 $1, $1, k;\n"
-            "}",
-            "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4)
+def _i8_to_f16(q):
+    """int8 -> fp16, exact, in integer ops: 0x6480 + q is the bit pattern of the fp16 number
+    1152 + q (exponent of 1024, q + 128 in the mantissa). The int-to-float conversion instruction
+    runs at an eighth of the FP32 rate on the H100: on every weight it bound the decode kernels."""
     h = (q.to(tl.int16) + tl.full(q.shape, 0x6480, tl.int16)).to(tl.float16, bitcast=True)
     return h - tl.full(q.shape, 1152.0, tl.float16)
 
@@ -140,15 +113,15 @@ def _i8_to_f16(q, QUANT: tl.constexpr):
 def _rows_f32(w, QUANT: tl.constexpr):
     """A loaded tile of rows in fp32 (int8 rows still unscaled)."""
     if QUANT:
-        return _i8_to_f16(w, QUANT).to(tl.float32)
+        return _i8_to_f16(w).to(tl.float32)
     return w.to(tl.float32)
 
 
 @triton.jit
-def _dequant(q, scale, dtype: tl.constexpr, QUANT: tl.constexpr):
+def _dequant(q, scale, dtype: tl.constexpr):
     """An int8 tile times its rows' scales (``scale`` already broadcast along the rows' axis), in
     ``dtype`` for tl.dot."""
-    return (_i8_to_f16(q, QUANT).to(tl.float32) * scale).to(dtype)
+    return (_i8_to_f16(q).to(tl.float32) * scale).to(dtype)
 
 
 _SMS: dict = {}
@@ -324,7 +297,7 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr
                 # A^T tile [BLOCK_K, BLOCK_R]
                 at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & rmask[None, :], QUANT)
                 if QUANT:
-                    at = _dequant(at, rs[None, :], xt.dtype, QUANT)
+                    at = _dequant(at, rs[None, :], xt.dtype)
                 if IEEE:
                     acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
                 else:
@@ -379,7 +352,7 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
             # B^T tile [BLOCK_K, BLOCK_N]
             bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
             if QUANT:
-                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype, QUANT)
+                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
             if IEEE:
                 part = tl.dot(vt.to(tl.float32), bt.to(tl.float32), part, input_precision="ieee")
             else:
@@ -442,7 +415,7 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
         # A^T tile [BLOCK_K, BLOCK_N]
         at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
-            at = _i8_to_f16(at, QUANT)     # exact: the scales come after the dot
+            at = _i8_to_f16(at)     # exact: the scales come after the dot
         if IEEE:
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -502,7 +475,7 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
         # B^T tile [BLOCK_K, BLOCK_N]
         bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
-            bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype, QUANT)
+            bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
         if IEEE:
             acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -538,13 +511,12 @@ def _decode_tiles(kind: str, quant: bool, T: int) -> dict:
     return TUNE[f"{kind}_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else f"{kind}_decode"]
 
 
-def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-    """(QUANT: 0 or how int8 rows are dequantized, the scale pointer a launch passes: the row
-    scales, or any tensor when unused)."""
+def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
+    """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
     if flat.dtype != torch.int8:
-        return 0, rows
+        return False, rows
     assert row_scale is not None, "int8 adapter rows need their row_scale"
-    return (I8_CUDA if flat.is_cuda else I8_PORTABLE), row_scale
+    return True, row_scale
 
 
 def _modules(meta: torch.Tensor) -> torch.Tensor:
