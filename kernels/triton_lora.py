@@ -167,8 +167,7 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
-                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PREFETCH: tl.constexpr):
+                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     rt = tl.program_id(1)
     mod = tl.program_id(2)
@@ -195,31 +194,12 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
-    if PREFETCH:
-        # The loop's loads do not feed tl.dot, so the compiler does not pipeline them: each
-        # iteration would wait a full memory latency. Load tile k + 1 before the FMAs on tile k,
-        # so two tiles are in flight per warp. The prefetch past the last tile wraps to tile 0
-        # (in bounds, cached, never used).
-        xv = tl.load(x_row + offs_k * sx1, mask=offs_k < d_in, other=0.0)
-        a = _load_rows(flat_ptr + roff[:, None] + offs_k[None, :], rmask[:, None] & (offs_k < d_in)[None, :], QUANT)
-        for k0 in range(0, d_in, BLOCK_K):
-            k1 = k0 + BLOCK_K
-            k1 = tl.where(k1 < d_in, k1, 0)
-            kn = k1 + offs_k
-            knmask = kn < d_in
-            xn = tl.load(x_row + kn * sx1, mask=knmask, other=0.0)
-            an = _load_rows(flat_ptr + roff[:, None] + kn[None, :], rmask[:, None] & knmask[None, :], QUANT)
-            acc += _rows_f32(a, QUANT) * xv.to(tl.float32)[None, :]
-            xv = xn
-            a = an
-    else:
-        for k0 in range(0, d_in, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < d_in
-            xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-            a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT),
-                          QUANT)
-            acc += a * xv[None, :]
+    for k0 in range(0, d_in, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < d_in
+        xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
+        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
+        acc += a * xv[None, :]
     out = tl.sum(acc, axis=1)
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
@@ -594,8 +574,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         grid = (T, triton.cdiv(R, BLOCK_R), M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
-                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    PREFETCH=cfg.get("PREFETCH", True), num_warps=cfg["num_warps"],
+                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
