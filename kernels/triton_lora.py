@@ -55,6 +55,8 @@ TUNE = {
     # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3),
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
+    # Each decode family also takes ACC_1D (default False): reduce every tile as it is loaded
+    # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel).
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -167,7 +169,8 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
-                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          ACC_1D: tl.constexpr):
     t = tl.program_id(0)
     rt = tl.program_id(1)
     mod = tl.program_id(2)
@@ -192,15 +195,21 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    # ACC_1D: reduce each tile as it comes (shuffles every iteration) instead of keeping a
+    # [BLOCK_R, BLOCK_K] fp32 accumulator. Fewer registers (sm_90 SASS, 8x256 int8 tile: 64 vs
+    # 126), so more warps per SM and more loads in flight. Not yet measured on a device.
+    acc = tl.zeros([BLOCK_R] if ACC_1D else [BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
     for k0 in range(0, d_in, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
         a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
-        acc += a * xv[None, :]
-    out = tl.sum(acc, axis=1)
+        if ACC_1D:
+            acc += tl.sum(a * xv[None, :], axis=1)
+        else:
+            acc += a * xv[None, :]
+    out = acc if ACC_1D else tl.sum(acc, axis=1)
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
@@ -209,7 +218,8 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
-                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ACC_1D: tl.constexpr):
     t = tl.program_id(0)
     nt = tl.program_id(1)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
@@ -230,7 +240,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N] if ACC_1D else [BLOCK_R, BLOCK_N], dtype=tl.float32)   # ACC_1D: see the shrink
     for j0 in range(0, rank, BLOCK_R):
         jj = j0 + offs_r
         jmask = jj < rank
@@ -242,8 +252,11 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
         b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
                       QUANT)
-        acc += b * vj[:, None]
-    delta = tl.sum(acc, axis=0) * s
+        if ACC_1D:
+            acc += tl.sum(b * vj[:, None], axis=0)
+        else:
+            acc += b * vj[:, None]
+    delta = (acc if ACC_1D else tl.sum(acc, axis=0)) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -574,7 +587,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         grid = (T, triton.cdiv(R, BLOCK_R), M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
-                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
+                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+                                    ACC_1D=cfg.get("ACC_1D", False), num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
@@ -649,7 +663,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         grid = (T, triton.cdiv(w_max, BLOCK_N), M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
-                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=cfg["num_warps"],
+                                    ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+                                    ACC_1D=cfg.get("ACC_1D", False), num_warps=cfg["num_warps"],
                                     num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]

@@ -350,6 +350,21 @@ def test_int8_decode_tiles_at_any_batch_size(small_tiles_from, monkeypatch):
                 2e-3, gen, adapter_dtype=torch.int8)
 
 
+@ADAPTER_DTYPES
+def test_decode_tiles_reduced_as_they_load(adapter_dtype, monkeypatch):
+    """The decode schedule's ACC_1D variant (each tile reduced as it is loaded, a TUNE key) gives
+    the reference's result, with base tokens, mixed ranks and a rank-0 module in the batch."""
+    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+    gen = torch.Generator().manual_seed(91)
+    ranks = [8, 16, 32, 12]
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
+            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
+    pick = [(i * 7) % 5 - 1 for i in range(13)]
+    _check_lora(TINY, torch.float16, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
+                2e-3, gen, adapter_dtype=adapter_dtype)
+
+
 def test_int8_rows_stay_within_their_quantization_error():
     """int8 rows (opt-in): each element within half a step of the weight it stores, a zero row
     stays zero, and a LoRA delta over a mixed batch is within 1% of the unquantized adapter's.
