@@ -782,3 +782,22 @@ def test_gpu_attention(dtype, cfg):
     _check_attn(cfg, dtype, [1] * 6, [1, 17, 300, 1024, 2000, 64], 0, tol, gen, block_tokens=16)   # decode
     _check_attn(cfg, dtype, [1, 1], [4000, 3000], 0, tol, gen, block_tokens=16)                   # split decode
     _check_attn(cfg, dtype, [512, 1, 100, 333], [512, 700, 1000, 333], 0, tol, gen, block_tokens=16)  # prefill
+
+
+def test_register_report_sees_what_the_1d_accumulator_saves():
+    """benchmarks/kernel_registers.py compiles decode tiles for sm_90 without a GPU: the int8
+    shrink tile's [BLOCK_R, BLOCK_K] fp32 accumulator costs registers that ACC_1D gives back.
+    (A subprocess: here the kernels may be loaded for the interpreter, which compiles nothing.)"""
+    import pathlib
+    import subprocess
+    import sys
+
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("Triton's cuobjdump is not installed")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_registers.py"), "--tiles", "shrink:8x256w1"],
+                         capture_output=True, text=True, env=env, check=True, timeout=300).stdout
+    rows = {(r[1], r[3]): (int(r[4]), int(r[5])) for r in (line.split() for line in out.splitlines()[1:])}
+    (full_regs, full_warps), (regs, warps) = rows[("int8", "False")], rows[("int8", "True")]
+    assert regs < full_regs and warps > full_warps, out
