@@ -341,13 +341,17 @@ def test_int8_decode_tiles_at_any_batch_size(small_tiles_from, monkeypatch):
     """int8 rows take one-warp decode tiles from INT8_SMALL_TILES_MIN_T tokens up and the fp16
     tiles below it: both against the reference, with base tokens and rank-0 modules mixed in."""
     monkeypatch.setattr(tlora, "INT8_SMALL_TILES_MIN_T", small_tiles_from)
-    gen = torch.Generator().manual_seed(90)
+    _check_decode_mix(90, torch.int8)
+
+
+def _check_decode_mix(seed: int, adapter_dtype) -> None:
+    """13 decode tokens over 4 adapters of mixed ranks, base tokens and a rank-0 module, fp16."""
     ranks = [8, 16, 32, 12]
     mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
             ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
     pick = [(i * 7) % 5 - 1 for i in range(13)]
     _check_lora(TINY, torch.float16, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
-                2e-3, gen, adapter_dtype=torch.int8)
+                2e-3, torch.Generator().manual_seed(seed), adapter_dtype=adapter_dtype)
 
 
 @ADAPTER_DTYPES
@@ -356,13 +360,7 @@ def test_decode_tiles_reduced_as_they_load(adapter_dtype, monkeypatch):
     the reference's result, with base tokens, mixed ranks and a rank-0 module in the batch."""
     for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
-    gen = torch.Generator().manual_seed(91)
-    ranks = [8, 16, 32, 12]
-    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "gate_proj", "v_proj"),
-            ("q_proj", "gate_proj", "down_proj"), ("q_proj",)]
-    pick = [(i * 7) % 5 - 1 for i in range(13)]
-    _check_lora(TINY, torch.float16, [1] * len(pick), pick, ranks, mods, ("q_proj", "gate_proj", "down_proj"), 1,
-                2e-3, gen, adapter_dtype=adapter_dtype)
+    _check_decode_mix(91, adapter_dtype)
 
 
 def test_int8_rows_stay_within_their_quantization_error():
