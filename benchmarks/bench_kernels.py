@@ -510,13 +510,18 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
                   [(16, 128, 4), (16, 64, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (32, 64, 4), (64, 128, 8)]],
                  ex, check_lora("expand"))
             continue
+        # ACC_1D: tiles reduced as they load (fewer registers, more warps per SM; see
+        # benchmarks/kernel_registers.py), which makes the larger tiles worth timing again
         tune("shrink_decode", tlora.TUNE, key,
-             [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3) for br, bk, nw in
-              [(16, 512, 4), (8, 1024, 4), (8, 512, 4), (8, 512, 2), (16, 1024, 4), (8, 2048, 8), (16, 256, 4), (8, 1024, 8)]],
+             [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3, ACC_1D=acc) for br, bk, nw, acc in
+              [(16, 512, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (8, 512, 2, False), (16, 1024, 4, False),
+               (8, 2048, 8, False), (16, 256, 4, False), (8, 1024, 8, False), (8, 1024, 4, True), (8, 256, 1, True),
+               (16, 1024, 4, True), (8, 2048, 4, True)]],
              sh, check_lora("shrink"))
         tune("expand_decode", tlora.TUNE, key,
-             [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw, num_stages=3) for br, bn, nw in
-              [(16, 512, 4), (16, 256, 2), (16, 1024, 4), (8, 512, 4), (16, 256, 4), (32, 256, 4), (8, 256, 2)]],
+             [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw, num_stages=3, ACC_1D=acc) for br, bn, nw, acc in
+              [(16, 512, 4, False), (16, 256, 2, False), (16, 1024, 4, False), (8, 512, 4, False), (16, 256, 4, False),
+               (32, 256, 4, False), (8, 256, 2, False), (16, 256, 2, True), (32, 128, 2, True), (16, 512, 4, True)]],
              ex, check_lora("expand"))
     if pool is not None and "prefill_lora" in only:
         cases = _lora_cases(pool, table, ranks, dtype, dev, "prefill")
