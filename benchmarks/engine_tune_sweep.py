@@ -1,0 +1,70 @@
+"""Engine decode step under several kernel tile variants, one device call: each variant runs
+``benchmarks/bench_engine.py`` in its own process with ``LORASERVE_KERNEL_TUNE`` pointing at its
+overrides, and the table compares their LoRA overheads (each against the base step of its own
+run, so the ratios stand beside each other).
+
+    python benchmarks/engine_tune_sweep.py --variants benchmarks/tune/decode-acc1d.json --out DIR \\
+        -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 10 --context 256 \\
+           --pool-gb 54 --adapter-dtype int8
+
+The variants file maps a name to a TUNE override (``{"lora": {family: {...}}}``); ``{}`` is the
+committed tiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", required=True, help="JSON: {name: TUNE override}")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench_engine.py's arguments")
+    args = ap.parse_args()
+    bench_args = [a for a in args.bench_args if a != "--"]
+    variants = json.loads(pathlib.Path(args.variants).read_text())
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for i, (name, override) in enumerate(variants.items()):
+        vdir = out / name
+        env = dict(os.environ)
+        env.pop("LORASERVE_KERNEL_TUNE", None)
+        if override:
+            tune = out / f"{name}.tune.json"
+            tune.write_text(json.dumps(override))
+            env["LORASERVE_KERNEL_TUNE"] = str(tune)
+        print(f"[{i + 1}/{len(variants)}] {name}: {json.dumps(override)}", flush=True)
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), *bench_args, "--out", str(vdir)]
+        try:
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  {name}: timed out after {args.timeout:.0f} s", flush=True)
+            continue
+        (out / f"{name}.log").write_text(run.stdout + run.stderr)
+        results = sorted(vdir.glob("engine-*.json"))
+        if run.returncode != 0 or not results:
+            print(f"  {name}: failed (exit {run.returncode}), see {name}.log", flush=True)
+            continue
+        for row in json.loads(results[0].read_text())["rows"]:
+            modes = [k[:-len("_overlapped_ms")] for k in row if k.endswith("_overlapped_ms") and k != "base_overlapped_ms"]
+            for mode in modes:
+                base, lora = row["base_overlapped_ms"], row[f"{mode}_overlapped_ms"]
+                table.append((name, row["batch"], mode, base, lora, lora / base - 1))
+                print(f"  batch {row['batch']} {mode}: {lora:.2f} ms vs base {base:.2f} ({lora / base - 1:+.1%})", flush=True)
+    lines = ["| variant | batch | mode | base ms | LoRA ms | overhead |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {n} | {b} | {m} | {base:.2f} | {lora:.2f} | {ov:+.1%} |" for n, b, m, base, lora, ov in table]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The engine benchmark and its tile-sweep driver run end to end on the CPU (tiny shape, the
+pure-torch kernels), so the commands the device calls use do not rot between device sessions."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
+    variants = {"committed": {}, "acc1d": {"lora": {"shrink_decode": {"ACC_1D": True}}}}
+    vfile = tmp_path / "variants.json"
+    vfile.write_text(json.dumps(variants))
+    out = tmp_path / "sweep"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_tune_sweep.py"), "--variants", str(vfile),
+                          "--out", str(out), "--", "--shape", "tiny", "--batches", "2", "--adapters", "2",
+                          "--steps", "2", "--context", "16", "--pool-gb", "0.01"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in (out / "sweep.md").read_text().splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["committed", "acc1d"]
+    for r in rows:
+        base, lora = float(r[3]), float(r[4])
+        assert base > 0 and lora > 0
+    # the override reached the benchmark process as a file; the committed variant ran without one
+    assert json.loads((out / "acc1d.tune.json").read_text()) == variants["acc1d"]
+    assert not (out / "committed.tune.json").exists()
+    meta = json.loads(next((out / "acc1d").glob("engine-*.json")).read_text())["meta"]
+    assert meta["shape"] == "tiny" and meta["adapters"] == 2
