@@ -202,6 +202,7 @@ class PoolStats:
     free_pages: int = 0
     page_bytes: int = 0
     block_tokens: int = 0
+    adapter_dtype: str = ""      # adapter rows: the model's dtype, or "int8" (a scale per row)
 
 
 @dataclass
@@ -269,7 +270,7 @@ class EngineStats:
     def from_pb(cls, m: pb.EngineStats) -> "EngineStats":
         p = m.pool
         return cls(pool=PoolStats(p.total_pages, p.kv_pages, p.adapter_pages, p.free_pages, p.page_bytes,
-                                  p.block_tokens),
+                                  p.block_tokens, p.adapter_dtype),
                    running=m.running, waiting=m.waiting, resident_adapters=list(m.resident_adapters),
                    cached_adapters=list(m.cached_adapters), steps=m.steps,
                    generated_tokens=m.generated_tokens, preemptions=m.preemptions, model=m.model,

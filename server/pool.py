@@ -44,6 +44,7 @@ class PoolStats:
     free_pages: int
     page_bytes: int
     block_tokens: int
+    adapter_dtype: str = ""
 
 
 class UnifiedPool:
@@ -101,7 +102,8 @@ class UnifiedPool:
 
     def stats(self) -> PoolStats:
         return PoolStats(self.num_pages, self.kv_pages, self.adapter_pages, self.free_pages,
-                         self.page_elems * self.data.element_size(), self.block_tokens)
+                         self.page_elems * self.data.element_size(), self.block_tokens,
+                         str(self.adapter_dtype).removeprefix("torch."))
 
     # -- KV view ---------------------------------------------------------------------------
     def kv_view(self) -> torch.Tensor:

@@ -203,7 +203,8 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             s = e.pool.stats()
             return pb.EngineStats(
                 pool=pb.PoolStats(total_pages=s.total_pages, kv_pages=s.kv_pages, adapter_pages=s.adapter_pages,
-                                  free_pages=s.free_pages, page_bytes=s.page_bytes, block_tokens=s.block_tokens),
+                                  free_pages=s.free_pages, page_bytes=s.page_bytes, block_tokens=s.block_tokens,
+                                  adapter_dtype=s.adapter_dtype),
                 running=len(e.scheduler.running), waiting=len(e.scheduler.waiting),
                 resident_adapters=[a for a, r in e.adapters.resident.items() if not r.stale],
                 cached_adapters=e.adapters.cached_ids(), steps=e.stats.steps,

@@ -198,6 +198,31 @@ def test_health_and_stats(server, capsys):
     s = json.loads(out)
     assert rc == 0 and s["pool"]["total_pages"] > 0 and s["model"]
     assert s["weight_bytes"] > 0 and s["decode_steps"] >= 2 and s["decode_tokens"] >= s["decode_steps"]
+    assert s["pool"]["adapter_dtype"] == s["dtype"]
+    rc, out, err = run(capsys, *t, "stats")
+    assert f"adapter rows {s['dtype']}" in out     # rows in the model's dtype unless --adapter-dtype int8
+
+
+def test_int8_adapter_rows_from_the_serve_flag_to_stats(tmp_path, capsys):
+    """`serve --adapter-dtype int8`: the pool stores adapter rows as int8, an adapter's request
+    generates through them, and `stats` (text and JSON) says how rows are stored."""
+    from server.demo import DEMO_CONFIG
+    from tests.helpers import ServerThread, make_adapter
+
+    a = make_adapter(tmp_path / "alpha", DEMO_CONFIG, 8, 16, ["q_proj", "v_proj"], seed=21)
+    srv = ServerThread(["--data-dir", str(tmp_path / "data"), "--adapter", f"alpha={a}", "--pool-mb", "16",
+                        "--adapter-dtype", "int8"])
+    try:
+        t = ["--target", srv.target]
+        rc, out, err = run(capsys, *t, "generate", "--adapter", "alpha", "--max-new-tokens", "3", "--token-ids", "5,6,7")
+        assert rc == 0, err
+        assert srv.engine.pool.quantized and srv.engine.adapters.resident["alpha"].pages > 0
+        rc, out, err = run(capsys, *t, "stats")
+        assert rc == 0 and "adapter rows int8 with a scale per row" in out
+        rc, out, err = run(capsys, *t, "stats", "--json")
+        assert json.loads(out)["pool"]["adapter_dtype"] == "int8"
+    finally:
+        srv.stop()
 
 
 def test_list_get(server, capsys):

@@ -239,20 +239,22 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("total_pages", "kv_pages", "adapter_pages", "free_pages", "page_bytes", "block_tokens")
+    __slots__ = ("total_pages", "kv_pages", "adapter_pages", "free_pages", "page_bytes", "block_tokens", "adapter_dtype")
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     total_pages: int
     kv_pages: int
     adapter_pages: int
     free_pages: int
     page_bytes: int
     block_tokens: int
-    def __init__(self, total_pages: _Optional[int] = ..., kv_pages: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
+    adapter_dtype: str
+    def __init__(self, total_pages: _Optional[int] = ..., kv_pages: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., free_pages: _Optional[int] = ..., page_bytes: _Optional[int] = ..., block_tokens: _Optional[int] = ..., adapter_dtype: _Optional[str] = ...) -> None: ...
 
 class EngineStats(_message.Message):
     __slots__ = ("pool", "running", "waiting", "resident_adapters", "cached_adapters", "steps", "generated_tokens", "preemptions", "model", "device", "dtype", "vocab_size", "max_model_len", "decode_steps", "decode_tokens", "decode_adapters", "decode_adapter_bytes", "weight_bytes", "adapter_loads", "adapter_preloads", "busy_seconds", "host_seconds", "device_seconds", "prefill_steps", "prefill_tokens", "graph_steps", "gpu_seconds")
