@@ -80,6 +80,24 @@ def hf_reference(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prom
     return toks, lps
 
 
+def hf_scores(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: list[int],
+              tokens: list[int]) -> list[tuple[float, float]]:
+    """Teacher-forced: for each of ``tokens`` after ``prompt``, (its log-probability, the best
+    token's) from transformers (+ peft) in float32. Checks output that may leave the greedy path
+    at a near-tie (quantized weights): each token must be near-best and near its reference score."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
+    lp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)], -1)
+    return [(float(lp[i, t]), float(lp[i].max())) for i, t in enumerate(tokens)]
+
+
 def run_engine(engine, requests, timeout: float = 120.0):
     """Submit requests to a started engine; wait until all finish; return their outputs."""
     import time

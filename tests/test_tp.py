@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from server.lora import load_peft_dir
 from server.request import Request
 from server.runtime import EngineConfig, build_engine
-from tests.helpers import ADAPTER_SPECS, make_adapter, make_model, run_engine
+from tests.helpers import ADAPTER_SPECS, hf_scores, make_adapter, make_model, run_engine
 from tests.test_engine import greedy, mixed_requests
 
 NAMES = ["attn", "", "full", "qv", "wide", "full", "attn"]
@@ -26,21 +26,21 @@ def _requests():
     return reqs
 
 
-def _start(model_dir, adapters, tp=None):
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4), tp=tp)
+def _start(model_dir, adapters, tp=None, adapter_dtype="auto"):
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4, adapter_dtype=adapter_dtype), tp=tp)
     for name, path in adapters.items():
         engine.adapters.add_weights(load_peft_dir(name, path, engine.cfg))
     return engine
 
 
-def _worker(rank, world, port, model_dir, adapters, results):
+def _worker(rank, world, port, model_dir, adapters, results, adapter_dtype="auto"):
     import torch.distributed as dist
 
     from server.tp import TP
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        engine = _start(model_dir, adapters, TP(rank, world))
+        engine = _start(model_dir, adapters, TP(rank, world), adapter_dtype)
         if rank == 0:
             reqs = _requests()
             for r in reqs:
@@ -58,7 +58,12 @@ def _worker(rank, world, port, model_dir, adapters, results):
 
 
 @pytest.mark.timeout(600)
-def test_two_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("adapter_dtype", ["auto", "int8"])
+def test_two_ranks_match_single_process(tmp_path, adapter_dtype):
+    """Against the single-process fp32 engine: the same tokens, log-probabilities within 1e-3.
+    With int8 rows each rank quantizes its own shard of every row, which the single-process int8
+    engine does not, so the check is int8's against transformers + peft: every token within 3e-2
+    of its reference score, and each greedy token within 3e-2 of the best one."""
     from adapter_store.services import free_port
 
     model_dir = make_model(tmp_path / "m")
@@ -75,7 +80,8 @@ def test_two_ranks_match_single_process(tmp_path):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, model_dir, adapters, results)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, model_dir, adapters, results, adapter_dtype))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -83,9 +89,21 @@ def test_two_ranks_match_single_process(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     outs = results.get()
     _, kv_pages, adapter_pages = results.get()
-    for rid, (toks, lps, _) in ref.items():
-        assert outs[rid][0] == toks, rid
-        assert max(abs(a - b) for a, b in zip(outs[rid][1], lps)) < 1e-3
+    if adapter_dtype == "int8":
+        # int8 rows may leave the fp32 path at a near-tie (the single-process int8 engine does
+        # too on these weights): score the ranks' tokens under transformers + peft instead
+        reqs = {r.request_id: r for r in _requests()}
+        for rid, (toks, lps) in outs.items():
+            r = reqs[rid]
+            scores = hf_scores(model_dir, adapters.get(r.adapter_id), r.prompt_ids, toks)
+            for lp, (ref_lp, best) in zip(lps, scores):
+                assert abs(lp - ref_lp) < 3e-2, (rid, lp, ref_lp)
+                if r.params.temperature == 0:
+                    assert best - ref_lp < 3e-2, (rid, "greedy token is not near-best", best, ref_lp)
+    else:
+        for rid, (toks, lps, _) in ref.items():
+            assert outs[rid][0] == toks, rid
+            assert max(abs(a - b) for a, b in zip(outs[rid][1], lps)) < 1e-3
     assert kv_pages == 0 and adapter_pages > 0
 
 
