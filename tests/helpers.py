@@ -57,16 +57,21 @@ def make_adapter(path: pathlib.Path, model_cfg: dict, rank: int, alpha: float, t
     return path
 
 
-def hf_reference(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: list[int],
-                 n_new: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-probabilities from transformers (+ peft) in float32."""
+def _hf_model(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None):
+    """The reference: transformers (+ peft for an adapter) in float32, eval mode."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    return model.eval()
+
+
+def hf_reference(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt: list[int],
+                 n_new: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probabilities from transformers (+ peft) in float32."""
+    model = _hf_model(model_dir, adapter_dir)
     ids = torch.tensor([prompt])
     toks, lps = [], []
     with torch.no_grad():
@@ -85,13 +90,7 @@ def hf_scores(model_dir: pathlib.Path, adapter_dir: pathlib.Path | None, prompt:
     """Teacher-forced: for each of ``tokens`` after ``prompt``, (its log-probability, the best
     token's) from transformers (+ peft) in float32. Checks output that may leave the greedy path
     at a near-tie (quantized weights): each token must be near-best and near its reference score."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    model = _hf_model(model_dir, adapter_dir)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
     lp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)], -1)
