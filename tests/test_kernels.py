@@ -719,6 +719,25 @@ def test_gpu_lora_llama7b(dtype, decode, adapter_dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @ADAPTER_DTYPES
+def test_gpu_decode_acc_1d_llama7b(dtype, adapter_dtype, monkeypatch):
+    """The ACC_1D decode tiles (a TUNE key) at Llama-7B shapes, 80 tokens: int8 rows take their
+    own tiles from 64 tokens, so both tile families run."""
+    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+    gen = torch.Generator().manual_seed(22)
+    ranks = [8, 16, 32, 64, 128, 24]
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "down_proj")]
+    pick = [(i % 7) - 1 for i in range(80)]
+    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
+    _check_lora(LLAMA7B, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
+                tol, gen, block_tokens=16, adapter_dtype=adapter_dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@ADAPTER_DTYPES
 def test_gpu_lora_grouped_llama7b(dtype, adapter_dtype):
     """Grouped decode at Llama-7B shapes: 200 tokens sorted by adapter, runs of uneven length."""
     gen = torch.Generator().manual_seed(23)
