@@ -196,8 +196,9 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
     # ACC_1D: reduce each tile as it comes (shuffles every iteration) instead of keeping a
-    # [BLOCK_R, BLOCK_K] fp32 accumulator. Fewer registers (sm_90 SASS, 8x256 int8 tile: 64 vs
-    # 126), so more warps per SM and more loads in flight. Not yet measured on a device.
+    # [BLOCK_R, BLOCK_K] fp32 accumulator. Fewer registers (sm_90, Triton 3.6, 8x256 int8 tile: 61 vs
+    # 123; benchmarks/kernel_registers.py), so more warps per SM and more loads in flight. Not yet
+    # measured on a device.
     acc = tl.zeros([BLOCK_R] if ACC_1D else [BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
     for k0 in range(0, d_in, BLOCK_K):
