@@ -14,6 +14,7 @@ import argparse
 import json
 import pathlib
 import random
+import statistics
 import sys
 import time
 
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="timed rounds of the overlapped steps, from the same contexts; the median is reported")
     ap.add_argument("--pool-gb", type=float, default=30)
     ap.add_argument("--prefill", default="", metavar="PxL",
                     help="also time mixed steps: P prompts of L tokens (same adapter spread) beside the decode batch; "
@@ -173,18 +176,27 @@ def main() -> None:
 
     def time_overlapped(reqs) -> float:
         """Wall ms per decode step as the serving loop runs them: step N+1 is launched before
-        step N's tokens are read, so the host's work per step overlaps the device's."""
+        step N's tokens are read, so the host's work per step overlaps the device's. With
+        --rounds R, the median of R rounds, each from the same contexts (so a stray slow round
+        does not move a ratio, and later rounds do not read longer contexts)."""
         run = lambda: engine._overlap(Step([], list(reqs)))  # noqa: E731
         for _ in range(3):
             run()
         engine._overlap(Step([], []))    # reads the last one
         sync()
-        w0 = time.perf_counter()
-        for _ in range(args.steps):
-            run()
-        engine._overlap(Step([], []))
-        sync()
-        return (time.perf_counter() - w0) * 1e3 / args.steps
+        start = [(r, len(r.output_ids), r.num_computed) for r in reqs]
+        rounds = []
+        for _ in range(args.rounds):
+            for r, n_out, done in start:     # back to the same contexts
+                del r.output_ids[n_out:]
+                r.num_computed = done
+            w0 = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            engine._overlap(Step([], []))
+            sync()
+            rounds.append((time.perf_counter() - w0) * 1e3 / args.steps)
+        return statistics.median(rounds)
 
     def mixed_step(prefills, decodes):
         """A step that prefills every prompt again beside the decode batch."""

@@ -4,7 +4,7 @@ overrides, and the table compares their LoRA overheads (each against the base st
 run, so the ratios stand beside each other).
 
     python benchmarks/engine_tune_sweep.py --variants benchmarks/tune/decode-acc1d.json --out DIR \\
-        -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 10 --context 256 \\
+        -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 10 --rounds 3 --context 256 \\
            --pool-gb 54 --adapter-dtype int8
 
 The variants file maps a name to a TUNE override (``{"lora": {family: {...}}}``); ``{}`` is the

@@ -17,7 +17,7 @@ def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
     out = tmp_path / "sweep"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_tune_sweep.py"), "--variants", str(vfile),
                           "--out", str(out), "--", "--shape", "tiny", "--batches", "2", "--adapters", "2",
-                          "--steps", "2", "--context", "16", "--pool-gb", "0.01"],
+                          "--steps", "2", "--rounds", "2", "--context", "16", "--pool-gb", "0.01"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in (out / "sweep.md").read_text().splitlines()[2:]]
