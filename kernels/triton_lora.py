@@ -126,6 +126,26 @@ def _dequant(q, scale, dtype: tl.constexpr):
     return (_i8_to_f16(q).to(tl.float32) * scale).to(dtype)
 
 
+@triton.jit
+def _accumulate(acc, prod, AXIS: tl.constexpr, ACC_1D: tl.constexpr):
+    """acc += a tile's products; ACC_1D: reduced along AXIS now (see _shrink_decode_kernel)."""
+    if ACC_1D:
+        out = acc + tl.sum(prod, axis=AXIS)
+    else:
+        out = acc + prod
+    return out
+
+
+@triton.jit
+def _total(acc, AXIS: tl.constexpr, ACC_1D: tl.constexpr):
+    """The accumulator reduced along AXIS (already, with ACC_1D)."""
+    if ACC_1D:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=AXIS)
+    return out
+
+
 _SMS: dict = {}
 
 
@@ -206,11 +226,8 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
         a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
-        if ACC_1D:
-            acc += tl.sum(a * xv[None, :], axis=1)
-        else:
-            acc += a * xv[None, :]
-    out = acc if ACC_1D else tl.sum(acc, axis=1)
+        acc = _accumulate(acc, a * xv[None, :], 1, ACC_1D)
+    out = _total(acc, 1, ACC_1D)
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
@@ -253,11 +270,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
         b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
                       QUANT)
-        if ACC_1D:
-            acc += tl.sum(b * vj[:, None], axis=0)
-        else:
-            acc += b * vj[:, None]
-    delta = (acc if ACC_1D else tl.sum(acc, axis=0)) * s
+        acc = _accumulate(acc, b * vj[:, None], 0, ACC_1D)
+    delta = _total(acc, 0, ACC_1D) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 

@@ -98,7 +98,7 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...], lora: LoraBatch,
-              table: AdapterTable, pool: UnifiedPool, widths: tuple[int, ...] | None = None) -> None:
+              table: AdapterTable, widths: tuple[int, ...] | None = None) -> None:
         """y += LoRA deltas of ``modules`` (adjacent in TARGET_MODULES, all reading x), whose
         outputs are adjacent column ranges of y of the given widths (one module: all of y): one shrink and one expand
         launch for the group (q/k/v; gate/up), where one per module costs launches and, in eager
@@ -106,7 +106,7 @@ class LlamaModel:
         if self.tp.enabled:
             off = 0
             for m, w in zip(modules, widths or (y.shape[1],)):
-                self._lora_tp(y[:, off:off + w], x, layer, m, lora, table, pool)
+                self._lora_tp(y[:, off:off + w], x, layer, m, lora, table)
                 off += w
             return
         i = M_IDX[modules[0]]
@@ -118,7 +118,7 @@ class LlamaModel:
                                  widths if len(modules) > 1 else None, table.row_scale)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
-                 table: AdapterTable, pool: UnifiedPool) -> None:
+                 table: AdapterTable) -> None:
         """One module under tensor parallelism (A is split by rank or by input: a collective sits
         between shrink and expand, so modules are not fused)."""
         meta = table.meta[:, layer, M_IDX[module]]
@@ -150,21 +150,21 @@ class LlamaModel:
         for li, L in enumerate(self.layers):
             qkv = ops.linear(h, L.qkv, L.qkv_bias)
             if use_lora:
-                self._lora(qkv, h, li, QKV, lora, table, pool, (qw, kw, kw))
+                self._lora(qkv, h, li, QKV, lora, table, (qw, kw, kw))
             q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
             out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
-                self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table, pool)
+                self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table)
             # the residual add and the next norm are one kernel (x is updated in place)
             h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
             gu = ops.linear(h, L.gate_up)
             if mlp_lora:
-                self._lora(gu, h, li, GATE_UP, lora, table, pool, (I, I))
+                self._lora(gu, h, li, GATE_UP, lora, table, (I, I))
             if mlp_lora:     # down_proj's LoRA reads the activation: it is kept
                 a = ops.silu_mul(gu)
                 d = ops.linear(a, L.down)
-                self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table, pool)
+                self._lora(d[:, self._row_cols], a, li, ("down_proj",), lora, table)
             else:
                 d = ops.silu_mul_linear(gu, L.down)
             d = self.tp.all_reduce(d)

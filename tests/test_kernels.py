@@ -354,12 +354,17 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
                 2e-3, torch.Generator().manual_seed(seed), adapter_dtype=adapter_dtype)
 
 
+def _acc_1d_tiles(monkeypatch) -> None:
+    """Every decode tile family with ACC_1D on (a TUNE key, default off)."""
+    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+
+
 @ADAPTER_DTYPES
 def test_decode_tiles_reduced_as_they_load(adapter_dtype, monkeypatch):
     """The decode schedule's ACC_1D variant (each tile reduced as it is loaded, a TUNE key) gives
     the reference's result, with base tokens, mixed ranks and a rank-0 module in the batch."""
-    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
-        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+    _acc_1d_tiles(monkeypatch)
     _check_decode_mix(91, adapter_dtype)
 
 
@@ -722,8 +727,7 @@ def test_gpu_lora_llama7b(dtype, decode, adapter_dtype):
 def test_gpu_decode_acc_1d_llama7b(dtype, adapter_dtype, monkeypatch):
     """The ACC_1D decode tiles (a TUNE key) at Llama-7B shapes, 80 tokens: int8 rows take their
     own tiles from 64 tokens, so both tile families run."""
-    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
-        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+    _acc_1d_tiles(monkeypatch)
     gen = torch.Generator().manual_seed(22)
     ranks = [8, 16, 32, 64, 128, 24]
     allm = tuple(TARGET_MODULES)
