@@ -5,9 +5,9 @@
 #   3. q/k/v LoRA in one launch vs three (bench_kernels.py --only fused_lora)
 #   4. engine step (bench_engine.py): base vs LoRA over 256 / 16 / 1 adapters, CUDA-graph decode
 #      steps and eager mixed steps (4 prompts of 256 tokens beside the decode batch)
-#   tune-sweep (not in the default set): the engine step under each TUNE override of
-#      benchmarks/tune/decode-acc1d.json, int8 then fp16 rows (engine_tune_sweep.py, --rounds 3),
-#      then the decode tests of those variants (~9 minutes)
+#   tune-sweep (not in the default set): the engine step under each TUNE override of $VARIANTS
+#      (default benchmarks/tune/decode-pipe.json), int8 then fp16 rows (engine_tune_sweep.py,
+#      --rounds 3), then the GPU tests of the decode variants (~25 s a variant and dtype, + 1 min)
 #     OUT=/tmp/out bash benchmarks/gpu_suite.sh [kernels] [tests] [fused] [engine] [tune-sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +29,12 @@ for s in $STAGES; do
               > "$OUT/engine.log" 2>&1; echo "engine rc=$?"; tail -8 "$OUT/engine.log" ;;
     tune-sweep)
       for dt in int8 auto; do
-        timeout 270 python3 benchmarks/engine_tune_sweep.py --variants benchmarks/tune/decode-acc1d.json \
+        timeout 280 python3 benchmarks/engine_tune_sweep.py --variants "${VARIANTS:-benchmarks/tune/decode-pipe.json}" \
           --out "$OUT/sweep-$dt" -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 10 --rounds 3 \
           --context 256 --pool-gb 54 --adapter-dtype $dt > "$OUT/sweep-$dt.log" 2>&1
         echo "sweep $dt rc=$?"; grep "^|" "$OUT/sweep-$dt.log"
       done
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "acc_1d or reduced" \
-        > "$OUT/acc1d-tests.log" 2>&1; echo "acc1d tests rc=$?"; tail -2 "$OUT/acc1d-tests.log" ;;
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "variants" \
+        > "$OUT/variant-tests.log" 2>&1; echo "variant tests rc=$?"; tail -2 "$OUT/variant-tests.log" ;;
   esac
 done

@@ -27,17 +27,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import kernels.triton_lora as K  # noqa: E402
 
 REGS_PER_SM, MAX_WARPS, MAX_CTAS = 65536, 64, 32      # sm_80 / sm_90
+SMEM_PER_SM = 228 * 1024                               # sm_90
 PTR_TYPES = {"flat_ptr": None, "rows_ptr": "*i32", "meta_ptr": "*i32", "slot_ptr": "*i32", "rs_ptr": "*fp32",
              "scale_ptr": "*fp32"}
 # integer arguments the launcher specializes as multiples of 16 at Llama shapes (strides, d_in, widths)
 DIV16 = {"sx0", "sv0", "sy0", "sm0", "d_in", "W0", "W1", "W2"}
-DEFAULT_TILES = "shrink:8x256w1,shrink:8x1024w4,shrink:16x1024w4,expand:16x64w1,expand:16x256w2,expand:32x128w2"
+DEFAULT_TILES = ("shrink:8x256w1,shrink:8x256w1p3,shrink:8x1024w4,shrink:8x1024w4p3,shrink:16x1024w4,"
+                 "expand:16x64w1,expand:16x64w1p3,expand:16x256w2,expand:32x128w2")
 
 
-def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: int, acc_1d: bool, arch: int) -> bytes:
+def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: int, acc_1d: bool, arch: int,
+                 pipe: int = 1):
+    """The compiled kernel (triton's CompiledKernel: .asm, .metadata)."""
     fn = K._shrink_decode_kernel if kind == "shrink" else K._expand_decode_kernel
     quant = rows_dtype == "int8"
-    const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, ACC_1D=acc_1d,
+    const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, ACC_1D=acc_1d, PIPE=pipe,
                  **({"BLOCK_K": block_x, "sx1": 1, "sv1": 1} if kind == "shrink" else {"BLOCK_N": block_x, "sy1": 1, "sv1": 1}))
     names = fn.arg_names
     sig = {}
@@ -49,9 +53,8 @@ def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: 
         else:
             sig[n] = "i32"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in DIV16}
-    c = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=warps, num_stages=3))
-    return c.asm["cubin"]
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=3))
 
 
 def registers(cubin: bytes) -> int:
@@ -63,27 +66,34 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", out).group(1))
 
 
-def warps_per_sm(regs: int, warps: int) -> int:
+def warps_per_sm(regs: int, warps: int, smem: int = 0) -> int:
     per_warp = -(-max(regs, 24) * 32 // 256) * 256      # registers are allocated per warp in 256s
-    return min(MAX_CTAS, MAX_WARPS // warps, REGS_PER_SM // (per_warp * warps)) * warps
+    ctas = min(MAX_CTAS, MAX_WARPS // warps, REGS_PER_SM // (per_warp * warps))
+    if smem:
+        ctas = min(ctas, SMEM_PER_SM // (smem + 1024))     # the driver reserves 1 KB per CTA
+    return ctas * warps
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--tiles", default=DEFAULT_TILES, help="kind:RxKwW,... (K is BLOCK_K or BLOCK_N)")
+    ap.add_argument("--tiles", default=DEFAULT_TILES,
+                    help="kind:RxKwW[pP],... (K is BLOCK_K or BLOCK_N, P the PIPE loop stages)")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print(f"{'kernel':<8} {'rows':<5} {'tile':<12} {'ACC_1D':<7} {'registers':>9} {'warps/SM':>9}")
+    print(f"{'kernel':<8} {'rows':<5} {'tile':<12} {'ACC_1D':<7} {'registers':>9} {'smem B':>7} {'cp.async':>8} "
+          f"{'warps/SM':>9}")
     for spec in args.tiles.split(","):
         kind, tile = spec.split(":")
-        r, rest = tile.split("x")
-        x, w = rest.split("w")
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:p(\d+))?", tile)
+        r, x, w, pipe = int(m[1]), int(m[2]), int(m[3]), int(m[4] or 1)
         for rows_dtype in ("fp16", "int8"):
             for acc_1d in (False, True):
-                regs = registers(compile_tile(kind, rows_dtype, int(r), int(x), int(w), acc_1d, args.arch))
-                print(f"{kind:<8} {rows_dtype:<5} {tile:<12} {str(acc_1d):<7} {regs:>9} {warps_per_sm(regs, int(w)):>9}",
-                      flush=True)
+                c = compile_tile(kind, rows_dtype, r, x, w, acc_1d, args.arch, pipe)
+                regs, smem = registers(c.asm["cubin"]), c.metadata.shared
+                copies = len(re.findall(r"cp\.async\.c[ag]", c.asm["ptx"]))
+                print(f"{kind:<8} {rows_dtype:<5} {tile:<12} {str(acc_1d):<7} {regs:>9} {smem:>7} {copies:>8} "
+                      f"{warps_per_sm(regs, w, smem):>9}", flush=True)
 
 
 if __name__ == "__main__":

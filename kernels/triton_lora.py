@@ -190,7 +190,7 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ACC_1D: tl.constexpr):
+                          ACC_1D: tl.constexpr, PIPE: tl.constexpr):
     t = tl.program_id(0)
     rt = tl.program_id(1)
     mod = tl.program_id(2)
@@ -221,7 +221,11 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     # measured on a device.
     acc = tl.zeros([BLOCK_R] if ACC_1D else [BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
-    for k0 in range(0, d_in, BLOCK_K):
+    # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
+    # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks; without it
+    # every iteration waits a full memory latency, and a program's chain of d_in / BLOCK_K
+    # latencies, not the bytes, set the launch's time.
+    for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
@@ -237,7 +241,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ACC_1D: tl.constexpr):
+                          ACC_1D: tl.constexpr, PIPE: tl.constexpr):
     t = tl.program_id(0)
     nt = tl.program_id(1)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
@@ -259,7 +263,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
     acc = tl.zeros([BLOCK_N] if ACC_1D else [BLOCK_R, BLOCK_N], dtype=tl.float32)   # ACC_1D: see the shrink
-    for j0 in range(0, rank, BLOCK_R):
+    for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
         jmask = jj < rank
         roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
@@ -603,8 +607,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    ACC_1D=cfg.get("ACC_1D", False), num_warps=cfg["num_warps"],
-                                    num_stages=cfg.get("num_stages", 3))
+                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1),
+                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
         BLOCK_N = min(128, max(16, _p2(R)))
@@ -679,8 +683,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    ACC_1D=cfg.get("ACC_1D", False), num_warps=cfg["num_warps"],
-                                    num_stages=cfg.get("num_stages", 3))
+                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1),
+                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))

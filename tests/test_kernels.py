@@ -354,17 +354,23 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
                 2e-3, torch.Generator().manual_seed(seed), adapter_dtype=adapter_dtype)
 
 
-def _acc_1d_tiles(monkeypatch) -> None:
-    """Every decode tile family with ACC_1D on (a TUNE key, default off)."""
+# decode-schedule variants (TUNE keys of every decode tile family): each tile reduced as it is
+# loaded (ACC_1D); the loops' loads software-pipelined PIPE - 1 tiles ahead (PIPE)
+DECODE_VARIANTS = pytest.mark.parametrize("variant", [{"ACC_1D": True}, {"PIPE": 3}, {"PIPE": 4, "ACC_1D": True}],
+                                          ids=["acc1d", "pipe3", "pipe4-acc1d"])
+
+
+def _decode_variant(monkeypatch, variant: dict) -> None:
     for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
-        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ACC_1D": True})
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], **variant})
 
 
+@DECODE_VARIANTS
 @ADAPTER_DTYPES
-def test_decode_tiles_reduced_as_they_load(adapter_dtype, monkeypatch):
-    """The decode schedule's ACC_1D variant (each tile reduced as it is loaded, a TUNE key) gives
-    the reference's result, with base tokens, mixed ranks and a rank-0 module in the batch."""
-    _acc_1d_tiles(monkeypatch)
+def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch):
+    """The decode schedule's TUNE variants give the reference's result, with base tokens, mixed
+    ranks and a rank-0 module in the batch."""
+    _decode_variant(monkeypatch, variant)
     _check_decode_mix(91, adapter_dtype)
 
 
@@ -722,12 +728,13 @@ def test_gpu_lora_llama7b(dtype, decode, adapter_dtype):
 
 @gpu
 @needs_cuda
+@DECODE_VARIANTS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @ADAPTER_DTYPES
-def test_gpu_decode_acc_1d_llama7b(dtype, adapter_dtype, monkeypatch):
-    """The ACC_1D decode tiles (a TUNE key) at Llama-7B shapes, 80 tokens: int8 rows take their
+def test_gpu_decode_variants_llama7b(variant, dtype, adapter_dtype, monkeypatch):
+    """The decode schedule's TUNE variants at Llama-7B shapes, 80 tokens: int8 rows take their
     own tiles from 64 tokens, so both tile families run."""
-    _acc_1d_tiles(monkeypatch)
+    _decode_variant(monkeypatch, variant)
     gen = torch.Generator().manual_seed(22)
     ranks = [8, 16, 32, 64, 128, 24]
     allm = tuple(TARGET_MODULES)
@@ -805,9 +812,10 @@ def test_gpu_attention(dtype, cfg):
     _check_attn(cfg, dtype, [512, 1, 100, 333], [512, 700, 1000, 333], 0, tol, gen, block_tokens=16)  # prefill
 
 
-def test_register_report_sees_what_the_1d_accumulator_saves():
+def test_register_report_sees_the_decode_variants():
     """benchmarks/kernel_registers.py compiles decode tiles for sm_90 without a GPU: the int8
-    shrink tile's [BLOCK_R, BLOCK_K] fp32 accumulator costs registers that ACC_1D gives back.
+    shrink tile's [BLOCK_R, BLOCK_K] fp32 accumulator costs registers that ACC_1D gives back, and
+    PIPE turns the loop's loads into asynchronous copies through shared memory.
     (A subprocess: here the kernels may be loaded for the interpreter, which compiles nothing.)"""
     import pathlib
     import subprocess
@@ -817,8 +825,12 @@ def test_register_report_sees_what_the_1d_accumulator_saves():
         pytest.skip("Triton's cuobjdump is not installed")
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_registers.py"), "--tiles", "shrink:8x256w1"],
-                         capture_output=True, text=True, env=env, check=True, timeout=300).stdout
-    rows = {(r[1], r[3]): (int(r[4]), int(r[5])) for r in (line.split() for line in out.splitlines()[1:])}
-    (full_regs, full_warps), (regs, warps) = rows[("int8", "False")], rows[("int8", "True")]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_registers.py"), "--tiles",
+                          "shrink:8x256w1,shrink:8x256w1p3"], capture_output=True, text=True, env=env, check=True,
+                         timeout=300).stdout
+    rows = {(r[2], r[1], r[3]): [int(c) for c in r[4:]] for r in (line.split() for line in out.splitlines()[1:])}
+    full_regs, _, full_copies, full_warps = rows[("8x256w1", "int8", "False")]
+    regs, _, _, warps = rows[("8x256w1", "int8", "True")]
     assert regs < full_regs and warps > full_warps, out
+    _, smem, copies, _ = rows[("8x256w1p3", "int8", "False")]
+    assert full_copies == 0 and copies > 0 and smem >= 2 * 8 * 256, out
