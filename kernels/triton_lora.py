@@ -56,7 +56,9 @@ TUNE = {
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3),
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
     # Each decode family also takes ACC_1D (default False): reduce every tile as it is loaded
-    # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel).
+    # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel);
+    # PIPE (default 1): software-pipeline the loop's loads PIPE - 1 tiles ahead; TILE_FIRST
+    # (default False): order the grid so one token's tiles launch together.
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -190,9 +192,11 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ACC_1D: tl.constexpr, PIPE: tl.constexpr):
-    t = tl.program_id(0)
-    rt = tl.program_id(1)
+                          ACC_1D: tl.constexpr, PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+    # TILE_FIRST: the grid is (tiles, tokens, modules), so programs launched together work on one
+    # token's tiles: neighbouring rows of one adapter, one x row (see lora_shrink)
+    t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
+    rt = tl.program_id(0) if TILE_FIRST else tl.program_id(1)
     mod = tl.program_id(2)
     meta_ptr += mod * smm
     v_ptr += mod * svm
@@ -241,9 +245,11 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ACC_1D: tl.constexpr, PIPE: tl.constexpr):
-    t = tl.program_id(0)
-    nt = tl.program_id(1)
+                          ACC_1D: tl.constexpr, PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+    # TILE_FIRST: programs launched together cover consecutive column tiles of one token, so the
+    # B^T rows and the y row are read in long contiguous runs rather than BLOCK_N-wide pieces
+    t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
+    nt = tl.program_id(0) if TILE_FIRST else tl.program_id(1)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * BLOCK_N >= d_out:
         return
@@ -603,11 +609,12 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        grid = (T, triton.cdiv(R, BLOCK_R), M)
+        first = cfg.get("TILE_FIRST", False) and T < 65536      # (grid axis 1 holds < 2^16)
+        grid = (triton.cdiv(R, BLOCK_R), T, M) if first else (T, triton.cdiv(R, BLOCK_R), M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1),
+                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
@@ -679,11 +686,12 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        grid = (T, triton.cdiv(w_max, BLOCK_N), M)
+        first = cfg.get("TILE_FIRST", False) and T < 65536
+        grid = (triton.cdiv(w_max, BLOCK_N), T, M) if first else (T, triton.cdiv(w_max, BLOCK_N), M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1),
+                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]

@@ -355,9 +355,11 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 
 
 # decode-schedule variants (TUNE keys of every decode tile family): each tile reduced as it is
-# loaded (ACC_1D); the loops' loads software-pipelined PIPE - 1 tiles ahead (PIPE)
-DECODE_VARIANTS = pytest.mark.parametrize("variant", [{"ACC_1D": True}, {"PIPE": 3}, {"PIPE": 4, "ACC_1D": True}],
-                                          ids=["acc1d", "pipe3", "pipe4-acc1d"])
+# loaded (ACC_1D); the loops' loads software-pipelined PIPE - 1 tiles ahead (PIPE); one token's
+# tiles launched together (TILE_FIRST)
+DECODE_VARIANTS = pytest.mark.parametrize(
+    "variant", [{"ACC_1D": True}, {"PIPE": 3}, {"PIPE": 4, "ACC_1D": True}, {"TILE_FIRST": True, "PIPE": 3}],
+    ids=["acc1d", "pipe3", "pipe4-acc1d", "tile-first"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
