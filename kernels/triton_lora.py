@@ -44,7 +44,7 @@ TUNE = {
     # Picked on an H100 (2026-11-25, benchmarks/bench_kernels.py --sweep: CUDA-graph timing over
     # rotated inputs, geometric mean over 256x256 / 64x64 decode and 512..4096-token prefill cases);
     # the GPU tests ran with exactly these. LORASERVE_KERNEL_TUNE overrides them per device.
-    "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3),
+    "shrink_decode": dict(BLOCK_R=8, BLOCK_K=1024, num_warps=4, num_stages=3, PIPE=3),
     "expand_decode": dict(BLOCK_R=16, BLOCK_N=256, num_warps=2, num_stages=3),
     # int8 rows: small one-warp tiles. Picked on the H100 in the engine bench (2026-11-25, 256
     # requests over 256 adapters, CUDA-graph decode, benchmarks/results/engine-2026-11-25h-h100):
@@ -53,7 +53,7 @@ TUNE = {
     # what these latency-bound launches need once the bytes halve.
     # At batch 1 the one-warp tiles cost more (a step 6.47 ms vs 6.00 with the fp16 tiles, base
     # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3),
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3, PIPE=3),
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
     # Each decode family also takes ACC_1D (default False): reduce every tile as it is loaded
     # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel);
