@@ -54,7 +54,10 @@ TUNE = {
     # At batch 1 the one-warp tiles cost more (a step 6.47 ms vs 6.00 with the fp16 tiles, base
     # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3, PIPE=3),
-    "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=64, num_warps=1, num_stages=3),
+    # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
+    # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
+    # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
+    "expand_decode_int8": dict(BLOCK_R=8, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True),
     # Each decode family also takes ACC_1D (default False): reduce every tile as it is loaded
     # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel);
     # PIPE (default 1): software-pipeline the loop's loads PIPE - 1 tiles ahead; TILE_FIRST
