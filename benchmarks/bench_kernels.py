@@ -510,18 +510,16 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
                   [(16, 128, 4), (16, 64, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (32, 64, 4), (64, 128, 8)]],
                  ex, check_lora("expand"))
             continue
-        # ACC_1D: tiles reduced as they load (fewer registers, more warps per SM; see
-        # benchmarks/kernel_registers.py), which makes the larger tiles worth timing again
+        # PIPE: the loop's loads pipelined PIPE - 1 tiles ahead through shared memory (1: not)
         tune("shrink_decode", tlora.TUNE, key,
-             [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3, ACC_1D=acc) for br, bk, nw, acc in
-              [(16, 512, 4, False), (8, 1024, 4, False), (8, 512, 4, False), (8, 512, 2, False), (16, 1024, 4, False),
-               (8, 2048, 8, False), (16, 256, 4, False), (8, 1024, 8, False), (8, 1024, 4, True), (8, 256, 1, True),
-               (16, 1024, 4, True), (8, 2048, 4, True)]],
+             [dict(BLOCK_R=br, BLOCK_K=bk, num_warps=nw, num_stages=3, PIPE=p) for br, bk, nw, p in
+              [(16, 512, 4, 3), (8, 1024, 4, 3), (8, 512, 4, 3), (8, 512, 2, 3), (16, 1024, 4, 3), (8, 2048, 8, 3),
+               (16, 256, 4, 3), (8, 1024, 8, 3), (8, 1024, 4, 1), (8, 1024, 4, 4), (8, 256, 1, 3), (8, 256, 1, 1)]],
              sh, check_lora("shrink"))
         tune("expand_decode", tlora.TUNE, key,
-             [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw, num_stages=3, ACC_1D=acc) for br, bn, nw, acc in
+             [dict(BLOCK_R=br, BLOCK_N=bn, num_warps=nw, num_stages=3, TILE_FIRST=tf) for br, bn, nw, tf in
               [(16, 512, 4, False), (16, 256, 2, False), (16, 1024, 4, False), (8, 512, 4, False), (16, 256, 4, False),
-               (32, 256, 4, False), (8, 256, 2, False), (16, 256, 2, True), (32, 128, 2, True), (16, 512, 4, True)]],
+               (32, 256, 4, False), (8, 256, 2, False), (16, 256, 2, True), (8, 128, 1, True), (8, 256, 1, True)]],
              ex, check_lora("expand"))
     if pool is not None and "prefill_lora" in only:
         cases = _lora_cases(pool, table, ranks, dtype, dev, "prefill")

@@ -3,7 +3,7 @@
 overrides, and the table compares their LoRA overheads (each against the base step of its own
 run, so the ratios stand beside each other).
 
-    python benchmarks/engine_tune_sweep.py --variants benchmarks/tune/decode-acc1d.json --out DIR \\
+    python benchmarks/engine_tune_sweep.py --variants benchmarks/tune/decode-pipe.json --out DIR \\
         -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 10 --rounds 3 --context 256 \\
            --pool-gb 54 --adapter-dtype int8
 

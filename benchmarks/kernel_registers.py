@@ -36,12 +36,11 @@ DEFAULT_TILES = ("shrink:8x256w1,shrink:8x256w1p3,shrink:8x1024w4,shrink:8x1024w
                  "expand:16x64w1,expand:16x64w1p3,expand:16x256w2,expand:32x128w2")
 
 
-def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: int, acc_1d: bool, arch: int,
-                 pipe: int = 1):
+def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: int, arch: int, pipe: int = 1):
     """The compiled kernel (triton's CompiledKernel: .asm, .metadata)."""
     fn = K._shrink_decode_kernel if kind == "shrink" else K._expand_decode_kernel
     quant = rows_dtype == "int8"
-    const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, ACC_1D=acc_1d, PIPE=pipe, TILE_FIRST=False,
+    const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, PIPE=pipe, TILE_FIRST=False,
                  **({"BLOCK_K": block_x, "sx1": 1, "sv1": 1} if kind == "shrink" else {"BLOCK_N": block_x, "sy1": 1, "sv1": 1}))
     names = fn.arg_names
     sig = {}
@@ -81,19 +80,17 @@ def main() -> None:
                     help="kind:RxKwW[pP],... (K is BLOCK_K or BLOCK_N, P the PIPE loop stages)")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print(f"{'kernel':<8} {'rows':<5} {'tile':<12} {'ACC_1D':<7} {'registers':>9} {'smem B':>7} {'cp.async':>8} "
-          f"{'warps/SM':>9}")
+    print(f"{'kernel':<8} {'rows':<5} {'tile':<12} {'registers':>9} {'smem B':>7} {'cp.async':>8} {'warps/SM':>9}")
     for spec in args.tiles.split(","):
         kind, tile = spec.split(":")
         m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:p(\d+))?", tile)
         r, x, w, pipe = int(m[1]), int(m[2]), int(m[3]), int(m[4] or 1)
         for rows_dtype in ("fp16", "int8"):
-            for acc_1d in (False, True):
-                c = compile_tile(kind, rows_dtype, r, x, w, acc_1d, args.arch, pipe)
-                regs, smem = registers(c.asm["cubin"]), c.metadata.shared
-                copies = len(re.findall(r"cp\.async\.c[ag]", c.asm["ptx"]))
-                print(f"{kind:<8} {rows_dtype:<5} {tile:<12} {str(acc_1d):<7} {regs:>9} {smem:>7} {copies:>8} "
-                      f"{warps_per_sm(regs, w, smem):>9}", flush=True)
+            c = compile_tile(kind, rows_dtype, r, x, w, args.arch, pipe)
+            regs, smem = registers(c.asm["cubin"]), c.metadata.shared
+            copies = len(re.findall(r"cp\.async\.c[ag]", c.asm["ptx"]))
+            print(f"{kind:<8} {rows_dtype:<5} {tile:<12} {regs:>9} {smem:>7} {copies:>8} {warps_per_sm(regs, w, smem):>9}",
+                  flush=True)
 
 
 if __name__ == "__main__":

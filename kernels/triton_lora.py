@@ -58,10 +58,10 @@ TUNE = {
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
     # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
     "expand_decode_int8": dict(BLOCK_R=8, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True),
-    # Each decode family also takes ACC_1D (default False): reduce every tile as it is loaded
-    # rather than at the end (fewer registers, more warps per SM; see _shrink_decode_kernel);
-    # PIPE (default 1): software-pipeline the loop's loads PIPE - 1 tiles ahead; TILE_FIRST
-    # (default False): order the grid so one token's tiles launch together.
+    # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
+    # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
+    # together. (Reducing each tile as it loads, which halves the registers, was measured and gave
+    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.)
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -131,26 +131,6 @@ def _dequant(q, scale, dtype: tl.constexpr):
     return (_i8_to_f16(q).to(tl.float32) * scale).to(dtype)
 
 
-@triton.jit
-def _accumulate(acc, prod, AXIS: tl.constexpr, ACC_1D: tl.constexpr):
-    """acc += a tile's products; ACC_1D: reduced along AXIS now (see _shrink_decode_kernel)."""
-    if ACC_1D:
-        out = acc + tl.sum(prod, axis=AXIS)
-    else:
-        out = acc + prod
-    return out
-
-
-@triton.jit
-def _total(acc, AXIS: tl.constexpr, ACC_1D: tl.constexpr):
-    """The accumulator reduced along AXIS (already, with ACC_1D)."""
-    if ACC_1D:
-        out = acc
-    else:
-        out = tl.sum(acc, axis=AXIS)
-    return out
-
-
 _SMS: dict = {}
 
 
@@ -195,7 +175,7 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ACC_1D: tl.constexpr, PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
     # TILE_FIRST: the grid is (tiles, tokens, modules), so programs launched together work on one
     # token's tiles: neighbouring rows of one adapter, one x row (see lora_shrink)
     t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
@@ -222,23 +202,18 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
-    # ACC_1D: reduce each tile as it comes (shuffles every iteration) instead of keeping a
-    # [BLOCK_R, BLOCK_K] fp32 accumulator. Fewer registers (sm_90, Triton 3.6, 8x256 int8 tile: 61 vs
-    # 123; benchmarks/kernel_registers.py), so more warps per SM and more loads in flight. Not yet
-    # measured on a device.
-    acc = tl.zeros([BLOCK_R] if ACC_1D else [BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
-    # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks; without it
-    # every iteration waits a full memory latency, and a program's chain of d_in / BLOCK_K
-    # latencies, not the bytes, set the launch's time.
+    # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks. On the H100
+    # the int8 launch fell from 35.4 to 32.0 us with PIPE=3 (engine profile, 256 x 256).
     for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
         a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
-        acc = _accumulate(acc, a * xv[None, :], 1, ACC_1D)
-    out = _total(acc, 1, ACC_1D)
+        acc += a * xv[None, :]
+    out = tl.sum(acc, axis=1)
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
@@ -248,7 +223,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ACC_1D: tl.constexpr, PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
     # TILE_FIRST: programs launched together cover consecutive column tiles of one token, so the
     # B^T rows and the y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
@@ -271,7 +246,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
-    acc = tl.zeros([BLOCK_N] if ACC_1D else [BLOCK_R, BLOCK_N], dtype=tl.float32)   # ACC_1D: see the shrink
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
         jmask = jj < rank
@@ -283,8 +258,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
         b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
                       QUANT)
-        acc = _accumulate(acc, b * vj[:, None], 0, ACC_1D)
-    delta = _total(acc, 0, ACC_1D) * s
+        acc += b * vj[:, None]
+    delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -617,7 +592,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["shrink_seg"]
@@ -694,7 +669,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    ACC_1D=cfg.get("ACC_1D", False), PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]

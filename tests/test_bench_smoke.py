@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
-    variants = {"committed": {}, "acc1d": {"lora": {"shrink_decode": {"ACC_1D": True}}}}
+    variants = {"committed": {}, "pipe1": {"lora": {"shrink_decode": {"PIPE": 1}}}}
     vfile = tmp_path / "variants.json"
     vfile.write_text(json.dumps(variants))
     out = tmp_path / "sweep"
@@ -21,12 +21,12 @@ def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in (out / "sweep.md").read_text().splitlines()[2:]]
-    assert [r[0].strip() for r in rows] == ["committed", "acc1d"]
+    assert [r[0].strip() for r in rows] == ["committed", "pipe1"]
     for r in rows:
         base, lora = float(r[3]), float(r[4])
         assert base > 0 and lora > 0
     # the override reached the benchmark process as a file; the committed variant ran without one
-    assert json.loads((out / "acc1d.tune.json").read_text()) == variants["acc1d"]
+    assert json.loads((out / "pipe1.tune.json").read_text()) == variants["pipe1"]
     assert not (out / "committed.tune.json").exists()
-    meta = json.loads(next((out / "acc1d").glob("engine-*.json")).read_text())["meta"]
+    meta = json.loads(next((out / "pipe1").glob("engine-*.json")).read_text())["meta"]
     assert meta["shape"] == "tiny" and meta["adapters"] == 2

@@ -354,12 +354,11 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
                 2e-3, torch.Generator().manual_seed(seed), adapter_dtype=adapter_dtype)
 
 
-# decode-schedule variants (TUNE keys of every decode tile family): each tile reduced as it is
-# loaded (ACC_1D); the loops' loads software-pipelined PIPE - 1 tiles ahead (PIPE); one token's
-# tiles launched together (TILE_FIRST)
+# decode-schedule variants (TUNE keys of every decode tile family) beside the defaults: the loops'
+# loads software-pipelined PIPE - 1 tiles ahead or not at all (PIPE); one token's tiles launched
+# together or tokens first (TILE_FIRST)
 DECODE_VARIANTS = pytest.mark.parametrize(
-    "variant", [{"ACC_1D": True}, {"PIPE": 3}, {"PIPE": 4, "ACC_1D": True}, {"TILE_FIRST": True, "PIPE": 3}],
-    ids=["acc1d", "pipe3", "pipe4-acc1d", "tile-first"])
+    "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True}], ids=["plain", "pipe4-tile-first"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
@@ -815,9 +814,8 @@ def test_gpu_attention(dtype, cfg):
 
 
 def test_register_report_sees_the_decode_variants():
-    """benchmarks/kernel_registers.py compiles decode tiles for sm_90 without a GPU: the int8
-    shrink tile's [BLOCK_R, BLOCK_K] fp32 accumulator costs registers that ACC_1D gives back, and
-    PIPE turns the loop's loads into asynchronous copies through shared memory.
+    """benchmarks/kernel_registers.py compiles decode tiles for sm_90 without a GPU: PIPE turns the
+    shrink loop's loads into asynchronous copies through shared memory, a buffer per stage.
     (A subprocess: here the kernels may be loaded for the interpreter, which compiles nothing.)"""
     import pathlib
     import subprocess
@@ -830,9 +828,8 @@ def test_register_report_sees_the_decode_variants():
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_registers.py"), "--tiles",
                           "shrink:8x256w1,shrink:8x256w1p3"], capture_output=True, text=True, env=env, check=True,
                          timeout=300).stdout
-    rows = {(r[2], r[1], r[3]): [int(c) for c in r[4:]] for r in (line.split() for line in out.splitlines()[1:])}
-    full_regs, _, full_copies, full_warps = rows[("8x256w1", "int8", "False")]
-    regs, _, _, warps = rows[("8x256w1", "int8", "True")]
-    assert regs < full_regs and warps > full_warps, out
-    _, smem, copies, _ = rows[("8x256w1p3", "int8", "False")]
-    assert full_copies == 0 and copies > 0 and smem >= 2 * 8 * 256, out
+    rows = {(r[2], r[1]): [int(c) for c in r[3:]] for r in (line.split() for line in out.splitlines()[1:])}
+    regs, smem, copies, warps = rows[("8x256w1", "int8")]
+    _, smem3, copies3, _ = rows[("8x256w1p3", "int8")]
+    assert 0 < regs <= 255 and 0 < warps <= 64, out
+    assert copies == 0 and copies3 > 0 and smem3 >= smem + 2 * 8 * 256, out
