@@ -60,9 +60,8 @@ TUNE = {
     "expand_decode_int8": dict(BLOCK_R=8, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
-    # together. The expands take COLS (default 1): column tiles per program. (Reducing each tile
-    # as it loads, which halves the registers, was measured and gave nothing:
-    # benchmarks/results/tune-sweep-2026-11-25j-h100.)
+    # together. (Reducing each tile as it loads, which halves the registers, was measured and gave
+    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.)
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -224,15 +223,13 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, COLS: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
     # TILE_FIRST: programs launched together cover consecutive column tiles of one token, so the
-    # B^T rows and the y row are read in long contiguous runs rather than BLOCK_N-wide pieces.
-    # COLS: column tiles per program (unrolled), so the slot, meta and scale loads are paid once
-    # for COLS tiles and there are COLS times fewer programs.
+    # B^T rows and the y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
     nt = tl.program_id(0) if TILE_FIRST else tl.program_id(1)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
-    if nt * COLS * BLOCK_N >= d_out:
+    if nt * BLOCK_N >= d_out:
         return
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -243,30 +240,27 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     if rank == 0:
         return
     s = tl.load(scale_ptr + slot)
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < d_out
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
-    for c in tl.static_range(COLS):
-        n0 = (nt * COLS + c) * BLOCK_N
-        if n0 < d_out:       # (int8 rows load unmasked: never a whole tile past the row's end)
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < d_out
-            y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
-            y = tl.load(y_ptrs, mask=nmask, other=0.0)
-            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
-                jj = j0 + offs_r
-                jmask = jj < rank
-                roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
-                if ALIGN > 1:
-                    roff = tl.multiple_of(roff, ALIGN)
-                vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
-                if QUANT:
-                    vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-                b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :],
-                                         QUANT), QUANT)
-                acc += b * vj[:, None]
-            delta = tl.sum(acc, axis=0) * s
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
+    y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
+    y = tl.load(y_ptrs, mask=nmask, other=0.0)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
+        jj = j0 + offs_r
+        jmask = jj < rank
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        if ALIGN > 1:
+            roff = tl.multiple_of(roff, ALIGN)
+        vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+        if QUANT:
+            vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
+        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
+                      QUANT)
+        acc += b * vj[:, None]
+    delta = tl.sum(acc, axis=0) * s
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,14 +664,12 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        cols = cfg.get("COLS", 1)
-        groups = triton.cdiv(w_max, BLOCK_N * cols)
         first = cfg.get("TILE_FIRST", False) and T < 65536
-        grid = (groups, T, M) if first else (T, groups, M)
+        grid = (triton.cdiv(w_max, BLOCK_N), T, M) if first else (T, triton.cdiv(w_max, BLOCK_N), M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, COLS=cols,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]
