@@ -1,12 +1,12 @@
 """How fast can one launch read scattered rows, as a function of how far apart they lie?
 
 The decode LoRA kernels read each token's adapter rows (4 KB int8, 8 KB fp16 rows of a 4096-wide
-module) from wherever the pool put them. In the engine they reach ~57% of the copy bandwidth with
-int8 rows and ~80% with fp16, against ~87% in the kernel benchmark's compact pool, and no change
-to the kernels' tiles, pipelining or grid order moved them (benchmarks/results/
-tune-sweep-2026-11-25j-h100). This probe takes the kernels out: a launch reads N rows at random
-offsets inside a region of S bytes, one program per row, and reports the bandwidth against S.
-If it falls as S grows, address translation (TLB reach), not the kernels, bounds the engine.
+module) from wherever the pool put them. In the engine they reached ~57% of the copy bandwidth
+with int8 rows and ~80% with fp16, against ~87% in the kernel benchmark's compact pool. This probe
+takes the kernels out: a launch reads N rows at random offsets inside a region of S bytes, one
+program per row, and reports the bandwidth against S and the row size. If it falls as S grows,
+address translation (TLB reach) bounds the engine; if it falls as rows shrink, the per-program
+cost does (on the H100 it was the latter: benchmarks/results/tune-sweep-2026-11-25j-h100).
 
     python benchmarks/gather_probe.py --out DIR [--rows 32768] [--row-bytes 4096]
 """
@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import torch
 import triton
 import triton.language as tl
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
 @triton.jit

@@ -2,9 +2,10 @@
 without a GPU: each tile variant is compiled to a cubin, and ``cuobjdump -res-usage`` (shipped with
 Triton) reads its register count.
 
-A decode LoRA launch is latency bound, and how many warps an SM holds bounds how many loads are
-in flight. A tile variant that needs many registers loses that occupancy before it reaches the
-device.
+It also reports each variant's shared memory and whether its loop's loads became asynchronous
+copies (PIPE). Halving the registers did not speed the decode kernels up on the H100
+(benchmarks/results/tune-sweep-2026-11-25j-h100), but a tile whose registers or shared memory
+leave few warps per SM still shows it here before it costs device time.
 
     python benchmarks/kernel_registers.py                     # sm_90, the TUNE tiles and a few more
     python benchmarks/kernel_registers.py --arch 90 --tiles shrink:8x256w1,expand:16x256w2

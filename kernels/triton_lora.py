@@ -49,8 +49,8 @@ TUNE = {
     # int8 rows: small one-warp tiles. Picked on the H100 in the engine bench (2026-11-25, 256
     # requests over 256 adapters, CUDA-graph decode, benchmarks/results/engine-2026-11-25h-h100):
     # the step's LoRA cost fell from +29% (the fp16 tiles above) to +23%; tiles holding the fp16
-    # tiles' bytes (twice the elements) cost +42%. More programs in flight, not wider loads, is
-    # what these latency-bound launches need once the bytes halve.
+    # tiles' bytes (twice the elements) cost +42%. (Registers and occupancy turned out not to be
+    # what limits them; bytes per program and whole L2 lines are: see expand_decode_int8.)
     # At batch 1 the one-warp tiles cost more (a step 6.47 ms vs 6.00 with the fp16 tiles, base
     # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3, PIPE=3),
@@ -131,6 +131,15 @@ def _dequant(q, scale, dtype: tl.constexpr):
     return (_i8_to_f16(q).to(tl.float32) * scale).to(dtype)
 
 
+@triton.jit
+def _token_and_tile(TILE_FIRST: tl.constexpr):
+    """(token, tile) of a decode program: the grid is (tokens, tiles, modules), or with TILE_FIRST
+    (tiles, tokens, modules), so programs launched together work on one token's tiles."""
+    if TILE_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
 _SMS: dict = {}
 
 
@@ -176,10 +185,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
-    # TILE_FIRST: the grid is (tiles, tokens, modules), so programs launched together work on one
-    # token's tiles: neighbouring rows of one adapter, one x row (see lora_shrink)
-    t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
-    rt = tl.program_id(0) if TILE_FIRST else tl.program_id(1)
+    t, rt = _token_and_tile(TILE_FIRST)
     mod = tl.program_id(2)
     meta_ptr += mod * smm
     v_ptr += mod * svm
@@ -224,10 +230,9 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
-    # TILE_FIRST: programs launched together cover consecutive column tiles of one token, so the
-    # B^T rows and the y row are read in long contiguous runs rather than BLOCK_N-wide pieces
-    t = tl.program_id(1) if TILE_FIRST else tl.program_id(0)
-    nt = tl.program_id(0) if TILE_FIRST else tl.program_id(1)
+    # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
+    # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
+    t, nt = _token_and_tile(TILE_FIRST)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * BLOCK_N >= d_out:
         return
@@ -527,6 +532,13 @@ def _decode_tiles(kind: str, quant: bool, T: int) -> dict:
     return TUNE[f"{kind}_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else f"{kind}_decode"]
 
 
+def _decode_grid(cfg: dict, tiles: int, T: int, M: int) -> tuple[tuple[int, int, int], bool]:
+    """The decode schedule's grid and whether it is tile-first (TUNE key TILE_FIRST: one token's
+    tiles launch together; grid axis 1 holds fewer than 2^16, so huge batches stay token-first)."""
+    first = bool(cfg.get("TILE_FIRST", False)) and T < 65536
+    return ((tiles, T, M) if first else (T, tiles, M)), first
+
+
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
     """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
     if flat.dtype != torch.int8:
@@ -587,8 +599,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        first = cfg.get("TILE_FIRST", False) and T < 65536      # (grid axis 1 holds < 2^16)
-        grid = (triton.cdiv(R, BLOCK_R), T, M) if first else (T, triton.cdiv(R, BLOCK_R), M)
+        grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
@@ -664,8 +675,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        first = cfg.get("TILE_FIRST", False) and T < 65536
-        grid = (triton.cdiv(w_max, BLOCK_N), T, M) if first else (T, triton.cdiv(w_max, BLOCK_N), M)
+        grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
