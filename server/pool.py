@@ -244,15 +244,14 @@ class AdapterTable:
         if self.row_scale is not None:
             self.row_scale[s:s + tail.numel()] = self.row_scale[s + n:self.num_rows].clone()
         self.num_rows -= n
-        later = [o.slot for o in self.slots.values() if o.row_start > s]
         for o in self.slots.values():
             if o.row_start > s:
                 o.row_start -= n
-        if later:   # one masked update for every later adapter, not a few kernels per adapter
-            shift = torch.zeros(self.max_slots, 1, 1, 1, dtype=self.meta.dtype)
-            shift[later] = n
-            shift = shift.to(self.meta.device, non_blocking=True)
-            self.meta[..., :2] -= torch.where(self.meta[..., 3:4] > 0, shift, 0)
+        # Every row start past the removed range moves down by n: one masked update on the device.
+        # (It was built on the host and copied up, and a copy from pageable memory first waits for
+        # the stream to drain: every eviction stalled the engine thread behind the queued step.)
+        starts = self.meta[..., :2]
+        starts -= ((starts >= s + n) & (self.meta[..., 3:4] > 0)).to(starts.dtype) * n
         self.meta[slot].zero_()            # (zero_, not `= 0`: see insert)
         self.scaling[slot:slot + 1].zero_()
         self.max_rank[slot] = 0

@@ -69,3 +69,36 @@ def test_int8_adapter_rows_match_peft_within_their_error(tiny, graphs, monkeypat
                                           adapter_dtype="int8"))
     names = ["full", "qv", "full", "", "qv", "full", "wide", "attn"]
     check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=5), 3e-2)
+
+
+def test_adapter_loads_and_evictions_never_wait_for_the_device(tiny):
+    """Inserting an adapter and removing one (which compacts the row table and moves the later
+    adapters' row starts) only queue work: with a second of device work queued ahead, both return
+    while it still runs. Afterwards every adapter's rows still read back as its weights."""
+    from kernels.reference import gather_rows
+    from server.config import TARGET_MODULES
+    from server.pool import AdapterTable, stage_adapter
+
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=False))
+    pool = engine.pool
+    table = AdapterTable(pool, 8)
+    loaded = {n: load_peft_dir(n, p, engine.cfg) for n, p in adapters.items()}
+    staged = {n: stage_adapter(w, pool, pin=True) for n, w in loaded.items()}
+    slots = {n: table.insert(staged[n]).slot for n in ("attn", "full", "qv")}
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+
+    torch.cuda._sleep(2_000_000_000)        # ~1 s of device time queued on the default stream
+    table.remove(slots.pop("attn"))         # the first adapter: every later row start moves
+    slots["wide"] = table.insert(staged["wide"], side).slot
+    still_running = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_running, "an adapter insert or remove waited for the queued device work"
+
+    for name, slot in slots.items():
+        for (layer, module), (a, b) in loaded[name].weights.items():
+            a0, b0, ra, rb = (int(z) for z in table.meta[slot, layer, TARGET_MODULES.index(module)])
+            assert torch.equal(gather_rows(table.flat, table.rows, a0, ra, a.shape[1]).cpu(), a)
+            assert torch.equal(gather_rows(table.flat, table.rows, b0, rb, b.shape[0]).cpu(), b.t())
+    engine.adapters.close()
