@@ -27,7 +27,7 @@ INPUT=${INPUT:-8,512}; OUTPUT=${OUTPUT:-8,512}; DRAIN=${DRAIN:-60}
 GPU_UTIL=${GPU_UTIL:-$([ -n "$PEFT_NS" ] && echo 0.70 || echo 0.90)}; HOST_CACHE_MB=${HOST_CACHE_MB:-60000}; FETCH_PROCESSES=${FETCH_PROCESSES:-8}
 WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S-LoRA's setup)
 PREWARM=${PREWARM-1}   # empty: no discarded pre-warm run per setting
-REPEAT=${REPEAT:-1}    # runs of each n (and of base-only); the table's ratios use their means
+REPEAT=${REPEAT:-1}    # rounds of runs (base-only and each n); the table's ratios use their means
 EXTRA_SERVE=${EXTRA_SERVE:-}
 mkdir -p "$RESULTS"
 DATA=$(mktemp -d)
@@ -56,52 +56,52 @@ for _ in $(seq 1 300); do loraserve health >/dev/null 2>&1 && break; kill -0 $EN
 log "engine up: $(loraserve stats | head -3 | tr '\n' ' ')"
 
 COMMON="--base-model $NAME --alpha 1 --cv 1 --rate $RATE --duration $DURATION --input-range $INPUT --output-range $OUTPUT --drain-timeout $DRAIN --quiet${WARM:+ --warm}"
-base_only() {
+base_run() {   # base_run REP
   [ -z "${SKIP_BASE:-}" ] || return 0
-  for rep in $(seq 1 "$REPEAT"); do
-    log "base-only (run $rep of $REPEAT)"
-    out="$RESULTS/base.json"; [ "$rep" = 1 ] || out="$RESULTS/base-r$rep.json"
-    # shellcheck disable=SC2086
-    loraserve bench $COMMON --base-only --n 1 --out "$out" | tee -a "$RESULTS/base.txt"
-  done
+  log "base-only (run $1 of $REPEAT)"
+  out="$RESULTS/base.json"; [ "$1" = 1 ] || out="$RESULTS/base-r$1.json"
+  # shellcheck disable=SC2086
+  loraserve bench $COMMON --base-only --n 1 --out "$out" | tee -a "$RESULTS/base.txt"
 }
-if [ -n "${BASE_FIRST:-}" ]; then
-  if [ -n "$PREWARM" ]; then
-    log "base: pre-warm (discarded), 40 requests"
-    # shellcheck disable=SC2086
-    loraserve bench $COMMON --base-only --n 1 --max-requests 40 --out "$RESULTS/prewarm-base.json" > /dev/null
-  fi
-  base_only
+if [ -n "${BASE_FIRST:-}" ] && [ -n "$PREWARM" ] && [ -z "${SKIP_BASE:-}" ]; then
+  log "base: pre-warm (discarded), 40 requests"
+  # shellcheck disable=SC2086
+  loraserve bench $COMMON --base-only --n 1 --max-requests 40 --out "$RESULTS/prewarm-base.json" > /dev/null
 fi
-for S in ${SETTINGS//,/ }; do
-  [ -n "$S" ] || continue
-  TARGETS=q_proj,k_proj,v_proj,o_proj
-  case $S in
-    S1) RANKS=8; N=$S1_NS ;;
-    S2) RANKS=64,32,16,8; N=$NS ;;
-    GQA) RANKS=64,32,16,8; N=$GQA_NS; TARGETS=$TARGETS,gate_proj,up_proj,down_proj
-         [ "$PRESET" = llama-3-8b ] || { log "GQA runs on PRESET=llama-3-8b"; exit 2; } ;;
-    *) log "unknown setting $S (S1, S2, GQA)"; exit 2 ;;
-  esac
-  if [ -n "$PREWARM" ]; then
-    # not measured: the first requests of a setting compile whatever Triton variants the server's
-    # start-up warm-up did not reach; this keeps those compiles out of the measured runs
-    log "$S: pre-warm (discarded), 40 requests at n=5"
-    # shellcheck disable=SC2086
-    loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n 5 --max-requests 40 \
-      --out "$RESULTS/prewarm-$S.json" > /dev/null
-  fi
-  for n in ${N//,/ }; do   # one file per n (and repeat): a run cut short keeps the ones before it
-    for rep in $(seq 1 "$REPEAT"); do
-      log "$S: n=$n${REPEAT:+ (run $rep of $REPEAT)}"
+# Repeats run in rounds (base, then every setting's n, then again), not each n k times in a row:
+# the ratios compare runs that sit side by side, so slow drift of the machine averages out.
+# A later round finds an earlier one's adapters in the host cache (when it holds them all), so
+# its warm-up is short.
+for rep in $(seq 1 "$REPEAT"); do
+  [ -z "${BASE_FIRST:-}" ] || base_run "$rep"
+  for S in ${SETTINGS//,/ }; do
+    [ -n "$S" ] || continue
+    TARGETS=q_proj,k_proj,v_proj,o_proj
+    case $S in
+      S1) RANKS=8; N=$S1_NS ;;
+      S2) RANKS=64,32,16,8; N=$NS ;;
+      GQA) RANKS=64,32,16,8; N=$GQA_NS; TARGETS=$TARGETS,gate_proj,up_proj,down_proj
+           [ "$PRESET" = llama-3-8b ] || { log "GQA runs on PRESET=llama-3-8b"; exit 2; } ;;
+      *) log "unknown setting $S (S1, S2, GQA)"; exit 2 ;;
+    esac
+    if [ -n "$PREWARM" ] && [ "$rep" = 1 ]; then
+      # not measured: the first requests of a setting compile whatever Triton variants the server's
+      # start-up warm-up did not reach; this keeps those compiles out of the measured runs
+      log "$S: pre-warm (discarded), 40 requests at n=5"
+      # shellcheck disable=SC2086
+      loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n 5 --max-requests 40 \
+        --out "$RESULTS/prewarm-$S.json" > /dev/null
+    fi
+    for n in ${N//,/ }; do   # one file per n and repeat: a run cut short keeps the ones before it
+      log "$S: n=$n (run $rep of $REPEAT)"
       out="$RESULTS/$S-n$n.json"; [ "$rep" = 1 ] || out="$RESULTS/$S-n$n-r$rep.json"
       # shellcheck disable=SC2086
       loraserve bench $COMMON --synthetic --ranks $RANKS --targets $TARGETS --n "$n" --out "$out" \
         | tee -a "$RESULTS/$S.txt"
     done
   done
+  [ -n "${BASE_FIRST:-}" ] || base_run "$rep"
 done
-[ -n "${BASE_FIRST:-}" ] || base_only
 log "engine stats: $(loraserve stats | head -12 | cut -c1-200 | tr '\n' ' ')"
 if [ -n "$PEFT_NS" ]; then
   log "PEFT baseline: n=$PEFT_NS"
