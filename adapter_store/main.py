@@ -38,6 +38,9 @@ _FLAGS = [
                                                            "larger: RESOURCE_EXHAUSTED (env LORASERVE_MAX_ADAPTER_MB)")),
     ("--max-adapter-rank", dict(type=int, default=256, help="largest LoRA rank accepted; larger: RESOURCE_EXHAUSTED "
                                                           "(env LORASERVE_MAX_ADAPTER_RANK)")),
+    ("--workers", dict(type=int, default=1, help="serving processes sharing the port (SO_REUSEPORT). One process "
+                                              "streams ~300-400 MB/s of adapter weights, bound by its CPU; N serve "
+                                              "N connections at once (env LORASERVE_WORKERS)")),
     ("--base-model", dict(action="append", default=None, metavar="[NAME=]MODEL_DIR",
                           help="register a base model's dims from its HF config.json (repeatable; engines also "
                                "register theirs at start; env LORASERVE_BASE_MODEL, comma-separated)")),
@@ -93,9 +96,10 @@ def add_store_to_server(servicer: AdapterStoreServicer, server: grpc.aio.Server)
 
 
 async def start_store_server(servicer: AdapterStoreServicer, port: int = 0, host: str = "127.0.0.1",
-                             health: bool = True) -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server with AdapterStore (+ health + reflection); returns (server, bound port)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+                             health: bool = True, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server with AdapterStore (+ health + reflection); returns (server, bound port).
+    reuse_port: other processes may bind the same port, and the kernel spreads connections over them."""
+    server = grpc.aio.server(options=SERVER_OPTIONS + [("grpc.so_reuseport", 1 if reuse_port else 0)])
     add_store_to_server(servicer, server)
     names = [pb.DESCRIPTOR.services_by_name["AdapterStore"].full_name]
     if health:
@@ -133,8 +137,27 @@ async def _serve(args) -> None:
         log.info("base model %s registered from %s", name, path)
     servicer.start_sweeper()
     host = getattr(args, "host", None) or "0.0.0.0"
-    server, port = await start_store_server(servicer, args.port, host)
-    log.info("AdapterStore serving on %s:%d (blobs: %s, redis: %s)", host, port, servicer.blobs.url, redis_url)
+    workers = max(1, getattr(args, "workers", 1) or 1)
+    server, port = await start_store_server(servicer, args.port, host, reuse_port=workers > 1)
+    # the other serving processes: same Redis and blobs, the port this one bound (also when it was
+    # 0); no sweeper or private Redis of their own
+    procs = [_spawn_worker(args, redis_url, host, port) for _ in range(workers - 1)]
+    log.info("AdapterStore serving on %s:%d (blobs: %s, redis: %s, %d process%s)", host, port, servicer.blobs.url,
+             redis_url, workers, "es" if workers > 1 else "")
+    try:
+        await _until_signalled()
+    finally:
+        for p in procs:
+            p.terminate()
+        await server.stop(grace=5)
+        servicer.close()
+        for p in procs:
+            p.join(10)
+        if redis_proc is not None:
+            redis_proc.close()
+
+
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -142,13 +165,38 @@ async def _serve(args) -> None:
             loop.add_signal_handler(sig, stop.set)
         except NotImplementedError:
             pass
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(grace=5)
-        servicer.close()
-        if redis_proc is not None:
-            redis_proc.close()
+    await stop.wait()
+
+
+def _spawn_worker(args, redis_url: str, host: str, port: int):
+    import multiprocessing as mp
+
+    p = mp.get_context("spawn").Process(target=_worker_main, args=(args, redis_url, host, port), daemon=True,
+                                        name="loraserve-store-worker")
+    p.start()
+    return p
+
+
+def _worker_main(args, redis_url: str, host: str, port: int) -> None:
+    """One more serving process of a --workers N store; it exits with its parent."""
+    try:   # Linux: SIGTERM when the parent dies, however it dies
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        servicer = build_store(redis_url, args.object_store, args.data_dir, args.token, limits=limits_from_args(args))
+        server, _ = await start_store_server(servicer, port, host, reuse_port=True)
+        try:
+            await _until_signalled()
+        finally:
+            await server.stop(grace=5)
+            servicer.close()
+
+    asyncio.run(serve())
 
 
 def run_store(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,4,8")
     ap.add_argument("--ranks", default="8")
     ap.add_argument("--processes", type=int, default=0, help="fetch worker processes (0: threads only)")
+    ap.add_argument("--store-workers", type=int, default=1, help="the store's serving processes (loraserve store --workers)")
     ap.add_argument("--busy", action="store_true",
                     help="run a thread that keeps the GIL busy with small torch ops, as the engine's step loop does")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
@@ -59,7 +60,8 @@ def main() -> None:
         Metadata(redis.url).register_base_model(cfg.name, cfg.dims_dict())
         port = free_port()
         store = subprocess.Popen([sys.executable, "-m", "adapter_store.main", "--port", str(port), "--redis-url",
-                                  redis.url, "--data-dir", tempfile.mkdtemp()], stderr=subprocess.DEVNULL)
+                                  redis.url, "--data-dir", tempfile.mkdtemp(), "--workers", str(args.store_workers)],
+                                 stderr=subprocess.DEVNULL)
         try:
             client = StoreClient(f"127.0.0.1:{port}")
             from adapter_store.client import AdapterNotFound
@@ -80,26 +82,37 @@ def main() -> None:
                                      host_cache_bytes=64 << 30, fetch_workers=w, fetch_processes=args.processes)
                 if args.processes:   # start the workers outside the timed window
                     list(mgr._procs.map(abs, range(args.processes)))
-                c0, t0 = os.times(), time.perf_counter()
+                c0, s0, t0 = os.times(), _cpu_s(store.pid), time.perf_counter()
                 for aid in ids:
                     mgr.prefetch(aid)
                 while not all(mgr.ready(a) or mgr.has_failed(a) for a in ids):
                     time.sleep(0.01)
-                dt, c1 = time.perf_counter() - t0, os.times()
+                dt, c1, s1 = time.perf_counter() - t0, os.times(), _cpu_s(store.pid)
                 failed = sum(mgr.has_failed(a) for a in ids)
                 mb = sum(s.nbytes for _, s in mgr._host.values()) / 1e6
                 rows.append({"workers": w, "adapters": args.n, "failed": failed, "seconds": round(dt, 2),
                              "adapters_per_s": round(args.n / dt, 2), "MB_per_s": round(mb / dt, 1),
-                             "engine_cpu_s_per_adapter": round((c1.user + c1.system - c0.user - c0.system) / args.n, 3)})
+                             "engine_cpu_s_per_adapter": round((c1.user + c1.system - c0.user - c0.system) / args.n, 3),
+                             # the store is one process: near 1.0 here, it is what bounds the fetches
+                             "store_cores_busy": round((s1 - s0) / dt, 2)})
                 print(json.dumps(rows[-1]), flush=True)
                 mgr.close()
         finally:
             store.terminate()
             store.wait()
     stop_busy.set()
-    meta = {"processes": args.processes, "busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+    meta = {"processes": args.processes, "store_workers": args.store_workers, "busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process and its child processes have used so far (Linux /proc)."""
+    def one(p: int) -> float:
+        fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    kids = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return one(pid) + sum(one(int(k)) for k in kids)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ WARM=${WARM:-}   # 1: load every adapter into the host cache before measuring (S
 PREWARM=${PREWARM-1}   # empty: no discarded pre-warm run per setting
 REPEAT=${REPEAT:-1}    # rounds of runs (base-only and each n); the table's ratios use their means
 EXTRA_SERVE=${EXTRA_SERVE:-}
+STORE_WORKERS=${STORE_WORKERS:-1}   # the store's serving processes (loraserve store --workers)
 mkdir -p "$RESULTS"
 DATA=$(mktemp -d)
 SP=${STORE_PORT:-50052}; EP=${ENGINE_PORT:-50051}
@@ -43,7 +44,7 @@ import signal; from adapter_store.services import RedisServer
 r = RedisServer(port=$RP).start(); signal.sigwait({signal.SIGTERM, signal.SIGINT}); r.close()" &
 REDIS=$!
 export LORASERVE_REDIS_URL="redis://127.0.0.1:$RP/0"
-loraserve store --port "$SP" --data-dir "$DATA/store" > "$RESULTS/store.log" 2>&1 &
+loraserve store --port "$SP" --data-dir "$DATA/store" --workers "$STORE_WORKERS" > "$RESULTS/store.log" 2>&1 &
 STORE=$!
 # shellcheck disable=SC2086
 loraserve serve --model "$MODEL" --dtype float16 --port "$EP" --store-target "127.0.0.1:$SP" \

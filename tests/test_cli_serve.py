@@ -96,6 +96,70 @@ def test_store_subcommand(tmp_path, capsys):
         _stop(proc, log)
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes of the TCP listeners on `port` (Linux /proc/net)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in open(table).read().splitlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                    inodes.add(f[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_store_workers_share_the_port_and_exit_with_it(tmp_path):
+    """`loraserve store --workers 2`: a second serving process listens on the same port; fetches
+    over many connections (spread over both by the kernel) all return the same bytes; stopping
+    the store stops the worker too."""
+    from adapter_store.client import StoreClient
+    from tests.helpers import make_model
+
+    model = make_model(tmp_path / "model")
+    port = _free_port()
+    proc, log = _start(["store", "--port", str(port), "--data-dir", str(tmp_path / "store"), "--workers", "2",
+                        "--base-model", f"tiny={model}"], tmp_path, "store")
+    try:
+        target = f"127.0.0.1:{port}"
+        _wait_healthy(target, proc)
+        deadline = time.monotonic() + 60
+        while True:     # the worker starts after the first process serves
+            kids = [int(k) for k in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+            workers = [k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+            if workers and _socket_inodes(workers[0]) & _listening_inodes(port):
+                break
+            assert time.monotonic() < deadline, f"no second process listens on {port}: {kids}"
+            time.sleep(0.3)
+        assert len(workers) == 1
+        with StoreClient(target) as c:
+            c.register_synthetic("w1", 8, ["q_proj", "v_proj"], seed=3, base_model="tiny")
+            _, cfg, weights = c.fetch("w1")
+        assert len(weights) > 0
+        for _ in range(8):      # a new channel, so a new connection, each time
+            with StoreClient(target) as c:
+                assert c.fetch("w1")[1:] == (cfg, weights)
+    finally:
+        _stop(proc, log)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{workers[0]}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stat = open(f"/proc/{workers[0]}/stat").read() if os.path.exists(f"/proc/{workers[0]}") else ""
+    assert not stat or stat.rsplit(")", 1)[1].split()[0] == "Z", "the store's worker outlived it"
+
+
 def test_serve_subcommand_bad_flag_is_reported(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--dtype", "float8"])
