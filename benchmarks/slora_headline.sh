@@ -41,7 +41,9 @@ NAME=$(basename "$MODEL")
 RP=$(python3 -c "from adapter_store.services import free_port; print(free_port())")
 python3 -c "
 import signal; from adapter_store.services import RedisServer
-r = RedisServer(port=$RP).start(); signal.sigwait({signal.SIGTERM, signal.SIGINT}); r.close()" &
+r = RedisServer(port=$RP).start()   # (before the mask: redis-server would inherit it)
+sigs = {signal.SIGTERM, signal.SIGINT}; signal.pthread_sigmask(signal.SIG_BLOCK, sigs)   # sigwait needs them blocked
+signal.sigwait(sigs); r.close()" &
 REDIS=$!
 export LORASERVE_REDIS_URL="redis://127.0.0.1:$RP/0"
 loraserve store --port "$SP" --data-dir "$DATA/store" --workers "$STORE_WORKERS" > "$RESULTS/store.log" 2>&1 &
