@@ -118,6 +118,7 @@ class AdapterManager:
         self.stale: list[Resident] = []
         self.loads = 0
         self.preloads = 0      # loads started ahead of admission (counted in loads too)
+        self.evictions = 0     # idle adapters dropped from the pool to make room
 
     # -- host side (any thread) ------------------------------------------------------------
     def prefetch(self, adapter_id: str) -> None:
@@ -295,6 +296,7 @@ class AdapterManager:
             if r.refs == 0:
                 self._drop(r)
                 del self.resident[aid]
+                self.evictions += 1
                 return True
         return False
 

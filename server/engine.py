@@ -70,6 +70,9 @@ class EngineStats:
     decode_tokens: int = 0
     decode_adapters: int = 0
     decode_adapter_bytes: int = 0
+    # adapters copied into the pool and evicted from it (the manager's counters, as of the window)
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
 
     @property
     def host_s(self) -> float:
@@ -89,6 +92,7 @@ class EngineStats:
                 f"mean_distinct_adapters={self.decode_adapters / n:.1f} "
                 f"adapter_GB_per_decode_step={self.decode_adapter_bytes / n / 1e9:.2f} "
                 f"adapter_bytes_vs_weights={self.decode_adapter_bytes / n / max(weight_bytes, 1):.3f} "
+                f"adapter_loads={self.adapter_loads} adapter_evictions={self.adapter_evictions} "
                 f"busy_s={self.busy_s:.2f} ms_per_step={1e3 * self.busy_s / max(self.steps, 1):.2f} "
                 f"gpu={self.gpu_s / busy:.0%} "
                 f"device={self.device_s / busy:.0%} sched={self.sched_s / busy:.0%} prep={self.prep_s / busy:.0%} "
@@ -182,6 +186,7 @@ class Engine:
                     self._drain(block=True, timeout=0.005)   # waiting on an adapter fetch
                 st.busy_s += time.perf_counter() - t0
                 if st.busy_s - self._logged.busy_s >= STATS_EVERY_S:
+                    st.adapter_loads, st.adapter_evictions = self.adapters.loads, self.adapters.evictions
                     log.info("stats window=%d %s", window, st.since(self._logged).summary(self.model.weight_bytes))
                     self._logged = dataclasses.replace(st)
                     if prof is not None:

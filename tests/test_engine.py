@@ -361,6 +361,12 @@ def test_preload_keeps_its_margin_and_never_evicts(tiny):
     got = {a: mgr.preload(a, 0) for a in ("attn", "qv", "wide")}
     assert set(mgr.resident) == {"full"} | {a for a, n in got.items() if n}
     assert pool.free_pages == free - took - sum(got.values()) >= 0
+    assert mgr.evictions == 0
+    # room for pages the pool lacks: idle adapters go, least recently used first, each counted
+    before = list(mgr.resident)
+    mgr.make_room(pool.free_pages + 1)
+    gone = [a for a in before if a not in mgr.resident]
+    assert gone == before[:len(gone)] and mgr.evictions == len(gone) >= 1
     engine.adapters.close()
 
 
