@@ -39,8 +39,8 @@ _FLAGS = [
     ("--max-adapter-rank", dict(type=int, default=256, help="largest LoRA rank accepted; larger: RESOURCE_EXHAUSTED "
                                                           "(env LORASERVE_MAX_ADAPTER_RANK)")),
     ("--workers", dict(type=int, default=1, help="serving processes sharing the port (SO_REUSEPORT). One process "
-                                              "streams ~300-400 MB/s of adapter weights, bound by its CPU; N serve "
-                                              "N connections at once (env LORASERVE_WORKERS)")),
+                                              "streams a few hundred MB/s of adapter weights, bound by its one "
+                                              "core; N serve N connections at once (env LORASERVE_WORKERS)")),
     ("--base-model", dict(action="append", default=None, metavar="[NAME=]MODEL_DIR",
                           help="register a base model's dims from its HF config.json (repeatable; engines also "
                                "register theirs at start; env LORASERVE_BASE_MODEL, comma-separated)")),
