@@ -154,12 +154,12 @@ class AdapterManager:
         with self._lock:
             old = self._host.pop(adapter_id, None)
             if old:
-                self._host_bytes -= old[1].nbytes
+                self._host_bytes -= old[1].host_bytes
             self._host[adapter_id] = (version, staged)
-            self._host_bytes += staged.nbytes
+            self._host_bytes += staged.host_bytes
             while self._host_bytes > self.host_cache_bytes and len(self._host) > 1:
                 _, (_, ev) = self._host.popitem(last=False)
-                self._host_bytes -= ev.nbytes
+                self._host_bytes -= ev.host_bytes
 
     def add_weights(self, weights: LoraWeights, version: int = 0) -> None:
         """Stage parsed weights (validated against the whole model) as this rank's shard."""
@@ -307,7 +307,7 @@ class AdapterManager:
             with self._lock:
                 old = self._host.pop(adapter_id, None)
                 if old:
-                    self._host_bytes -= old[1].nbytes
+                    self._host_bytes -= old[1].host_bytes
                     found = True
         r = self.resident.get(adapter_id)
         if r is not None:

@@ -661,3 +661,26 @@ def test_fetch_process_stages_int8_rows_like_the_engine(tiny):
     with pytest.raises(ValueError, match="another pool layout"):
         engine.table.insert(fp)
     engine.adapters.close()
+
+
+def test_host_cache_evicts_lru_within_its_byte_budget(tiny):
+    """The host cache keeps adapters up to its byte budget, dropping the least recently used; its
+    count is what the staged adapters hold (pinned ones rounded up as torch's allocator does)."""
+    from server.pool import pinned_footprint
+
+    assert [pinned_footprint(n) for n in (0, 1, 3, 4, 5, 79_000_000)] == [0, 1, 4, 4, 8, 1 << 27]
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4))
+    mgr = engine.adapters
+    names = ["qv", "attn", "full"]
+    for name in names:
+        mgr.add_weights(load_peft_dir(name, adapters[name], engine.cfg))
+    held = {n: mgr._host[n][1].host_bytes for n in names}
+    assert all(h > 0 for h in held.values())
+    # a budget that holds two of them (qv is the smallest): re-adding qv drops the oldest
+    mgr.host_cache_bytes = held["attn"] + held["full"]
+    mgr.unload("qv")
+    mgr.add_weights(load_peft_dir("qv", adapters["qv"], engine.cfg))
+    assert mgr.cached_ids() == ["full", "qv"]          # attn was the least recently used
+    assert mgr._host_bytes == held["full"] + held["qv"] <= mgr.host_cache_bytes
+    engine.adapters.close()
