@@ -282,25 +282,22 @@ class StagedAdapter:
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.row_scale is None else self.row_scale.numel() * 4
-        return self.images.numel() * self.images.element_size() + scales
+        return sum(t.nbytes for t in self._tensors())
 
     @property
     def host_bytes(self) -> int:
         """Host memory it holds. Pinned tensors come from torch's caching host allocator, which
         rounds every allocation up to a power of two: a 79 MB adapter pins 128 MB. The host
         cache's budget counts these, so --host-cache-mb bounds what is really pinned."""
-        return sum(_held_bytes(t) for t in (self.images, self.row_scale) if t is not None)
+        return sum(pinned_footprint(t.nbytes) if t.is_pinned() else t.nbytes for t in self._tensors())
 
-
-def _held_bytes(t: torch.Tensor) -> int:
-    n = t.numel() * t.element_size()
-    return pinned_footprint(n) if t.is_pinned() else n
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.images, self.row_scale) if t is not None]
 
 
 def pinned_footprint(nbytes: int) -> int:
     """Bytes torch's caching host allocator pins for an allocation of ``nbytes`` (a power of two)."""
-    return 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
 def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) -> StagedAdapter:  # noqa: F821

@@ -289,8 +289,6 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny, adapter_
     """Insert several adapters, remove ones from the middle, insert again: every remaining adapter's
     rows (through the row table and index, and int8 rows' scales) still hold exactly its weights
     (int8: exactly their quantized form)."""
-    from kernels.reference import gather_rows
-    from server.config import TARGET_MODULES
     from server.pool import AdapterTable, UnifiedPool, quantize_rows, stage_adapter
 
     model_dir, adapters = tiny
@@ -309,15 +307,24 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny, adapter_
     table.remove(slots.pop("attn"))
     table.remove(slots.pop("qv"))
     slots["qv"] = table.insert(stage_adapter(loaded["qv"], pool)).slot
-    for name, slot in slots.items():
-        for (layer, module), (a, b) in loaded[name].weights.items():
+    check_table_holds(table, {slots[n]: loaded[n] for n in slots}, stored)
+    assert table.num_rows == sum(e.num_rows for e in table.slots.values())
+    engine.adapters.close()
+
+
+def check_table_holds(table, by_slot: dict, stored=lambda m: m) -> None:
+    """Every slot's A and B^T rows, read through the row table and index (int8: with their
+    scales), equal ``stored`` of its adapter's weights."""
+    from kernels.reference import gather_rows
+    from server.config import TARGET_MODULES
+
+    for slot, weights in by_slot.items():
+        for (layer, module), (a, b) in weights.weights.items():
             a0, b0, ra, rb = (int(z) for z in table.meta[slot, layer, TARGET_MODULES.index(module)])
             assert torch.equal(gather_rows(table.flat, table.rows, a0, ra, a.shape[1], table.row_scale).cpu(),
                                stored(a))
             assert torch.equal(gather_rows(table.flat, table.rows, b0, rb, b.shape[0], table.row_scale).cpu(),
                                stored(b.t()))
-    assert table.num_rows == sum(e.num_rows for e in table.slots.values())
-    engine.adapters.close()
 
 
 def test_warmup_runs_every_rank_and_leaves_nothing_behind(tiny):
