@@ -177,8 +177,21 @@ def _spawn_worker(args, redis_url: str, host: str, port: int):
     return p
 
 
+def _one_torch_thread() -> None:
+    """torch on one thread in each serving process. The store's only torch work is small
+    elementwise ops (synthetic weights: a slice of the noise tape times a scale), which torch
+    would spread over every core's OpenMP thread; with N serving processes that is N x cores
+    spinning threads. On 16 cores, 8 processes so configured moved a quarter of one process's
+    bytes while 14.7 cores were busy (benchmarks/results/fetch-store-threads-*). Concurrency
+    here comes from requests, not from splitting one multiply."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _worker_main(args, redis_url: str, host: str, port: int) -> None:
     """One more serving process of a --workers N store; it exits with its parent."""
+    _one_torch_thread()
     try:   # Linux: SIGTERM when the parent dies, however it dies
         import ctypes
 
@@ -202,6 +215,7 @@ def _worker_main(args, redis_url: str, host: str, port: int) -> None:
 def run_store(args: argparse.Namespace) -> None:
     """Serve AdapterStore + health + reflection on args.port until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _one_torch_thread()
     asyncio.run(_serve(args))
 
 

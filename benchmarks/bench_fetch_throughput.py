@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true",
                     help="run a thread that keeps the GIL busy with small torch ops, as the engine's step loop does")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
+    ap.add_argument("--device", default="cpu",
+                    help="the pool's device: on cuda the host cache pins its images, as the engine's does")
+    ap.add_argument("--adapter-dtype", choices=["float16", "int8"], default="float16")
     ap.add_argument("--out")
     args = ap.parse_args()
     from adapter_store.client import StoreClient
@@ -77,7 +80,7 @@ def main() -> None:
                 for i, aid in enumerate(ids):
                     client.register_synthetic(aid, ranks[i % len(ranks)], ["q_proj", "k_proj", "v_proj", "o_proj"],
                                               seed=1000 * w + i, base_model=cfg.name)
-                pool = UnifiedPool(cfg, 4, 16, torch.float16, "cpu")
+                pool = UnifiedPool(cfg, 4, 16, torch.float16, args.device, getattr(torch, args.adapter_dtype))
                 mgr = AdapterManager(pool, AdapterTable(pool, 4), StoreSource.connect(f"127.0.0.1:{port}"), cfg,
                                      host_cache_bytes=64 << 30, fetch_workers=w, fetch_processes=args.processes)
                 if args.processes:   # start the workers outside the timed window
@@ -101,7 +104,7 @@ def main() -> None:
             store.terminate()
             store.wait()
     stop_busy.set()
-    meta = {"processes": args.processes, "store_workers": args.store_workers, "busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+    meta = {"pool_device": args.device, "adapter_dtype": args.adapter_dtype, "processes": args.processes, "store_workers": args.store_workers, "busy": args.busy, "switch_interval": sys.getswitchinterval(), "device": f"cpu ({os.cpu_count()} cores)", "ranks": ranks, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
