@@ -119,10 +119,11 @@ def main() -> None:
     print()
     print(ratios(data))
     if not args.no_plot:
+        base = next((r for r in data.get("base", []) if r["backend"] == "base"), None)
         for s in ("S1", "S2", "GQA"):
             runs = [r for r in data.get(s, []) if r["backend"] == "loraserve"]
             if len({r["n"] for r in runs}) > 1:
-                plot_runs(runs, str(args.folder / f"{s}.png"))
+                plot_runs(runs, str(args.folder / f"{s}.png"), base)
 
 
 if __name__ == "__main__":

@@ -403,9 +403,9 @@ def format_comparison(runs: Sequence[dict]) -> str:
     return "\n\n".join(blocks)
 
 
-def plot_runs(runs: Sequence[dict], path: str) -> str | None:
-    """Throughput and first-token latency vs n, one line per backend. Returns the path written,
-    or None (with a message on stderr) when matplotlib is not installed."""
+def plot_runs(runs: Sequence[dict], path: str, base: dict | None = None) -> str | None:
+    """Throughput and first-token latency vs n (see ``runs_figure``) written to ``path``.
+    Returns the path, or None (with a message on stderr) when matplotlib is not installed."""
     try:
         import matplotlib  # noqa: PLC0415
         matplotlib.use("Agg")
@@ -413,24 +413,40 @@ def plot_runs(runs: Sequence[dict], path: str) -> str | None:
     except ImportError:
         print("note: matplotlib is not installed; skipping the plot (pip install matplotlib)", file=sys.stderr)
         return None
+    fig = runs_figure(runs, base)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def runs_figure(runs: Sequence[dict], base: dict | None = None):
+    """Throughput and first-token latency vs n, one line per backend, and ``base`` (a base-only
+    run of the same workload) as a dashed line. The axes start at zero: a 1% dip must not
+    fill the plot."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for backend in dict.fromkeys(r["backend"] for r in runs):
         rs = sorted((r for r in runs if r["backend"] == backend), key=lambda r: r["n"])
         ns = [r["n"] for r in rs]
         a1.plot(ns, [r["result"]["throughput"] for r in rs], marker="o", label=backend)
         a2.plot(ns, [r["result"]["avg_first_token_latency"] or float("nan") for r in rs], marker="o", label=backend)
+    if base is not None:
+        a1.axhline(base["result"]["throughput"], ls="--", color="gray", label="base model only")
+        a2.axhline(base["result"]["avg_first_token_latency"] or float("nan"), ls="--", color="gray",
+                   label="base model only")
     for ax, title in ((a1, "throughput (req/s)"), (a2, "avg first-token latency (s)")):
         ax.set_xlabel("number of adapters n")
         ax.set_title(title)
+        top = max((y for line in ax.get_lines() for y in line.get_ydata() if y == y), default=0)
+        ax.set_ylim(0, top * 1.1 or None)
         ax.grid(True, alpha=0.3)
         ax.legend()
     if len({r["n"] for r in runs}) > 1 and min(r["n"] for r in runs) > 0:
         a1.set_xscale("log")
         a2.set_xscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -2,6 +2,8 @@
 import json
 import sys
 
+import pytest
+
 from benchmarks import headline_table as ht
 
 
@@ -54,3 +56,21 @@ def test_repeated_runs_are_averaged(tmp_path):
     out = ht.ratios(data)
     assert "| S2 throughput at n = 2000 >= 95% of n = 5 | n=2000 / n=5: 10.00 / 11.00 req/s = 90.9% (means of 2 and 2 runs) | no |" in out
     assert "| S2 at n = 1000 >= 85% of base-only | n=1000 / base: 9.00 / 10.00 req/s = 90.0% (means of 1 and 2 runs) | yes |" in out
+
+
+def test_plot_starts_at_zero_and_draws_the_base_model(tmp_path):
+    """A 1% dip between n = 5 and n = 2000 must look like one: both axes start at zero and
+    the base-only run is a reference line."""
+    pytest.importorskip("matplotlib")
+    from clients.bench import plot_runs, runs_figure
+
+    runs = [_run("loraserve", 5, 23.9), _run("loraserve", 2000, 23.7)]
+    base = _run("base", 0, 27.4)
+    fig = runs_figure(runs, base)
+    tput, ttft = fig.axes
+    assert tput.get_ylim()[0] == 0 and ttft.get_ylim()[0] == 0
+    assert tput.get_ylim()[1] > 27.4                       # the base line is inside the plot
+    assert [line.get_label() for line in tput.get_lines()] == ["loraserve", "base model only"]
+    assert tput.get_xscale() == "log"
+    out = tmp_path / "S2.png"
+    assert plot_runs(runs, str(out), base) == str(out) and out.stat().st_size > 0
