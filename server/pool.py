@@ -305,28 +305,53 @@ def stage_adapter(weights: "LoraWeights", pool: UnifiedPool, pin: bool = False) 
     adapter dtype (int8: each row quantized with its own scale)."""
     cfg, P = pool.cfg, pool.row_elems
     mats = list(weights.matrices())
-    widths = []
-    for _, (a, b) in mats:
-        widths += [a.shape[1]] * a.shape[0] + [b.shape[0]] * b.shape[1]
+    pieces = [m for _, (a, b) in mats for m in (a, b.t())]      # in row order: A, then B^T
+    widths = [w for m in pieces for w in [m.shape[1]] * m.shape[0]]
     n_pages, placed = pool.pack_rows(widths)
     # every byte a kernel reads is written below; page tails and row padding are never read
     images = torch.empty(n_pages, P, dtype=pool.adapter_dtype, pin_memory=pin)
     flat = images.view(-1)
     rel = torch.tensor([p * P + off for p, off in placed], dtype=torch.int64)
     meta = torch.zeros(cfg.num_layers, len(TARGET_MODULES), 4, dtype=torch.int32)
-    scales = torch.empty(len(placed), dtype=torch.float32) if pool.quantized else None
     i = 0
     for (layer, module), (a, b) in mats:
         ra, rb = a.shape[0], b.shape[1]
         meta[layer, TARGET_MODULES.index(module)] = torch.tensor([i, i + ra, ra, rb])
-        for j, m in ((i, a), (i + ra, b.t())):
-            if scales is not None:
-                m, scales[j:j + m.shape[0]] = quantize_rows(m)
-            _copy_rows(flat, rel[j:j + m.shape[0]], m.to(pool.adapter_dtype), pool.row_align)
         i += ra + rb
+    scales = torch.empty(len(placed), dtype=torch.float32) if pool.quantized else None
+    row = 0
+    for batch in _quant_batches(pieces) if pool.quantized else [[m] for m in pieces]:
+        if scales is not None:
+            n = sum(m.shape[0] for m in batch)
+            q, scales[row:row + n] = quantize_rows(batch[0] if len(batch) == 1 else torch.cat(batch))
+            batch = q.split([m.shape[0] for m in batch])
+        for m in batch:      # (copied while the batch is still in cache)
+            _copy_rows(flat, rel[row:row + m.shape[0]], m.to(pool.adapter_dtype), pool.row_align)
+            row += m.shape[0]
     if scales is not None and pin:
         scales = scales.pin_memory()
     return StagedAdapter(images, rel, meta, float(weights.scaling), weights.max_rank, scales)
+
+
+QUANT_BATCH_ROWS = 64
+
+
+def _quant_batches(pieces: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive same-width matrices grouped into batches of about QUANT_BATCH_ROWS rows, each
+    quantized by one quantize_rows call. One call per matrix paid ~10 small ops each: a rank-8
+    adapter's staging took 2-3x its copies. One call over all of them built temporaries of
+    hundreds of MB and lost the cache. Rows are quantized independently, so the values and
+    scales are exactly those of each matrix alone (tests/test_kernels.py checks)."""
+    batches: list[list[torch.Tensor]] = []
+    rows = 0
+    for m in pieces:
+        if batches and rows < QUANT_BATCH_ROWS and m.shape[1] == batches[-1][0].shape[1]:
+            batches[-1].append(m)
+            rows += m.shape[0]
+        else:
+            batches.append([m])
+            rows = m.shape[0]
+    return batches
 
 
 def quantize_rows(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -405,6 +405,30 @@ def test_int8_rows_stay_within_their_quantization_error():
     assert 0 < err < 1e-2, err
 
 
+@pytest.mark.parametrize("rank", [1, 8, 40])
+def test_staged_int8_rows_are_each_matrix_quantized_alone(rank):
+    """stage_adapter quantizes runs of same-width matrices together (one call per ~64 rows):
+    every row's int8 values and scale must equal quantizing its own matrix alone, across
+    widths that change between modules (attention, then MLP rows of another width)."""
+    from server.pool import quantize_rows
+    mods = ("q_proj", "k_proj", "gate_proj", "down_proj")
+    w = random_adapter(TINY, "a", rank, mods, gen=torch.Generator().manual_seed(rank))
+    pool = UnifiedPool(TINY, 1, 4, torch.float32, "cpu", torch.int8)
+    st = stage_adapter(w, pool)
+    flat = st.images.view(-1)
+    seen = 0
+    for (layer, module), (a, b) in w.matrices():
+        a_start, b_start, ra, rb = st.meta[layer, TARGET_MODULES.index(module)].tolist()
+        for start, m in ((a_start, a), (b_start, b.t())):
+            q, scale = quantize_rows(m)
+            for j in range(m.shape[0]):
+                off = int(st.rel_offsets[start + j])
+                assert torch.equal(flat[off:off + m.shape[1]], q[j]), (layer, module, j)
+            assert torch.equal(st.row_scale[start:start + m.shape[0]], scale)
+            seen += m.shape[0]
+    assert seen == st.rel_offsets.numel() == st.row_scale.numel()
+
+
 # -------------------------------------------------------------------------------------------------
 # attention
 # -------------------------------------------------------------------------------------------------
