@@ -486,8 +486,8 @@ def cmd_stats(args) -> int:
         t = s.time_window()
         print(f"engine time      {t['busy_s']:.1f} s busy, {t['ms_per_step']} ms per step: {100 * t['device_share']:.0f}% "
               f"device, {100 * t['host_share']:.0f}% host, {100 * t['outside_share']:.0f}% outside steps; "
-              f"{t['graph_steps']} graph steps, {t['prefill_steps']} prefill steps; the GPU busy "
-              f"{100 * t['gpu_share']:.0f}% of the time")
+              f"{t['graph_steps']} graph steps, {t['prefill_steps']} prefill steps"
+              + (f"; the GPU busy {100 * t['gpu_share']:.0f}% of the time" if (s.device or "").startswith("cuda") else ""))
     print(f"adapter loads    {s.adapter_loads} into the pool ({s.adapter_preloads} before admission)")
     print(f"resident ({len(s.resident_adapters)})    {', '.join(s.resident_adapters) or '-'}")
     print(f"cached ({len(s.cached_adapters)})      {', '.join(s.cached_adapters) or '-'}")

@@ -210,8 +210,11 @@ class AdapterTable:
             # after the work queued so far has read them
             stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            images = staged.images.to(dev, non_blocking=True)
-            pool.data.view(images.dtype).index_copy_(0, to(page_ids), images)
+            if dev.type == "cuda":
+                images = staged.images.to(dev, non_blocking=True)
+                pool.data.view(images.dtype).index_copy_(0, to(page_ids), images)
+            else:
+                _copy_pages(pool.data.view(staged.images.dtype), pages, staged.images)
             if stream is not None:
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -258,6 +261,20 @@ class AdapterTable:
         self.mlp[slot] = False
         self.nbytes[slot] = 0
         self._free_slots.append(slot)
+
+
+def _copy_pages(dst: torch.Tensor, pages: list[int], images: torch.Tensor) -> None:
+    """dst[pages[k]] = images[k], one copy per run of consecutive page ids (the CPU engine's
+    load: index_copy_ of whole pages ran ~15x slower than plain copies on a CPU core, 5.6 vs
+    0.4 ms for a rank-8 Llama-7B adapter's 64 pages)."""
+    k = 0
+    while k < len(pages):
+        end = k + 1
+        while end < len(pages) and pages[end] == pages[end - 1] + 1:
+            end += 1
+        dst[pages[k]:pages[k] + end - k].copy_(images[k:end])
+        k = end
+
 
 @dataclass
 class StagedAdapter:

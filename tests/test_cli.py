@@ -201,6 +201,7 @@ def test_health_and_stats(server, capsys):
     assert s["pool"]["adapter_dtype"] == s["dtype"]
     rc, out, err = run(capsys, *t, "stats")
     assert f"adapter rows {s['dtype']}" in out     # rows in the model's dtype unless --adapter-dtype int8
+    assert "engine time" in out and ("GPU busy" in out) == s["device"].startswith("cuda")   # no GPU, no GPU figure
 
 
 def test_int8_adapter_rows_from_the_serve_flag_to_stats(tmp_path, capsys):
