@@ -1,7 +1,8 @@
-"""Old (05f45b1) vs new stage_adapter and parse_adapter, alternating in one process; outputs compared."""
-import importlib.util, sys, time, torch
+"""Old (05f45b1, checked out at /tmp/old) vs new stage_adapter and parse_adapter, alternating in
+one process; outputs compared. --same-input: stage one parsed adapter with both, 15 times each."""
+import importlib.util, pathlib, sys, time, torch
 torch.set_num_threads(1)
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))
 def load(name, path):
     spec = importlib.util.spec_from_file_location(name, path); m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m); return m
 old_pool = load("old_pool", "/tmp/old/server/pool.py"); old_lora = load("old_lora", "/tmp/old/server/lora.py")
@@ -12,6 +13,16 @@ from adapter_store.synthetic import synthetic_adapter
 from adapter_store.validate import BaseDims, SyntheticParams
 cfg = ModelConfig.from_dict(LLAMA7B, name="llama7b-shape")
 dims = BaseDims(cfg.num_layers, {m: cfg.module_dims(m) for m in cfg.dims_dict()["modules"]}, cfg.name)
+if "--same-input" in sys.argv:
+    cb, wb = synthetic_adapter(SyntheticParams(64, ("q_proj","k_proj","v_proj","o_proj"), 1, 1.0), dims, cfg.name)
+    w = new_lora.parse_adapter("x", cb, wb, cfg, torch.float16)
+    lay = {s: p.UnifiedPool(cfg, 2, 16, torch.float16, "cpu", torch.int8) for s, p in (("old", old_pool), ("new", new_pool))}
+    t = {"old": [], "new": []}
+    for rep in range(15):
+        for side, pl in (("old", old_pool), ("new", new_pool)):
+            t0 = time.perf_counter(); st = pl.stage_adapter(w, lay[side]); t[side].append(time.perf_counter() - t0); del st
+    print("rank 64 q/k/v/o, one parsed input, stage medians (ms):", {k: round(sorted(v)[7] * 1e3) for k, v in t.items()})
+    sys.exit()
 for targets in (("q_proj","k_proj","v_proj","o_proj"), ("q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj")):
   for rank in (64, 8):
     cb, wb = synthetic_adapter(SyntheticParams(rank, targets, 1, 1.0), dims, cfg.name)
