@@ -84,7 +84,9 @@ class UnifiedPool:
     def alloc(self, n: int, kind: str) -> list[int]:
         if n > len(self._free):
             raise PoolExhausted(f"need {n} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
+        pages = self._free[len(self._free) - n:]      # the last n, as n pops would give them
+        del self._free[len(self._free) - n:]
+        pages.reverse()
         self._count(kind, n)
         return pages
 

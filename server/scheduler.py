@@ -112,10 +112,11 @@ class Scheduler:
             self.waiting.remove(req)
         self.free(req)
 
-    def _preempt(self) -> bool:
-        """Recompute policy: the newest running request goes back to the front of the queue."""
+    def _preempt(self) -> Request | None:
+        """Recompute policy: the newest running request goes back to the front of the queue.
+        Returns it (None when nothing runs)."""
         if not self.running:
-            return False
+            return None
         victim = max(self.running, key=lambda r: r.arrival)
         self.running.remove(victim)
         self.free(victim)
@@ -123,15 +124,16 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(victim)
         log.info("preempted %s (%d tokens)", victim.request_id, victim.total_len)
-        return True
+        return victim
 
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> Step:
         # 1. room for every running request's next token; preempt until it fits.
         decodes = []
+        preempted: set[int] = set()    # ids: a membership test on the running list per request was O(batch^2)
         for req in list(self.running):
-            if req not in self.running:
-                continue   # preempted below
+            if id(req) in preempted:
+                continue
             if self._last_in_flight(req):
                 continue   # it finishes when the host reads that token
             while True:
@@ -140,8 +142,14 @@ class Scheduler:
                     decodes.append(req)
                     break
                 except PoolExhausted:
-                    if not self._preempt() or req not in self.running:
+                    victim = self._preempt()
+                    if victim is None:
                         break
+                    preempted.add(id(victim))
+                    if victim is req:
+                        break
+        if preempted:   # a victim that had already taken its place in this step gave its pages back
+            decodes = [r for r in decodes if id(r) not in preempted]
         # 2. admit waiting requests.
         prefills: list[Request] = []
         self._since_admit += 1
