@@ -67,3 +67,30 @@ def test_admits_what_summing_final_lengths_refuses_and_never_preempts(tiny):  # 
         assert alone.output_ids == r.output_ids
     assert engine.pool.kv_pages == 0
     engine.adapters.close()
+
+
+def test_a_victim_already_in_this_steps_decodes_leaves_them(tiny):  # noqa: F811
+    """Preemption takes the newest request, which need not come last in the running list (a
+    preempted request comes back with its old arrival). When a later request's growth preempts
+    one that this step had already placed among its decodes, that one leaves the step: its
+    pages are gone, it must not run."""
+    model_dir, _ = tiny
+    # 2 layers x (K, V): a 16-token block is 4 pages; the pool holds 3 blocks
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_pages=3 * 4 + 1,
+                                          sched=SchedulerConfig(admission="optimistic")))
+    sch = engine.scheduler
+    old = Request("old", [5] * 16, greedy(40), "")        # 16 + its first token: a 2nd block
+    new = Request("new", [6] * 20, greedy(40), "")        # 20 tokens: 2 blocks, room in the second
+    new.arrival = old.arrival + 1
+    for r in (old, new):
+        sch.add(r)
+    step = sch.schedule()
+    assert [r.request_id for r in step.prefills] == ["old", "new"] and engine.pool.free_pages == 0
+    for r in step.prefills:        # as if the step ran: K/V of the prompts, and each one's first token
+        r.num_computed = r.total_len
+        r.output_ids.append(9)
+    sch.running = [new, old]       # the newest first
+    step = sch.schedule()
+    assert sch.preemptions == 1 and sch.waiting[0] is new and new.blocks == []
+    assert [r.request_id for r in step.decodes] == ["old"] and len(old.blocks) == 2
+    engine.adapters.close()
