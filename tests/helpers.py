@@ -106,7 +106,9 @@ def run_engine(engine, requests, timeout: float = 120.0):
         r.emit = outs[r.request_id].append
         engine.submit(r)
     deadline = time.monotonic() + timeout
-    while not all(r.finished for r in requests):
+    # done when each request's last Output has arrived: the engine marks a request finished when
+    # it decides so, and hands that Output over at its next flush (r.finished alone raced it)
+    while not all(o and o[-1].finish is not None for o in outs.values()):
         if time.monotonic() > deadline:
             raise TimeoutError("engine did not finish in time")
         time.sleep(0.01)
