@@ -73,6 +73,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="admit new prefills at most every N steps while others decode (S-LoRA/lightllm's "
                         "max_wait_tokens); a full prefill budget waiting admits at once. -1 (default): 10 on "
                         "CUDA, where prefill steps run outside the CUDA graphs; 1 on the CPU")
+    p.add_argument("--stream-interval", type=int, default=int(e("--stream-interval", 1)),
+                   help="send a request's tokens this many per message (its first and last at once): fewer "
+                        "messages for the servicers' event loop, which shares the GIL with the engine thread")
     p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
     p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
@@ -126,6 +129,8 @@ async def start(args) -> Running:
     from server.scheduler import SchedulerConfig
     from server.servicer import EngineAdminServicer, InferenceServicer
 
+    if args.stream_interval < 1:
+        raise SystemExit(f"error: --stream-interval must be 1 or more, got {args.stream_interval}")
     data_dir = pathlib.Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
@@ -152,7 +157,8 @@ async def start(args) -> Running:
                       max_adapters=args.max_adapters, host_cache_mb=args.host_cache_mb, sched=sched,
                       cuda_graphs=not args.no_cuda_graphs, warmup=not args.no_warmup,
                       max_lora_rank=args.max_lora_rank, adapter_dtype=args.adapter_dtype,
-                      fetch_workers=args.fetch_workers, fetch_processes=args.fetch_processes)
+                      fetch_workers=args.fetch_workers, fetch_processes=args.fetch_processes,
+                      stream_interval=args.stream_interval)
     tp = None
     if args.tensor_parallel_size > 1:
         tp = _start_tp_workers(args, ec, local, bound, cleanup)

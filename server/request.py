@@ -61,6 +61,9 @@ class Request:
     inflight: int = 0
     last_row: int = -1              # its row in the latest launched step's output
     epoch: int = 0                  # bumped when it leaves the running set: tokens in flight are void
+    # read but not yet handed to the stream (the engine's stream_interval batches them)
+    unsent_ids: list[int] = field(default_factory=list)
+    unsent_logprobs: list[float] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:

@@ -37,6 +37,7 @@ class EngineConfig:
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
     adapter_dtype: str = "auto"         # adapter rows in the pool: auto (the model's dtype) or int8
     warmup: bool = True                 # compile eager-step kernels before serving (CUDA only)
+    stream_interval: int = 1            # tokens per stream message after the first (Engine)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def resolve_device(self) -> torch.device:
@@ -96,7 +97,7 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
     graphs = ec.cuda_graphs and device.type == "cuda" and not model.tp.enabled
     if ec.sched.prefill_interval < 0:   # auto: batch admissions where decode steps replay graphs
         ec.sched.prefill_interval = 10 if graphs else 1
-    engine = Engine(model, pool, table, adapters, ec.sched)
+    engine = Engine(model, pool, table, adapters, ec.sched, ec.stream_interval)
     if graphs:
         engine.capture_graphs(min(ec.sched.max_num_seqs, 256), ec.max_lora_rank)
     if ec.warmup and device.type == "cuda" and not model.tp.enabled:

@@ -167,6 +167,12 @@ def test_serve_subcommand_bad_flag_is_reported(capsys):
     assert "error: INVALID_ARGUMENT: argument --dtype" in capsys.readouterr().err
 
 
+def test_serve_stream_interval_below_one_is_refused():
+    r = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--stream-interval", "0", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--stream-interval must be 1 or more, got 0" in r.stderr
+
+
 class _TTY(io.StringIO):
     def isatty(self):
         return True

@@ -700,3 +700,34 @@ def test_host_cache_evicts_lru_within_its_byte_budget(tiny):
     assert mgr.cached_ids() == ["full", "qv"]          # attn was the least recently used
     assert mgr._host_bytes == held["full"] + held["qv"] <= mgr.host_cache_bytes
     engine.adapters.close()
+
+
+def test_stream_interval_batches_tokens_after_the_first(tiny):
+    """--stream-interval 3: a request's first token goes out alone (time to first token), then
+    three per message, and the last message carries the rest with the finish. The tokens and
+    log-probabilities are those of stream_interval 1, in the same order."""
+    model_dir, adapters = tiny
+    outs = {}
+    for interval in (1, 3):
+        engine = start_engine(model_dir, adapters, pool_mb=4, stream_interval=interval)
+        reqs = [Request(f"r{i}", [7, 8, 9 + i], greedy(11), name) for i, name in enumerate(["attn", "", "qv"])]
+        msgs = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            r.emit = msgs[r.request_id].append
+            engine.submit(r)
+        try:
+            assert wait_for(lambda: all(m and m[-1].finish is not None for m in msgs.values()), timeout=60)
+        finally:
+            engine.stop()
+        outs[interval] = {rid: (sum((o.token_ids for o in m), []), sum((o.logprobs for o in m), []))
+                          for rid, m in msgs.items()}
+        for r in reqs:
+            sizes = [len(m.token_ids) for m in msgs[r.request_id]]
+            assert sizes == ([1] * 11 if interval == 1 else [1, 3, 3, 3, 1]), (interval, sizes)
+            assert msgs[r.request_id][-1].finish == Finish.LENGTH and r.unsent_ids == []
+    assert outs[1].keys() == outs[3].keys()
+    for rid in outs[1]:
+        assert outs[3][rid][0] == outs[1][rid][0] and len(outs[3][rid][0]) == 11
+        assert outs[3][rid][1] == pytest.approx(outs[1][rid][1], abs=1e-6)
+    with pytest.raises(ValueError, match="stream_interval"):
+        start_engine(model_dir, {}, pool_mb=4, stream_interval=0)
