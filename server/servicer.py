@@ -134,12 +134,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     finish = o.finish or finish
                 msg = pb.GenerateResponse(request_id=rid)
                 if text is not None:
-                    delta, _ = text.push(ids, final=finish is not None)
+                    delta, counted = text.push(ids, final=finish is not None)
                     msg.text = delta
-                    if text.stopped and finish is None:
-                        finish = Finish.STOP
-                        self.engine.abort(rid)
-                    elif text.stopped:
+                    if text.stopped:
+                        # the tokens after the one that completed the stop string are not output
+                        keep = max(counted - (len(text.ids) - len(ids)), 0)
+                        ids, lps = ids[:keep], lps[:keep]
+                        if finish is None:
+                            self.engine.abort(rid)
                         finish = Finish.STOP
                 msg.token_ids.extend(ids)
                 msg.logprobs.extend(lps)

@@ -24,32 +24,55 @@ class Tokenizer:
 
 class TextStream:
     """Turns a growing list of token ids into text deltas, holding back what is not final yet:
-    an incomplete UTF-8 character, and any tail that could still become a stop string."""
+    an incomplete UTF-8 character, and any tail that could still become a stop string.
+
+    Decoding is incremental (as vLLM and TGI do it): each new token is decoded in a short window
+    that starts a token or so back, and its text is what that window adds to the same window
+    without it. Decoding every id so far on each push grew with the output: O(n^2) over a
+    generation. The window keeps tokenizers that strip a sequence's leading space (SentencePiece)
+    exact."""
 
     def __init__(self, tok: Tokenizer, stop: list[str]):
         self.tok, self.stop = tok, [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.text = ""         # what ids[:read] decode to
+        self.ends: list[int] = []   # len(self.text) once each id was pushed
+        self.prefix = self.read = 0  # the window ids[prefix:read] ends where self.text ends
         self.sent = 0          # characters already emitted
         self.stopped = False
+
+    def _add(self, token: int) -> None:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):   # (an incomplete character waits)
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        self.ends.append(len(self.text))
 
     def push(self, ids: list[int], final: bool) -> tuple[str, int]:
         """Add ids; return (text to emit now, how many of all ids so far count as output).
 
-        When a stop string appears, the text is cut before it and ``stopped`` becomes True.
+        When a stop string appears, the text is cut before it, ``stopped`` becomes True, and the
+        ids that count end with the one that completed the stop string.
         """
-        self.ids += ids
-        text = self.tok.decode(self.ids)
+        for t in ids:
+            self._add(t)
+        text = self.text
+        if final and self.read < len(self.ids):   # the end: whatever the last ids decode to
+            tail = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
+            text += tail
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
                 self.stopped = True
                 out, self.sent = text[self.sent:at], at
-                return out, len(self.ids)
+                done = at + len(s)
+                count = next((i + 1 for i, e in enumerate(self.ends) if e >= done), len(self.ids))
+                return out, count
         end = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                end -= 1
             end = max(self.sent, end - self.holdback)
         out, self.sent = text[self.sent:end], max(self.sent, end)
         return out, len(self.ids)

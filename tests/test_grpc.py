@@ -48,7 +48,21 @@ def test_stream_text_usage_and_logprobs(demo_server):
     assert "".join(m.text for m in msgs)   # the demo tokenizer decodes to printable text
 
 
-def test_stop_string_cuts_text(demo_server):
+@pytest.fixture(scope="module")
+def interval_server(tmp_path_factory):
+    """The demo model sending 4 tokens per message after the first (--stream-interval 4)."""
+    d = tmp_path_factory.mktemp("grpc-interval")
+    srv = ServerThread(["--no-store", "--data-dir", str(d / "data"), "--pool-mb", "16", "--max-model-len", "512",
+                        "--stream-interval", "4"])
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("server_name", ["demo_server", "interval_server"])
+def test_stop_string_cuts_text(server_name, request):
+    """The text ends before the stop string. The tokens end with the one that completed it, even
+    where a message carried more (4 tokens a message), and usage counts just those."""
+    demo_server = request.getfixturevalue(server_name)
     full = gen(demo_server.target, greq(prompt="abc", params=dict(max_new_tokens=30, ignore_eos=True)))
     text = "".join(m.text for m in full)
     stop = text[5:7]
@@ -56,6 +70,12 @@ def test_stop_string_cuts_text(demo_server):
     got = "".join(m.text for m in msgs)
     assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP
     assert got == text[:text.index(stop)]
+    from server.demo import build_tokenizer
+    tok = build_tokenizer()
+    full_ids = [t for m in full for t in m.token_ids]
+    k = next(k for k in range(1, len(full_ids) + 1) if stop in tok.decode(full_ids[:k]))
+    assert [t for m in msgs for t in m.token_ids] == full_ids[:k]
+    assert msgs[-1].usage.completion_tokens == k
 
 
 def test_200_concurrent_streams(demo_server):
