@@ -111,7 +111,7 @@ class Engine:
                  adapters: AdapterManager, sched_cfg: SchedulerConfig, stream_interval: int = 1):
         """stream_interval: a running request's tokens go to its stream this many at a time (its
         first token and its last go at once). Each message costs the servicers' event loop, which
-        shares the GIL with this thread, ~90 us on a CPU core (benchmarks/servicer_cpu.sh)."""
+        shares the GIL with this thread, 60-80 us on a CPU core (benchmarks/servicer_cpu.sh)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.model, self.pool, self.table, self.adapters = model, pool, table, adapters
