@@ -48,7 +48,8 @@ def run(n: int, args) -> dict:
     targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     g = torch.Generator().manual_seed(0)
     staged: dict = {}
-    for aid in sorted({r.adapter_id for r in trace}):      # staged once per rank, shared by ids
+    used = sorted({r.adapter_id for r in trace})
+    for aid in used:      # staged once per rank, shared by ids
         r = ranks[int(aid.split("-")[1]) % len(ranks)]
         if r not in staged:
             w = {(l, m): (torch.randn(r, h, generator=g), torch.randn(h, r, generator=g))
@@ -83,7 +84,7 @@ def run(n: int, args) -> dict:
             if len(req.output_ids) >= req.params.max_new_tokens:
                 sched.remove(req)
                 done += 1
-    row = {"n": n, "requests": len(trace), "distinct_adapters": len({r.adapter_id for r in trace}), "steps": steps,
+    row = {"n": n, "requests": len(trace), "distinct_adapters": len(used), "steps": steps,
            "sched_ms_per_step": round(sched_s / steps * 1e3, 3), "loads": mgr.loads - loads0,
            "evictions": mgr.evictions}
     if prof is not None:

@@ -438,7 +438,7 @@ def runs_figure(runs: Sequence[dict], base: dict | None = None):
     for ax, title in ((a1, "throughput (req/s)"), (a2, "avg first-token latency (s)")):
         ax.set_xlabel("number of adapters n")
         ax.set_title(title)
-        top = max((y for line in ax.get_lines() for y in line.get_ydata() if y == y), default=0)
+        top = max((y for line in ax.get_lines() for y in line.get_ydata() if y == y), default=0)   # (y == y: not NaN)
         ax.set_ylim(0, top * 1.1 or None)
         ax.grid(True, alpha=0.3)
         ax.legend()

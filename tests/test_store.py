@@ -544,9 +544,9 @@ def test_synthetic_register_and_fetch_deterministic(store):
 
 
 def test_synthetic_llama7b_adapter_is_scaled_tape_slices_byte_for_byte():
-    """Each synthetic tensor is the noise tape's slice at its seeded offset times its std,
-    exactly as computing that product on the slice gives (the store serves views of tapes it
-    scaled once): same bytes, so an adapter is reproducible across store versions too."""
+    """Each synthetic tensor is the noise tape's slice at its seeded offset times its std, in
+    the header's layout and order, byte for byte: an adapter is reproducible across store
+    versions and processes."""
     import struct
 
     from adapter_store import synthetic as syn
