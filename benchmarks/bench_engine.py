@@ -240,7 +240,7 @@ def main() -> None:
     for graphs in graph_modes or [False]:
         if graphs:
             t0 = time.time()
-            engine.capture_graphs(max(batches), max(ranks))
+            engine.capture_graphs(max(batches), max(ranks), batches)
             print(f"captured graphs in {time.time() - t0:.1f}s", flush=True)
         tag = "graph" if graphs else "eager"
         for n in batches:

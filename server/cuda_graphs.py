@@ -24,9 +24,14 @@ LORA_MODES = ("token", "grouped", None)
 
 
 class DecodeGraphs:
-    def __init__(self, model, pool, table, max_batch: int, max_context: int, max_rank: int):
+    def __init__(self, model, pool, table, max_batch: int, max_context: int, max_rank: int,
+                 batches: list[int] | None = None):
+        """batches: capture only the buckets these batch sizes replay (a benchmark timing a few
+        sizes skips the ~30 s of capturing all of them); None: every bucket up to max_batch."""
         self.model, self.pool, self.table = model, pool, table
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        if batches:
+            self.buckets = sorted({next((b for b in self.buckets if b >= n), self.buckets[-1]) for n in batches})
         self.max_context = max_context
         self.max_rank = max_rank
         self.max_blocks = -(-max_context // pool.block_tokens)

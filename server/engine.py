@@ -133,12 +133,13 @@ class Engine:
         self.block_tables = BlockTables(2 * sched_cfg.max_num_seqs, -(-self.max_model_len // pool.block_tokens),
                                         2 * pool.cfg.num_layers, pool.device)
 
-    def capture_graphs(self, max_batch: int, max_rank: int) -> None:
-        """Capture decode CUDA graphs (before start()); steps that fit replay them."""
+    def capture_graphs(self, max_batch: int, max_rank: int, batches: list[int] | None = None) -> None:
+        """Capture decode CUDA graphs (before start()); steps that fit replay them. batches: only
+        the buckets these sizes need (see DecodeGraphs)."""
         if self.pool.device.type != "cuda":
             return
         from server.cuda_graphs import DecodeGraphs
-        g = DecodeGraphs(self.model, self.pool, self.table, max_batch, self.max_model_len, max_rank)
+        g = DecodeGraphs(self.model, self.pool, self.table, max_batch, self.max_model_len, max_rank, batches)
         g.capture()
         self.graphs = g
 
