@@ -229,10 +229,26 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 
 
 @triton.jit
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+    jj = j0 + tl.arange(0, BR)
+    jmask = jj < rank
+    roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+    if QUANT:
+        vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
+    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
+    return tl.sum(b * vj[:, None], axis=0)
+
+
+@triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -254,6 +270,23 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
+    if RCLASS:
+        # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
+        # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
+        # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
+        if rank <= BLOCK_R // 4:
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 4)
+        elif rank <= BLOCK_R // 2:
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 2)
+        else:
+            delta = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j0 in range(0, rank, BLOCK_R):
+                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                       QUANT, BLOCK_R)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
+        return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
@@ -780,7 +813,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     else:
         cfg = TUNE["expand_seg"]

@@ -420,7 +420,8 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 # loads software-pipelined PIPE - 1 tiles ahead or not at all (PIPE); one token's tiles launched
 # together or tokens first (TILE_FIRST)
 DECODE_VARIANTS = pytest.mark.parametrize(
-    "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True}], ids=["plain", "pipe4-tile-first"])
+    "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True},
+                {"RCLASS": True, "BLOCK_R": 32}], ids=["plain", "pipe4-tile-first", "rank-classes"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
