@@ -31,6 +31,6 @@ timeout 200 python3 benchmarks/engine_tune_sweep.py --variants $H/engine-variant
   --adapter-dtype int8 --profile 3 > $H/sweep.log 2>&1; echo "sweep rc=$? at $((SECONDS-T0)) s"; tail -5 $H/sweep.log | cut -c1-300
 grep -h "overlapped_ms" $H/sweep/*.log | cut -c1-300
 LORASERVE_KERNEL_TUNE=$H/combined.tune.json timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  -k "lora and (llama7b or decode)" > $H/gpu-tests.log 2>&1; echo "gpu tests rc=$? at $((SECONDS-T0)) s"; tail -3 $H/gpu-tests.log
+  -k "lora and (llama7b or decode) and not shrink_expand" > $H/gpu-tests.log 2>&1; echo "gpu tests rc=$? at $((SECONDS-T0)) s"; tail -3 $H/gpu-tests.log
 for f in $H/sweep/*/profile-*lora*.txt; do echo "== $f"; grep -E "lora|shrink|expand|Self CUDA time total" $f | head -6 | cut -c60-200; done
 tar czf $OUT/f.tgz -C /tmp h
