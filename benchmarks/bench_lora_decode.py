@@ -3,18 +3,17 @@
 The engine's decode step applies, per layer, one q/k/v LoRA (shrink + expand over 3 modules) and
 one o LoRA: 32 layers x 2 groups. This script builds that workload alone (a real pool and adapter
 table, every adapter's rows in pages of its own, each token on a distinct adapter of ranks
-8/16/32/64), captures the 32 layers in a CUDA graph per variant and times the replays:
-
-* "two": lora_shrink then lora_expand (what the engine ran before), with TUNE overrides;
-* "one": lora_shrink_expand (shrink and expand in one launch), with TUNE overrides and,
-  optionally, programs started largest rank first.
+8/16/32/64), captures the 32 layers (lora_shrink then lora_expand, as the model calls them) in a
+CUDA graph per variant (a set of TUNE overrides) and times the replays. It runs in about a
+minute where the engine sweep (engine_tune_sweep.py) takes one per variant, and it times the
+kernels the engine profile names, so tiles are screened here and confirmed there.
 
 Rounds alternate the variants (ABC ABC ...); each variant's median over rounds is reported with
 q/k/v and o timed apart, against the bytes roofline (each token's adapter rows once, x read, y
 read and written) at the copy bandwidth measured in the same run. Every variant's outputs are
 checked against kernels.reference on fresh data before it is timed.
 
-    python benchmarks/bench_lora_decode.py --variants benchmarks/tune/lora-decode.json --out DIR
+    python benchmarks/bench_lora_decode.py --variants benchmarks/tune/lora-decode-int8-tiles.json --out DIR
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ from server.lora import LoraWeights  # noqa: E402
 from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
-DEFAULT_VARIANTS = {"two": {"mode": "two"}, "one": {"mode": "one"}}
+DEFAULT_VARIANTS = {"committed": {}}
 
 
 def copy_bandwidth(dev) -> float:
@@ -104,8 +103,8 @@ def act_bytes(cfg: ModelConfig, T: int, esize: int) -> int:
 
 
 class Workload:
-    def __init__(self, cfg, pool, table, batch, dtype, dev, order):
-        self.cfg, self.pool, self.table, self.batch, self.order = cfg, pool, table, batch, order
+    def __init__(self, cfg, pool, table, batch, dtype, dev):
+        self.cfg, self.pool, self.table, self.batch = cfg, pool, table, batch
         T = batch.token_slot.numel()
         self.groups = []
         for g in GROUPS:
@@ -119,22 +118,15 @@ class Workload:
     def meta(self, layer, i0, n):
         return self.table.meta[:, layer, i0:i0 + n] if n > 1 else self.table.meta[:, layer, i0]
 
-    def apply(self, mode: str, layer: int, gi: int, y=None, ordered: bool = False) -> None:
+    def apply(self, layer: int, gi: int, y=None, reference: bool = False) -> None:
         i0, n, widths, x, y0 = self.groups[gi]
         y = y0 if y is None else y
         t, meta = self.table, self.meta(layer, i0, n)
-        w = widths if n > 1 else None
-        if mode == "two":
-            v = tlora.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
-            tlora.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale)
-        elif mode == "one":
-            tlora.lora_shrink_expand(y, x, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale,
-                                     self.order if ordered else None, force=True)
-        else:
-            v = ref.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
-            ref.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale)
+        ops = ref if reference else tlora
+        v = ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
+        ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)
 
-    def check(self, mode: str, ordered: bool) -> float:
+    def check(self) -> float:
         """Largest relative error over both groups of two layers against the reference."""
         worst = 0.0
         for layer in (0, self.cfg.num_layers - 1):
@@ -143,8 +135,8 @@ class Workload:
                 # rounding of a large y would swamp the delta
                 y0 = torch.randn_like(self.groups[gi][4]) * 0.01
                 got, want = y0.clone(), y0.clone()
-                self.apply(mode, layer, gi, got, ordered)
-                self.apply("ref", layer, gi, want)
+                self.apply(layer, gi, got)
+                self.apply(layer, gi, want, reference=True)
                 d_got, d_want = (got.float() - y0.float()), (want.float() - y0.float())
                 worst = max(worst, float((d_got - d_want).norm() / d_want.norm().clamp_min(1e-12)))
         return worst
@@ -191,7 +183,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=32, help="8 for a GQA shape (k and v 1024 wide)")
     ap.add_argument("--adapter-dtype", default="int8", choices=["int8", "auto"])
-    ap.add_argument("--variants", help="JSON {name: {mode: two|one, lora: {family: overrides}, ordered: bool}}")
+    ap.add_argument("--variants", help="JSON {name: {lora: {family: TUNE overrides}}}; the first is the reference row")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20, help="graph replays per timing")
     ap.add_argument("--tol", type=float, default=3e-3)
@@ -216,8 +208,7 @@ def main() -> None:
     print(f"pool built in {time.time() - t0:.0f}s: {pool.stats()}; copy {bw / 1e9:.0f} GB/s", flush=True)
     tok = [slot_rank[t % len(slot_rank)] for t in range(args.tokens)]
     batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
-    order = torch.tensor(sorted(range(args.tokens), key=lambda t: -tok[t][1]), dtype=torch.int32, device=dev)
-    work = Workload(cfg, pool, table, batch, dtype, dev, order)
+    work = Workload(cfg, pool, table, batch, dtype, dev)
     esize = 1 if adapter_dtype is not None else 2
     rbytes = row_bytes(cfg, [r for _, r in tok], esize)
     abytes = act_bytes(cfg, args.tokens, 2)
@@ -227,15 +218,14 @@ def main() -> None:
     for name, v in variants.items():
         tlora.TUNE.clear()
         tlora.TUNE.update(copy.deepcopy(base_tune))
-        for fam, over in v.get("lora", {}).items():
-            tlora.TUNE[fam].update(over)
-        mode, ordered = v.get("mode", "two"), bool(v.get("ordered", False))
         try:
-            err = work.check(mode, ordered)
+            for fam, over in v.get("lora", {}).items():
+                tlora.TUNE[fam].update(over)
+            err = work.check()
             parts = {}
             for key, gis in (("step", (0, 1)), ("qkv", (0,)), ("o", (1,))):
-                parts[key] = graph(lambda gis=gis: [work.apply(mode, layer, gi, None, ordered)
-                                                    for layer in range(cfg.num_layers) for gi in gis])
+                parts[key] = graph(lambda gis=gis: [work.apply(layer, gi) for layer in range(cfg.num_layers)
+                                                    for gi in gis])
         except Exception as e:  # noqa: BLE001  (a variant that fails to compile or capture is reported, not fatal)
             print(f"{name}: failed: {repr(e)[:300]}", flush=True)
             results[name] = {"error": repr(e)[:300]}

@@ -53,14 +53,21 @@ TUNE = {
     # what limits them; bytes per program and whole L2 lines are: see expand_decode_int8.)
     # At batch 1 the one-warp tiles cost more (a step 6.47 ms vs 6.00 with the fp16 tiles, base
     # 5.3): below INT8_SMALL_TILES_MIN_T tokens int8 rows take the fp16 tiles (threshold not swept).
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=256, num_warps=1, num_stages=3, PIPE=3),
+    # Re-swept on an H200 (2026-12-03, benchmarks/bench_lora_decode.py: the engine's 32 layers of
+    # q/k/v + o decode LoRA at 256 x 256 alone, 21 variants side by side, then the engine step;
+    # benchmarks/results/lora-decode-2026-12-03-h200): 8 rows x 512 bytes, 2 warps, PIPE 4 (was
+    # 8 x 256, 1 warp, PIPE 3) and the expand's rank classes cut the step's LoRA kernels from
+    # 3.75 to 3.48 ms (engine profile).
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
     # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
-    "expand_decode_int8": dict(BLOCK_R=8, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True),
+    # RCLASS (2026-12-03, H200): ranks up to 16 load all their rows at once (a 4-, 8- or 16-row
+    # tile), larger ones walk 16 rows at a time: 0.97x the LoRA time of 8-row steps.
+    "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
-    # together. (Reducing each tile as it loads, which halves the registers, was measured and gave
+    # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
     # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.)
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
@@ -72,9 +79,6 @@ TUNE = {
     "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3, SPLIT_K=None,
                            programs_per_sm=4),
     "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
-    # decode shrink and expand in one launch (lora_shrink_expand): TILE elements per loaded tile,
-    # for batches of MIN_T tokens or more whose largest rank is at most MAX_RANK
-    "shrink_expand": dict(ENABLED=False, TILE=16384, num_warps=4, PIPE=1, MIN_T=1, MAX_RANK=128),
 }
 apply_overrides("lora", TUNE)
 INT8_SMALL_TILES_MIN_T = 64
@@ -226,6 +230,17 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
+    """A [rows, cols] tile of adapter rows masked by row (rank). int8 rows are masked by row only:
+    a mask constant along the row keeps the loads 16 bytes wide (a column mask cuts them to
+    single bytes, see _load_rows), so no row past the rank is read; columns past the width meet
+    zero activations or are never stored."""
+    if QUANT:
+        return tl.load(ptrs, mask=rmask[:, None], other=0)
+    return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
@@ -541,104 +556,6 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
 
 
 # ---------------------------------------------------------------------------------------------
-# decode, shrink and expand in one launch: one program per (token, module)
-# ---------------------------------------------------------------------------------------------
-# The two-launch decode schedule pays its chain of dependent loads (slot -> meta -> row offsets ->
-# rows) in every one of its many small programs, twice per module group, and the int8 launches
-# stayed bound by that latency rather than by bytes (KERNELS.md). Here one program owns a token's
-# module: it loads all of its row offsets at once, reduces x against A in tiles of all its rank
-# rows, keeps v in registers and streams B^T into y. Each (token, module) is independent, so no
-# program waits on another; v never goes through memory. The tile's rows come from the token's
-# rank class (a quarter, a half or all of BLOCK_R rows), its width from a fixed element budget,
-# so a rank-8 token walks d_in in a few wide tiles instead of many narrow ones.
-@triton.jit
-def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
-    """A [rows, cols] tile of adapter rows. int8 rows are masked by row only: a mask constant
-    along the row keeps the loads 16 bytes wide (a column mask cuts them to single bytes, see
-    _load_rows), and columns past the width meet zero activations or are never stored."""
-    if QUANT:
-        return tl.load(ptrs, mask=rmask[:, None], other=0)
-    return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
-
-
-@triton.jit
-def _shrink_expand_rows(x_row, sx1, y_row, sy1, flat_ptr, rows_ptr, rs_ptr, a0, b0, rank, s, d_in, d_out,
-                        ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                        BN: tl.constexpr, PIPE: tl.constexpr):
-    offs_r = tl.arange(0, BR)
-    rmask = offs_r < rank
-    ra = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
-    rb = tl.load(rows_ptr + b0 + offs_r, mask=rmask, other=0)
-    if ALIGN > 1:
-        ra = tl.multiple_of(ra, ALIGN)
-        rb = tl.multiple_of(rb, ALIGN)
-    offs_k = tl.arange(0, BK)
-    acc = tl.zeros([BR], dtype=tl.float32)
-    for k0 in tl.range(0, d_in, BK, num_stages=PIPE):     # PIPE: see the decode shrink
-        kk = k0 + offs_k
-        kmask = kk < d_in
-        xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = _rows_f32(_load_rank_rows(flat_ptr + ra[:, None] + kk[None, :], rmask, kmask, QUANT), QUANT)
-        acc += tl.sum(a * xv[None, :], axis=1)
-    if QUANT:
-        acc *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
-    # v rounded to the activations' dtype, as the two-launch schedule stores it
-    v = acc.to(x_row.dtype.element_ty).to(tl.float32)
-    if QUANT:
-        v *= tl.load(rs_ptr + b0 + offs_r, mask=rmask, other=0.0)
-    offs_n = tl.arange(0, BN)
-    for n0 in tl.range(0, d_out, BN, num_stages=PIPE):
-        nn = n0 + offs_n
-        nmask = nn < d_out
-        y_ptrs = y_row + nn * sy1
-        y = tl.load(y_ptrs, mask=nmask, other=0.0)
-        b = _rows_f32(_load_rank_rows(flat_ptr + rb[:, None] + nn[None, :], rmask, nmask, QUANT), QUANT)
-        delta = tl.sum(b * v[:, None], axis=0) * s
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_row.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _shrink_expand_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
-                          scale_ptr, slot_ptr, order_ptr, d_in, W0, W1, W2,
-                          ALIGN: tl.constexpr, QUANT: tl.constexpr, ORDER: tl.constexpr, CLASSES: tl.constexpr,
-                          PIPE: tl.constexpr, BR: tl.constexpr, BK1: tl.constexpr, BN1: tl.constexpr, BK2: tl.constexpr,
-                          BN2: tl.constexpr, BK3: tl.constexpr, BN3: tl.constexpr):
-    t = tl.program_id(0)
-    if ORDER:       # the host's launch order (largest ranks first, so the longest programs start first)
-        t = tl.load(order_ptr + t)
-    y_ptr, _, meta_ptr, d_out = _module(tl.program_id(1), y_ptr, sy1, x_ptr, 0, meta_ptr, smm, W0, W1, W2)
-    slot = tl.load(slot_ptr + t)
-    if slot < 0:
-        return
-    mrow = meta_ptr + slot.to(tl.int64) * sm0
-    a0 = tl.load(mrow)
-    b0 = tl.load(mrow + sm1)
-    rank = tl.load(mrow + 2 * sm1)
-    if rank == 0:
-        return
-    s = tl.load(scale_ptr + slot)
-    x_row = x_ptr + t.to(tl.int64) * sx0
-    y_row = y_ptr + t.to(tl.int64) * sy0
-    # rank classes: BR rows, BR / 2, BR / 4 (CLASSES of them), each tile about the same elements
-    small = 0
-    if CLASSES >= 2:
-        if rank <= BR // 2:
-            small = 1
-    if CLASSES >= 3:
-        if rank <= BR // 4:
-            small = 2
-    if small == 2:
-        _shrink_expand_rows(x_row, sx1, y_row, sy1, flat_ptr, rows_ptr, rs_ptr, a0, b0, rank, s, d_in, d_out,
-                            ALIGN, QUANT, BR // 4, BK3, BN3, PIPE)
-    elif small == 1:
-        _shrink_expand_rows(x_row, sx1, y_row, sy1, flat_ptr, rows_ptr, rs_ptr, a0, b0, rank, s, d_in, d_out,
-                            ALIGN, QUANT, BR // 2, BK2, BN2, PIPE)
-    else:
-        _shrink_expand_rows(x_row, sx1, y_row, sy1, flat_ptr, rows_ptr, rs_ptr, a0, b0, rank, s, d_in, d_out,
-                            ALIGN, QUANT, BR, BK1, BN1, PIPE)
-
-
-# ---------------------------------------------------------------------------------------------
 # host wrappers
 # ---------------------------------------------------------------------------------------------
 def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
@@ -833,49 +750,3 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                       scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
-                       row_scale: torch.Tensor | None = None, order: torch.Tensor | None = None,
-                       force: bool = False) -> bool:
-    """y += LoRA(x) for a decode batch in one launch: lora_expand(y, lora_shrink(x, ...), ...)
-    with v kept in registers (rounded to x's dtype, as lora_shrink stores it). Returns False, and
-    does nothing, where the schedule is off or does not apply (TUNE shrink_expand: ENABLED, and
-    decode batches of MIN_T tokens or more, not grouped, largest rank at most MAX_RANK); ``force``
-    skips the ENABLED and MIN_T checks (tests, benchmarks).
-
-    meta [slots, 4] or [slots, M, 4] with ``widths`` as in lora_expand; ``order`` (int32 [T],
-    optional) is the order programs start in, a permutation of the tokens. Not for A split by
-    tensor parallelism (B^T's rows are taken to be A's).
-    """
-    T, d_in = x.shape
-    cfg = TUNE["shrink_expand"]
-    if (batch.max_seg_len > 1 or batch.grouped or batch.max_rank > cfg["MAX_RANK"]
-            or not force and (not cfg["ENABLED"] or T < cfg["MIN_T"])):
-        return False
-    if T == 0 or batch.max_rank == 0 or y.shape[1] == 0:
-        return True
-    meta3 = _modules(meta)
-    M = meta3.shape[1]
-    widths = tuple(widths) if widths is not None else (y.shape[1],)
-    assert len(widths) == M <= 3 and sum(widths) == y.shape[1], (widths, M, y.shape)
-    W0, W1, W2 = (widths + (0, 0))[:3]
-    quant, rs = _quant(flat, rows, row_scale)
-    BR = max(16, _p2(batch.max_rank))
-    classes = 1
-    while classes < 3 and BR >> classes >= 16:
-        classes += 1
-    tiles = []
-    for c in range(3):      # (BK, BN) of class c: BR >> c rows, about TILE elements
-        r = max(BR >> c, 1)
-        tiles += [max(16, min(cfg["TILE"] // r, _p2(d_in), 4096)), max(16, min(cfg["TILE"] // r, _p2(max(widths)), 4096))]
-    sm0, smm, sm1 = meta3.stride()
-    _shrink_expand_kernel[(T, M)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs, meta3,
-                                  sm0, sm1, smm, scaling, batch.token_slot,
-                                  order if order is not None else batch.token_slot, d_in, W0, W1, W2,
-                                  ALIGN=_row_align(flat), QUANT=quant, ORDER=order is not None, CLASSES=classes,
-                                  PIPE=cfg.get("PIPE", 1), BR=BR,
-                                  BK1=tiles[0], BN1=tiles[1], BK2=tiles[2], BN2=tiles[3], BK3=tiles[4], BN3=tiles[5],
-                                  num_warps=cfg["num_warps"], num_stages=1)
-    return True

@@ -112,12 +112,8 @@ class LlamaModel:
         i = M_IDX[modules[0]]
         meta = table.meta[:, layer, i] if len(modules) == 1 else table.meta[:, layer, i:i + len(modules)]
         w = widths if len(modules) > 1 else None
-        one_launch = getattr(self.ops, "lora_shrink_expand", None)   # Triton only; off unless tuned on
         for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
             xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
-            if one_launch is not None and one_launch(ys, xs, table.flat, table.rows, meta, table.scaling, part, w,
-                                                     table.row_scale):
-                continue
             v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
             self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
 

@@ -30,3 +30,21 @@ def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
     assert not (out / "committed.tune.json").exists()
     meta = json.loads(next((out / "pipe1").glob("engine-*.json")).read_text())["meta"]
     assert meta["shape"] == "tiny" and meta["adapters"] == 2
+
+
+def test_bench_lora_decode_checks_and_times_each_variant(tmp_path):
+    """bench_lora_decode.py on tiny shapes (Triton interpreter): every variant is checked against
+    the reference before it is timed, and a family that does not exist fails that variant alone."""
+    variants = {"committed": {}, "expand-rc32": {"lora": {"expand_decode_int8": {"BLOCK_R": 32}}},
+                "bogus": {"lora": {"no_such_family": {"BLOCK_R": 4}}}}
+    vfile = tmp_path / "variants.json"
+    vfile.write_text(json.dumps(variants))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora_decode.py"), "--cpu-smoke",
+                          "--variants", str(vfile), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "lora_decode.json").read_text())
+    r = res["results"]
+    assert r["committed"]["ok"] and r["expand-rc32"]["ok"], r
+    assert r["committed"]["rel_err"] < 3e-3 and r["committed"]["step_ms"] > 0
+    assert "no_such_family" in r["bogus"]["error"]
+    assert res["meta"]["row_GB"] > 0 and res["meta"]["roof_ms"] > 0

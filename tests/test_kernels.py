@@ -274,68 +274,6 @@ def test_lora_fused_modules(schedule, adapter_dtype):
                       adapter_dtype=adapter_dtype)
 
 
-def _check_shrink_expand(cfg, dtype, ranks, mods, pick, groups, tol, gen, block_tokens=4, adapter_dtype=None):
-    """lora_shrink_expand against the reference's shrink + expand, each group into a column slice
-    of a wider y (the neighbouring columns and the base tokens' rows must not move), in the
-    natural launch order and a permuted one."""
-    pool, table, slots = build_table(cfg, ranks, mods, dtype, DEV, block_tokens=block_tokens, gen=gen,
-                                     adapter_dtype=adapter_dtype)
-    batch = LoraBatch.build([1] * len(pick), [-1 if p < 0 else slots[p] for p in pick], max(ranks), DEV)
-    F, R, S = table.flat, table.rows, table.row_scale
-    base = torch.tensor([p < 0 for p in pick], device=DEV)
-    for group in groups:
-        i0 = TARGET_MODULES.index(group[0])
-        meta = table.meta[:, 0, i0:i0 + len(group)] if len(group) > 1 else table.meta[:, 0, i0]
-        widths = tuple(cfg.module_dims(m)[1] for m in group) if len(group) > 1 else None
-        W = sum(cfg.module_dims(m)[1] for m in group)
-        x = torch.randn(len(pick), cfg.module_dims(group[0])[0], generator=gen).to(DEV, dtype)
-        big = torch.randn(len(pick), W + 16, generator=gen).to(DEV, dtype)
-        want = big.clone()
-        v = ref.lora_shrink(x, F, R, meta, batch, S)
-        ref.lora_expand(want[:, 8:8 + W], v, F, R, meta, table.scaling, batch, widths, S)
-        for order in (None, torch.randperm(len(pick), generator=gen).to(DEV, torch.int32)):
-            got = big.clone()
-            assert tlora.lora_shrink_expand(got[:, 8:8 + W], x, F, R, meta, table.scaling, batch, widths, S, order,
-                                            force=True)
-            assert torch.equal(got[:, :8], big[:, :8]) and torch.equal(got[:, 8 + W:], big[:, 8 + W:]), group
-            assert torch.equal(got[base], big[base]), f"{group}: base tokens changed"
-            assert rel_err(got - big, want - big) < tol, (group, rel_err(got - big, want - big))
-
-
-@ADAPTER_DTYPES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_shrink_expand_one_launch(dtype, adapter_dtype):
-    """Decode shrink + expand in one launch: q/k/v (GQA widths), o and down alone; ranks 8..32 and
-    12 in one batch (three rank classes), base tokens, an adapter without k (rank 0 there)."""
-    gen = torch.Generator().manual_seed(61 + (dtype == torch.float16))
-    allm = tuple(TARGET_MODULES)
-    mods = [allm, ("q_proj", "v_proj", "o_proj"), allm, ("q_proj", "k_proj", "v_proj", "o_proj"), allm]
-    pick = [(i * 5) % 6 - 1 for i in range(23)]
-    _check_shrink_expand(TINY, dtype, [8, 16, 32, 12, 24], mods, pick,
-                         (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("down_proj",)),
-                         1e-5 if dtype == torch.float32 else 2e-3, gen, adapter_dtype=adapter_dtype)
-
-
-def test_lora_shrink_expand_declines():
-    """Off by default, and never for prefill segments, grouped batches or ranks past MAX_RANK:
-    it returns False and leaves y alone, so the caller runs the two launches."""
-    gen = torch.Generator().manual_seed(71)
-    pool, table, slots = build_table(TINY, [8, 16], [("q_proj",)] * 2, torch.float32, DEV, gen=gen)
-    meta = table.meta[:, 0, TARGET_MODULES.index("q_proj")]
-    x = torch.randn(4, TINY.hidden_size, generator=gen).to(DEV)
-    y = torch.randn(4, TINY.q_width, generator=gen).to(DEV)
-    y0 = y.clone()
-    decode = LoraBatch.build([1] * 4, [slots[0], slots[1], -1, slots[0]], 16, DEV)
-    assert not tlora.lora_shrink_expand(y, x, table.flat, table.rows, meta, table.scaling, decode)
-    prefill = LoraBatch.build([3, 1], [slots[0], slots[1]], 16, DEV)
-    grouped = LoraBatch.build([1] * 4, sorted([slots[0], slots[1], -1, slots[0]]), 16, DEV, grouped=True)
-    for b in (prefill, grouped):
-        assert not tlora.lora_shrink_expand(y, x, table.flat, table.rows, meta, table.scaling, b, force=True)
-    wide = LoraBatch.build([1] * 4, [slots[0]] * 4, tlora.TUNE["shrink_expand"]["MAX_RANK"] * 2, DEV)
-    assert not tlora.lora_shrink_expand(y, x, table.flat, table.rows, meta, table.scaling, wide, force=True)
-    assert torch.equal(y, y0)
-
-
 @pytest.mark.parametrize("grouped", [False, True])
 def test_lora_mixed_step_parts(grouped):
     """A step of prefills then decodes runs as two parts (segment schedule, then the decode
@@ -831,27 +769,6 @@ def test_gpu_decode_variants_llama7b(variant, dtype, adapter_dtype, monkeypatch)
     tol = 2e-3 if dtype == torch.float16 else 1.5e-2
     _check_lora(LLAMA7B, dtype, [1] * len(pick), pick, ranks, mods, ("q_proj", "v_proj", "gate_proj", "down_proj"), 0,
                 tol, gen, block_tokens=16, adapter_dtype=adapter_dtype)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("tiles", [dict(TILE=16384, num_warps=4), dict(TILE=8192, num_warps=4, PIPE=3),
-                                   dict(TILE=32768, num_warps=8)], ids=["t16k-w4", "t8k-w4-p3", "t32k-w8"])
-@pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@ADAPTER_DTYPES
-def test_gpu_lora_shrink_expand_llama7b(tiles, cfg, dtype, adapter_dtype, monkeypatch):
-    """The one-launch decode schedule at Llama-7B and Llama-3-8B shapes, ranks 8..128 in one batch
-    (so all three rank classes of a 128-row tile run), 200 tokens, under its tile variants."""
-    for k, v in tiles.items():
-        monkeypatch.setitem(tlora.TUNE["shrink_expand"], k, v)
-    gen = torch.Generator().manual_seed(25)
-    allm = tuple(TARGET_MODULES)
-    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "down_proj")]
-    pick = [int(p) for p in torch.randint(-1, 6, (200,), generator=gen)]
-    _check_shrink_expand(cfg, dtype, [8, 16, 32, 64, 128, 24], mods, pick,
-                         (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("down_proj",)),
-                         2e-3 if dtype == torch.float16 else 1.5e-2, gen, block_tokens=16, adapter_dtype=adapter_dtype)
 
 
 @gpu
