@@ -47,21 +47,11 @@ DEFAULT_VARIANTS = {"committed": {}}
 
 
 def copy_bandwidth(dev) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, read + written."""
+    """Bytes/s of a 1 GiB device-to-device copy, read + written (bench_engine.py's measure)."""
     if dev.type != "cuda":
         return 1e10
-    a = torch.empty(1 << 29, dtype=torch.float16, device=dev).normal_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        b.copy_(a)
-    e1.record()
-    torch.cuda.synchronize()
-    return 20 * 2 * a.numel() * 2 / (e0.elapsed_time(e1) * 1e-3)
+    from benchmarks.bench_engine import copy_bandwidth as measure
+    return measure(dev)
 
 
 def build(cfg: ModelConfig, n_adapters: int, ranks: list[int], adapter_dtype, dtype, dev, seed: int = 0):

@@ -8,7 +8,8 @@ run, so the ratios stand beside each other).
            --pool-gb 54 --adapter-dtype int8
 
 The variants file maps a name to a TUNE override (``{"lora": {family: {...}}}``); ``{}`` is the
-committed tiles.
+committed tiles. An override's ``"env"`` key sets environment variables for that run alone
+(``{"env": {"LORASERVE_LORA_SIDE_STREAM": "o"}}``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", required=True, help="JSON: {name: TUNE override}")
+    ap.add_argument("--variants", required=True,
+                    help='JSON: {name: TUNE override}; an override\'s "env" key holds environment variables for that run')
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="-- then bench_engine.py's arguments")
@@ -38,6 +40,8 @@ def main() -> None:
         vdir = out / name
         env = dict(os.environ)
         env.pop("LORASERVE_KERNEL_TUNE", None)
+        override = dict(override)
+        env.update({k: str(v) for k, v in override.pop("env", {}).items()})   # e.g. LORASERVE_LORA_SIDE_STREAM
         if override:
             tune = out / f"{name}.tune.json"
             tune.write_text(json.dumps(override))
