@@ -6,10 +6,10 @@ set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/h; mkdir -p $H
 export PYTHONPATH=$PWD
 { cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch,triton; print(torch.__version__, triton.__version__)"; } | tee $H/machine.txt
-timeout 270 python3 benchmarks/engine_tune_sweep.py --variants benchmarks/tune/lora-side-stream.json --out $H/sweep --timeout 88 -- \
+timeout 300 python3 benchmarks/engine_tune_sweep.py --variants benchmarks/tune/lora-side-stream.json --out $H/sweep --timeout 98 -- \
   --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 20 --rounds 3 --context 256 --pool-gb 54 \
   --adapter-dtype int8 --profile 2 > $H/sweep.log 2>&1; echo "sweep rc=$? at $((SECONDS-T0)) s"; tail -9 $H/sweep.log | cut -c1-300
 grep -h "overlapped_ms" $H/sweep/*.log | cut -c1-300
-timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py > $H/gpu-tests.log 2>&1; echo "gpu tests rc=$? at $((SECONDS-T0)) s"; tail -4 $H/gpu-tests.log
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py > $H/gpu-tests.log 2>&1; echo "gpu tests rc=$? at $((SECONDS-T0)) s"; tail -4 $H/gpu-tests.log
 for f in $H/sweep/*/profile-*b256-lora.txt; do echo "== $f"; grep -E "_decode_kernel|nvjet|Self CUDA time total" $f | head -8 | cut -c60-200; done
 tar czf $OUT/i.tgz -C /tmp h
