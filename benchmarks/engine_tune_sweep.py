@@ -9,7 +9,7 @@ run, so the ratios stand beside each other).
 
 The variants file maps a name to a TUNE override (``{"lora": {family: {...}}}``); ``{}`` is the
 committed tiles. An override's ``"env"`` key sets environment variables for that run alone
-(``{"env": {"LORASERVE_LORA_SIDE_STREAM": "o"}}``).
+(``{"env": {"LORASERVE_KERNELS": "reference"}}``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main() -> None:
         env = dict(os.environ)
         env.pop("LORASERVE_KERNEL_TUNE", None)
         override = dict(override)
-        env.update({k: str(v) for k, v in override.pop("env", {}).items()})   # e.g. LORASERVE_LORA_SIDE_STREAM
+        env.update({k: str(v) for k, v in override.pop("env", {}).items()})
         if override:
             tune = out / f"{name}.tune.json"
             tune.write_text(json.dumps(override))

@@ -6,9 +6,7 @@ adapter rows and KV pages in place from the unified pool.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
 from dataclasses import dataclass
 
@@ -23,11 +21,6 @@ from server.tp import COLUMN, TP, gather_rank_split, shard_config, shard_state
 M_IDX = {m: i for i, m in enumerate(TARGET_MODULES)}
 QKV = ("q_proj", "k_proj", "v_proj")        # LoRA groups: modules that read one input and whose
 GATE_UP = ("gate_proj", "up_proj")          # outputs are adjacent columns of one fused GEMM
-# LoRA groups whose decode LoRA runs on a side stream beside the base GEMM (CUDA, no TP): "qkv"
-# and/or "o", comma-separated. The LoRA kernels are latency-bound and the o GEMM reads at about
-# half the bandwidth, so the two can share the memory system. o's delta goes into the residual
-# (x + (o W^T + delta) = (x + delta) + o W^T), q/k/v's into its own buffer, added after the join.
-SIDE_STREAM_ENV = "LORASERVE_LORA_SIDE_STREAM"
 
 
 @dataclass
@@ -91,11 +84,6 @@ class LlamaModel:
         # row-parallel LoRA writes only this rank's slice of the output columns
         self._row_cols = self.tp.part(cfg.hidden_size) if self.tp.enabled else slice(None)
         self.scale = cfg.head_dim ** -0.5
-        groups = {g for g in os.environ.get(SIDE_STREAM_ENV, "").split(",") if g}
-        assert groups <= {"qkv", "o"}, f"{SIDE_STREAM_ENV} takes qkv and/or o, not {sorted(groups)}"
-        self._side = torch.cuda.Stream(self.device) if groups and self.device.type == "cuda" and not self.tp.enabled \
-            else None
-        self._side_groups = groups if self._side is not None else set()
 
     @classmethod
     def from_dir(cls, path: str | pathlib.Path, dtype: torch.dtype, device, tp: TP | None = None) -> "LlamaModel":
@@ -129,16 +117,6 @@ class LlamaModel:
             v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
             self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
 
-    @contextlib.contextmanager
-    def _beside(self):
-        """Fork the side stream here: work inside the yielded context runs on it, beside what the
-        current stream does in the block, and sees only what was queued before the block. The
-        current stream waits for the side stream at the block's end (CUDA graphs capture both)."""
-        main = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(main)
-        yield torch.cuda.stream(self._side)
-        main.wait_stream(self._side)
-
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
                  table: AdapterTable) -> None:
         """One module under tensor parallelism (A is split by rank or by input: a collective sits
@@ -169,30 +147,15 @@ class LlamaModel:
         mlp_lora = use_lora and lora.mlp    # some adapter in the batch targets the MLP
         x = self.embed[input_ids]
         h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
-        side = self._side_groups if use_lora else set()
         for li, L in enumerate(self.layers):
-            if "qkv" in side:
-                with self._beside() as st:
-                    qkv = ops.linear(h, L.qkv, L.qkv_bias)
-                    with st:
-                        dq = torch.zeros(T, qw + 2 * kw, dtype=h.dtype, device=h.device)
-                        self._lora(dq, h, li, QKV, lora, table, (qw, kw, kw))
-                qkv.add_(dq)
-            else:
-                qkv = ops.linear(h, L.qkv, L.qkv_bias)
-                if use_lora:
-                    self._lora(qkv, h, li, QKV, lora, table, (qw, kw, kw))
+            qkv = ops.linear(h, L.qkv, L.qkv_bias)
+            if use_lora:
+                self._lora(qkv, h, li, QKV, lora, table, (qw, kw, kw))
             q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
-            if "o" in side:
-                with self._beside() as st:
-                    out = ops.linear(o, L.o)
-                    with st:
-                        self._lora(x, o, li, ("o_proj",), lora, table)
-            else:
-                out = ops.linear(o, L.o)
-                if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
-                    self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table)
+            out = ops.linear(o, L.o)
+            if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest
+                self._lora(out[:, self._row_cols], o, li, ("o_proj",), lora, table)
             # the residual add and the next norm are one kernel (x is updated in place)
             h = ops.add_rms_norm(x, self.tp.all_reduce(out), L.ln2, cfg.rms_norm_eps)
             gu = ops.linear(h, L.gate_up)

@@ -40,21 +40,6 @@ def test_graph_and_eager_decode_match_peft(tiny, graphs, names, monkeypatch):
     check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=len(names)), 1e-2)
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-@pytest.mark.parametrize("groups", ["qkv,o", "o"])
-def test_lora_beside_the_base_gemm_matches_peft(tiny, graphs, groups, monkeypatch):
-    """LORASERVE_LORA_SIDE_STREAM: the decode and prefill LoRA of q/k/v (into its own buffer) and
-    o (into the residual) on a side stream beside the base GEMM, captured into the decode graphs,
-    give peft's tokens and log-probabilities."""
-    from server.model import SIDE_STREAM_ENV
-
-    monkeypatch.setenv(SIDE_STREAM_ENV, groups)
-    model_dir, adapters = tiny
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs))
-    assert engine.model._side is not None and engine.model._side_groups == set(groups.split(","))
-    check_against_peft(engine, model_dir, adapters, mixed_requests(["qv", "full", "", "attn", "full", ""], seed=9), 1e-2)
-
-
 def check_against_peft(engine, model_dir, adapters, reqs, tol) -> None:
     """Start the engine, load the adapters after its graphs were captured (the store's cold
     path), run the requests, and compare each with transformers + peft: the same greedy tokens,

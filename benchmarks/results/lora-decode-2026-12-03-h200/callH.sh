@@ -7,7 +7,7 @@ printf '#!/bin/sh\nexec python3 -m clients.cli "$@"\n' > /tmp/bin/loraserve; chm
 { cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch,triton,grpc; print(torch.__version__, triton.__version__, grpc.__version__)"; } | tee $H/machine.txt
 python3 benchmarks/examples/make_random_llama.py --preset llama-7b --out /tmp/loraserve-llama-7b --dtype float16 > $H/build.log 2>&1 &
-timeout 100 python3 benchmarks/bench_lora_decode.py --variants benchmarks/tune/lora-decode-int8-next.json --out $H/tiles \
+timeout 100 python3 benchmarks/bench_lora_decode.py --variants benchmarks/results/lora-decode-2026-12-03-h200/variants-J.json --out $H/tiles \
   > $H/tiles.log 2>&1; echo "tiles rc=$? at $((SECONDS-T0)) s"; grep "^| " $H/tiles.log | cut -c1-110
 wait; echo "model built at $((SECONDS-T0)) s"
 RESULTS=$H/peft SETTINGS= SKIP_BASE=1 GPU_UTIL=0.45 RATE=20 PEFT_NS=100 PEFT_DURATION=10 DRAIN=25 \

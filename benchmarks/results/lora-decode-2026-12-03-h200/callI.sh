@@ -6,7 +6,7 @@ set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/h; mkdir -p $H
 export PYTHONPATH=$PWD
 { cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch,triton; print(torch.__version__, triton.__version__)"; } | tee $H/machine.txt
-timeout 300 python3 benchmarks/engine_tune_sweep.py --variants benchmarks/tune/lora-side-stream.json --out $H/sweep --timeout 98 -- \
+timeout 300 python3 benchmarks/engine_tune_sweep.py --variants benchmarks/results/lora-decode-2026-12-03-h200/variants-I.json --out $H/sweep --timeout 98 -- \
   --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 20 --rounds 3 --context 256 --pool-gb 54 \
   --adapter-dtype int8 --profile 2 > $H/sweep.log 2>&1; echo "sweep rc=$? at $((SECONDS-T0)) s"; tail -9 $H/sweep.log | cut -c1-300
 grep -h "overlapped_ms" $H/sweep/*.log | cut -c1-300
