@@ -44,6 +44,10 @@ from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 DEFAULT_VARIANTS = {"committed": {}}
+# what each variant's graphs launch: (name, groups, part); --split adds each kernel alone
+PARTS = (("step", (0, 1), "both"), ("qkv", (0,), "both"), ("o", (1,), "both"),
+         ("qkv_shrink", (0,), "shrink"), ("qkv_expand", (0,), "expand"), ("o_shrink", (1,), "shrink"),
+         ("o_expand", (1,), "expand"))
 
 
 def copy_bandwidth(dev) -> float:
@@ -104,17 +108,22 @@ class Workload:
             x = torch.randn(T, d_in, device=dev, dtype=dtype)
             y = torch.randn(T, sum(widths), device=dev, dtype=dtype)
             self.groups.append((i0, len(g), widths, x, y))
+        # each group's v from layer 0, for timing the expand alone (its values do not matter)
+        self.vs = [tlora.lora_shrink(x, table.flat, table.rows, self.meta(0, i0, n), batch, table.row_scale)
+                   for i0, n, _, x, _ in self.groups]
 
     def meta(self, layer, i0, n):
         return self.table.meta[:, layer, i0:i0 + n] if n > 1 else self.table.meta[:, layer, i0]
 
-    def apply(self, layer: int, gi: int, y=None, reference: bool = False) -> None:
+    def apply(self, layer: int, gi: int, y=None, reference: bool = False, part: str = "both") -> None:
+        """Group gi's LoRA at one layer; part "shrink" or "expand" launches that kernel alone."""
         i0, n, widths, x, y0 = self.groups[gi]
         y = y0 if y is None else y
         t, meta = self.table, self.meta(layer, i0, n)
         ops = ref if reference else tlora
-        v = ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
-        ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)
+        v = self.vs[gi] if part == "expand" else ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
+        if part != "shrink":
+            ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)
 
     def check(self) -> float:
         """Largest relative error over both groups of two layers against the reference."""
@@ -177,6 +186,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20, help="graph replays per timing")
     ap.add_argument("--tol", type=float, default=3e-3)
+    ap.add_argument("--split", action="store_true", help="also time each group's shrink and expand alone")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
@@ -213,15 +223,15 @@ def main() -> None:
                 tlora.TUNE[fam].update(over)
             err = work.check()
             parts = {}
-            for key, gis in (("step", (0, 1)), ("qkv", (0,)), ("o", (1,))):
-                parts[key] = graph(lambda gis=gis: [work.apply(layer, gi) for layer in range(cfg.num_layers)
-                                                    for gi in gis])
+            for key, gis, part in PARTS if args.split else PARTS[:3]:
+                parts[key] = graph(lambda gis=gis, part=part: [work.apply(layer, gi, part=part)
+                                                               for layer in range(cfg.num_layers) for gi in gis])
         except Exception as e:  # noqa: BLE001  (a variant that fails to compile or capture is reported, not fatal)
             print(f"{name}: failed: {repr(e)[:300]}", flush=True)
             results[name] = {"error": repr(e)[:300]}
             continue
         graphs[name] = parts
-        results[name] = {"spec": v, "rel_err": err, "ok": err < args.tol, "step": [], "qkv": [], "o": []}
+        results[name] = {"spec": v, "rel_err": err, "ok": err < args.tol, **{key: [] for key in parts}}
         print(f"{name}: rel err {err:.2e}", flush=True)
     tlora.TUNE.clear()
     tlora.TUNE.update(base_tune)
@@ -234,7 +244,7 @@ def main() -> None:
     rows = []
     for name in graphs:
         r = results[name]
-        for key in ("step", "qkv", "o"):
+        for key in graphs[name]:
             r[key + "_ms"] = statistics.median(r[key])
         r["frac_roof"] = roof_ms / r["step_ms"]
         rows.append(name)
@@ -257,12 +267,15 @@ def main() -> None:
              f"{args.adapter_dtype} rows; copy bandwidth {bw / 1e9:.0f} GB/s; rows {rbytes / 1e9:.2f} GB + activations "
              f"{abytes / 1e9:.2f} GB a step: roofline {roof_ms:.3f} ms. Medians of {args.rounds} alternating rounds of "
              f"{args.reps} graph replays.", "", f"    {meta['command']}", "",
-             "| variant | step ms | vs first | of roofline | q/k/v ms | o ms | rel err | spec |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| variant | step ms | vs first | of roofline | q/k/v ms | o ms |"
+             + (" q/k/v shrink | q/k/v expand | o shrink | o expand |" if args.split else "") + " rel err | spec |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: | ---: |" if args.split else "")
+             + " ---: | --- |"]
     for name in rows:
         r = results[name]
+        split = "".join(f" {r[k + '_ms']:.3f} |" for k, _, _ in PARTS[3:]) if args.split else ""
         lines.append(f"| {name} | {r['step_ms']:.3f} | {r['step_ms'] / results[ref_name]['step_ms']:.3f} | "
-                     f"{r['frac_roof']:.0%} | {r['qkv_ms']:.3f} | {r['o_ms']:.3f} | {r['rel_err']:.1e}"
+                     f"{r['frac_roof']:.0%} | {r['qkv_ms']:.3f} | {r['o_ms']:.3f} |{split} {r['rel_err']:.1e}"
                      f"{'' if r['ok'] else ' FAIL'} | `{json.dumps(r['spec'])}` |")
     for name, r in results.items():
         if "error" in r:

@@ -40,11 +40,12 @@ def test_bench_lora_decode_checks_and_times_each_variant(tmp_path):
     vfile = tmp_path / "variants.json"
     vfile.write_text(json.dumps(variants))
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora_decode.py"), "--cpu-smoke",
-                          "--variants", str(vfile), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--split", "--variants", str(vfile), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     res = json.loads((tmp_path / "lora_decode.json").read_text())
     r = res["results"]
     assert r["committed"]["ok"] and r["expand-rc32"]["ok"], r
     assert r["committed"]["rel_err"] < 3e-3 and r["committed"]["step_ms"] > 0
+    assert all(r["committed"][k + "_ms"] > 0 for k in ("qkv_shrink", "qkv_expand", "o_shrink", "o_expand"))
     assert "no_such_family" in r["bogus"]["error"]
     assert res["meta"]["row_GB"] > 0 and res["meta"]["roof_ms"] > 0
