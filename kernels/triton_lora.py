@@ -68,7 +68,9 @@ TUNE = {
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
-    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.)
+    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.) PREFETCH (default False): load
+    # the first tile of adapter rows before the activations; PDL (default False, sm_90+): launch
+    # while the previous kernel runs (see _pdl_wait); the expand's PREFETCH needs RCLASS.
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -187,12 +189,30 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 # ---------------------------------------------------------------------------------------------
 # decode (one token per segment): BGMV-like
 # ---------------------------------------------------------------------------------------------
+# PDL (programmatic dependent launch, sm_90+; TUNE key PDL): a decode kernel is launched while the
+# kernel before it still runs. Each program first lets the next kernel launch, reads what no kernel
+# writes (slot, meta, row offsets and, with PREFETCH, its first tile of adapter rows), then waits
+# for the previous kernel to finish before it reads activations or stores anything. Every program
+# waits before it exits, so a kernel that completes implies the one before it did too.
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _pdl_launch_dependents(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
+    _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
     meta_ptr += mod * smm
     v_ptr += mod * svm
@@ -208,6 +228,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         rank = tl.load(mrow + 2 * sm1)
     if rt * BLOCK_R >= rank:
         # base token, a module the adapter does not target, or a tile past its rank: zeros
+        _pdl_wait(PDL)
         tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
@@ -217,10 +238,21 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
+    k_start = 0
+    if PREFETCH:
+        # the first tile of rows is loaded before waiting on the kernel that writes x (PDL):
+        # the chain slot -> meta -> row offsets -> rows then overlaps the previous kernel's tail
+        a = _load_rows(flat_ptr + roff[:, None] + offs_k[None, :], rmask[:, None] & (offs_k < d_in)[None, :], QUANT)
+        _pdl_wait(PDL)
+        xv = tl.load(x_row + offs_k * sx1, mask=offs_k < d_in, other=0.0).to(tl.float32)
+        acc += _rows_f32(a, QUANT) * xv[None, :]
+        k_start = BLOCK_K
+    else:
+        _pdl_wait(PDL)
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
     # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks. On the H100
     # the int8 launch fell from 35.4 to 32.0 us with PIPE=3 (engine profile, 256 x 256).
-    for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
+    for k0 in tl.range(k_start, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
@@ -244,39 +276,86 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+def _chunk_rows(flat_ptr, rows_ptr, b0, j0, rank, offs_n, nmask, ALIGN: tl.constexpr, QUANT: tl.constexpr,
+                BR: tl.constexpr):
+    """B^T rows j0 .. j0 + BR (those below rank) at columns offs_n, as loaded."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
     roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
+    return _load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT)
+
+
+@triton.jit
+def _chunk_delta(b, rs_ptr, v_row, sv1, b0, j0, rank, QUANT: tl.constexpr, BR: tl.constexpr):
+    """sum over the chunk's rows j of v[j] * b[j] (b from _chunk_rows at the same j0)."""
+    jj = j0 + tl.arange(0, BR)
+    jmask = jj < rank
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
-    return tl.sum(b * vj[:, None], axis=0)
+    return tl.sum(_rows_f32(b, QUANT) * vj[:, None], axis=0)
+
+
+@triton.jit
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+    b = _chunk_rows(flat_ptr, rows_ptr, b0, j0, rank, offs_n, nmask, ALIGN, QUANT, BR)
+    return _chunk_delta(b, rs_ptr, v_row, sv1, b0, j0, rank, QUANT, BR)
+
+
+@triton.jit
+def _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask,
+                 ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, WALK: tl.constexpr,
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """(y at offs_n, sum over rows j < rank of v[j] * B^T row j): one chunk of BR rows, or (WALK)
+    BR rows at a time. y is loaded first, so it overlaps the rows' loads; with PREFETCH the first
+    chunk of rows is loaded before waiting on the kernel that writes v (PDL), and y after."""
+    if PREFETCH:
+        b = _chunk_rows(flat_ptr, rows_ptr, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
+        _pdl_wait(PDL)
+        y = tl.load(y_ptrs, mask=nmask, other=0.0)
+        delta = _chunk_delta(b, rs_ptr, v_row, sv1, b0, 0, rank, QUANT, BR)
+        j_start = BR
+    else:
+        _pdl_wait(PDL)
+        y = tl.load(y_ptrs, mask=nmask, other=0.0)
+        delta = tl.zeros([offs_n.shape[0]], dtype=tl.float32)
+        j_start = 0
+    if WALK:
+        for j0 in range(j_start, rank, BR):
+            delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN, QUANT,
+                                   BR)
+    elif not PREFETCH:
+        delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
+    return y, delta
 
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr,
+                          PREFETCH: tl.constexpr, PDL: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
+    _pdl_launch_dependents(PDL)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * BLOCK_N >= d_out:
+        _pdl_wait(PDL)
         return
     slot = tl.load(slot_ptr + t)
     if slot < 0:
+        _pdl_wait(PDL)
         return
     mrow = meta_ptr + slot.to(tl.int64) * sm0
     b0 = tl.load(mrow + sm1)
     rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
     if rank == 0:
+        _pdl_wait(PDL)
         return
     s = tl.load(scale_ptr + slot)
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,24 +363,23 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
-    y = tl.load(y_ptrs, mask=nmask, other=0.0)
     if RCLASS:
         # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 4)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
+                                    QUANT, BLOCK_R // 4, False, PREFETCH, PDL)
         elif rank <= BLOCK_R // 2:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 2)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
+                                    QUANT, BLOCK_R // 2, False, PREFETCH, PDL)
         else:
-            delta = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for j0 in range(0, rank, BLOCK_R):
-                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                       QUANT, BLOCK_R)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
+                                    QUANT, BLOCK_R, True, PREFETCH, PDL)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
+    _pdl_wait(PDL)
+    y = tl.load(y_ptrs, mask=nmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
@@ -590,6 +668,21 @@ def _decode_grid(cfg: dict, tiles: int, T: int, M: int) -> tuple[tuple[int, int,
     return ((tiles, T, M) if first else (T, tiles, M)), first
 
 
+_CAPS: dict = {}
+
+
+def _pdl_args(cfg: dict, device) -> dict:
+    """A decode launch's PDL arguments: the kernel's constexpr and Triton's launch flag, on when
+    the TUNE entry asks (key PDL) and the GPU has programmatic dependent launch (sm_90+)."""
+    on = bool(cfg.get("PDL", False)) and device.type == "cuda"
+    if on:
+        cap = _CAPS.get(device.index)
+        if cap is None:
+            cap = _CAPS[device.index] = torch.cuda.get_device_capability(device)[0]
+        on = cap >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
     """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
     if flat.dtype != torch.int8:
@@ -655,7 +748,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
-                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+                                    PREFETCH=bool(cfg.get("PREFETCH", False)),
+                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+                                    **_pdl_args(cfg, x.device))
     else:
         cfg = TUNE["shrink_seg"]
         BLOCK_N = min(128, max(16, _p2(R)))
@@ -731,7 +826,9 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
-                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+                                    PREFETCH=bool(cfg.get("PREFETCH", False)),
+                                    num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+                                    **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))

@@ -356,10 +356,13 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 
 # decode-schedule variants (TUNE keys of every decode tile family) beside the defaults: the loops'
 # loads software-pipelined PIPE - 1 tiles ahead or not at all (PIPE); one token's tiles launched
-# together or tokens first (TILE_FIRST)
+# together or tokens first (TILE_FIRST); the first tile of rows loaded before the activations
+# (PREFETCH), launched as a programmatic dependent launch (PDL: on sm_90+ GPUs only, off here)
 DECODE_VARIANTS = pytest.mark.parametrize(
     "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True},
-                {"RCLASS": True, "BLOCK_R": 32}], ids=["plain", "pipe4-tile-first", "rank-classes"])
+                {"RCLASS": True, "BLOCK_R": 32}, {"RCLASS": True, "BLOCK_R": 16, "PREFETCH": True, "PDL": True},
+                {"RCLASS": True, "BLOCK_R": 8, "PREFETCH": True, "PIPE": 4}],
+    ids=["plain", "pipe4-tile-first", "rank-classes", "prefetch-pdl", "prefetch-walk"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
