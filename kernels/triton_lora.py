@@ -81,6 +81,8 @@ TUNE = {
     "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3, SPLIT_K=None,
                            programs_per_sm=4),
     "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
+    # lora_apply's int8 decode pair: per-token flags between shrink and expand (see _wait_for_v)
+    "decode_sync": dict(FLAGS=False),
 }
 apply_overrides("lora", TUNE)
 INT8_SMALL_TILES_MIN_T = 64
@@ -206,11 +208,46 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+# FLAGS (TUNE family decode_sync, through lora_apply only): the expand waits per token and module
+# instead of for the whole shrink. Each shrink tile adds its count of v rows to flag[t, module]
+# (release) once they are stored; each expand program spins until the flag reaches the rank
+# (acquire), so with PDL an expand program starts as soon as its token's shrink tiles are done,
+# not when the last shrink program is. Then it adds FLAG_DONE; the token-module's last program
+# resets the flag to 0 for the next call (no memset a launch). The expand is launched after every
+# shrink program has started (PDL's trigger, or plain stream order), so spinning cannot starve one.
+FLAG_DONE = tl.constexpr(1024)          # > any rank
+FLAG_SPIN_LIMIT = tl.constexpr(1 << 24)  # a bound on the spin, so a broken invariant shows as wrong output, not a hang
+
+
+@triton.jit
+def _wait_for_v(flag_ptr, need, PDL: tl.constexpr, FLAGS: tl.constexpr):
+    """Before an expand program reads v or y: its token's shrink rows (FLAGS) or the whole
+    previous kernel (PDL)."""
+    if FLAGS:
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (seen < need) & (spins < FLAG_SPIN_LIMIT):
+            seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+    else:
+        _pdl_wait(PDL)
+
+
+@triton.jit
+def _release_flag(flag_ptr, need, programs, FLAGS: tl.constexpr):
+    """After an expand program's store: count it; the token-module's last program resets the flag."""
+    if FLAGS:
+        old = tl.atomic_add(flag_ptr, FLAG_DONE, sem="relaxed", scope="gpu")
+        if old == need + (programs - 1) * FLAG_DONE:
+            tl.atomic_xchg(flag_ptr, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                          v_ptr, sv0, sv1, svm, d_in, max_rank,
+                          v_ptr, sv0, sv1, svm, d_in, max_rank, flag_ptr,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+                          FLAGS: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
@@ -227,9 +264,11 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         a0 = tl.load(mrow)
         rank = tl.load(mrow + 2 * sm1)
     if rt * BLOCK_R >= rank:
-        # base token, a module the adapter does not target, or a tile past its rank: zeros
-        _pdl_wait(PDL)
-        tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
+        # base token, a module the adapter does not target, or a tile past its rank: zeros (with
+        # FLAGS nothing: only the expand reads v, and only rows below the rank)
+        if not FLAGS:
+            _pdl_wait(PDL)
+            tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
     roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
@@ -242,10 +281,11 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if PREFETCH:
         # the first tile of rows is loaded before waiting on the kernel that writes x (PDL):
         # the chain slot -> meta -> row offsets -> rows then overlaps the previous kernel's tail
-        a = _load_rows(flat_ptr + roff[:, None] + offs_k[None, :], rmask[:, None] & (offs_k < d_in)[None, :], QUANT)
+        a_first = _load_rows(flat_ptr + roff[:, None] + offs_k[None, :], rmask[:, None] & (offs_k < d_in)[None, :],
+                             QUANT)
         _pdl_wait(PDL)
-        xv = tl.load(x_row + offs_k * sx1, mask=offs_k < d_in, other=0.0).to(tl.float32)
-        acc += _rows_f32(a, QUANT) * xv[None, :]
+        x_first = tl.load(x_row + offs_k * sx1, mask=offs_k < d_in, other=0.0).to(tl.float32)
+        acc += _rows_f32(a_first, QUANT) * x_first[None, :]
         k_start = BLOCK_K
     else:
         _pdl_wait(PDL)
@@ -262,6 +302,12 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
+    if FLAGS:
+        # this tile's rows of v are out: count them in the token-module's flag, which the expand's
+        # programs wait on (every thread's store precedes the barrier, the barrier the release)
+        tl.debug_barrier()
+        tl.atomic_add(flag_ptr + t * tl.num_programs(2) + mod, tl.minimum(rank - rt * BLOCK_R, BLOCK_R),
+                      sem="release", scope="gpu")
 
 
 @triton.jit
@@ -307,20 +353,20 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 
 
 @triton.jit
-def _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask,
+def _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr, need,
                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, WALK: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr, FLAGS: tl.constexpr):
     """(y at offs_n, sum over rows j < rank of v[j] * B^T row j): one chunk of BR rows, or (WALK)
     BR rows at a time. y is loaded first, so it overlaps the rows' loads; with PREFETCH the first
     chunk of rows is loaded before waiting on the kernel that writes v (PDL), and y after."""
     if PREFETCH:
         b = _chunk_rows(flat_ptr, rows_ptr, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-        _pdl_wait(PDL)
+        _wait_for_v(flag_ptr, need, PDL, FLAGS)
         y = tl.load(y_ptrs, mask=nmask, other=0.0)
         delta = _chunk_delta(b, rs_ptr, v_row, sv1, b0, 0, rank, QUANT, BR)
         j_start = BR
     else:
-        _pdl_wait(PDL)
+        _wait_for_v(flag_ptr, need, PDL, FLAGS)
         y = tl.load(y_ptrs, mask=nmask, other=0.0)
         delta = tl.zeros([offs_n.shape[0]], dtype=tl.float32)
         j_start = 0
@@ -335,15 +381,16 @@ def _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, W0, W1, W2,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2, flag_ptr,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr,
-                          PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                          PREFETCH: tl.constexpr, PDL: tl.constexpr, FLAGS: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    flag_ptr += t * tl.num_programs(2) + tl.program_id(2)
     if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
@@ -363,22 +410,26 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
+    need = 0
+    if FLAGS:
+        need = tl.load(mrow + 2 * sm1)     # v rows the shrink writes (A's rank)
     if RCLASS:
         # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
-                                    QUANT, BLOCK_R // 4, False, PREFETCH, PDL)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
+                                    need, ALIGN, QUANT, BLOCK_R // 4, False, PREFETCH, PDL, FLAGS)
         elif rank <= BLOCK_R // 2:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
-                                    QUANT, BLOCK_R // 2, False, PREFETCH, PDL)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
+                                    need, ALIGN, QUANT, BLOCK_R // 2, False, PREFETCH, PDL, FLAGS)
         else:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, ALIGN,
-                                    QUANT, BLOCK_R, True, PREFETCH, PDL)
+            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
+                                    need, ALIGN, QUANT, BLOCK_R, True, PREFETCH, PDL, FLAGS)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
+        _release_flag(flag_ptr, need, tl.cdiv(d_out, BLOCK_N), FLAGS)
         return
-    _pdl_wait(PDL)
+    _wait_for_v(flag_ptr, need, PDL, FLAGS)
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
@@ -395,6 +446,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
+    _release_flag(flag_ptr, need, tl.cdiv(d_out, BLOCK_N), FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,12 +749,15 @@ def _modules(meta: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None,
+                flags: torch.Tensor | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
     (M <= 3 modules reading the same x, e.g. q/k/v): one launch, returns [T, M, batch.max_rank].
     In x's dtype, fp32 accumulation. int8 ``flat``: row j is ``flat[...] * row_scale[start + j]``.
+    ``flags`` (from lora_apply, decode schedule only): count stored rows per token and module for
+    the expand that follows, and leave v unwritten where the expand does not read it.
     """
     T, d_in = x.shape
     R = batch.max_rank
@@ -745,10 +800,10 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
+                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R, rows if flags is None else flags,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
-                                    PREFETCH=bool(cfg.get("PREFETCH", False)),
+                                    PREFETCH=bool(cfg.get("PREFETCH", False)), FLAGS=flags is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -783,11 +838,13 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None,
+                flags: torch.Tensor | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
     ``widths`` the M output widths; module m adds into columns sum(widths[:m]) + [0, widths[m]).
+    ``flags``: the shrink's (see lora_apply).
     """
     T, d_out = y.shape
     if T == 0 or batch.max_rank == 0 or d_out == 0:
@@ -824,9 +881,10 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
+                                    rows if flags is None else flags,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
-                                    PREFETCH=bool(cfg.get("PREFETCH", False)),
+                                    PREFETCH=bool(cfg.get("PREFETCH", False)), FLAGS=flags is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, y.device))
     else:
@@ -847,3 +905,35 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+_FLAG_BUFFERS: dict = {}
+
+
+def _flag_buffer(device, T: int, M: int) -> torch.Tensor | None:
+    """The zeroed int32 [T, M] flags of lora_apply's decode pair, one buffer per shape and device,
+    reused by every call (each call's expand leaves it zeroed). None while a CUDA graph is being
+    captured before the buffer exists: its zeroing would be a captured memset, not done now."""
+    key = (str(device), T, M)
+    buf = _FLAG_BUFFERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _FLAG_BUFFERS[key] = torch.zeros(T, M, dtype=torch.int32, device=device)
+    return buf
+
+
+def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
+               scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
+               row_scale: torch.Tensor | None = None) -> None:
+    """y += the LoRA deltas of x: lora_shrink then lora_expand (the model's one call per group).
+
+    The decode pair synchronizes per token and module when TUNE["decode_sync"]["FLAGS"] is set
+    (see _wait_for_v): with PDL the expand then overlaps the shrink's tail.
+    """
+    flags = None
+    if (TUNE["decode_sync"].get("FLAGS") and batch.max_seg_len <= 1 and not batch.grouped
+            and x.shape[0] >= INT8_SMALL_TILES_MIN_T and flat.dtype == torch.int8):
+        flags = _flag_buffer(x.device, x.shape[0], _modules(meta).shape[1])
+    v = lora_shrink(x, flat, rows, meta, batch, row_scale, flags=flags)
+    lora_expand(y, v, flat, rows, meta, scaling, batch, widths, row_scale, flags=flags)
