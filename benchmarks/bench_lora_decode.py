@@ -3,7 +3,7 @@
 The engine's decode step applies, per layer, one q/k/v LoRA (shrink + expand over 3 modules) and
 one o LoRA: 32 layers x 2 groups. This script builds that workload alone (a real pool and adapter
 table, every adapter's rows in pages of its own, each token on a distinct adapter of ranks
-8/16/32/64), captures the 32 layers (lora_apply: lora_shrink then lora_expand, as the model calls them) in a
+8/16/32/64), captures the 32 layers (lora_shrink then lora_expand, as the model calls them) in a
 CUDA graph per variant (a set of TUNE overrides) and times the replays. It runs in about a
 minute where the engine sweep (engine_tune_sweep.py) takes one per variant, and it times the
 kernels the engine profile names, so tiles are screened here and confirmed there.
@@ -126,10 +126,6 @@ class Workload:
         y = y0 if y is None else y
         t, meta = self.table, self.meta(layer, i0, n)
         ops = ref if reference else tlora
-        w = widths if n > 1 else None
-        if part == "both":      # as the model calls it (lora_apply may synchronize the pair per token)
-            ops.lora_apply(y, x, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale)
-            return
         v = self.vs[gi] if part == "expand" else ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
         if part != "shrink":
             ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)

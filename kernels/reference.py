@@ -75,14 +75,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         y[s0:s1] += delta.to(y.dtype)
 
 
-def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-               scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
-               row_scale: torch.Tensor | None = None) -> None:
-    """y += the LoRA deltas of x (lora_shrink, then lora_expand)."""
-    v = lora_shrink(x, flat, rows, meta, batch, row_scale)
-    lora_expand(y, v, flat, rows, meta, scaling, batch, widths, row_scale)
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBatch) -> None:
     """Store the new tokens' K and V ([T, Hkv, D]) into their pages of ``kv`` [pages, B, Hkv, D]."""
     off = batch.token_offsets.long()

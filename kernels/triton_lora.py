@@ -58,19 +58,22 @@ TUNE = {
     # benchmarks/results/lora-decode-2026-12-03-h200): 8 rows x 512 bytes, 2 warps, PIPE 4 (was
     # 8 x 256, 1 warp, PIPE 3) and the expand's rank classes cut the step's LoRA kernels from
     # 3.75 to 3.48 ms (engine profile).
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4),
+    # PDL (2026-12-03, H200, benchmarks/results/lora-decode-pdl-2026-12-03-h200): each int8 decode
+    # launch overlaps the tail of the kernel before it: 0.965x the LoRA time alone, and the
+    # 256 x 256 step's LoRA cost 3.86 vs 4.20 ms (+21.7% vs +23.6%) in the engine, same machine.
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
     # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
     # RCLASS (2026-12-03, H200): ranks up to 16 load all their rows at once (a 4-, 8- or 16-row
     # tile), larger ones walk 16 rows at a time: 0.97x the LoRA time of 8-row steps.
-    "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True),
+    "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
+                               PDL=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
-    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.) PREFETCH (default False): load
-    # the first tile of adapter rows before the activations; PDL (default False, sm_90+): launch
-    # while the previous kernel runs (see _pdl_wait); the expand's PREFETCH needs RCLASS.
+    # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.) PDL (default False): launch as a
+    # programmatic dependent launch on sm_90+ GPUs (see _pdl_wait; ignored elsewhere).
     # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
@@ -81,8 +84,6 @@ TUNE = {
     "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3, SPLIT_K=None,
                            programs_per_sm=4),
     "expand_grouped": dict(BLOCK_M=16, BLOCK_N=128, num_warps=2, num_stages=3),
-    # lora_apply's int8 decode pair: per-token flags between shrink and expand (see _wait_for_v)
-    "decode_sync": dict(FLAGS=False),
 }
 apply_overrides("lora", TUNE)
 INT8_SMALL_TILES_MIN_T = 64
@@ -192,10 +193,10 @@ def _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2):
 # decode (one token per segment): BGMV-like
 # ---------------------------------------------------------------------------------------------
 # PDL (programmatic dependent launch, sm_90+; TUNE key PDL): a decode kernel is launched while the
-# kernel before it still runs. Each program first lets the next kernel launch, reads what no kernel
-# writes (slot, meta, row offsets and, with PREFETCH, its first tile of adapter rows), then waits
-# for the previous kernel to finish before it reads activations or stores anything. Every program
-# waits before it exits, so a kernel that completes implies the one before it did too.
+# kernel before it still runs. Each program first lets the next kernel launch and reads what no
+# kernel writes (its slot, meta and row offsets), then waits for the previous kernel to complete
+# before it reads activations or stores anything. Every program waits before it exits, so a kernel
+# that has completed implies that the one before it has too.
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
     if PDL:
@@ -208,46 +209,11 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-# FLAGS (TUNE family decode_sync, through lora_apply only): the expand waits per token and module
-# instead of for the whole shrink. Each shrink tile adds its count of v rows to flag[t, module]
-# (release) once they are stored; each expand program spins until the flag reaches the rank
-# (acquire), so with PDL an expand program starts as soon as its token's shrink tiles are done,
-# not when the last shrink program is. Then it adds FLAG_DONE; the token-module's last program
-# resets the flag to 0 for the next call (no memset a launch). The expand is launched after every
-# shrink program has started (PDL's trigger, or plain stream order), so spinning cannot starve one.
-FLAG_DONE = tl.constexpr(1024)          # > any rank
-FLAG_SPIN_LIMIT = tl.constexpr(1 << 24)  # a bound on the spin, so a broken invariant shows as wrong output, not a hang
-
-
-@triton.jit
-def _wait_for_v(flag_ptr, need, PDL: tl.constexpr, FLAGS: tl.constexpr):
-    """Before an expand program reads v or y: its token's shrink rows (FLAGS) or the whole
-    previous kernel (PDL)."""
-    if FLAGS:
-        seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (seen < need) & (spins < FLAG_SPIN_LIMIT):
-            seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
-            spins += 1
-    else:
-        _pdl_wait(PDL)
-
-
-@triton.jit
-def _release_flag(flag_ptr, need, programs, FLAGS: tl.constexpr):
-    """After an expand program's store: count it; the token-module's last program resets the flag."""
-    if FLAGS:
-        old = tl.atomic_add(flag_ptr, FLAG_DONE, sem="relaxed", scope="gpu")
-        if old == need + (programs - 1) * FLAG_DONE:
-            tl.atomic_xchg(flag_ptr, 0, sem="relaxed", scope="gpu")
-
-
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                          v_ptr, sv0, sv1, svm, d_in, max_rank, flag_ptr,
+                          v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-                          FLAGS: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
@@ -264,11 +230,9 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         a0 = tl.load(mrow)
         rank = tl.load(mrow + 2 * sm1)
     if rt * BLOCK_R >= rank:
-        # base token, a module the adapter does not target, or a tile past its rank: zeros (with
-        # FLAGS nothing: only the expand reads v, and only rows below the rank)
-        if not FLAGS:
-            _pdl_wait(PDL)
-            tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
+        # base token, a module the adapter does not target, or a tile past its rank: zeros
+        _pdl_wait(PDL)
+        tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
     roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
@@ -277,22 +241,11 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
-    k_start = 0
-    if PREFETCH:
-        # the first tile of rows is loaded before waiting on the kernel that writes x (PDL):
-        # the chain slot -> meta -> row offsets -> rows then overlaps the previous kernel's tail
-        a_first = _load_rows(flat_ptr + roff[:, None] + offs_k[None, :], rmask[:, None] & (offs_k < d_in)[None, :],
-                             QUANT)
-        _pdl_wait(PDL)
-        x_first = tl.load(x_row + offs_k * sx1, mask=offs_k < d_in, other=0.0).to(tl.float32)
-        acc += _rows_f32(a_first, QUANT) * x_first[None, :]
-        k_start = BLOCK_K
-    else:
-        _pdl_wait(PDL)
+    _pdl_wait(PDL)
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
     # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks. On the H100
     # the int8 launch fell from 35.4 to 32.0 us with PIPE=3 (engine profile, 256 x 256).
-    for k0 in tl.range(k_start, d_in, BLOCK_K, num_stages=PIPE):
+    for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
@@ -302,12 +255,6 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
-    if FLAGS:
-        # this tile's rows of v are out: count them in the token-module's flag, which the expand's
-        # programs wait on (every thread's store precedes the barrier, the barrier the release)
-        tl.debug_barrier()
-        tl.atomic_add(flag_ptr + t * tl.num_programs(2) + mod, tl.minimum(rank - rt * BLOCK_R, BLOCK_R),
-                      sem="release", scope="gpu")
 
 
 @triton.jit
@@ -322,75 +269,31 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_rows(flat_ptr, rows_ptr, b0, j0, rank, offs_n, nmask, ALIGN: tl.constexpr, QUANT: tl.constexpr,
-                BR: tl.constexpr):
-    """B^T rows j0 .. j0 + BR (those below rank) at columns offs_n, as loaded."""
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
     roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
-    return _load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT)
-
-
-@triton.jit
-def _chunk_delta(b, rs_ptr, v_row, sv1, b0, j0, rank, QUANT: tl.constexpr, BR: tl.constexpr):
-    """sum over the chunk's rows j of v[j] * b[j] (b from _chunk_rows at the same j0)."""
-    jj = j0 + tl.arange(0, BR)
-    jmask = jj < rank
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    return tl.sum(_rows_f32(b, QUANT) * vj[:, None], axis=0)
-
-
-@triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
-    b = _chunk_rows(flat_ptr, rows_ptr, b0, j0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-    return _chunk_delta(b, rs_ptr, v_row, sv1, b0, j0, rank, QUANT, BR)
-
-
-@triton.jit
-def _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr, need,
-                 ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, WALK: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr, FLAGS: tl.constexpr):
-    """(y at offs_n, sum over rows j < rank of v[j] * B^T row j): one chunk of BR rows, or (WALK)
-    BR rows at a time. y is loaded first, so it overlaps the rows' loads; with PREFETCH the first
-    chunk of rows is loaded before waiting on the kernel that writes v (PDL), and y after."""
-    if PREFETCH:
-        b = _chunk_rows(flat_ptr, rows_ptr, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-        _wait_for_v(flag_ptr, need, PDL, FLAGS)
-        y = tl.load(y_ptrs, mask=nmask, other=0.0)
-        delta = _chunk_delta(b, rs_ptr, v_row, sv1, b0, 0, rank, QUANT, BR)
-        j_start = BR
-    else:
-        _wait_for_v(flag_ptr, need, PDL, FLAGS)
-        y = tl.load(y_ptrs, mask=nmask, other=0.0)
-        delta = tl.zeros([offs_n.shape[0]], dtype=tl.float32)
-        j_start = 0
-    if WALK:
-        for j0 in range(j_start, rank, BR):
-            delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN, QUANT,
-                                   BR)
-    elif not PREFETCH:
-        delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-    return y, delta
+    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
+    return tl.sum(b * vj[:, None], axis=0)
 
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, W0, W1, W2, flag_ptr,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr,
-                          PREFETCH: tl.constexpr, PDL: tl.constexpr, FLAGS: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
-    flag_ptr += t * tl.num_programs(2) + tl.program_id(2)
     if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
@@ -410,27 +313,25 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
-    need = 0
-    if FLAGS:
-        need = tl.load(mrow + 2 * sm1)     # v rows the shrink writes (A's rank)
+    _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
+    y = tl.load(y_ptrs, mask=nmask, other=0.0)
     if RCLASS:
         # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
-                                    need, ALIGN, QUANT, BLOCK_R // 4, False, PREFETCH, PDL, FLAGS)
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 4)
         elif rank <= BLOCK_R // 2:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
-                                    need, ALIGN, QUANT, BLOCK_R // 2, False, PREFETCH, PDL, FLAGS)
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 2)
         else:
-            y, delta = _expand_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, y_ptrs, b0, rank, offs_n, nmask, flag_ptr,
-                                    need, ALIGN, QUANT, BLOCK_R, True, PREFETCH, PDL, FLAGS)
+            delta = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j0 in range(0, rank, BLOCK_R):
+                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                       QUANT, BLOCK_R)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
-        _release_flag(flag_ptr, need, tl.cdiv(d_out, BLOCK_N), FLAGS)
         return
-    _wait_for_v(flag_ptr, need, PDL, FLAGS)
-    y = tl.load(y_ptrs, mask=nmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
@@ -446,7 +347,6 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
-    _release_flag(flag_ptr, need, tl.cdiv(d_out, BLOCK_N), FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,15 +649,12 @@ def _modules(meta: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch, row_scale: torch.Tensor | None = None,
-                flags: torch.Tensor | None = None) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
     (M <= 3 modules reading the same x, e.g. q/k/v): one launch, returns [T, M, batch.max_rank].
     In x's dtype, fp32 accumulation. int8 ``flat``: row j is ``flat[...] * row_scale[start + j]``.
-    ``flags`` (from lora_apply, decode schedule only): count stored rows per token and module for
-    the expand that follows, and leave v unwritten where the expand does not read it.
     """
     T, d_in = x.shape
     R = batch.max_rank
@@ -800,10 +697,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R, rows if flags is None else flags,
+                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
-                                    PREFETCH=bool(cfg.get("PREFETCH", False)), FLAGS=flags is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -838,13 +734,11 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None,
-                flags: torch.Tensor | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
     ``widths`` the M output widths; module m adds into columns sum(widths[:m]) + [0, widths[m]).
-    ``flags``: the shrink's (see lora_apply).
     """
     T, d_out = y.shape
     if T == 0 or batch.max_rank == 0 or d_out == 0:
@@ -881,10 +775,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
-                                    rows if flags is None else flags,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
-                                    PREFETCH=bool(cfg.get("PREFETCH", False)), FLAGS=flags is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, y.device))
     else:
@@ -905,35 +797,3 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-_FLAG_BUFFERS: dict = {}
-
-
-def _flag_buffer(device, T: int, M: int) -> torch.Tensor | None:
-    """The zeroed int32 [T, M] flags of lora_apply's decode pair, one buffer per shape and device,
-    reused by every call (each call's expand leaves it zeroed). None while a CUDA graph is being
-    captured before the buffer exists: its zeroing would be a captured memset, not done now."""
-    key = (str(device), T, M)
-    buf = _FLAG_BUFFERS.get(key)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _FLAG_BUFFERS[key] = torch.zeros(T, M, dtype=torch.int32, device=device)
-    return buf
-
-
-def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-               scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
-               row_scale: torch.Tensor | None = None) -> None:
-    """y += the LoRA deltas of x: lora_shrink then lora_expand (the model's one call per group).
-
-    The decode pair synchronizes per token and module when TUNE["decode_sync"]["FLAGS"] is set
-    (see _wait_for_v): with PDL the expand then overlaps the shrink's tail.
-    """
-    flags = None
-    if (TUNE["decode_sync"].get("FLAGS") and batch.max_seg_len <= 1 and not batch.grouped
-            and x.shape[0] >= INT8_SMALL_TILES_MIN_T and flat.dtype == torch.int8):
-        flags = _flag_buffer(x.device, x.shape[0], _modules(meta).shape[1])
-    v = lora_shrink(x, flat, rows, meta, batch, row_scale, flags=flags)
-    lora_expand(y, v, flat, rows, meta, scaling, batch, widths, row_scale, flags=flags)

@@ -114,7 +114,8 @@ class LlamaModel:
         w = widths if len(modules) > 1 else None
         for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
             xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
-            self.ops.lora_apply(ys, xs, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
+            v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
+            self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
                  table: AdapterTable) -> None:

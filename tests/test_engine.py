@@ -110,13 +110,13 @@ def test_lora_groups_and_attention_only_batches(tiny):
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=4)
     ops, calls = engine.model.ops, []
-    apply = ops.lora_apply
+    shrink = ops.lora_shrink
 
-    def spy(y, x, flat, rows, meta, scaling, batch, widths=None, row_scale=None):
+    def spy(x, flat, rows, meta, batch, row_scale=None):
         calls.append((tuple(meta.shape[1:-1]), batch.mlp))
-        return apply(y, x, flat, rows, meta, scaling, batch, widths, row_scale)
+        return shrink(x, flat, rows, meta, batch, row_scale)
 
-    ops.lora_apply = spy
+    ops.lora_shrink = spy
     try:
         by_name = {}
         for names in (["attn", "qv", ""], ["attn", "full"]):

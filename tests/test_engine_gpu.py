@@ -57,13 +57,18 @@ def check_against_peft(engine, model_dir, adapters, reqs, tol) -> None:
         assert max(abs(a - b) for a, b in zip(outs[r.request_id][1], ref_lp)) < tol, r.adapter_id
 
 
+@pytest.mark.parametrize("int8_tiles_from", [None, 1], ids=["default-tiles", "int8-tiles"])
 @pytest.mark.parametrize("graphs", [True, False])
-def test_int8_adapter_rows_match_peft_within_their_error(tiny, graphs, monkeypatch):
+def test_int8_adapter_rows_match_peft_within_their_error(tiny, graphs, int8_tiles_from, monkeypatch):
     """--adapter-dtype int8 on the GPU (graph-captured and eager decode, the grouped schedule
     included): the same greedy tokens as PEFT on the full-precision weights, log-probabilities
-    within the int8 bound the CPU test uses."""
+    within the int8 bound the CPU test uses. int8-tiles: the int8 decode tiles (PDL launches on
+    sm_90+) at this small batch too, as 256-request steps run them."""
     import server.engine
+    from kernels import triton_lora
     monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 2)
+    if int8_tiles_from is not None:
+        monkeypatch.setattr(triton_lora, "INT8_SMALL_TILES_MIN_T", int8_tiles_from)
     model_dir, adapters = tiny
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs,
                                           adapter_dtype="int8"))
