@@ -59,8 +59,9 @@ TUNE = {
     # 8 x 256, 1 warp, PIPE 3) and the expand's rank classes cut the step's LoRA kernels from
     # 3.75 to 3.48 ms (engine profile).
     # PDL (2026-12-03, H200, benchmarks/results/lora-decode-pdl-2026-12-03-h200): each int8 decode
-    # launch overlaps the tail of the kernel before it: 0.965x the LoRA time alone, and the
-    # 256 x 256 step's LoRA cost 3.86 vs 4.20 ms (+21.7% vs +23.6%) in the engine, same machine.
+    # launch overlaps the tail of the kernel before it: 0.965x the LoRA time alone (0.991x with a
+    # kernel between groups); in the engine's 256 x 256 step within the noise (LoRA device time
+    # 3.20 vs 3.38 ms a step, overlapped +21.3/21.6% vs +21.5/21.6%, alternated).
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
