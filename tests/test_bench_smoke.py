@@ -32,6 +32,23 @@ def test_engine_tune_sweep_runs_each_variant_with_its_overrides(tmp_path):
     assert meta["shape"] == "tiny" and meta["adapters"] == 2
 
 
+def test_engine_tune_sweep_warms_up_and_alternates_repeats(tmp_path):
+    """--warmup runs the first variant once first and leaves it out of the table; --repeat runs
+    the list again in turn, as name@2."""
+    vfile = tmp_path / "variants.json"
+    vfile.write_text(json.dumps({"committed": {}}))
+    out = tmp_path / "sweep"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_tune_sweep.py"), "--variants", str(vfile),
+                          "--out", str(out), "--warmup", "--repeat", "2", "--", "--shape", "tiny", "--batches", "2",
+                          "--adapters", "2", "--steps", "2", "--rounds", "1", "--context", "16", "--pool-gb", "0.01"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in (out / "sweep.md").read_text().splitlines()[2:]]
+    assert rows == ["committed", "committed@2"]
+    assert next((out / "_warmup").glob("engine-*.json"))     # it ran, first
+    assert run.stdout.index("_warmup") < run.stdout.index("] committed:")
+
+
 def test_bench_lora_decode_checks_and_times_each_variant(tmp_path):
     """bench_lora_decode.py on tiny shapes (Triton interpreter): every variant is checked against
     the reference before it is timed, and a family that does not exist fails that variant alone."""
