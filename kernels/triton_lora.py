@@ -622,12 +622,14 @@ def _decode_grid(cfg: dict, tiles: int, T: int, M: int) -> tuple[tuple[int, int,
 
 
 _CAPS: dict = {}
+_TRITON_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
 def _pdl_args(cfg: dict, device) -> dict:
     """A decode launch's PDL arguments: the kernel's constexpr and Triton's launch flag, on when
-    the TUNE entry asks (key PDL) and the GPU has programmatic dependent launch (sm_90+)."""
-    on = bool(cfg.get("PDL", False)) and device.type == "cuda"
+    the TUNE entry asks (key PDL), the GPU has programmatic dependent launch (sm_90+) and this
+    Triton has it (3.4+: gdc_wait and launch_pdl)."""
+    on = bool(cfg.get("PDL", False)) and device.type == "cuda" and _TRITON_PDL
     if on:
         cap = _CAPS.get(device.index)
         if cap is None:
