@@ -67,12 +67,12 @@ def main() -> None:
         if run.returncode != 0 or not results:
             print(f"  {name}: failed (exit {run.returncode}), see {name}.log", flush=True)
             continue
+        if name == "_warmup":
+            continue
         for row in json.loads(results[0].read_text())["rows"]:
             modes = [k[:-len("_overlapped_ms")] for k in row if k.endswith("_overlapped_ms") and k != "base_overlapped_ms"]
             for mode in modes:
                 base, lora = row["base_overlapped_ms"], row[f"{mode}_overlapped_ms"]
-                if name == "_warmup":
-                    continue
                 table.append((name, row["batch"], mode, base, lora, lora / base - 1))
                 print(f"  batch {row['batch']} {mode}: {lora:.2f} ms vs base {base:.2f} ({lora / base - 1:+.1%})", flush=True)
     lines = ["| variant | batch | mode | base ms | LoRA ms | overhead |", "| --- | ---: | --- | ---: | ---: | ---: |"]

@@ -153,17 +153,20 @@ def _token_and_tile(TILE_FIRST: tl.constexpr):
     return tl.program_id(0), tl.program_id(1)
 
 
-_SMS: dict = {}
+_PROPS: dict = {}
+
+
+def _props(device):
+    """A CUDA device's properties (cached: wrappers ask on every launch)."""
+    props = _PROPS.get(device.index)
+    if props is None:
+        props = _PROPS[device.index] = torch.cuda.get_device_properties(device)
+    return props
 
 
 def _sms(device) -> int:
-    """Multiprocessor count (cached); the interpreter pretends to have 4."""
-    if device.type != "cuda":
-        return 4
-    n = _SMS.get(device.index)
-    if n is None:
-        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
+    """Multiprocessor count; the interpreter pretends to have 4."""
+    return _props(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _p2(n: int) -> int:
@@ -621,7 +624,6 @@ def _decode_grid(cfg: dict, tiles: int, T: int, M: int) -> tuple[tuple[int, int,
     return ((tiles, T, M) if first else (T, tiles, M)), first
 
 
-_CAPS: dict = {}
 _TRITON_PDL = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
@@ -629,12 +631,7 @@ def _pdl_args(cfg: dict, device) -> dict:
     """A decode launch's PDL arguments: the kernel's constexpr and Triton's launch flag, on when
     the TUNE entry asks (key PDL), the GPU has programmatic dependent launch (sm_90+) and this
     Triton has it (3.4+: gdc_wait and launch_pdl)."""
-    on = bool(cfg.get("PDL", False)) and device.type == "cuda" and _TRITON_PDL
-    if on:
-        cap = _CAPS.get(device.index)
-        if cap is None:
-            cap = _CAPS[device.index] = torch.cuda.get_device_capability(device)[0]
-        on = cap >= 9
+    on = bool(cfg.get("PDL", False)) and device.type == "cuda" and _TRITON_PDL and _props(device).major >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
