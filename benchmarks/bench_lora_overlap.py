@@ -1,0 +1,208 @@
+"""Decode LoRA beside the base GEMM, with cuBLAS held to fewer SMs: does the overlap pay?
+
+The engine runs each attention group's LoRA after its base GEMM (q/k/v: shrink, expand into the
+fused qkv output; o: the same into the o output). Both halves of a pair read the same input, so the
+LoRA could run beside the GEMM on a second stream. That was measured (call I,
+results/lora-decode-2026-12-03-h200) and bought nothing: cuBLAS's kernels take every SM, so the
+LoRA programs only ran in the GEMM's tail. This probe adds the missing half: an SM carve-out for
+the GEMM (``torch._C._set_sm_carveout_experimental``, which cuBLASLt honours as its SM count
+target), so C SMs are free for the LoRA while the GEMM runs and all of them after.
+
+Per layer, for 32 layers with weights of their own (Llama-7B shapes, 256 decode tokens over 256
+distinct adapters), captured in one CUDA graph per variant and replayed in alternating rounds:
+
+* ``gemm``: the two base GEMMs alone (q/k/v 4096 -> 12288, o 4096 -> 4096);
+* ``serial``: the engine today: each GEMM, then its LoRA in line;
+* ``side-cC``: each GEMM at carve-out C beside its LoRA on a second stream (q/k/v's delta into a
+  zeroed buffer added after the join, where the engine would fuse it into rope; o's delta into
+  the residual, as x + (o W^T + d) = (x + d) + o W^T).
+
+The number that matters is each variant's LoRA cost: its time minus ``gemm``'s (cuBLASLt where the
+variant uses it). Outputs are checked against the serial order before timing.
+
+    python benchmarks/bench_lora_overlap.py --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_lora_decode import Workload, build, replay_ms  # noqa: E402
+from kernels import triton_lora as tlora  # noqa: E402
+from kernels.batch import LoraBatch  # noqa: E402
+from server.config import ModelConfig  # noqa: E402
+
+
+@contextlib.contextmanager
+def carve(c: int | None):
+    """cuBLAS(Lt) GEMMs launched inside leave ``c`` SMs free."""
+    if not c:
+        yield
+        return
+    torch._C._set_sm_carveout_experimental(c)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+
+
+class Layers:
+    """The two attention GEMMs of every layer and their LoRA groups."""
+
+    def __init__(self, work: Workload, n_layers: int, dev, dtype):
+        self.work = work
+        cfg = work.cfg
+        (_, _, wq, xq, _), (_, _, wo, xo, _) = work.groups
+        self.xq, self.xo = xq, xo
+        self.Wq = [torch.randn(sum(wq), xq.shape[1], device=dev, dtype=dtype) * 0.02 for _ in range(n_layers)]
+        self.Wo = [torch.randn(sum(wo), xo.shape[1], device=dev, dtype=dtype) * 0.02 for _ in range(n_layers)]
+        self.resid = torch.zeros(xq.shape[0], cfg.hidden_size, device=dev, dtype=dtype)
+        self.side = torch.cuda.Stream(dev)
+        self.n = n_layers
+
+    def lora(self, layer: int, gi: int, y: torch.Tensor) -> None:
+        self.work.apply(layer, gi, y)
+
+    def run(self, mode: str, c: int | None = None) -> list[torch.Tensor]:
+        """One pass over the layers; returns each layer's q/k/v output and the residual."""
+        outs = []
+        main = torch.cuda.current_stream()
+        for li in range(self.n):
+            if mode == "side":
+                self.side.wait_stream(main)
+                with carve(c):
+                    qkv = self.xq @ self.Wq[li].t()
+                with torch.cuda.stream(self.side):
+                    dq = torch.zeros_like(qkv)
+                    self.lora(li, 0, dq)
+                main.wait_stream(self.side)
+                qkv.add_(dq)
+                self.side.wait_stream(main)
+                with carve(c):
+                    out = self.xo @ self.Wo[li].t()
+                with torch.cuda.stream(self.side):
+                    self.lora(li, 1, self.resid)
+                main.wait_stream(self.side)
+            else:
+                with carve(c):
+                    qkv = self.xq @ self.Wq[li].t()
+                if mode == "serial":
+                    self.lora(li, 0, qkv)
+                with carve(c):
+                    out = self.xo @ self.Wo[li].t()
+                if mode == "serial":
+                    self.lora(li, 1, out)
+            outs += [qkv, out]
+        return outs
+
+
+def capture(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--adapters", type=int, default=256)
+    ap.add_argument("--ranks", default="8,16,32,64")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--carveouts", default="16,24,32,48,64")
+    ap.add_argument("--adapter-dtype", default="int8", choices=["int8", "auto"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev, dtype = torch.device("cuda"), torch.float16
+    cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=args.layers, num_heads=32,
+                      num_kv_heads=32, head_dim=128, vocab_size=32000)
+    adapter_dtype = torch.int8 if args.adapter_dtype == "int8" else None
+    ranks = [int(r) for r in args.ranks.split(",")]
+    pool, table, slot_rank = build(cfg, args.adapters, ranks, adapter_dtype, dtype, dev)
+    tok = [slot_rank[t % len(slot_rank)] for t in range(args.tokens)]
+    batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
+    work = Workload(cfg, pool, table, batch, dtype, dev)
+    L = Layers(work, args.layers, dev, dtype)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    carves = [int(c) for c in args.carveouts.split(",") if c]
+
+    # variants: (name, cublas backend, mode, carve-out)
+    variants = [("gemm", "cublas", "gemm", None), ("serial", "cublas", "serial", None),
+                ("gemm-lt", "cublaslt", "gemm", None), ("serial-lt", "cublaslt", "serial", None),
+                ("side-lt", "cublaslt", "side", None)]
+    for c in carves:
+        variants += [(f"gemm-lt-c{c}", "cublaslt", "gemm", c), (f"side-lt-c{c}", "cublaslt", "side", c)]
+    backend0 = torch.backends.cuda.preferred_blas_library()
+
+    # correctness: each side variant's q/k/v outputs and residual against the serial order
+    def outputs(mode, c, backend):
+        torch.backends.cuda.preferred_blas_library(backend)
+        L.resid.zero_()
+        outs = L.run(mode, c)
+        torch.cuda.synchronize()
+        q = torch.stack([o.float() for o in outs[0::2]])
+        o = torch.stack([o.float() for o in outs[1::2]]).sum(0) + L.resid.float()   # o's delta may sit in resid
+        return q, o
+
+    q_ref, o_ref = outputs("serial", None, "cublas")
+    graphs, res = {}, {}
+    for name, backend, mode, c in variants:
+        torch.backends.cuda.preferred_blas_library(backend)
+        err = None
+        if mode == "side":
+            q, o = outputs(mode, c, backend)
+            err = max(float((q - q_ref).norm() / q_ref.norm()), float((o - o_ref).norm() / o_ref.norm()))
+        torch.backends.cuda.preferred_blas_library(backend)
+        graphs[name] = (backend, capture(lambda mode=mode, c=c: L.run(mode, c)))
+        res[name] = {"backend": backend, "mode": mode, "carveout": c, "rel_err": err, "ms": []}
+        print(f"{name}: captured" + (f", rel err vs serial {err:.1e}" if err is not None else ""), flush=True)
+    torch.backends.cuda.preferred_blas_library(backend0)
+    for rnd in range(args.rounds):
+        for name, (_, g) in graphs.items():
+            res[name]["ms"].append(replay_ms(g, args.reps))
+        print(f"round {rnd + 1}: " + ", ".join(f"{n} {statistics.median(r['ms']):.3f}" for n, r in res.items()),
+              flush=True)
+    for r in res.values():
+        r["median_ms"] = statistics.median(r["ms"])
+    gemm = {"cublas": res["gemm"]["median_ms"], "cublaslt": res["gemm-lt"]["median_ms"]}
+    lora_serial = res["serial"]["median_ms"] - gemm["cublas"]
+    stamp = pathlib.Path(".commit")
+    meta = {"date": datetime.date.today().isoformat(), "commit": stamp.read_text().strip() if stamp.exists() else "?",
+            "device": torch.cuda.get_device_name(dev), "sms": sms, "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "tokens": args.tokens, "adapters": args.adapters,
+            "ranks": ranks, "layers": args.layers, "adapter_dtype": args.adapter_dtype, "rounds": args.rounds,
+            "reps": args.reps, "command": " ".join(sys.argv), "tune": tlora.TUNE}
+    lines = [f"# decode LoRA beside the base GEMM, {args.tokens} tokens over {args.adapters} adapters, "
+             f"{args.layers} layers", "",
+             f"{meta['device']} ({sms} SMs), {meta['date']}, commit {meta['commit']}, torch {meta['torch']}; "
+             f"{args.adapter_dtype} rows; medians of {args.rounds} alternating rounds of {args.reps} graph replays.",
+             "", f"    {meta['command']}", "",
+             "LoRA ms = the variant minus the GEMMs alone on the same cuBLAS backend with no carve-out.", "",
+             "| variant | step ms | LoRA ms | LoRA vs serial | rel err vs serial |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in res.items():
+        lora = r["median_ms"] - gemm[r["backend"]]
+        err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        lines.append(f"| {name} | {r['median_ms']:.3f} | {lora:.3f} | {lora / lora_serial:.2f} | {err} |")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lora_overlap.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1, default=str))
+    (out / "lora_overlap.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
