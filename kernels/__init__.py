@@ -2,7 +2,7 @@
 
 ``get_ops(device)`` returns a namespace with lora_shrink, lora_expand, write_kv,
 paged_attention, rms_norm, add_rms_norm, silu_mul, apply_rope, linear, and the fused
-silu_mul_linear, rope_write_kv and lora_expand_rope_write_kv. On a CPU it is the reference; on CUDA the Triton
+silu_mul_linear and rope_write_kv. On a CPU it is the reference; on CUDA the Triton
 kernels wherever they exist (LORASERVE_KERNELS=reference forces the references).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kernels import reference
 def get_ops(device) -> types.SimpleNamespace:
     ops = {name: getattr(reference, name) for name in
            ("lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm", "add_rms_norm",
-            "silu_mul", "apply_rope", "linear", "silu_mul_linear", "rope_write_kv", "lora_expand_rope_write_kv")}
+            "silu_mul", "apply_rope", "linear", "silu_mul_linear", "rope_write_kv")}
     want = os.environ.get("LORASERVE_KERNELS", "auto")
     if str(device).startswith("cuda") and want != "reference":
         try:

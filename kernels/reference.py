@@ -93,19 +93,6 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: t
     return qk[:, :num_heads]
 
 
-def lora_expand_rope_write_kv(qkv: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
-                              meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch, cos: torch.Tensor,
-                              sin: torch.Tensor, kv: torch.Tensor, layer: int, attn: AttnBatch, num_heads: int,
-                              num_kv_heads: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The q/k/v LoRA's expand (v [T, 3, R], meta [slots, 3, 4]) into the fused projection output,
-    then rope_write_kv: returns the rotated q. One kernel on the GPU for decode batches, which
-    leaves ``qkv`` itself as the GEMM wrote it; here it is updated in place."""
-    D = kv.shape[-1]
-    lora_expand(qkv, v, flat, rows, meta, scaling, batch, (num_heads * D, num_kv_heads * D, num_kv_heads * D),
-                row_scale)
-    return rope_write_kv(qkv, cos, sin, kv, layer, attn, num_heads, num_kv_heads)
-
-
 def gather_kv(kv: torch.Tensor, block_tables: torch.Tensor, seq: int, layer: int, n: int):
     """A sequence's first n K and V of one layer as contiguous [n, Hkv, D] tensors."""
     B = kv.shape[1]

@@ -70,9 +70,6 @@ TUNE = {
     # tile), larger ones walk 16 rows at a time: 0.97x the LoRA time of 8-row steps.
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
                                PDL=True),
-    # The q/k/v expand with RoPE and the KV write as its epilogue (kernels/triton_lora_rope.py):
-    # one-warp programs of 16-row chunks, one per (head, token). enabled=False: the two kernels.
-    "expand_rope": dict(BLOCK_R=16, num_warps=1, PDL=True, enabled=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -292,27 +289,6 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 
 
 @triton.jit
-def _expand_delta(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """sum over the rank's rows of v[j] * B^T row j at columns offs_n, by rank class: ranks up to
-    BLOCK_R / 4 or / 2 load all their rows at once (row-masked, so int8 loads stay 16 bytes wide
-    and no row past the rank is read); larger ones walk BLOCK_R rows at a time, each chunk reduced
-    as it lands (no [BLOCK_R, columns] accumulator)."""
-    if rank <= BLOCK_R // 4:
-        delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                              BLOCK_R // 4)
-    elif rank <= BLOCK_R // 2:
-        delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                              BLOCK_R // 2)
-    else:
-        delta = tl.zeros(offs_n.shape, dtype=tl.float32)
-        for j0 in range(0, rank, BLOCK_R):
-            delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                   QUANT, BLOCK_R)
-    return delta
-
-
-@triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -344,7 +320,20 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
     if RCLASS:
-        delta = _expand_delta(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, rank, offs_n, nmask, ALIGN, QUANT, BLOCK_R)
+        # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
+        # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
+        # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
+        if rank <= BLOCK_R // 4:
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 4)
+        elif rank <= BLOCK_R // 2:
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 2)
+        else:
+            delta = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for j0 in range(0, rank, BLOCK_R):
+                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                       QUANT, BLOCK_R)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from kernels.triton_attention import paged_attention, rope_write_kv, write_kv
 from kernels.triton_gemv import linear, silu_mul_linear
 from kernels.triton_lora import lora_expand, lora_shrink
-from kernels.triton_lora_rope import lora_expand_rope_write_kv
 from kernels.triton_norm_rope import add_rms_norm, apply_rope, rms_norm, silu_mul
 
 OPS = {
@@ -23,5 +22,4 @@ OPS = {
     "linear": linear,
     "silu_mul_linear": silu_mul_linear,
     "rope_write_kv": rope_write_kv,
-    "lora_expand_rope_write_kv": lora_expand_rope_write_kv,
 }

@@ -149,16 +149,9 @@ class LlamaModel:
         h = ops.rms_norm(x, self.layers[0].ln1, cfg.rms_norm_eps)
         for li, L in enumerate(self.layers):
             qkv = ops.linear(h, L.qkv, L.qkv_bias)
-            if use_lora and not self.tp.enabled and lora.parts is None:
-                # the expand adds into the fused row where rope reads it: one kernel on decode steps
-                meta = table.meta[:, li, M_IDX["q_proj"]:M_IDX["q_proj"] + 3]
-                v = ops.lora_shrink(h, table.flat, table.rows, meta, lora, table.row_scale)
-                q = ops.lora_expand_rope_write_kv(qkv, v, table.flat, table.rows, meta, table.scaling, lora, cos, sin,
-                                                  kv, li, attn, cfg.num_heads, cfg.num_kv_heads, table.row_scale)
-            else:
-                if use_lora:
-                    self._lora(qkv, h, li, QKV, lora, table, (qw, kw, kw))
-                q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
+            if use_lora:
+                self._lora(qkv, h, li, QKV, lora, table, (qw, kw, kw))
+            q = ops.rope_write_kv(qkv, cos, sin, kv, li, attn, cfg.num_heads, cfg.num_kv_heads)
             o = ops.paged_attention(q, kv, li, attn, self.scale).reshape(T, qw)
             out = ops.linear(o, L.o)
             if use_lora:   # under TP: only this rank's output columns; the all-reduce adds the rest

@@ -562,101 +562,6 @@ def test_rope_write_kv(dtype):
     _check_rope_write_kv(mha, dtype, [2, 1], [5, 11], 0, gen, block_tokens=3)   # 9 heads: not a power of two
 
 
-def _assert_kv_match(kv, kv_ref, attn, layer, tol):
-    """The layer's pages the new tokens went to within tol, every other page bit for bit (adapter
-    pages hold int8 rows and unwritten row padding, which read as floats may be NaN)."""
-    written = attn.token_pages[:, 2 * layer:2 * layer + 2].long().flatten().unique()
-    assert rel_err(kv[written], kv_ref[written]) < tol, rel_err(kv[written], kv_ref[written])
-    untouched = torch.ones(kv.shape[0], dtype=torch.bool, device=kv.device)
-    untouched[written] = False
-    ints = {4: torch.int32, 2: torch.int16}[kv.element_size()]
-    assert untouched.any() and torch.equal(kv[untouched].view(ints), kv_ref[untouched].view(ints))
-
-
-def _check_lora_rope(cfg, dtype, pick, ctx_lens, ranks, mods, layer, gen, block_tokens=4, adapter_dtype=None,
-                     tol=None):
-    """The q/k/v LoRA expand fused with rope_write_kv against the reference's expand then
-    rope_write_kv: the rotated q, every KV page (written and untouched)."""
-    from kernels import triton_lora_rope as tlr
-    B, L2 = block_tokens, 2 * cfg.num_layers
-    kv_pages = sum(-(-n // B) for n in ctx_lens) * L2
-    pool, table, slots = build_table(cfg, ranks, mods, dtype, DEV, block_tokens=B, extra_pages=kv_pages, gen=gen,
-                                     adapter_dtype=adapter_dtype)
-    seg_slots = [-1 if p < 0 else slots[p] for p in pick]
-    T = len(pick)
-    batch = LoraBatch.build([1] * T, seg_slots, max(table.max_rank[s] for s in seg_slots if s >= 0), DEV)
-    attn = build_attn(pool, [1] * T, ctx_lens, DEV, gen)
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    F, R, S = table.flat, table.rows, table.row_scale
-    meta = table.meta[:, layer, 0:3]
-    x = torch.randn(T, cfg.hidden_size, generator=gen).to(DEV, dtype)
-    v = ref.lora_shrink(x, F, R, meta, batch, S)
-    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(DEV, dtype)
-    ang = torch.tensor(ctx_lens, device=DEV).float()[:, None] * torch.rand(D // 2, generator=gen).to(DEV)
-    kv = pool.kv_view()
-    kv_ref = kv.clone()
-    poison(T * Hq * D, dtype)
-    q = tlr.lora_expand_rope_write_kv(qkv.clone(), v, F, R, meta, table.scaling, batch, ang.cos(), ang.sin(), kv,
-                                      layer, attn, Hq, Hkv, S)
-    want = qkv.clone()
-    q_ref = ref.lora_expand_rope_write_kv(want, v, F, R, meta, table.scaling, batch, ang.cos(), ang.sin(), kv_ref,
-                                          layer, attn, Hq, Hkv, S)
-    assert not torch.equal(want, qkv), "the adapters must change the fused row"
-    assert q.shape == (T, Hq, D) and q.dtype == dtype
-    # the delta is added in fp32 and rounded once, where the reference rounds it before the add
-    tol = tol or {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    assert rel_err(q, q_ref) < tol, rel_err(q, q_ref)
-    _assert_kv_match(kv, kv_ref, attn, layer, tol)
-    # base tokens' q is the plain rope of their row
-    base = [t for t, p in enumerate(pick) if p < 0]
-    q_base = ref.apply_rope(qkv[base, :Hq * D].view(len(base), Hq, D), ang.cos()[base], ang.sin()[base])
-    assert base
-    assert torch.equal(q[base], q_base) if dtype == torch.float32 else rel_err(q[base], q_base) < tol
-
-
-@ADAPTER_DTYPES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_expand_rope_write_kv(dtype, adapter_dtype):
-    """Decode: one kernel adds each head's LoRA delta to the fused q|k|v row, rotates q and k and
-    writes k and v into their pages. Ranks 8 to 40 (one, two and three 16-row chunks), an adapter
-    without k (rank 0 there), base tokens; GQA (4 q heads, 2 kv) and 3 heads of 16 (odd count)."""
-    gen = torch.Generator().manual_seed(41)
-    allm = tuple(TARGET_MODULES)
-    ranks, mods = [8, 24, 40, 4], [allm, ("q_proj", "v_proj"), allm, ("k_proj", "v_proj")]
-    pick = [(i * 3) % 5 - 1 for i in range(13)]
-    ctx = [int(n) for n in torch.randint(1, 30, (13,), generator=gen)]
-    _check_lora_rope(TINY, dtype, pick, ctx, ranks, mods, 1, gen, adapter_dtype=adapter_dtype)
-    mha = ModelConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3, num_kv_heads=3,
-                      head_dim=16, vocab_size=64)
-    _check_lora_rope(mha, dtype, pick[:6], ctx[:6], ranks, mods, 0, gen, block_tokens=3, adapter_dtype=adapter_dtype)
-
-
-def test_lora_expand_rope_write_kv_falls_back_off_decode():
-    """Segments (prefill) and the grouped schedule take the two kernels, with the same result."""
-    from kernels import triton_lora_rope as tlr
-    gen = torch.Generator().manual_seed(43)
-    cfg = TINY
-    pool, table, slots = build_table(cfg, [8, 16], [tuple(TARGET_MODULES)] * 2, torch.float32, DEV, extra_pages=64,
-                                     gen=gen)
-    lens, pick = [5, 1, 3], [slots[0], -1, slots[1]]
-    batch = LoraBatch.build(lens, pick, 16, DEV)
-    attn = build_attn(pool, lens, [5, 4, 9], DEV, gen)
-    T, D = sum(lens), cfg.head_dim
-    meta = table.meta[:, 0, 0:3]
-    x = torch.randn(T, cfg.hidden_size, generator=gen).to(DEV)
-    v = ref.lora_shrink(x, table.flat, table.rows, meta, batch)
-    qkv = torch.randn(T, (cfg.num_heads + 2 * cfg.num_kv_heads) * D, generator=gen).to(DEV)
-    ang = torch.rand(T, D // 2, generator=gen).to(DEV)
-    kv = pool.kv_view()
-    kv_ref = kv.clone()
-    q = tlr.lora_expand_rope_write_kv(qkv.clone(), v, table.flat, table.rows, meta, table.scaling, batch, ang.cos(),
-                                      ang.sin(), kv, 0, attn, cfg.num_heads, cfg.num_kv_heads)
-    q_ref = ref.lora_expand_rope_write_kv(qkv.clone(), v, table.flat, table.rows, meta, table.scaling, batch,
-                                          ang.cos(), ang.sin(), kv_ref, 0, attn, cfg.num_heads, cfg.num_kv_heads)
-    assert rel_err(q, q_ref) < 1e-5
-    _assert_kv_match(kv, kv_ref, attn, 0, 1e-5)
-
-
 def _check_add_norm_silu(T, H, I, dtype, tol, gen):
     x = torch.randn(T, H, generator=gen).to(DEV, dtype)
     d = torch.randn(T, H + 8, generator=gen).to(DEV, dtype)[:, 4:4 + H]     # a strided view
@@ -686,7 +591,7 @@ def test_ops_table():
     from kernels import triton_ops
     assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm",
                                    "add_rms_norm", "silu_mul", "apply_rope", "linear", "silu_mul_linear",
-                                   "rope_write_kv", "lora_expand_rope_write_kv"}
+                                   "rope_write_kv"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -906,22 +811,6 @@ def test_gpu_lora_fused_modules(schedule, cfg, adapter_dtype):
     _check_lora_fused(cfg, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
                       ("gate_proj", "up_proj")], 0, 2e-3, gen, block_tokens=16, grouped=schedule == "grouped",
                       adapter_dtype=adapter_dtype)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@ADAPTER_DTYPES
-def test_gpu_lora_expand_rope_write_kv(cfg, dtype, adapter_dtype):
-    """The q/k/v expand fused with rope_write_kv at Llama-7B and GQA shapes: 200 decode tokens,
-    ranks 8 to 128 mixed (one adapter without k), base tokens, contexts up to 1000."""
-    gen = torch.Generator().manual_seed(25)
-    allm = tuple(TARGET_MODULES)
-    ranks, mods = [8, 16, 32, 64, 128, 24], [allm, allm, ("q_proj", "v_proj"), allm, allm, allm]
-    pick = [int(p) for p in torch.randint(-1, 6, (200,), generator=gen)]
-    ctx = [int(n) for n in torch.randint(1, 1000, (200,), generator=gen)]
-    _check_lora_rope(cfg, dtype, pick, ctx, ranks, mods, 0, gen, block_tokens=16, adapter_dtype=adapter_dtype)
 
 
 @gpu
