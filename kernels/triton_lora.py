@@ -215,9 +215,9 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                          v_ptr, sv0, sv1, svm, d_in, max_rank,
+                          v_ptr, sv0, sv1, svm, d_in, max_rank, tm_ptr, st0, stm,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
@@ -226,20 +226,31 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     out_mask = offs_r < max_rank
     v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
-    slot = tl.load(slot_ptr + t)
     rank = 0
     a0 = 0
-    if slot >= 0:
-        mrow = meta_ptr + slot.to(tl.int64) * sm0
-        a0 = tl.load(mrow)
-        rank = tl.load(mrow + 2 * sm1)
+    base = -1
+    if DIRECT:
+        # the token's own (A row start, rank, first row's offset) for this layer: see direct_meta
+        trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
+        a0 = tl.load(trow)
+        rank = tl.load(trow + 2).to(tl.int32)
+        base = tl.load(trow + 4)
+    else:
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            mrow = meta_ptr + slot.to(tl.int64) * sm0
+            a0 = tl.load(mrow)
+            rank = tl.load(mrow + 2 * sm1)
     if rt * BLOCK_R >= rank:
         # base token, a module the adapter does not target, or a tile past its rank: zeros
         _pdl_wait(PDL)
         tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
-    roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
+    if base >= 0:     # rows back to back: their offsets need no load
+        roff = base + offs_r.to(tl.int64) * d_in
+    else:
+        roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
@@ -273,12 +284,16 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base, width,
                   ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n.
+    base >= 0: the rows sit back to back from element offset base, ``width`` apart."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
-    roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+    if base >= 0:
+        roff = base + jj.to(tl.int64) * width
+    else:
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
@@ -290,28 +305,38 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, W0, W1, W2,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2, tm_ptr, st0, stm, ts_ptr,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
+                          DIRECT: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
-    y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    mod = tl.program_id(2)
+    y_ptr, v_ptr, meta_ptr, d_out = _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
-    slot = tl.load(slot_ptr + t)
-    if slot < 0:
-        _pdl_wait(PDL)
-        return
-    mrow = meta_ptr + slot.to(tl.int64) * sm0
-    b0 = tl.load(mrow + sm1)
-    rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
+    base = -1
+    if DIRECT:     # the token's own (B^T row start, rank, first row's offset, scaling): see direct_meta
+        trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
+        b0 = tl.load(trow + 1)
+        rank = tl.load(trow + 3).to(tl.int32)
+        base = tl.load(trow + 5)
+        s = tl.load(ts_ptr + t)
+    else:
+        slot = tl.load(slot_ptr + t)
+        if slot < 0:
+            _pdl_wait(PDL)
+            return
+        mrow = meta_ptr + slot.to(tl.int64) * sm0
+        b0 = tl.load(mrow + sm1)
+        rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
+        s = tl.load(scale_ptr + slot)
     if rank == 0:
         _pdl_wait(PDL)
         return
-    s = tl.load(scale_ptr + slot)
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -324,23 +349,26 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
                                   BLOCK_R // 4)
         elif rank <= BLOCK_R // 2:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
                                   BLOCK_R // 2)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
-                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                       QUANT, BLOCK_R)
+                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base,
+                                       d_out, ALIGN, QUANT, BLOCK_R)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
         jmask = jj < rank
-        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        if base >= 0:
+            roff = base + jj.to(tl.int64) * d_out
+        else:
+            roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
@@ -648,8 +676,35 @@ def _modules(meta: torch.Tensor) -> torch.Tensor:
     return meta if meta.dim() == 3 else meta.unsqueeze(1)
 
 
+def direct_meta(table, layer: int, i0: int, n: int, token_slot: torch.Tensor,
+                widths: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token index entries of modules i0 .. i0 + n of one layer, for the decode kernels'
+    DIRECT mode: tm [T, n, 6] int64 = (A row start, B^T row start, A rank, B^T rank, A's first
+    row offset, B^T's first row offset), the offsets -1 unless that matrix's rows sit back to back
+    (row j at first + j * width, so a kernel computes it instead of loading it), zeros for base
+    tokens; and ts [T] the token's scaling. ``widths``: (d_in, d_out) per module.
+    A kernel then reads its token's entry in one load where the slot, then meta, then the row
+    offsets were three in a chain."""
+    slots = token_slot.long()
+    live = (slots >= 0)[:, None, None]
+    m = table.meta[:, layer, i0:i0 + n][slots.clamp(min=0)].long() * live          # [T, n, 4]
+    rows = table.rows
+    firsts = []
+    for k, col in ((0, 2), (1, 3)):
+        start, rank = m[..., k], m[..., col]
+        width = torch.tensor([w[k] for w in widths], device=rows.device)[None, :]
+        j = torch.arange(int(rank.max()) if rank.numel() else 0, device=rows.device)
+        idx = (start[..., None] + j).clamp(max=rows.numel() - 1)
+        back_to_back = ((rows[idx] == rows[start][..., None] + j * width[..., None]) | (j >= rank[..., None])).all(-1)
+        firsts.append(torch.where(back_to_back & (rank > 0), rows[start], -1))
+    tm = torch.cat([m, torch.stack(firsts, -1)], -1).contiguous()
+    ts = (table.scaling[slots.clamp(min=0)] * (slots >= 0)).contiguous()
+    return tm, ts
+
+
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None,
+                direct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
@@ -696,10 +751,12 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
+        tm = direct[0] if direct is not None else rows
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
+                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R, tm, tm.stride(0),
+                                    tm.stride(1) if direct is not None else 0,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, DIRECT=direct is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -734,7 +791,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None,
+                direct: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
@@ -773,10 +831,13 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
+        rclass = bool(cfg.get("RCLASS", False))
+        tm, ts = direct if direct is not None else (rows, scaling)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
+                                    tm, tm.stride(0), tm.stride(1) if direct is not None else 0, ts,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, DIRECT=direct is not None,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, y.device))
     else:
