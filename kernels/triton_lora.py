@@ -214,6 +214,17 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(rows_ptr, start, jj, jmask, base, width):
+    """Offsets of rows start + jj: computed when the matrix's rows sit back to back (base >= 0, the
+    first row's offset), else read from the row table. A select, not a branch: a branch here cost
+    the row loads their 16-byte width and the shrink its pipelining (Triton 3.6 and 3.9), and the
+    load, masked off when base >= 0, then moves no bytes."""
+    first = tl.full(jj.shape, 0, tl.int64) + base
+    loaded = tl.load(rows_ptr + start + jj, mask=jmask & (first < 0), other=0)
+    return tl.where(first >= 0, first + jj.to(tl.int64) * width, loaded)
+
+
+@triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank, tm_ptr, st0, stm,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -228,7 +239,6 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
     rank = 0
     a0 = 0
-    base = -1
     if DIRECT:
         # the token's own (A row start, rank, first row's offset) for this layer: see direct_meta
         trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
@@ -247,8 +257,8 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
-    if base >= 0:     # rows back to back: their offsets need no load
-        roff = base + offs_r.to(tl.int64) * d_in
+    if DIRECT:
+        roff = _row_offsets(rows_ptr, a0, offs_r, rmask, base, d_in)
     else:
         roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
     if ALIGN > 1:
@@ -285,13 +295,13 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 @triton.jit
 def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base, width,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DIRECT: tl.constexpr):
     """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n.
-    base >= 0: the rows sit back to back from element offset base, ``width`` apart."""
+    DIRECT and base >= 0: the rows sit back to back from element offset base, ``width`` apart."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
-    if base >= 0:
-        roff = base + jj.to(tl.int64) * width
+    if DIRECT:
+        roff = _row_offsets(rows_ptr, b0, jj, jmask, base, width)
     else:
         roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
@@ -318,7 +328,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
-    base = -1
+    base = 0
     if DIRECT:     # the token's own (B^T row start, rank, first row's offset, scaling): see direct_meta
         trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
         b0 = tl.load(trow + 1)
@@ -350,23 +360,23 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
-                                  BLOCK_R // 4)
+                                  BLOCK_R // 4, DIRECT)
         elif rank <= BLOCK_R // 2:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
-                                  BLOCK_R // 2)
+                                  BLOCK_R // 2, DIRECT)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
                 delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base,
-                                       d_out, ALIGN, QUANT, BLOCK_R)
+                                       d_out, ALIGN, QUANT, BLOCK_R, DIRECT)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
         jmask = jj < rank
-        if base >= 0:
-            roff = base + jj.to(tl.int64) * d_out
+        if DIRECT:
+            roff = _row_offsets(rows_ptr, b0, jj, jmask, base, d_out)
         else:
             roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
         if ALIGN > 1:
