@@ -214,14 +214,19 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rows_ptr, start, jj, jmask, base, width):
+def _row_offsets(rows_ptr, start, jj, jmask, base, width, ALIGN: tl.constexpr):
     """Offsets of rows start + jj: computed when the matrix's rows sit back to back (base >= 0, the
-    first row's offset), else read from the row table. A select, not a branch: a branch here cost
-    the row loads their 16-byte width and the shrink its pipelining (Triton 3.6 and 3.9), and the
-    load, masked off when base >= 0, then moves no bytes."""
+    first row's offset), else read from the row table (that load, masked off when base >= 0, moves
+    no bytes). A select, not a branch: a branch cost the row loads their 16-byte width and the
+    shrink its pipelining (Triton 3.6 and 3.9). The alignment is spelled out as // ALIGN * ALIGN
+    (exact: every offset is a multiple of it), because Triton 3.6 drops tl.multiple_of on a
+    computed value, with the same loss."""
     first = tl.full(jj.shape, 0, tl.int64) + base
     loaded = tl.load(rows_ptr + start + jj, mask=jmask & (first < 0), other=0)
-    return tl.where(first >= 0, first + jj.to(tl.int64) * width, loaded)
+    roff = tl.where(first >= 0, first + jj.to(tl.int64) * width, loaded)
+    if ALIGN > 1:
+        roff = roff // ALIGN * ALIGN
+    return roff
 
 
 @triton.jit
@@ -258,7 +263,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         return
     rmask = offs_r < rank
     if DIRECT:
-        roff = _row_offsets(rows_ptr, a0, offs_r, rmask, base, d_in)
+        roff = _row_offsets(rows_ptr, a0, offs_r, rmask, base, d_in, ALIGN)
     else:
         roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
     if ALIGN > 1:
@@ -301,7 +306,7 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
     if DIRECT:
-        roff = _row_offsets(rows_ptr, b0, jj, jmask, base, width)
+        roff = _row_offsets(rows_ptr, b0, jj, jmask, base, width, ALIGN)
     else:
         roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
@@ -376,7 +381,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         jj = j0 + offs_r
         jmask = jj < rank
         if DIRECT:
-            roff = _row_offsets(rows_ptr, b0, jj, jmask, base, d_out)
+            roff = _row_offsets(rows_ptr, b0, jj, jmask, base, d_out, ALIGN)
         else:
             roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
         if ALIGN > 1:
