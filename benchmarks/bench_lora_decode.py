@@ -111,18 +111,6 @@ class Workload:
         # each group's v from layer 0, for timing the expand alone (its values do not matter)
         self.vs = [tlora.lora_shrink(x, table.flat, table.rows, self.meta(0, i0, n), batch, table.row_scale)
                    for i0, n, _, x, _ in self.groups]
-        self.use_direct = False     # a variant's "direct": per-token index entries (tlora.direct_meta)
-        self._direct = {}
-
-    def direct(self, layer: int, gi: int):
-        if not self.use_direct:
-            return None
-        if (layer, gi) not in self._direct:
-            i0, n, _, _, _ = self.groups[gi]
-            mods = TARGET_MODULES[i0:i0 + n]
-            self._direct[(layer, gi)] = tlora.direct_meta(self.table, layer, i0, n, self.batch.token_slot,
-                                                          tuple(self.cfg.module_dims(m) for m in mods))
-        return self._direct[(layer, gi)]
 
     def meta(self, layer, i0, n):
         return self.table.meta[:, layer, i0:i0 + n] if n > 1 else self.table.meta[:, layer, i0]
@@ -138,12 +126,9 @@ class Workload:
         y = y0 if y is None else y
         t, meta = self.table, self.meta(layer, i0, n)
         ops = ref if reference else tlora
-        kw = {} if reference or not self.use_direct else {"direct": self.direct(layer, gi)}
-        v = self.vs[gi] if part == "expand" else ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale,
-                                                                 **kw)
+        v = self.vs[gi] if part == "expand" else ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
         if part != "shrink":
-            ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale,
-                            **kw)
+            ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)
 
     def check(self) -> float:
         """Largest relative error over both groups of two layers against the reference."""
@@ -244,7 +229,6 @@ def main() -> None:
         try:
             for fam, over in v.get("lora", {}).items():
                 tlora.TUNE[fam].update(over)
-            work.use_direct = bool(v.get("direct", False))
             err = work.check()
             parts = {}
             for key, gis, part in PARTS if args.split else PARTS[:3]:

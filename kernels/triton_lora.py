@@ -107,7 +107,7 @@ def _row_align(flat: torch.Tensor) -> int:
 
 
 @triton.jit
-def _load_rows(ptrs, mask, QUANT: tl.constexpr):
+def _load_rows(ptrs, mask, QUANT: tl.constexpr, CACHE: tl.constexpr = 0):
     """A tile of adapter rows. Model-dtype rows are loaded masked (fp16 garbage can be NaN, and
     NaN * 0 is NaN). int8 rows are loaded unmasked: masks whose bounds the compiler cannot prove
     aligned (a module's width, a rank) cut int8 loads to single bytes, and at 1 byte the
@@ -116,8 +116,24 @@ def _load_rows(ptrs, mask, QUANT: tl.constexpr):
     offset 0 and get scale 0; columns past d_in meet activations masked to 0; columns past d_out are
     never stored. int8 garbage is finite, so each of those products is exactly 0 or never seen."""
     if QUANT:
-        return tl.load(ptrs)
+        if CACHE == 0:
+            return tl.load(ptrs)
+        return _load_cached(ptrs, tl.full(ptrs.shape, 1, tl.int1), CACHE)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_cached(ptrs, mask, CACHE: tl.constexpr):
+    """Adapter rows (int8: other=0 where masked; mask may be a constant True) with a cache policy,
+    TUNE key CACHE: 0 the default; 1 .cg, L2 only (a row is read once: L1 would only hold misses);
+    2 L2 evict-first (the rows streaming through then do not push out the activations the next
+    kernels read). (Both at once fails in ptxas, Triton 3.6.)"""
+    if CACHE == 1:
+        return tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
+    elif CACHE == 2:
+        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
 
 
 @triton.jit
@@ -214,26 +230,10 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rows_ptr, start, jj, jmask, base, width, ALIGN: tl.constexpr):
-    """Offsets of rows start + jj: computed when the matrix's rows sit back to back (base >= 0, the
-    first row's offset), else read from the row table (that load, masked off when base >= 0, moves
-    no bytes). A select, not a branch: a branch cost the row loads their 16-byte width and the
-    shrink its pipelining (Triton 3.6 and 3.9). The alignment is spelled out as // ALIGN * ALIGN
-    (exact: every offset is a multiple of it), because Triton 3.6 drops tl.multiple_of on a
-    computed value, with the same loss."""
-    first = tl.full(jj.shape, 0, tl.int64) + base
-    loaded = tl.load(rows_ptr + start + jj, mask=jmask & (first < 0), other=0)
-    roff = tl.where(first >= 0, first + jj.to(tl.int64) * width, loaded)
-    if ALIGN > 1:
-        roff = roff // ALIGN * ALIGN
-    return roff
-
-
-@triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                          v_ptr, sv0, sv1, svm, d_in, max_rank, tm_ptr, st0, stm,
+                          v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, DIRECT: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, CACHE: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
@@ -242,30 +242,20 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     out_mask = offs_r < max_rank
     v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
+    slot = tl.load(slot_ptr + t)
     rank = 0
     a0 = 0
-    if DIRECT:
-        # the token's own (A row start, rank, first row's offset) for this layer: see direct_meta
-        trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
-        a0 = tl.load(trow)
-        rank = tl.load(trow + 2).to(tl.int32)
-        base = tl.load(trow + 4)
-    else:
-        slot = tl.load(slot_ptr + t)
-        if slot >= 0:
-            mrow = meta_ptr + slot.to(tl.int64) * sm0
-            a0 = tl.load(mrow)
-            rank = tl.load(mrow + 2 * sm1)
+    if slot >= 0:
+        mrow = meta_ptr + slot.to(tl.int64) * sm0
+        a0 = tl.load(mrow)
+        rank = tl.load(mrow + 2 * sm1)
     if rt * BLOCK_R >= rank:
         # base token, a module the adapter does not target, or a tile past its rank: zeros
         _pdl_wait(PDL)
         tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
         return
     rmask = offs_r < rank
-    if DIRECT:
-        roff = _row_offsets(rows_ptr, a0, offs_r, rmask, base, d_in, ALIGN)
-    else:
-        roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
+    roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
@@ -279,7 +269,8 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
+        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT,
+                                 CACHE), QUANT)
         acc += a * xv[None, :]
     out = tl.sum(acc, axis=1)
     if QUANT:
@@ -288,70 +279,57 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 
 
 @triton.jit
-def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
+def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr, CACHE: tl.constexpr = 0):
     """A [rows, cols] tile of adapter rows masked by row (rank). int8 rows are masked by row only:
     a mask constant along the row keeps the loads 16 bytes wide (a column mask cuts them to
     single bytes, see _load_rows), so no row past the rank is read; columns past the width meet
     zero activations or are never stored."""
     if QUANT:
-        return tl.load(ptrs, mask=rmask[:, None], other=0)
+        return _load_cached(ptrs, rmask[:, None], CACHE)
     return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base, width,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DIRECT: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n.
-    DIRECT and base >= 0: the rows sit back to back from element offset base, ``width`` apart."""
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, CACHE: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
-    if DIRECT:
-        roff = _row_offsets(rows_ptr, b0, jj, jmask, base, width, ALIGN)
-    else:
-        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+    roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
+    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT, CACHE), QUANT)
     return tl.sum(b * vj[:, None], axis=0)
 
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, W0, W1, W2, tm_ptr, st0, stm, ts_ptr,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DIRECT: tl.constexpr):
+                          CACHE: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
-    mod = tl.program_id(2)
-    y_ptr, v_ptr, meta_ptr, d_out = _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
-    base = 0
-    if DIRECT:     # the token's own (B^T row start, rank, first row's offset, scaling): see direct_meta
-        trow = tm_ptr + t.to(tl.int64) * st0 + mod * stm
-        b0 = tl.load(trow + 1)
-        rank = tl.load(trow + 3).to(tl.int32)
-        base = tl.load(trow + 5)
-        s = tl.load(ts_ptr + t)
-    else:
-        slot = tl.load(slot_ptr + t)
-        if slot < 0:
-            _pdl_wait(PDL)
-            return
-        mrow = meta_ptr + slot.to(tl.int64) * sm0
-        b0 = tl.load(mrow + sm1)
-        rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
-        s = tl.load(scale_ptr + slot)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        _pdl_wait(PDL)
+        return
+    mrow = meta_ptr + slot.to(tl.int64) * sm0
+    b0 = tl.load(mrow + sm1)
+    rank = tl.load(mrow + 3 * sm1)      # B^T rows (equal to A's rank unless A is TP-split)
     if rank == 0:
         _pdl_wait(PDL)
         return
+    s = tl.load(scale_ptr + slot)
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -364,33 +342,30 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
-                                  BLOCK_R // 4, DIRECT)
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 4, CACHE)
         elif rank <= BLOCK_R // 2:
-            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, base, d_out, ALIGN, QUANT,
-                                  BLOCK_R // 2, DIRECT)
+            delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
+                                  BLOCK_R // 2, CACHE)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
-                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, base,
-                                       d_out, ALIGN, QUANT, BLOCK_R, DIRECT)
+                delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                       QUANT, BLOCK_R, CACHE)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for j0 in tl.range(0, rank, BLOCK_R, num_stages=PIPE):     # PIPE: see the shrink
         jj = j0 + offs_r
         jmask = jj < rank
-        if DIRECT:
-            roff = _row_offsets(rows_ptr, b0, jj, jmask, base, d_out, ALIGN)
-        else:
-            roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
         if QUANT:
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
-                      QUANT)
+        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT,
+                                 CACHE), QUANT)
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
@@ -691,35 +666,8 @@ def _modules(meta: torch.Tensor) -> torch.Tensor:
     return meta if meta.dim() == 3 else meta.unsqueeze(1)
 
 
-def direct_meta(table, layer: int, i0: int, n: int, token_slot: torch.Tensor,
-                widths: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token index entries of modules i0 .. i0 + n of one layer, for the decode kernels'
-    DIRECT mode: tm [T, n, 6] int64 = (A row start, B^T row start, A rank, B^T rank, A's first
-    row offset, B^T's first row offset), the offsets -1 unless that matrix's rows sit back to back
-    (row j at first + j * width, so a kernel computes it instead of loading it), zeros for base
-    tokens; and ts [T] the token's scaling. ``widths``: (d_in, d_out) per module.
-    A kernel then reads its token's entry in one load where the slot, then meta, then the row
-    offsets were three in a chain."""
-    slots = token_slot.long()
-    live = (slots >= 0)[:, None, None]
-    m = table.meta[:, layer, i0:i0 + n][slots.clamp(min=0)].long() * live          # [T, n, 4]
-    rows = table.rows
-    firsts = []
-    for k, col in ((0, 2), (1, 3)):
-        start, rank = m[..., k], m[..., col]
-        width = torch.tensor([w[k] for w in widths], device=rows.device)[None, :]
-        j = torch.arange(int(rank.max()) if rank.numel() else 0, device=rows.device)
-        idx = (start[..., None] + j).clamp(max=rows.numel() - 1)
-        back_to_back = ((rows[idx] == rows[start][..., None] + j * width[..., None]) | (j >= rank[..., None])).all(-1)
-        firsts.append(torch.where(back_to_back & (rank > 0), rows[start], -1))
-    tm = torch.cat([m, torch.stack(firsts, -1)], -1).contiguous()
-    ts = (table.scaling[slots.clamp(min=0)] * (slots >= 0)).contiguous()
-    return tm, ts
-
-
 def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
-                batch: LoraBatch, row_scale: torch.Tensor | None = None,
-                direct: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                batch: LoraBatch, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """v[t, :r] = x[t] @ A_slot(t)^T; zeros past the adapter's rank and for base tokens.
 
     x: [T, d_in]. meta [slots, 4]: one module, returns [T, batch.max_rank]; meta [slots, M, 4]
@@ -766,12 +714,10 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
-        tm = direct[0] if direct is not None else rows
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R, tm, tm.stride(0),
-                                    tm.stride(1) if direct is not None else 0,
+                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, DIRECT=direct is not None,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, CACHE=cfg.get("CACHE", 0),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -806,8 +752,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
-                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None,
-                direct: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
     """y[t] += scaling[slot] * v[t, :r] @ B_slot(t)^T, in place. y: [T, d_out] (may be a view).
 
     Several modules in one launch: meta [slots, M, 4], v [T, M, R] from lora_shrink, and
@@ -846,13 +791,11 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
-        rclass = bool(cfg.get("RCLASS", False))
-        tm, ts = direct if direct is not None else (rows, scaling)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
-                                    tm, tm.stride(0), tm.stride(1) if direct is not None else 0, ts,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, DIRECT=direct is not None,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
+                                    CACHE=cfg.get("CACHE", 0),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, y.device))
     else:

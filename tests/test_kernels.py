@@ -274,40 +274,6 @@ def test_lora_fused_modules(schedule, adapter_dtype):
                       adapter_dtype=adapter_dtype)
 
 
-@ADAPTER_DTYPES
-@pytest.mark.parametrize("T", [12, 70], ids=["model-dtype-tiles", "int8-tiles"])
-def test_lora_decode_direct_entries(T, adapter_dtype):
-    """DIRECT decode launches read each token's index entry (tlora.direct_meta) instead of the
-    slot, then meta, then the row table; rows that sit back to back get computed offsets. q/k/v
-    rows are back to back here; gate/up's B^T rows (96 wide in 128-element pages) are not, so
-    both branches run. Against the reference, base tokens and an adapter without k mixed in."""
-    gen = torch.Generator().manual_seed(47)
-    allm = tuple(TARGET_MODULES)
-    pick = [int(p) for p in torch.randint(-1, 3, (T,), generator=gen)]
-    pool, table, batch = _lora_setup(TINY, torch.float16, [1] * T, pick, [8, 24, 40],
-                                     [allm, ("q_proj", "v_proj", "up_proj"), allm], gen, 4, False, adapter_dtype)
-    F, R, S = table.flat, table.rows, table.row_scale
-    seen = set()
-    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",)):
-        i0, n = TARGET_MODULES.index(group[0]), len(group)
-        dims = tuple(TINY.module_dims(m) for m in group)
-        tm, ts = tlora.direct_meta(table, 1, i0, n, batch.token_slot, dims)
-        live = tm[..., 2] > 0
-        seen |= {bool(b) for b in (tm[..., 4:][live[..., None].expand(-1, -1, 2)] >= 0).tolist()}
-        meta = table.meta[:, 1, i0:i0 + n] if n > 1 else table.meta[:, 1, i0]
-        x = torch.randn(T, dims[0][0], generator=gen).to(DEV, torch.float16)
-        v = tlora.lora_shrink(x, F, R, meta, batch, S, direct=(tm, ts))
-        v_ref = ref.lora_shrink(x, F, R, meta, batch, S)
-        assert rel_err(v, v_ref) < 2e-3, (group, rel_err(v, v_ref))
-        widths = tuple(d[1] for d in dims)
-        y = torch.randn(T, sum(widths), generator=gen).to(DEV, torch.float16)
-        want = y.clone()
-        tlora.lora_expand(y, v_ref, F, R, meta, table.scaling, batch, widths if n > 1 else None, S, direct=(tm, ts))
-        ref.lora_expand(want, v_ref, F, R, meta, table.scaling, batch, widths if n > 1 else None, S)
-        assert rel_err(y, want) < 2e-3, (group, rel_err(y, want))
-    assert seen == {True, False}, "both computed and loaded row offsets"
-
-
 @pytest.mark.parametrize("grouped", [False, True])
 def test_lora_mixed_step_parts(grouped):
     """A step of prefills then decodes runs as two parts (segment schedule, then the decode
