@@ -107,7 +107,7 @@ def _row_align(flat: torch.Tensor) -> int:
 
 
 @triton.jit
-def _load_rows(ptrs, mask, QUANT: tl.constexpr, CACHE: tl.constexpr = 0):
+def _load_rows(ptrs, mask, QUANT: tl.constexpr):
     """A tile of adapter rows. Model-dtype rows are loaded masked (fp16 garbage can be NaN, and
     NaN * 0 is NaN). int8 rows are loaded unmasked: masks whose bounds the compiler cannot prove
     aligned (a module's width, a rank) cut int8 loads to single bytes, and at 1 byte the
@@ -116,24 +116,8 @@ def _load_rows(ptrs, mask, QUANT: tl.constexpr, CACHE: tl.constexpr = 0):
     offset 0 and get scale 0; columns past d_in meet activations masked to 0; columns past d_out are
     never stored. int8 garbage is finite, so each of those products is exactly 0 or never seen."""
     if QUANT:
-        if CACHE == 0:
-            return tl.load(ptrs)
-        return _load_cached(ptrs, tl.full(ptrs.shape, 1, tl.int1), CACHE)
+        return tl.load(ptrs)
     return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_cached(ptrs, mask, CACHE: tl.constexpr):
-    """Adapter rows (int8: other=0 where masked; mask may be a constant True) with a cache policy,
-    TUNE key CACHE: 0 the default; 1 .cg, L2 only (a row is read once: L1 would only hold misses);
-    2 L2 evict-first (the rows streaming through then do not push out the activations the next
-    kernels read). (Both at once fails in ptxas, Triton 3.6.)"""
-    if CACHE == 1:
-        return tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-    elif CACHE == 2:
-        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-    else:
-        return tl.load(ptrs, mask=mask, other=0)
 
 
 @triton.jit
@@ -233,7 +217,7 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
                           v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, CACHE: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr):
     t, rt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
     mod = tl.program_id(2)
@@ -269,8 +253,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kk = k0 + offs_k
         kmask = kk < d_in
         xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT,
-                                 CACHE), QUANT)
+        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
         acc += a * xv[None, :]
     out = tl.sum(acc, axis=1)
     if QUANT:
@@ -279,19 +262,19 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 
 
 @triton.jit
-def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr, CACHE: tl.constexpr = 0):
+def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
     """A [rows, cols] tile of adapter rows masked by row (rank). int8 rows are masked by row only:
     a mask constant along the row keeps the loads 16 bytes wide (a column mask cuts them to
     single bytes, see _load_rows), so no row past the rank is read; columns past the width meet
     zero activations or are never stored."""
     if QUANT:
-        return _load_cached(ptrs, rmask[:, None], CACHE)
+        return tl.load(ptrs, mask=rmask[:, None], other=0)
     return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
 def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, CACHE: tl.constexpr):
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
     """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
@@ -301,7 +284,7 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT, CACHE), QUANT)
+    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
     return tl.sum(b * vj[:, None], axis=0)
 
 
@@ -309,8 +292,7 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          CACHE: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -343,15 +325,15 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 4, CACHE)
+                                  BLOCK_R // 4)
         elif rank <= BLOCK_R // 2:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 2, CACHE)
+                                  BLOCK_R // 2)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
                 delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                       QUANT, BLOCK_R, CACHE)
+                                       QUANT, BLOCK_R)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
@@ -364,8 +346,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
         if QUANT:
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT,
-                                 CACHE), QUANT)
+        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
+                      QUANT)
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
@@ -717,7 +699,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, CACHE=cfg.get("CACHE", 0),
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -795,7 +777,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
-                                    CACHE=cfg.get("CACHE", 0),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, y.device))
     else:
