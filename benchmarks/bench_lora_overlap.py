@@ -33,11 +33,14 @@ import pathlib
 import statistics
 import sys
 
-import torch
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_lora_decode import Workload, build, replay_ms  # noqa: E402
+from benchmarks.bench_lora_decode import Workload, build, graph, replay_ms  # noqa: E402
 from kernels import triton_lora as tlora  # noqa: E402
 from kernels.batch import LoraBatch  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
@@ -46,7 +49,7 @@ from server.config import ModelConfig  # noqa: E402
 @contextlib.contextmanager
 def carve(c: int | None):
     """cuBLAS(Lt) GEMMs launched inside leave ``c`` SMs free."""
-    if not c:
+    if not c or not torch.cuda.is_available():
         yield
         return
     torch._C._set_sm_carveout_experimental(c)
@@ -67,32 +70,44 @@ class Layers:
         self.Wq = [torch.randn(sum(wq), xq.shape[1], device=dev, dtype=dtype) * 0.02 for _ in range(n_layers)]
         self.Wo = [torch.randn(sum(wo), xo.shape[1], device=dev, dtype=dtype) * 0.02 for _ in range(n_layers)]
         self.resid = torch.zeros(xq.shape[0], cfg.hidden_size, device=dev, dtype=dtype)
-        self.side = torch.cuda.Stream(dev)
+        self.cuda = dev.type == "cuda"
+        self.side = torch.cuda.Stream(dev) if self.cuda else None     # (--cpu-smoke: one stream)
         self.n = n_layers
 
     def lora(self, layer: int, gi: int, y: torch.Tensor) -> None:
         self.work.apply(layer, gi, y)
 
+    def _fork(self) -> None:
+        """The side stream starts after what the current stream has queued."""
+        if self.cuda:
+            self.side.wait_stream(torch.cuda.current_stream())
+
+    def _join(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self.side)
+
+    def _on_side(self):
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+
     def run(self, mode: str, c: int | None = None) -> list[torch.Tensor]:
         """One pass over the layers; returns each layer's q/k/v output and the residual."""
         outs = []
-        main = torch.cuda.current_stream()
         for li in range(self.n):
             if mode == "side":
-                self.side.wait_stream(main)
+                self._fork()
                 with carve(c):
                     qkv = self.xq @ self.Wq[li].t()
-                with torch.cuda.stream(self.side):
+                with self._on_side():
                     dq = torch.zeros_like(qkv)
                     self.lora(li, 0, dq)
-                main.wait_stream(self.side)
+                self._join()
                 qkv.add_(dq)
-                self.side.wait_stream(main)
+                self._fork()
                 with carve(c):
                     out = self.xo @ self.Wo[li].t()
-                with torch.cuda.stream(self.side):
+                with self._on_side():
                     self.lora(li, 1, self.resid)
-                main.wait_stream(self.side)
+                self._join()
             else:
                 with carve(c):
                     qkv = self.xq @ self.Wq[li].t()
@@ -106,13 +121,11 @@ class Layers:
         return outs
 
 
-def capture(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -126,10 +139,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes on the CPU under TRITON_INTERPRET=1, one stream, no carve-out")
     args = ap.parse_args()
-    dev, dtype = torch.device("cuda"), torch.float16
-    cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=args.layers, num_heads=32,
-                      num_kv_heads=32, head_dim=128, vocab_size=32000)
+    dev, dtype = torch.device("cpu" if args.cpu_smoke else "cuda"), torch.float16
+    if args.cpu_smoke:
+        cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=4,
+                          head_dim=16, vocab_size=100)
+        args.tokens, args.adapters, args.layers, args.rounds, args.reps, args.carveouts = 6, 3, 1, 1, 1, "16"
+        dtype = torch.float32     # CPU matmuls
+    else:
+        cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=args.layers, num_heads=32,
+                          num_kv_heads=32, head_dim=128, vocab_size=32000)
     adapter_dtype = torch.int8 if args.adapter_dtype == "int8" else None
     ranks = [int(r) for r in args.ranks.split(",")]
     pool, table, slot_rank = build(cfg, args.adapters, ranks, adapter_dtype, dtype, dev)
@@ -137,7 +158,7 @@ def main() -> None:
     batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
     work = Workload(cfg, pool, table, batch, dtype, dev)
     L = Layers(work, args.layers, dev, dtype)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
     carves = [int(c) for c in args.carveouts.split(",") if c]
 
     # variants: (name, cublas backend, mode, carve-out)
@@ -146,14 +167,20 @@ def main() -> None:
                 ("side-lt", "cublaslt", "side", None)]
     for c in carves:
         variants += [(f"gemm-lt-c{c}", "cublaslt", "gemm", c), (f"side-lt-c{c}", "cublaslt", "side", c)]
-    backend0 = torch.backends.cuda.preferred_blas_library()
+    def blas(backend: str | None = None) -> str:
+        """Set (and return) cuBLAS's preferred library; nothing to choose on the CPU."""
+        if dev.type != "cuda":
+            return "cpu"
+        return str(torch.backends.cuda.preferred_blas_library(backend))
+
+    backend0 = torch.backends.cuda.preferred_blas_library() if dev.type == "cuda" else None
 
     # correctness: each side variant's q/k/v outputs and residual against the serial order
     def outputs(mode, c, backend):
-        torch.backends.cuda.preferred_blas_library(backend)
+        blas(backend)
         L.resid.zero_()
         outs = L.run(mode, c)
-        torch.cuda.synchronize()
+        sync()
         q = torch.stack([o.float() for o in outs[0::2]])
         o = torch.stack([o.float() for o in outs[1::2]]).sum(0) + L.resid.float()   # o's delta may sit in resid
         return q, o
@@ -161,16 +188,16 @@ def main() -> None:
     q_ref, o_ref = outputs("serial", None, "cublas")
     graphs, res = {}, {}
     for name, backend, mode, c in variants:
-        torch.backends.cuda.preferred_blas_library(backend)
         err = None
         if mode == "side":
             q, o = outputs(mode, c, backend)
             err = max(float((q - q_ref).norm() / q_ref.norm()), float((o - o_ref).norm() / o_ref.norm()))
-        torch.backends.cuda.preferred_blas_library(backend)
-        graphs[name] = (backend, capture(lambda mode=mode, c=c: L.run(mode, c)))
+        blas(backend)
+        graphs[name] = (backend, graph(lambda mode=mode, c=c: L.run(mode, c)))
         res[name] = {"backend": backend, "mode": mode, "carveout": c, "rel_err": err, "ms": []}
         print(f"{name}: captured" + (f", rel err vs serial {err:.1e}" if err is not None else ""), flush=True)
-    torch.backends.cuda.preferred_blas_library(backend0)
+    if backend0 is not None:
+        torch.backends.cuda.preferred_blas_library(backend0)
     for rnd in range(args.rounds):
         for name, (_, g) in graphs.items():
             res[name]["ms"].append(replay_ms(g, args.reps))
@@ -182,7 +209,7 @@ def main() -> None:
     lora_serial = res["serial"]["median_ms"] - gemm["cublas"]
     stamp = pathlib.Path(".commit")
     meta = {"date": datetime.date.today().isoformat(), "commit": stamp.read_text().strip() if stamp.exists() else "?",
-            "device": torch.cuda.get_device_name(dev), "sms": sms, "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "sms": sms, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "tokens": args.tokens, "adapters": args.adapters,
             "ranks": ranks, "layers": args.layers, "adapter_dtype": args.adapter_dtype, "rounds": args.rounds,
             "reps": args.reps, "command": " ".join(sys.argv), "tune": tlora.TUNE}

@@ -66,3 +66,18 @@ def test_bench_lora_decode_checks_and_times_each_variant(tmp_path):
     assert all(r["committed"][k + "_ms"] > 0 for k in ("qkv_shrink", "qkv_expand", "o_shrink", "o_expand"))
     assert "no_such_family" in r["bogus"]["error"]
     assert res["meta"]["row_GB"] > 0 and res["meta"]["roof_ms"] > 0
+
+
+def test_bench_lora_overlap_checks_each_side_stream_variant(tmp_path):
+    """bench_lora_overlap.py on tiny shapes (Triton interpreter, one stream, no carve-out on the
+    CPU): every side-stream variant's outputs match the serial order before it is timed."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora_overlap.py"), "--cpu-smoke",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads((tmp_path / "lora_overlap.json").read_text())["results"]
+    assert set(res) == {"gemm", "serial", "gemm-lt", "serial-lt", "side-lt", "gemm-lt-c16", "side-lt-c16"}
+    for name, r in res.items():
+        assert r["median_ms"] > 0, name
+        if r["mode"] == "side":
+            assert r["rel_err"] < 1e-5, (name, r["rel_err"])    # fp32 on the CPU: the same sums
+    assert (tmp_path / "lora_overlap.md").read_text().count("| side-lt") == 2
