@@ -11,14 +11,18 @@ target), so C SMs are free for the LoRA while the GEMM runs and all of them afte
 Per layer, for 32 layers with weights of their own (Llama-7B shapes, 256 decode tokens over 256
 distinct adapters), captured in one CUDA graph per variant and replayed in alternating rounds:
 
-* ``gemm``: the two base GEMMs alone (q/k/v 4096 -> 12288, o 4096 -> 4096);
-* ``serial``: the engine today: each GEMM, then its LoRA in line;
-* ``side-cC``: each GEMM at carve-out C beside its LoRA on a second stream (q/k/v's delta into a
-  zeroed buffer added after the join, where the engine would fuse it into rope; o's delta into
-  the residual, as x + (o W^T + d) = (x + d) + o W^T).
+* ``gemm`` / ``gemm-lt``: the two base GEMMs alone (q/k/v 4096 -> 12288, o 4096 -> 4096), on
+  cuBLAS / cuBLASLt; ``gemm-lt-cC``: the same at carve-out C;
+* ``serial`` / ``serial-lt``: the engine today: each GEMM, then its LoRA in line;
+* ``side-lt`` / ``side-lt-cC``: each GEMM (at carve-out C) beside its LoRA on a second stream
+  (q/k/v's delta into a zeroed buffer added after the join, where the engine would fuse it into
+  rope; o's delta into the residual, as x + (o W^T + d) = (x + d) + o W^T).
 
 The number that matters is each variant's LoRA cost: its time minus ``gemm``'s (cuBLASLt where the
-variant uses it). Outputs are checked against the serial order before timing.
+variant uses it). Outputs are checked against the serial order before timing. On the H200 the
+pair cost 0.89-0.96x of serial at C = 16..64 (results/lora-overlap-2026-12-03-h200): the LoRA
+kernels are bound by SM throughput, so SMs taken from the GEMM only move time between them.
+``--cpu-smoke`` runs tiny shapes on the CPU (one stream, no carve-out), for the smoke test.
 
     python benchmarks/bench_lora_overlap.py --out DIR
 """
