@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_lora_decode import Workload, build, graph, replay_ms  # noqa: E402
+from benchmarks.bench_lora_decode import Workload, build, graph, replay_ms, sync  # noqa: E402
 from kernels import triton_lora as tlora  # noqa: E402
 from kernels.batch import LoraBatch  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
@@ -78,58 +78,46 @@ class Layers:
         self.side = torch.cuda.Stream(dev) if self.cuda else None     # (--cpu-smoke: one stream)
         self.n = n_layers
 
-    def lora(self, layer: int, gi: int, y: torch.Tensor) -> None:
-        self.work.apply(layer, gi, y)
-
-    def _fork(self) -> None:
-        """The side stream starts after what the current stream has queued."""
+    def _beside(self, gemm, lora, c: int | None):
+        """gemm() at carve-out c on the current stream and lora() on the side stream, forked after
+        what is queued and joined before what follows; returns both results."""
         if self.cuda:
             self.side.wait_stream(torch.cuda.current_stream())
-
-    def _join(self) -> None:
+        with carve(c):
+            out = gemm()
+        with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
+            delta = lora()
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.side)
+        return out, delta
 
-    def _on_side(self):
-        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+    def _qkv_delta(self, li: int) -> torch.Tensor:
+        """q/k/v's LoRA delta alone, into a zeroed buffer (allocated and zeroed on the side stream)."""
+        dq = torch.zeros(self.xq.shape[0], self.Wq[li].shape[0], device=self.xq.device, dtype=self.xq.dtype)
+        self.work.apply(li, 0, dq)
+        return dq
 
     def run(self, mode: str, c: int | None = None) -> list[torch.Tensor]:
-        """One pass over the layers; returns each layer's q/k/v output and the residual."""
+        """One pass over the layers; returns each layer's q/k/v and o outputs (in "side" mode o's
+        LoRA delta is in the residual instead)."""
+        apply = self.work.apply
         outs = []
         for li in range(self.n):
             if mode == "side":
-                self._fork()
-                with carve(c):
-                    qkv = self.xq @ self.Wq[li].t()
-                with self._on_side():
-                    dq = torch.zeros_like(qkv)
-                    self.lora(li, 0, dq)
-                self._join()
+                qkv, dq = self._beside(lambda: self.xq @ self.Wq[li].t(), lambda: self._qkv_delta(li), c)
                 qkv.add_(dq)
-                self._fork()
-                with carve(c):
-                    out = self.xo @ self.Wo[li].t()
-                with self._on_side():
-                    self.lora(li, 1, self.resid)
-                self._join()
+                out, _ = self._beside(lambda: self.xo @ self.Wo[li].t(), lambda: apply(li, 1, self.resid), c)
             else:
                 with carve(c):
                     qkv = self.xq @ self.Wq[li].t()
                 if mode == "serial":
-                    self.lora(li, 0, qkv)
+                    apply(li, 0, qkv)
                 with carve(c):
                     out = self.xo @ self.Wo[li].t()
                 if mode == "serial":
-                    self.lora(li, 1, out)
+                    apply(li, 1, out)
             outs += [qkv, out]
         return outs
-
-
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -171,37 +159,37 @@ def main() -> None:
                 ("side-lt", "cublaslt", "side", None)]
     for c in carves:
         variants += [(f"gemm-lt-c{c}", "cublaslt", "gemm", c), (f"side-lt-c{c}", "cublaslt", "side", c)]
-    def blas(backend: str | None = None) -> str:
-        """Set (and return) cuBLAS's preferred library; nothing to choose on the CPU."""
-        if dev.type != "cuda":
-            return "cpu"
-        return str(torch.backends.cuda.preferred_blas_library(backend))
+
+    def blas(backend) -> None:
+        """Set cuBLAS's preferred library (nothing to choose on the CPU)."""
+        if dev.type == "cuda":
+            torch.backends.cuda.preferred_blas_library(backend)
 
     backend0 = torch.backends.cuda.preferred_blas_library() if dev.type == "cuda" else None
 
     # correctness: each side variant's q/k/v outputs and residual against the serial order
-    def outputs(mode, c, backend):
-        blas(backend)
+    def outputs(mode, c):
         L.resid.zero_()
         outs = L.run(mode, c)
-        sync()
+        sync(dev)
         q = torch.stack([o.float() for o in outs[0::2]])
         o = torch.stack([o.float() for o in outs[1::2]]).sum(0) + L.resid.float()   # o's delta may sit in resid
         return q, o
 
-    q_ref, o_ref = outputs("serial", None, "cublas")
+    blas("cublas")
+    q_ref, o_ref = outputs("serial", None)
     graphs, res = {}, {}
     for name, backend, mode, c in variants:
+        blas(backend)
         err = None
         if mode == "side":
-            q, o = outputs(mode, c, backend)
+            q, o = outputs(mode, c)
             err = max(float((q - q_ref).norm() / q_ref.norm()), float((o - o_ref).norm() / o_ref.norm()))
-        blas(backend)
         graphs[name] = (backend, graph(lambda mode=mode, c=c: L.run(mode, c)))
         res[name] = {"backend": backend, "mode": mode, "carveout": c, "rel_err": err, "ms": []}
         print(f"{name}: captured" + (f", rel err vs serial {err:.1e}" if err is not None else ""), flush=True)
     if backend0 is not None:
-        torch.backends.cuda.preferred_blas_library(backend0)
+        blas(backend0)
     for rnd in range(args.rounds):
         for name, (_, g) in graphs.items():
             res[name]["ms"].append(replay_ms(g, args.reps))
@@ -213,7 +201,8 @@ def main() -> None:
     lora_serial = res["serial"]["median_ms"] - gemm["cublas"]
     stamp = pathlib.Path(".commit")
     meta = {"date": datetime.date.today().isoformat(), "commit": stamp.read_text().strip() if stamp.exists() else "?",
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "sms": sms, "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "sms": sms,
+            "torch": torch.__version__,
             "triton": __import__("triton").__version__, "tokens": args.tokens, "adapters": args.adapters,
             "ranks": ranks, "layers": args.layers, "adapter_dtype": args.adapter_dtype, "rounds": args.rounds,
             "reps": args.reps, "command": " ".join(sys.argv), "tune": tlora.TUNE}
