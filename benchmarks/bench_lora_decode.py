@@ -112,6 +112,11 @@ class Workload:
         self.vs = [tlora.lora_shrink(x, table.flat, table.rows, self.meta(0, i0, n), batch, table.row_scale)
                    for i0, n, _, x, _ in self.groups]
 
+    def step(self) -> None:
+        """A new step: the persistent kernels' plans are built again (the engine builds a batch, and
+        with it the plans, every step; a graph captures their launches)."""
+        self.batch.plans.clear()
+
     def meta(self, layer, i0, n):
         return self.table.meta[:, layer, i0:i0 + n] if n > 1 else self.table.meta[:, layer, i0]
 
@@ -232,8 +237,8 @@ def main() -> None:
             err = work.check()
             parts = {}
             for key, gis, part in PARTS if args.split else PARTS[:3]:
-                parts[key] = graph(lambda gis=gis, part=part: [work.apply(layer, gi, part=part, fence=fence)
-                                                               for layer in range(cfg.num_layers) for gi in gis])
+                parts[key] = graph(lambda gis=gis, part=part: [work.step(), *(work.apply(layer, gi, part=part, fence=fence)
+                                                               for layer in range(cfg.num_layers) for gi in gis)])
         except Exception as e:  # noqa: BLE001  (a variant that fails to compile or capture is reported, not fatal)
             print(f"{name}: failed: {repr(e)[:300]}", flush=True)
             results[name] = {"error": repr(e)[:300]}

@@ -1,7 +1,7 @@
 """Per-step batch metadata the kernels read; built once per step by the model runner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,9 @@ class LoraBatch:
     # One segment launch over both would give each one-token segment a whole, mostly empty,
     # token tile: at 256 decodes that costs about twice the decode kernels.
     parts: list[tuple[int, int, "LoraBatch"]] | None = None
+    # work plans of the persistent decode kernels (kernels/triton_lora.py), built on the device
+    # by their first launch with this batch and reused by later launches with the same key
+    plans: dict = field(default_factory=dict, repr=False)
 
     def split(self) -> list[tuple[int, int, "LoraBatch"]]:
         return self.parts or [(0, self.token_slot.numel(), self)]

@@ -360,8 +360,9 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 # sm_90+ GPUs only; on the CPU and older GPUs the key is ignored)
 DECODE_VARIANTS = pytest.mark.parametrize(
     "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True},
-                {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3}],
-    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes"])
+                {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3},
+                {"PERSIST": 1, "PIPE": 3}, {"PERSIST": 2, "PIPE": 2, "BLOCK_R": 8}],
+    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "persistent", "persistent-r8"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
