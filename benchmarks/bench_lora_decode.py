@@ -113,7 +113,7 @@ class Workload:
                    for i0, n, _, x, _ in self.groups]
 
     def step(self) -> None:
-        """A new step: the persistent kernels' plans are built again (the engine builds a batch, and
+        """A new step: the compact shrink grid's plans are built again (the engine builds a batch, and
         with it the plans, every step; a graph captures their launches)."""
         self.batch.plans.clear()
 

@@ -42,7 +42,7 @@ class LoraBatch:
     # One segment launch over both would give each one-token segment a whole, mostly empty,
     # token tile: at 256 decodes that costs about twice the decode kernels.
     parts: list[tuple[int, int, "LoraBatch"]] | None = None
-    # work plans of the persistent decode kernels (kernels/triton_lora.py), built on the device
+    # work plans of the compact decode shrink grid (kernels/triton_lora.py), built on the device
     # by their first launch with this batch and reused by later launches with the same key
     plans: dict = field(default_factory=dict, repr=False)
 

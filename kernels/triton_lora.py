@@ -215,18 +215,36 @@ def _pdl_launch_dependents(PDL: tl.constexpr):
 
 @triton.jit
 def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                          v_ptr, sv0, sv1, svm, d_in, max_rank,
+                          items_ptr, n_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr):
-    t, rt = _token_and_tile(TILE_FIRST)
-    _pdl_launch_dependents(PDL)
-    mod = tl.program_id(2)
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, PLAN: tl.constexpr,
+                          R_P2: tl.constexpr):
+    if PLAN:
+        # compact grid (TUNE key COMPACT): program i takes work item i of the step's plan
+        # (_decode_plan); programs past the plan's count only exit
+        i = tl.program_id(0)
+        _pdl_launch_dependents(PDL)
+        n = tl.load(n_ptr)
+        e = tl.load(items_ptr + 2 * i)
+        slot = tl.load(items_ptr + 2 * i + 1)
+        if i >= n:
+            _pdl_wait(PDL)
+            return
+        t = e >> 12
+        mod = (e >> 10) & 3
+        n_tiles = (e >> 5) & 31
+        rt = e & 31
+    else:
+        t, rt = _token_and_tile(TILE_FIRST)
+        _pdl_launch_dependents(PDL)
+        mod = tl.program_id(2)
+        slot = tl.load(slot_ptr + t)
+        n_tiles = 0
     meta_ptr += mod * smm
     v_ptr += mod * svm
     offs_r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
     out_mask = offs_r < max_rank
     v_ptrs = v_ptr + t.to(tl.int64) * sv0 + offs_r * sv1
-    slot = tl.load(slot_ptr + t)
     rank = 0
     a0 = 0
     if slot >= 0:
@@ -237,6 +255,8 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         # base token, a module the adapter does not target, or a tile past its rank: zeros
         _pdl_wait(PDL)
         tl.store(v_ptrs, tl.zeros([BLOCK_R], dtype=v_ptr.dtype.element_ty), mask=out_mask)
+        if PLAN:
+            _zero_tail(v_ptr + t.to(tl.int64) * sv0, sv1, rt, n_tiles, max_rank, BLOCK_R, R_P2)
         return
     rmask = offs_r < rank
     roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
@@ -259,79 +279,27 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
+    if PLAN:
+        _zero_tail(v_ptr + t.to(tl.int64) * sv0, sv1, rt, n_tiles, max_rank, BLOCK_R, R_P2)
 
 
-# Persistent decode shrink (TUNE key PERSIST = programs per SM; 0: off). The one-program-per-tile
-# grid above pays a chain of dependent loads (slot -> meta -> row offsets) before each program's
-# rows flow, and at 256 x 256 a launch's ~7.5 us fixed cost is a third of the LoRA step
-# (benchmarks/results/lora-decode-pdl-2026-12-03-h200). Here a fixed grid of programs walks a
-# plan of work items (token, module, BLOCK_R rank rows; _decode_plan), each item in
-# d_in / BLOCK_K steps, all in ONE software-pipelined loop: the next items' chains and row tiles
-# are issued PIPE - 1 steps ahead, and since items are of one size the shares are balanced.
 @triton.jit
-def _shrink_persist_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, slot_ptr,
-                           items_ptr, n_ptr, v_ptr, sv0, sv1, svm, T, M, d_in, max_rank,
-                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PIPE: tl.constexpr, PDL: tl.constexpr, M_P2: tl.constexpr, R_P2: tl.constexpr):
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    _pdl_launch_dependents(PDL)
-    # zeros past each rank, as the reference writes them: token `pid`, if there is one. Its slot
-    # and meta (which no kernel writes) are read before the wait.
-    zm = tl.arange(0, M_P2)
-    zj = tl.arange(0, R_P2)
-    zslot = tl.load(slot_ptr + tl.minimum(pid, T - 1))
-    zok = (zm < M) & (zm * 0 + zslot >= 0)     # (a scalar mask term breaks the interpreter)
-    zrank = tl.load(meta_ptr + zslot.to(tl.int64) * sm0 + zm * smm + 2 * sm1, mask=zok, other=0)
-    zfrom = (zrank + BLOCK_R - 1) // BLOCK_R * BLOCK_R
-    n = tl.load(n_ptr)
-    lo = (pid * n) // P
-    hi = ((pid + 1) * n) // P
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    _pdl_wait(PDL)
-    zmask = (zm * 0 + pid < T)[:, None] & (zm < M)[:, None] & (zj[None, :] >= zfrom[:, None]) & (zj < max_rank)[None, :]
-    tl.store(v_ptr + pid.to(tl.int64) * sv0 + zm[:, None] * svm + zj[None, :] * sv1,
-             tl.zeros([M_P2, R_P2], dtype=v_ptr.dtype.element_ty), mask=zmask)
-    # one flat loop over (item, K step); each step's tile is reduced as it lands (a nested loop
-    # with tl.range(flatten=True) left the row tiles unpipelined in Triton 3.6's sm_90 code)
-    KCH = tl.cdiv(d_in, BLOCK_K)
-    out = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for it in tl.range(lo * KCH, hi * KCH, num_stages=PIPE):
-        i = it // KCH
-        kc = it - i * KCH
-        e = tl.load(items_ptr + i)
-        t = e >> 8
-        mod = (e >> 6) & 3
-        rr = (e & 63) * BLOCK_R + offs_r
-        mrow = meta_ptr + tl.load(slot_ptr + t).to(tl.int64) * sm0 + mod * smm
-        a0 = tl.load(mrow)
-        rmask = rr < tl.load(mrow + 2 * sm1)
-        roff = tl.load(rows_ptr + a0 + rr, mask=rmask, other=0)
-        if ALIGN > 1:
-            roff = tl.multiple_of(roff, ALIGN)
-        kk = kc * BLOCK_K + offs_k
-        kmask = kk < d_in
-        xv = tl.load(x_ptr + t.to(tl.int64) * sx0 + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT),
-                      QUANT)
-        part = tl.sum(a * xv[None, :], axis=1)
-        out = tl.where(kc == 0, part, out + part)
-        last = offs_r * 0 + kc == KCH - 1     # a vector: scalar mask terms break the interpreter
-        res = out
-        if QUANT:
-            res = out * tl.load(rs_ptr + a0 + rr, mask=rmask & last, other=0.0)
-        tl.store(v_ptr + t.to(tl.int64) * sv0 + mod * svm + rr * sv1, res.to(v_ptr.dtype.element_ty),
-                 mask=(rr < max_rank) & last)
+def _zero_tail(v_row, sv1, rt, n_tiles, max_rank, BLOCK_R: tl.constexpr, R_P2: tl.constexpr):
+    """A compact grid has no programs for tiles past the plan's rank: the program of a pair's last
+    tile (or of its only item, when it has none) writes the zeros from there to max_rank."""
+    jj = tl.arange(0, R_P2)
+    last = jj * 0 + rt == tl.maximum(n_tiles, 1) - 1     # a vector: scalar mask terms break the interpreter
+    tl.store(v_row + jj * sv1, tl.zeros([R_P2], dtype=v_row.dtype.element_ty),
+             mask=last & (jj >= n_tiles * BLOCK_R) & (jj < max_rank))
 
 
 @triton.jit
 def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_ptr, T, M,
                         BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr):
-    """The persistent shrink's work items, in one program: for every (token, module) pair p =
-    t * M + m, ceil(rank / BLOCK_R) row tiles (its largest rank over the L layers at stride sml),
-    packed as t << 8 | m << 6 | tile, compacted in token order (an exclusive prefix sum of the tile
-    counts gives each pair its first entry)."""
+    """The compact shrink grid's work items, in one program: for every (token, module) pair p =
+    t * M + m, one item per tile of BLOCK_R rank rows (rank: its largest over the L layers at
+    stride sml), or one zeros-only item when it has none; each item is (t << 12 | m << 10 |
+    tiles << 5 | tile, slot), in token order (an exclusive prefix sum gives a pair its first)."""
     base = 0
     for p0 in range(0, T * M, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -340,10 +308,13 @@ def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_
         m = p - t * M
         slot = tl.load(slot_ptr + t, mask=pmask, other=-1)
         rank = _max_over_layers(meta_ptr + slot.to(tl.int64) * sm0 + m * smm + 2 * sm1, sml, L, pmask & (slot >= 0))
-        cnt = (rank + BLOCK_R - 1) // BLOCK_R
+        tiles = (rank + BLOCK_R - 1) // BLOCK_R
+        cnt = tl.where(pmask, tl.maximum(tiles, 1), 0)
         first = base + tl.cumsum(cnt, axis=0) - cnt
         for j in tl.static_range(NT):
-            tl.store(items_ptr + first + j, (t << 8) | (m << 6) | j, mask=j < cnt)
+            ok = j < cnt
+            tl.store(items_ptr + 2 * (first + j), (t << 12) | (m << 10) | (tiles << 5) | j, mask=ok)
+            tl.store(items_ptr + 2 * (first + j) + 1, slot, mask=ok)
         base += tl.sum(cnt, axis=0)
     tl.store(n_ptr, base)
 
@@ -373,19 +344,22 @@ def _max_over_layers(ptrs, sml, L, mask):
     return r
 
 
-def _decode_plan(batch: LoraBatch, meta4: torch.Tensor, block_r: int, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items, count) for _shrink_persist_kernel from meta4 [slots, layers, M, 4]: one small
-    launch (on the device, so CUDA graphs replay it with each step's slots)."""
+def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items, count) of the compact shrink grid, built on the device by one small launch (CUDA
+    graphs replay it with each step's slots) and kept on the batch: one plan serves every layer."""
+    meta4, where = _all_layers(meta3)
     T, M = batch.token_slot.numel(), meta4.shape[2]
-    nt = triton.cdiv(max_rank, block_r)
-    assert nt <= 64 and M <= 3 and T < (1 << 23), "plan codes hold 64 tiles, 3 modules and 2^23 tokens"
-    items = torch.empty(T * M * nt, dtype=torch.int32, device=meta4.device)
-    n = torch.empty(1, dtype=torch.int32, device=meta4.device)
-    sm0, sml, smm, sm1 = meta4.stride()
-    _decode_plan_kernel[(1,)](batch.token_slot, meta4, sm0, sm1, smm, sml, meta4.shape[1], items, n, T, M,
-                              BLOCK_R=block_r,
-                              BLOCK=min(1024, _p2(T * M)), NT=nt, num_warps=4)
-    return items, n
+    nt = max(1, triton.cdiv(max_rank, block_r))
+    key = ("shrink", where, M, block_r, nt)
+    if key not in batch.plans:
+        assert nt < 32 and M <= 3 and T < (1 << 19), "plan codes hold 31 tiles, 3 modules and 2^19 tokens"
+        items = torch.empty(T * M * nt, 2, dtype=torch.int32, device=meta4.device)
+        n = torch.empty(1, dtype=torch.int32, device=meta4.device)
+        sm0, sml, smm, sm1 = meta4.stride()
+        _decode_plan_kernel[(1,)](batch.token_slot, meta4, sm0, sm1, smm, sml, meta4.shape[1], items, n, T, M,
+                                  BLOCK_R=block_r, BLOCK=min(1024, _p2(T * M)), NT=nt, num_warps=4)
+        batch.plans[key] = items, n
+    return batch.plans[key]
 
 
 @triton.jit
@@ -478,110 +452,6 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
-
-
-# Persistent decode expand (TUNE key PERSIST, as the shrink's): work items are (token, module,
-# column tile, chunk of BLOCK_R rank rows), one size each, in one pipelined loop. A (token, module,
-# column tile) group's chunks are consecutive items; its first chunk reads y, its last stores it,
-# so every program's share of the plan is moved to whole groups (no two programs own one y tile).
-@triton.jit
-def _expand_persist_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                           smm, scale_ptr, slot_ptr, items_ptr, n_ptr, W0, W1, W2,
-                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                           PIPE: tl.constexpr, PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    _pdl_launch_dependents(PDL)
-    n = tl.load(n_ptr)
-    lo = _group_boundary(items_ptr, (pid * n) // P, n)
-    hi = _group_boundary(items_ptr, ((pid + 1) * n) // P, n)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    _pdl_wait(PDL)
-    for i in tl.range(lo, hi, num_stages=PIPE):
-        e0 = tl.load(items_ptr + 2 * i)
-        e1 = tl.load(items_ptr + 2 * i + 1)
-        t = e0 >> 2
-        j = e1 & 255
-        nch = (e1 >> 8) & 255
-        yp, vp, mp, d_out = _module(e0 & 3, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
-        slot = tl.load(slot_ptr + t)
-        mrow = mp + slot.to(tl.int64) * sm0
-        b0 = tl.load(mrow + sm1)
-        nrows = tl.load(mrow + 3 * sm1)
-        cols = (e1 >> 16) * BLOCK_N + offs_n
-        nmask = cols < d_out
-        jj = j * BLOCK_R + offs_r
-        jmask = jj < nrows
-        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
-        if ALIGN > 1:
-            roff = tl.multiple_of(roff, ALIGN)
-        vj = tl.load(vp + t.to(tl.int64) * sv0 + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
-        if QUANT:
-            vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-        first = cols * 0 + j == 0          # vectors: scalar mask terms break the interpreter
-        last = cols * 0 + j == nch - 1     # the plan's chunks, not this layer's rank: see _group_boundary
-        y_ptrs = yp + t.to(tl.int64) * sy0 + cols * sy1
-        y = tl.load(y_ptrs, mask=nmask & first, other=0.0).to(tl.float32)
-        b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + cols[None, :], jmask, nmask, QUANT), QUANT)
-        part = tl.sum(b * vj[:, None], axis=0) * tl.load(scale_ptr + slot)
-        acc = tl.where(first, y + part, acc + part)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=nmask & last)
-
-
-@triton.jit
-def _group_boundary(items_ptr, b, n):
-    """The first item at or after ``b`` that starts a group (its chunk j is 0), or n. Taken from
-    the plan's chunk counts alone, so all programs agree on it whatever a layer's ranks are."""
-    e1 = tl.load(items_ptr + 2 * tl.maximum(tl.minimum(b, n - 1), 0) + 1)
-    j = e1 & 255
-    nch = (e1 >> 8) & 255
-    return tl.where(b >= n, n, tl.where(j == 0, b, b - j + nch))
-
-
-@triton.jit
-def _expand_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_ptr, T, M, W0, W1, W2, max_tiles,
-                        max_chunks, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """The persistent expand's items, in one program: for every (token, module) pair p = t * M + m,
-    for each column tile, its ceil(rows / BLOCK_R) chunks, packed as (t << 2 | m,
-    tile << 16 | chunks << 8 | chunk)."""
-    base = 0
-    for p0 in range(0, T * M, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        pmask = p < T * M
-        t = p // M
-        m = p - t * M
-        slot = tl.load(slot_ptr + t, mask=pmask, other=-1)
-        nrows = _max_over_layers(meta_ptr + slot.to(tl.int64) * sm0 + m * smm + 3 * sm1, sml, L, pmask & (slot >= 0))
-        nch = (nrows + BLOCK_R - 1) // BLOCK_R
-        width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
-        nct = tl.where(nch > 0, (width + BLOCK_N - 1) // BLOCK_N, 0)
-        cnt = nct * nch
-        first = base + tl.cumsum(cnt, axis=0) - cnt
-        for ct in range(0, max_tiles):
-            for j in range(0, max_chunks):
-                idx = first + ct * nch + j
-                ok = (ct < nct) & (j < nch)
-                tl.store(items_ptr + 2 * idx, (t << 2) | m, mask=ok)
-                tl.store(items_ptr + 2 * idx + 1, (ct << 16) | (nch << 8) | j, mask=ok)
-        base += tl.sum(cnt, axis=0)
-    tl.store(n_ptr, base)
-
-
-def _expand_plan(batch: LoraBatch, meta4: torch.Tensor, widths: tuple[int, int, int], block_r: int, block_n: int,
-                 max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items, count) for _expand_persist_kernel, as _decode_plan."""
-    T, M = batch.token_slot.numel(), meta4.shape[2]
-    tiles, chunks = triton.cdiv(max(widths), block_n), triton.cdiv(max_rank, block_r)
-    assert chunks < 256 and tiles < (1 << 15) and T < (1 << 29), "plan codes hold 255 chunks, 2^15 tiles, 2^29 tokens"
-    items = torch.empty(T * M * tiles * chunks * 2, dtype=torch.int32, device=meta4.device)
-    n = torch.empty(1, dtype=torch.int32, device=meta4.device)
-    sm0, sml, smm, sm1 = meta4.stride()
-    _expand_plan_kernel[(1,)](batch.token_slot, meta4, sm0, sm1, smm, sml, meta4.shape[1], items, n, T, M, *widths,
-                              tiles, chunks,
-                              BLOCK_R=block_r, BLOCK_N=block_n, BLOCK=min(1024, _p2(T * M)), num_warps=4)
-    return items, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -926,24 +796,17 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        if cfg.get("PERSIST"):
-            meta4, where = _all_layers(meta3)
-            key = ("shrink", where, M, BLOCK_R, R)
-            if key not in batch.plans:
-                batch.plans[key] = _decode_plan(batch, meta4, BLOCK_R, R)
-            items, n = batch.plans[key]
-            P = max(T, cfg["PERSIST"] * _sms(x.device))      # >= T: program t also zeroes token t's tail
-            _shrink_persist_kernel[(P,)](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                         batch.token_slot, items, n, v3, sv0, sv1, svm, T, M, d_in, R,
-                                         ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                         PIPE=cfg.get("PIPE", 1), M_P2=_p2(M), R_P2=_p2(R), num_warps=cfg["num_warps"],
-                                         num_stages=cfg.get("num_stages", 3), **_pdl_args(cfg, x.device))
-            return v
-        grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
+        plan = bool(cfg.get("COMPACT", False))
+        if plan:       # one program per work item of the step's plan, in a grid of the most there can be
+            items, n = _decode_plan(batch, meta3, BLOCK_R, R)
+            grid, first = (items.shape[0], 1, 1), False
+        else:
+            items, n = batch.token_slot, batch.token_slot     # unused
+            grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                    batch.token_slot, v3, sv0, sv1, svm, d_in, R,
+                                    batch.token_slot, items, n, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first,
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, PLAN=plan, R_P2=_p2(R),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     **_pdl_args(cfg, x.device))
     else:
@@ -1016,18 +879,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        if cfg.get("PERSIST"):
-            meta4, where = _all_layers(meta3)
-            key = ("expand", where, M, BLOCK_R, BLOCK_N, (W0, W1, W2), batch.max_rank)
-            if key not in batch.plans:
-                batch.plans[key] = _expand_plan(batch, meta4, (W0, W1, W2), BLOCK_R, BLOCK_N, batch.max_rank)
-            items, n = batch.plans[key]
-            _expand_persist_kernel[(cfg["PERSIST"] * _sms(y.device),)](
-                y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs, meta3, sm0, sm1, smm, scaling,
-                batch.token_slot, items, n, W0, W1, W2, ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                PIPE=cfg.get("PIPE", 1), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                **_pdl_args(cfg, y.device))
-            return
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,

@@ -361,8 +361,8 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 DECODE_VARIANTS = pytest.mark.parametrize(
     "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True},
                 {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3},
-                {"PERSIST": 1, "PIPE": 3}, {"PERSIST": 2, "PIPE": 2, "BLOCK_R": 8}],
-    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "persistent", "persistent-r8"])
+                {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4}],
+    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:

@@ -1,0 +1,19 @@
+# device call B (2026-12-03, seventeenth session): the compact shrink grid (one program per work
+# item of a device-built plan, no programs for tiles past a rank) against the committed grid,
+# alternated twice: the 32 layers of q/k/v + o decode LoRA alone (256 x 256, int8 rows), fenced and
+# not; its GPU kernel tests; then the engine's 256 x 256 step (Llama-7B, int8 rows)
+set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/b; mkdir -p $H; R=benchmarks/results/lora-persist-2026-12-03-h200
+export PYTHONPATH=$PWD
+{ cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch,triton; print(torch.__version__, triton.__version__)"; } | tee $H/machine.txt
+timeout 120 python3 benchmarks/bench_lora_decode.py --variants $R/variants-B.json --out $H/fence --fence --split --rounds 7 \
+  > $H/fence.log 2>&1; echo "fence rc=$? at $((SECONDS-T0)) s"; grep -E "^\| |failed" $H/fence.log | cut -c1-200
+timeout 90 python3 benchmarks/bench_lora_decode.py --variants $R/variants-B.json --out $H/nofence --rounds 7 \
+  > $H/nofence.log 2>&1; echo "nofence rc=$? at $((SECONDS-T0)) s"; grep -E "^\| |failed" $H/nofence.log | cut -c1-140
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode_variants and compact" > $H/tests.log 2>&1
+echo "tests rc=$? at $((SECONDS-T0)) s"; tail -2 $H/tests.log; grep -E "^FAILED|Error" $H/tests.log | head -5 | cut -c1-300
+timeout 330 python3 benchmarks/engine_tune_sweep.py --variants $R/variants-B.json --out $H/sweep --timeout 70 --warmup -- \
+  --shape llama7b --batches 256 --adapters 256 --no-eager --steps 20 --rounds 3 --context 256 --pool-gb 54 \
+  --adapter-dtype int8 --profile 2 > $H/sweep.log 2>&1; echo "sweep rc=$? at $((SECONDS-T0)) s"; tail -8 $H/sweep.log | cut -c1-300
+grep -h "overlapped_ms" $H/sweep/*.log | cut -c1-330
+tar czf $OUT/b.tgz -C /tmp b
