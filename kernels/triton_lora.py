@@ -62,7 +62,12 @@ TUNE = {
     # launch overlaps the tail of the kernel before it: 0.965x the LoRA time alone (0.991x with a
     # kernel between groups); in the engine's 256 x 256 step within the noise (LoRA device time
     # 3.20 vs 3.38 ms a step, overlapped +21.3/21.6% vs +21.5/21.6%, alternated).
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True),
+    # COMPACT (2026-12-03, H200, benchmarks/results/lora-persist-2026-12-03-h200, call B): one
+    # program per work item of the step's plan instead of a (token, max-rank tile) grid whose
+    # programs past a token's rank (53% of them at ranks 8..64) each spent two dependent loads to
+    # find they had nothing to do: o shrink 0.456 vs 0.526 ms, q/k/v 1.031 vs 1.071 ms a step alone;
+    # engine 256 x 256 +22.2/+22.1% vs +22.4/+22.5% (alternated).
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True, COMPACT=True),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
     # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
@@ -75,7 +80,8 @@ TUNE = {
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
     # nothing: benchmarks/results/tune-sweep-2026-11-25j-h100.) PDL (default False): launch as a
     # programmatic dependent launch on sm_90+ GPUs (see _pdl_wait; ignored elsewhere).
-    # SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
+    # COMPACT (shrink only, default False): launch one program per work item of a per-step plan
+    # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None),
@@ -230,10 +236,10 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         if i >= n:
             _pdl_wait(PDL)
             return
-        t = e >> 12
-        mod = (e >> 10) & 3
-        n_tiles = (e >> 5) & 31
-        rt = e & 31
+        t = e >> 14
+        mod = (e >> 12) & 3
+        n_tiles = (e >> 6) & 63
+        rt = e & 63
     else:
         t, rt = _token_and_tile(TILE_FIRST)
         _pdl_launch_dependents(PDL)
@@ -298,8 +304,8 @@ def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_
                         BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr):
     """The compact shrink grid's work items, in one program: for every (token, module) pair p =
     t * M + m, one item per tile of BLOCK_R rank rows (rank: its largest over the L layers at
-    stride sml), or one zeros-only item when it has none; each item is (t << 12 | m << 10 |
-    tiles << 5 | tile, slot), in token order (an exclusive prefix sum gives a pair its first)."""
+    stride sml), or one zeros-only item when it has none; each item is (t << 14 | m << 12 |
+    tiles << 6 | tile, slot), in token order (an exclusive prefix sum gives a pair its first)."""
     base = 0
     for p0 in range(0, T * M, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -313,7 +319,7 @@ def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_
         first = base + tl.cumsum(cnt, axis=0) - cnt
         for j in tl.static_range(NT):
             ok = j < cnt
-            tl.store(items_ptr + 2 * (first + j), (t << 12) | (m << 10) | (tiles << 5) | j, mask=ok)
+            tl.store(items_ptr + 2 * (first + j), (t << 14) | (m << 12) | (tiles << 6) | j, mask=ok)
             tl.store(items_ptr + 2 * (first + j) + 1, slot, mask=ok)
         base += tl.sum(cnt, axis=0)
     tl.store(n_ptr, base)
@@ -352,7 +358,6 @@ def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: 
     nt = max(1, triton.cdiv(max_rank, block_r))
     key = ("shrink", where, M, block_r, nt)
     if key not in batch.plans:
-        assert nt < 32 and M <= 3 and T < (1 << 19), "plan codes hold 31 tiles, 3 modules and 2^19 tokens"
         items = torch.empty(T * M * nt, 2, dtype=torch.int32, device=meta4.device)
         n = torch.empty(1, dtype=torch.int32, device=meta4.device)
         sm0, sml, smm, sm1 = meta4.stride()
@@ -796,7 +801,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        plan = bool(cfg.get("COMPACT", False))
+        # plan codes hold 63 tiles and 2^17 tokens; past that the full grid
+        plan = bool(cfg.get("COMPACT", False)) and triton.cdiv(R, BLOCK_R) < 64 and T < (1 << 17)
         if plan:       # one program per work item of the step's plan, in a grid of the most there can be
             items, n = _decode_plan(batch, meta3, BLOCK_R, R)
             grid, first = (items.shape[0], 1, 1), False

@@ -379,6 +379,34 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
     _check_decode_mix(91, adapter_dtype)
 
 
+@ADAPTER_DTYPES
+def test_compact_shrink_plan_serves_every_layer(adapter_dtype, monkeypatch):
+    """The compact shrink grid builds its plan once per batch from the ranks over all layers and
+    reuses it at every layer: adapters that target a module in some layers only (PEFT's
+    layers_to_transform) get their rows where they have them and zeros where not."""
+    for family in ("shrink_decode", "shrink_decode_int8"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "COMPACT": True})
+    gen = torch.Generator().manual_seed(93)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    weights = [random_adapter(TINY, "all", 16, qkv, gen=gen), random_adapter(TINY, "late", 24, ("q_proj", "v_proj"), [1], gen),
+               random_adapter(TINY, "early", 8, qkv, [0], gen)]
+    probe = UnifiedPool(TINY, 1, 4, torch.float16, "cpu", adapter_dtype)
+    staged = [stage_adapter(w, probe) for w in weights]
+    pool = UnifiedPool(TINY, sum(s.num_pages for s in staged) + 2, 4, torch.float16, DEV, adapter_dtype)
+    table = AdapterTable(pool, 4)
+    slots = [table.insert(s).slot for s in staged]
+    pick = [slots[i % 3] if i % 5 else -1 for i in range(11)]
+    batch = LoraBatch.build([1] * len(pick), pick, 24, DEV)
+    x = torch.randn(len(pick), TINY.hidden_size, generator=gen).to(DEV, torch.float16)
+    for layer in (0, 1, 0):          # the plan comes from the first call, whatever its layer
+        meta = table.meta[:, layer, 0:3]
+        v = tlora.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
+        want = ref.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
+        assert torch.equal(v[want == 0], want[want == 0]) and rel_err(v, want) < 2e-3, (layer, rel_err(v, want))
+        assert (want[:, :, :8] != 0).any()
+    assert len(batch.plans) == 1
+
+
 def test_int8_rows_stay_within_their_quantization_error():
     """int8 rows (opt-in): each element within half a step of the weight it stores, a zero row
     stays zero, and a LoRA delta over a mixed batch is within 1% of the unquantized adapter's.
