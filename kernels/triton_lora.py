@@ -13,7 +13,9 @@ Three schedules, picked by ``batch.max_seg_len`` and ``batch.grouped``:
 
 * decode (max_seg_len == 1), BGMV-like: one program per (token, tile of rank rows) for shrink and
   per (token, tile of output columns) for expand; a reduction on the CUDA cores, since one token
-  gives no matrix for the tensor cores. Memory bound on the adapter rows.
+  gives no matrix for the tensor cores. Memory bound on the adapter rows. With COMPACT the shrink
+  launches one program per tile a token actually has, from a plan built on the device once per
+  step (_decode_plan), instead of max-rank tiles for every token.
 * grouped decode (max_seg_len == 1, tokens sorted by slot): one program per (tile of tokens, tile
   of outputs), one masked ``tl.dot`` per distinct slot in the tile; an adapter shared by many
   tokens is read once per tile, not once per token.
@@ -62,11 +64,13 @@ TUNE = {
     # launch overlaps the tail of the kernel before it: 0.965x the LoRA time alone (0.991x with a
     # kernel between groups); in the engine's 256 x 256 step within the noise (LoRA device time
     # 3.20 vs 3.38 ms a step, overlapped +21.3/21.6% vs +21.5/21.6%, alternated).
-    # COMPACT (2026-12-03, H200, benchmarks/results/lora-persist-2026-12-03-h200, call B): one
+    # COMPACT (2026-12-03, H200, benchmarks/results/lora-persist-2026-12-03-h200, calls B-E): one
     # program per work item of the step's plan instead of a (token, max-rank tile) grid whose
     # programs past a token's rank (53% of them at ranks 8..64) each spent two dependent loads to
-    # find they had nothing to do: o shrink 0.456 vs 0.526 ms, q/k/v 1.031 vs 1.071 ms a step alone;
-    # engine 256 x 256 +22.2/+22.1% vs +22.4/+22.5% (alternated).
+    # find they had nothing to do: o shrink 0.444 vs 0.519 ms, q/k/v 0.995 vs 1.052 ms a step alone
+    # (LoRA 0.987x, the plan included). Engine steps, alternated: 256 x 256 +20.4/+20.8% vs
+    # +20.8/+20.7% (call D) and +22.2/+22.1% vs +22.4/+22.5% (B); GQA +29.3/+30.7% vs +31.1/+31.4%;
+    # 64 x 64 +18.2/+18.4% vs +18.4/+18.8%.
     "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True, COMPACT=True),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
@@ -462,110 +466,6 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
-
-
-# Compact expand (TUNE key COMPACT of the expand families): one program per work item of a
-# per-step plan (_expand_plan), and items of about one size: a (token, module) pair of rank <=
-# BLOCK_R / 2 takes 4 column tiles an item, of rank <= BLOCK_R 2 tiles, larger ranks 1 (walked
-# BLOCK_R rows at a time, as RCLASS does), where the full grid gives every pair one program per
-# BLOCK_N columns whatever its rank (a rank-8 program reads 1 KB of rows).
-@triton.jit
-def _expand_item_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                        smm, scale_ptr, items_ptr, n_ptr, W0, W1, W2,
-                        ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PDL: tl.constexpr):
-    i = tl.program_id(0)
-    _pdl_launch_dependents(PDL)
-    n = tl.load(n_ptr)
-    e = tl.load(items_ptr + 2 * i)
-    slot = tl.load(items_ptr + 2 * i + 1)
-    if i >= n:
-        _pdl_wait(PDL)
-        return
-    t = e >> 14
-    y_ptr, v_ptr, meta_ptr, d_out = _module((e >> 12) & 3, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
-    wide = (e >> 10) & 3
-    ct = e & 1023
-    mrow = meta_ptr + slot.to(tl.int64) * sm0
-    b0 = tl.load(mrow + sm1)
-    rank = tl.load(mrow + 3 * sm1)      # this layer's B^T rows: at most the plan's (its max over layers)
-    s = tl.load(scale_ptr + slot)
-    v_row = v_ptr + t.to(tl.int64) * sv0
-    y_row = y_ptr + t.to(tl.int64) * sy0
-    if wide == 2:
-        _expand_span(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s, ct * 4 * BLOCK_N, d_out,
-                     ALIGN, QUANT, BLOCK_R // 2, 4 * BLOCK_N, False, PDL)
-    elif wide == 1:
-        _expand_span(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s, ct * 2 * BLOCK_N, d_out,
-                     ALIGN, QUANT, BLOCK_R, 2 * BLOCK_N, False, PDL)
-    else:
-        _expand_span(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s, ct * BLOCK_N, d_out,
-                     ALIGN, QUANT, BLOCK_R, BLOCK_N, True, PDL)
-
-
-@triton.jit
-def _expand_span(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s, c0, d_out,
-                 ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, WALK: tl.constexpr,
-                 PDL: tl.constexpr):
-    """y[c0 : c0 + BN] += s * v[:rank] @ B^T[:rank, c0 : c0 + BN]: all rows at once (rank <= BR), or
-    BR rows at a time (WALK)."""
-    offs_n = c0 + tl.arange(0, BN)
-    nmask = offs_n < d_out
-    y_ptrs = y_row + offs_n * sy1
-    _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    y = tl.load(y_ptrs, mask=nmask, other=0.0)
-    if WALK:
-        delta = tl.zeros([BN], dtype=tl.float32)
-        for j0 in range(0, rank, BR):
-            delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-    else:
-        delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT, BR)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_row.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _expand_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_ptr, T, M, W0, W1, W2, max_items,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
-    """The compact expand's items, in one program: for every (token, module) pair p = t * M + m with
-    B^T rows (its largest over the L layers), its spans of BLOCK_N << wide columns (wide 2: rows <=
-    BLOCK_R / 2, 1: <= BLOCK_R, else 0), each item (t << 14 | m << 12 | wide << 10 | span, slot)."""
-    base = 0
-    for p0 in range(0, T * M, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        pmask = p < T * M
-        t = p // M
-        m = p - t * M
-        slot = tl.load(slot_ptr + t, mask=pmask, other=-1)
-        nrows = _max_over_layers(meta_ptr + slot.to(tl.int64) * sm0 + m * smm + 3 * sm1, sml, L, pmask & (slot >= 0), 8)
-        wide = tl.where(nrows <= BLOCK_R // 2, 2, tl.where(nrows <= BLOCK_R, 1, 0))
-        span = BLOCK_N << wide
-        width = tl.where(m == 0, W0, tl.where(m == 1, W1, W2))
-        cnt = tl.where(pmask & (nrows > 0), (width + span - 1) // span, 0)
-        first = base + tl.cumsum(cnt, axis=0) - cnt
-        for j in range(0, max_items):
-            ok = j < cnt
-            tl.store(items_ptr + 2 * (first + j), (t << 14) | (m << 12) | (wide << 10) | j, mask=ok)
-            tl.store(items_ptr + 2 * (first + j) + 1, slot, mask=ok)
-        base += tl.sum(cnt, axis=0)
-    tl.store(n_ptr, base)
-
-
-def _expand_plan(batch: LoraBatch, meta3: torch.Tensor, widths: tuple[int, int, int], block_r: int,
-                 block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items, count) of the compact expand, as _decode_plan (None when the codes cannot hold them)."""
-    meta4, where = _all_layers(meta3)
-    T, M = batch.token_slot.numel(), meta4.shape[2]
-    most = triton.cdiv(max(widths), block_n)      # items a pair can have (rank > BLOCK_R)
-    key = ("expand", where, M, block_r, block_n, widths)
-    if key not in batch.plans:
-        items = torch.empty(max(T * M * most, 1), 2, dtype=torch.int32, device=meta4.device)
-        n = torch.empty(1, dtype=torch.int32, device=meta4.device)
-        sm0, sml, smm, sm1 = meta4.stride()
-        _expand_plan_kernel[(1,)](batch.token_slot, meta4, sm0, sm1, smm, sml, meta4.shape[1], items, n, T, M,
-                                  *widths, most, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK=min(1024, _p2(T * M)),
-                                  num_warps=8)
-        batch.plans[key] = items, n
-    return batch.plans[key]
 
 # ---------------------------------------------------------------------------------------------
 # grouped decode (one token per request, tokens sorted by slot): tiles of tokens, tensor cores
@@ -993,14 +893,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        if cfg.get("COMPACT") and triton.cdiv(w_max, BLOCK_N) < 1024 and T < (1 << 17):   # plan codes' limits
-            items, n = _expand_plan(batch, meta3, (W0, W1, W2), BLOCK_R, BLOCK_N)
-            _expand_item_kernel[(items.shape[0],)](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
-                                                   meta3, sm0, sm1, smm, scaling, items, n, W0, W1, W2,
-                                                   ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                                   num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                                   **_pdl_args(cfg, y.device))
-            return
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
