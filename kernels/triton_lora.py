@@ -240,10 +240,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         if i >= n:
             _pdl_wait(PDL)
             return
-        t = e >> 14
-        mod = (e >> 12) & 3
-        n_tiles = (e >> 6) & 63
-        rt = e & 63
+        t, mod, n_tiles, rt = _plan_fields(e)
     else:
         t, rt = _token_and_tile(TILE_FIRST)
         _pdl_launch_dependents(PDL)
@@ -303,13 +300,28 @@ def _zero_tail(v_row, sv1, rt, n_tiles, max_rank, BLOCK_R: tl.constexpr, R_P2: t
              mask=last & (jj >= n_tiles * BLOCK_R) & (jj < max_rank))
 
 
+# A plan item's code, one int32: token << 14 | module << 12 | the pair's tiles << 6 | this tile.
+PLAN_TILES, PLAN_TOKENS = 64, 1 << 17     # what it holds: fewer tiles a pair, fewer tokens
+
+
+@triton.jit
+def _plan_code(t, m, tiles, j):
+    return (t << 14) | (m << 12) | (tiles << 6) | j
+
+
+@triton.jit
+def _plan_fields(e):
+    """(token, module, the pair's tiles, this tile) of a _plan_code."""
+    return e >> 14, (e >> 12) & 3, (e >> 6) & 63, e & 63
+
+
 @triton.jit
 def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_ptr, T, M,
                         BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr):
     """The compact shrink grid's work items, in one program: for every (token, module) pair p =
     t * M + m, one item per tile of BLOCK_R rank rows (rank: its largest over the L layers at
-    stride sml), or one zeros-only item when it has none; each item is (t << 14 | m << 12 |
-    tiles << 6 | tile, slot), in token order (an exclusive prefix sum gives a pair its first)."""
+    stride sml), or one zeros-only item when it has none; each item is (_plan_code, slot), in
+    token order (an exclusive prefix sum gives a pair its first)."""
     base = 0
     for p0 in range(0, T * M, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -323,7 +335,7 @@ def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_
         first = base + tl.cumsum(cnt, axis=0) - cnt
         for j in tl.static_range(NT):
             ok = j < cnt
-            tl.store(items_ptr + 2 * (first + j), (t << 14) | (m << 12) | (tiles << 6) | j, mask=ok)
+            tl.store(items_ptr + 2 * (first + j), _plan_code(t, m, tiles, j), mask=ok)
             tl.store(items_ptr + 2 * (first + j) + 1, slot, mask=ok)
         base += tl.sum(cnt, axis=0)
     tl.store(n_ptr, base)
@@ -809,8 +821,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
-        # plan codes hold 63 tiles and 2^17 tokens; past that the full grid
-        plan = bool(cfg.get("COMPACT", False)) and triton.cdiv(R, BLOCK_R) < 64 and T < (1 << 17)
+        # past what plan codes hold, the full grid
+        plan = bool(cfg.get("COMPACT", False)) and triton.cdiv(R, BLOCK_R) < PLAN_TILES and T < PLAN_TOKENS
         if plan:       # one program per work item of the step's plan, in a grid of the most there can be
             items, n = _decode_plan(batch, meta3, BLOCK_R, R)
             grid, first = (items.shape[0], 1, 1), False
