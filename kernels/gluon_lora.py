@@ -178,11 +178,12 @@ if HAVE_GLUON:
                                                 pred=nrows > 0)
             for r in gl.static_range(BR):
                 ok = r < nrows
-                roff = gl.load(rows_ptr + a0 + rt * BR + r, mask=ok, other=0)
+                # the row table is int64; TMA coordinates are int32 (in boxes: a pool of up to 512 GB)
+                box = (gl.load(rows_ptr + a0 + rt * BR + r, mask=ok, other=0) // 256).to(gl.int32)
                 mbarrier.expect(bar, a_desc.block_type.nbytes * NBOX, pred=ok)
                 mbarrier.arrive(bar, pred=r >= nrows)
                 for b in gl.static_range(NBOX):
-                    tma.async_copy_global_to_shared(a_desc, [roff // 256 + b * KBOX, 0], bar,
+                    tma.async_copy_global_to_shared(a_desc, [box + b * KBOX, 0], bar,
                                                     a_smem.index((s * BR + r) * NBOX + b), pred=ok)
 
     @gluon.jit
@@ -297,10 +298,10 @@ if HAVE_GLUON:
                     for r in gl.static_range(RS):
                         j = st * RS + r
                         ok = j < rank
-                        roff = gl.load(rows_ptr + b0 + j, mask=ok, other=0)
+                        box = (gl.load(rows_ptr + b0 + j, mask=ok, other=0) // 256).to(gl.int32)
                         mbarrier.expect(bar, b_desc.block_type.nbytes, pred=ok)
                         mbarrier.arrive(bar, pred=j >= rank)
-                        tma.async_copy_global_to_shared(b_desc, [roff // 256 + c * CB, 0], bar,
+                        tma.async_copy_global_to_shared(b_desc, [box + c * CB, 0], bar,
                                                         b_smem.index(s * RS + r), pred=ok)
                     it += 1
 
