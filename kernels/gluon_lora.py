@@ -243,7 +243,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _shrink_kernel(a_desc, x_desc, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, items_ptr, n_ptr, v_ptr, sv0, sv1,
                        svm, max_rank, BR: gl.constexpr, KBOX: gl.constexpr, NBOX: gl.constexpr,
-                       STAGES: gl.constexpr, R_P2: gl.constexpr, num_warps: gl.constexpr):
+                       STAGES: gl.constexpr, R_P2: gl.constexpr, PREGS: gl.constexpr, num_warps: gl.constexpr):
         D: gl.constexpr = KBOX * NBOX * 256
         a_smem = gl.allocate_shared_memory(gl.int8, [STAGES * BR * NBOX, KBOX, 256], a_desc.layout)
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES * NBOX, KBOX, 256], x_desc.layout)
@@ -257,7 +257,7 @@ if HAVE_GLUON:
                                 sv0, sv1, svm, max_rank, full, empty, BR, D, STAGES, R_P2, num_warps)),
             (_shrink_producer, (a_desc, x_desc, rows_ptr, meta_ptr, sm0, sm1, smm, items_ptr, n_ptr, a_smem, x_smem,
                                 full, empty, BR, KBOX, NBOX, STAGES)),
-        ], [1], [48])
+        ], [1], [PREGS])
 
     # ---------------------------------------------------------------------------------------------
     # expand: y[t, cols] += scaling[slot] * sum_j v[t, m, j] * row_scale[j] * B^T row j [cols]
@@ -352,7 +352,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _expand_kernel(b_desc, y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
                        scale_ptr, items_ptr, n_ptr, W0, W1, W2, RS: gl.constexpr, CB: gl.constexpr,
-                       STAGES: gl.constexpr, num_warps: gl.constexpr):
+                       STAGES: gl.constexpr, PREGS: gl.constexpr, num_warps: gl.constexpr):
         b_smem = gl.allocate_shared_memory(gl.int8, [STAGES * RS, CB, 256], b_desc.layout)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -364,7 +364,7 @@ if HAVE_GLUON:
                                 scale_ptr, items_ptr, n_ptr, W0, W1, W2, full, empty, RS, CB, STAGES, num_warps)),
             (_expand_producer, (b_desc, rows_ptr, meta_ptr, sm0, sm1, smm, items_ptr, n_ptr, W0, W1, W2, b_smem, full,
                                 empty, RS, CB, STAGES)),
-        ], [1], [48])
+        ], [1], [PREGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +422,8 @@ def shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta3: torch
     sv0, svm, sv1 = v3.stride()
     _shrink_kernel[_grid(x.device, cfg, items.shape[0])](
         _rows_desc(flat, kbox), x_desc, rows, row_scale, meta3, sm0, sm1, smm, items, n, v3, sv0, sv1, svm, max_rank,
-        BR=BR, KBOX=kbox, NBOX=nbox, STAGES=cfg["STAGES"], R_P2=_p2(max_rank), num_warps=cfg["num_warps"],
+        BR=BR, KBOX=kbox, NBOX=nbox, STAGES=cfg["STAGES"], R_P2=_p2(max_rank), PREGS=cfg.get("PREGS", 48),
+        num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg", 128))
 
 
@@ -438,5 +439,6 @@ def expand(y: torch.Tensor, v3: torch.Tensor, flat: torch.Tensor, rows: torch.Te
     sv0, svm, sv1 = v3.stride()
     _expand_kernel[_grid(y.device, cfg, items.shape[0])](
         _rows_desc(flat, CB), y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, rows, row_scale, meta3, sm0, sm1, smm,
-        scaling, items, n, W0, W1, W2, RS=RS, CB=CB, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"],
+        scaling, items, n, W0, W1, W2, RS=RS, CB=CB, STAGES=cfg["STAGES"], PREGS=cfg.get("PREGS", 48),
+        num_warps=cfg["num_warps"],
         maxnreg=cfg.get("maxnreg", 128))
