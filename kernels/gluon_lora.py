@@ -190,10 +190,11 @@ if HAVE_GLUON:
     def _shrink_consumer(a_smem, x_smem, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, items_ptr, n_ptr, v_ptr, sv0,
                          sv1, svm, max_rank, full, empty, BR: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                          R_P2: gl.constexpr, num_warps: gl.constexpr):
-        # each thread: BR / num_warps rows x 16 bytes of a 512-column chunk; a warp reads 512
-        # contiguous bytes of a row (no bank conflicts); reduced across threads once per item
-        L: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [num_warps, 1], [1, 0])
-        CH: gl.constexpr = 512
+        # each thread: all BR rows x 8 bytes of a chunk of 256 x num_warps columns, so one converted
+        # x element serves BR weights; a warp reads 256 contiguous bytes of a row (no bank
+        # conflicts); reduced across threads once per item
+        L: gl.constexpr = gl.BlockedLayout([BR, 8], [1, 32], [1, num_warps], [1, 0])
+        CH: gl.constexpr = 256 * num_warps
         # plain row-major views of the stages (a layout's rank may be one less than its shape's:
         # indexing the first dimension keeps it)
         plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
@@ -230,6 +231,8 @@ if HAVE_GLUON:
                 a = a_st.slice(c * CH, CH, dim=1).load(L)
                 xv = x_st.slice(c * CH, CH, dim=0).load(gl.SliceLayout(0, L)).to(gl.float32)
                 acc += _i8_to_f32(a) * gl.expand_dims(xv, 0)
+            # every warp has read the stage before one thread releases it to the producer
+            gl.thread_barrier()
             fence_async_shared()
             mbarrier.arrive(empty.index(s))
             out = gl.where(rmask, gl.sum(acc, axis=1) * scale, 0.0)
@@ -343,6 +346,7 @@ if HAVE_GLUON:
                         s = it % STAGES
                         mbarrier.wait(full.index(s), (it // STAGES) & 1)
                         b = b_all.index(s).load(L)
+                        gl.thread_barrier()     # every warp has read the stage (see the shrink)
                         fence_async_shared()
                         mbarrier.arrive(empty.index(s))
                         acc += gl.sum(_i8_to_f32(b) * gl.expand_dims(w, 1), axis=0)

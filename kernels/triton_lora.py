@@ -830,7 +830,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    elif batch.max_seg_len <= 1 and _use_gluon(_decode_tiles("shrink", quant, T), x, flat, (d_in,), d_in % 512 == 0
+    elif batch.max_seg_len <= 1 and _use_gluon(_decode_tiles("shrink", quant, T), x, flat, (d_in,),
+                                               d_in % (256 * TUNE["shrink_gluon"]["num_warps"]) == 0
                                                and triton.cdiv(R, TUNE["shrink_gluon"]["BR"]) < PLAN_TILES
                                                and T < PLAN_TOKENS):
         from kernels import gluon_lora
