@@ -79,10 +79,6 @@ TUNE = {
     # tile), larger ones walk 16 rows at a time: 0.97x the LoRA time of 8-row steps.
     "expand_decode_int8": dict(BLOCK_R=16, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
                                PDL=True),
-    # GLUON (int8 decode families, default False): take the warp-specialized TMA kernels of
-    # kernels/gluon_lora.py where they apply (sm_90+, Gluon, 256-byte rows); their tiles:
-    "shrink_gluon": dict(BR=8, STAGES=2, CTAS_PER_SM=2, num_warps=4),
-    "expand_gluon": dict(RS=16, CB=4, STAGES=4, CTAS_PER_SM=2, num_warps=4),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -765,15 +761,6 @@ def _pdl_args(cfg: dict, device) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-def _use_gluon(cfg: dict, t: torch.Tensor, flat: torch.Tensor, dims: tuple[int, ...], ok: bool) -> bool:
-    """Whether a decode launch takes kernels/gluon_lora.py: its TUNE entry asks (key GLUON), the
-    launch's own conditions hold (``ok``) and the GPU, Triton and row layout allow it."""
-    if not (cfg.get("GLUON", False) and ok and t.is_cuda):
-        return False
-    from kernels import gluon_lora
-    return gluon_lora.supported(t, flat, dims)
-
-
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
     """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
     if flat.dtype != torch.int8:
@@ -830,12 +817,6 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    elif batch.max_seg_len <= 1 and _use_gluon(_decode_tiles("shrink", quant, T), x, flat, (d_in,),
-                                               d_in % (256 * TUNE["shrink_gluon"]["num_warps"]) == 0
-                                               and triton.cdiv(R, TUNE["shrink_gluon"]["BR"]) < PLAN_TILES
-                                               and T < PLAN_TOKENS):
-        from kernels import gluon_lora
-        gluon_lora.shrink(x, flat, rows, meta3, batch, rs, v3, R)
     elif batch.max_seg_len <= 1:
         cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
@@ -920,10 +901,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
-    elif batch.max_seg_len <= 1 and _use_gluon(_decode_tiles("expand", quant, T), y, flat, widths,
-                                               y.stride(1) == 1 and T < (1 << 19)):
-        from kernels import gluon_lora
-        gluon_lora.expand(y, v3, flat, rows, meta3, scaling, batch, widths, rs)
     elif batch.max_seg_len <= 1:
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))

@@ -30,7 +30,6 @@ import torch
 from server.config import ATTENTION, TARGET_MODULES, ModelConfig
 
 ROW_ALIGN = 8  # elements, and at least 16 bytes (int8 rows: 16), so kernels can use wide loads
-TMA_BOX = 256  # bytes: int8 rows whose width is a multiple of it start on a multiple of it
 
 
 class PoolExhausted(RuntimeError):
@@ -121,18 +120,14 @@ class UnifiedPool:
     def pack_rows(self, widths: list[int]) -> tuple[int, list[tuple[int, int]]]:
         """Lay out rows of the given widths into pages: (pages needed, [(page index, offset)]),
         offsets in adapter elements (``row_elems`` to a page)."""
-        placed, page, off, P = [], 0, 0, self.row_elems
+        placed, page, off, P, align = [], 0, 0, self.row_elems, self.row_align
         for w in widths:
             if w > P:
                 raise ValueError(f"a row of {w} elements does not fit a page of {P}; raise block_tokens")
-            # int8 rows of whole 256-byte boxes start on a box: the Hopper kernels
-            # (kernels/gluon_lora.py) copy them with TMA from the pool viewed as [bytes / 256, 256]
-            align = TMA_BOX if self.quantized and w % TMA_BOX == 0 else self.row_align
-            off = -(-off // align) * align
             if off + w > P:
                 page, off = page + 1, 0
             placed.append((page, off))
-            off += w
+            off += -(-w // align) * align
         return (page + 1 if placed else 0), placed
 
 

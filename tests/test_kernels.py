@@ -361,9 +361,8 @@ def _check_decode_mix(seed: int, adapter_dtype) -> None:
 DECODE_VARIANTS = pytest.mark.parametrize(
     "variant", [{"PIPE": 1, "TILE_FIRST": False}, {"PIPE": 4, "TILE_FIRST": True},
                 {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3},
-                {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4}, {"GLUON": True}],
-    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "gluon"])   # GLUON: the int8 families on sm_90+ GPUs take kernels/gluon_lora.py (elsewhere ignored)
+                {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4}],
+    ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
@@ -406,38 +405,6 @@ def test_compact_shrink_plan_serves_every_layer(adapter_dtype, monkeypatch):
         assert torch.equal(v[want == 0], want[want == 0]) and rel_err(v, want) < 2e-3, (layer, rel_err(v, want))
         assert (want[:, :, :8] != 0).any()
     assert len(batch.plans) == 1     # one plan for all layers
-
-
-def test_gluon_expand_plan_covers_every_chunk_once_largest_first():
-    """The Gluon expand's plan (plain Triton, so it runs here): one item per (token, module, C
-    columns) of every pair with rows in some layer, none for base tokens or modules no adapter
-    targets, pairs in descending classes of stages (RS rows each) so the snake deal evens out."""
-    from kernels import gluon_lora
-    gen = torch.Generator().manual_seed(94)
-    qkv = ("q_proj", "k_proj", "v_proj")
-    ranks = {"r8": 8, "r40": 40, "r16late": 16, "r24": 24}
-    weights = [random_adapter(TINY, "r8", 8, qkv, gen=gen), random_adapter(TINY, "r40", 40, ("q_proj", "v_proj"), gen=gen),
-               random_adapter(TINY, "r16late", 16, ("k_proj",), [1], gen), random_adapter(TINY, "r24", 24, qkv, gen=gen)]
-    probe = UnifiedPool(TINY, 1, 4, torch.float16, "cpu", torch.int8)
-    staged = [stage_adapter(w, probe) for w in weights]
-    pool = UnifiedPool(TINY, sum(s.num_pages for s in staged) + 2, 4, torch.float16, DEV, torch.int8)
-    table = AdapterTable(pool, 4)
-    slots = [table.insert(s).slot for s in staged]
-    pick = [slots[i % 4] if i % 6 else -1 for i in range(17)]
-    batch = LoraBatch.build([1] * len(pick), pick, 40, DEV)
-    widths = (TINY.num_heads * TINY.head_dim, TINY.num_kv_heads * TINY.head_dim, TINY.num_kv_heads * TINY.head_dim)
-    C, RS = 32, 8
-    items, n = gluon_lora.expand_plan(batch, table.meta[:, 1, 0:3], widths, C, RS, 40)
-    got = [(int(e) >> 12, (int(e) >> 10) & 3, int(e) & 1023, int(s)) for e, s in items[:int(n)].tolist()]
-    rank_of = {slot: ranks[w.adapter_id] for slot, w in zip(slots, weights)}
-    targets = {slot: w.target_modules for slot, w in zip(slots, weights)}
-    want = sorted((t, m, c, p) for t, p in enumerate(pick) if p >= 0 for m, mod in enumerate(qkv)
-                  if mod in targets[p] for c in range(-(-widths[m] // C)))
-    assert sorted(got) == want and len(got) == len(set(got))
-    cost = [-(-rank_of[p] // RS) for _, _, _, p in got]
-    klass = [(c - 1).bit_length() for c in cost]
-    assert klass == sorted(klass, reverse=True) and klass[0] > klass[-1]
-    assert len(batch.plans) == 1
 
 
 def test_int8_rows_stay_within_their_quantization_error():
