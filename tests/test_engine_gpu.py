@@ -53,11 +53,11 @@ def test_decode_lora_beside_attention_matches_peft(tiny, graphs, adapter_dtype, 
     monkeypatch.setattr(server.model, "OVERLAP_MIN_T", 3)
     monkeypatch.setattr(triton_lora, "INT8_SMALL_TILES_MIN_T", 1)
     model_dir, adapters = tiny
+    calls, run = [], server.model.LlamaModel._attention_beside_lora     # graphs are captured at the build
+    monkeypatch.setattr(server.model.LlamaModel, "_attention_beside_lora",
+                        lambda self, *a: calls.append(len(a[7])) or run(self, *a))
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs,
                                           adapter_dtype=adapter_dtype))
-    calls = []
-    run = engine.model._attention_beside_lora
-    engine.model._attention_beside_lora = lambda *a: calls.append(len(a[7])) or run(*a)
     names = ["full", "qv", "full", "", "qv", "full", "wide", "attn"]     # as the int8 test above
     check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=5), 3e-2 if adapter_dtype == "int8" else 1e-2)
     assert calls and all(n == 3 for n in calls)
