@@ -45,9 +45,6 @@ class LoraBatch:
     # work plans of the compact decode shrink grid (kernels/triton_lora.py), built on the device
     # by their first launch with this batch and reused by later launches with the same key
     plans: dict = field(default_factory=dict, repr=False)
-    # decode tiles are picked for this many tokens when set: a chunk of a step (decode_chunks)
-    # launches the tiles of the whole step's batch size, not those of its own few tokens
-    tile_tokens: int = 0
 
     def split(self) -> list[tuple[int, int, "LoraBatch"]]:
         return self.parts or [(0, self.token_slot.numel(), self)]
@@ -98,36 +95,3 @@ class AttnBatch:
     max_q_len: int
     max_context: int
     q_host: list[tuple[int, int, int]] | None = None  # (q_start, q_end, context_len)
-
-
-def chunk_bounds(n: int, weights: tuple[int, ...]) -> list[tuple[int, int]]:
-    """[t0, t1) ranges that split n tokens in proportion to ``weights`` (empty ones dropped)."""
-    total, acc, out, t0 = sum(weights), 0, [], 0
-    for w in weights:
-        acc += w
-        t1 = round(n * acc / total)
-        if t1 > t0:
-            out.append((t0, t1))
-        t0 = max(t0, t1)
-    return out
-
-
-def decode_chunks(attn: AttnBatch, lora: LoraBatch, bounds: list[tuple[int, int]]
-                  ) -> list[tuple[int, int, AttnBatch, LoraBatch]]:
-    """A pure decode batch (one query token per sequence, token t is sequence t) as chunks of
-    tokens [t0, t1), each with its own AttnBatch and LoraBatch over views of the step's tensors.
-
-    Both index pointers are then 0..n, so a chunk's are a prefix of them: no device op per step."""
-    assert attn.max_q_len <= 1 and lora.max_seg_len <= 1 and not lora.parts and not lora.grouped
-    T = lora.token_slot.numel()
-    out = []
-    for t0, t1 in bounds:
-        n = t1 - t0
-        q_host = [(i, i + 1, c) for i, (_, _, c) in enumerate(attn.q_host[t0:t1])] if attn.q_host else None
-        seg_host = [(i, i + 1, s) for i, (_, _, s) in enumerate(lora.seg_host[t0:t1])] if lora.seg_host else None
-        a = AttnBatch(attn.block_tables[t0:t1], attn.q_indptr[:n + 1], attn.context_lens[t0:t1],
-                      attn.token_pages[t0:t1], attn.token_offsets[t0:t1], 1, attn.max_context, q_host)
-        lb = LoraBatch(lora.token_slot[t0:t1], lora.seg_indptr[:n + 1], lora.seg_slot[t0:t1], 1, lora.max_rank,
-                       seg_host, False, lora.mlp, tile_tokens=lora.tile_tokens or T)
-        out.append((t0, t1, a, lb))
-    return out

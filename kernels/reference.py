@@ -104,15 +104,14 @@ def gather_kv(kv: torch.Tensor, block_tables: torch.Tensor, seq: int, layer: int
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBatch,
-                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float) -> torch.Tensor:
     """Causal attention of each sequence's query tokens over its paged KV (incl. the new tokens).
 
-    q: [T, Hq, D] -> [T, Hq, D] (into ``out`` when given). Grouped-query: query head h reads KV
-    head h // (Hq // Hkv).
+    q: [T, Hq, D] -> [T, Hq, D]. Grouped-query: query head h reads KV head h // (Hq // Hkv).
     """
     T, Hq, D = q.shape
     Hkv = kv.shape[2]
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     for s, (q0, q1, n) in enumerate(batch.q_host):
         k, v = gather_kv(kv, batch.block_tables, s, layer, n)
         k = k.float().repeat_interleave(Hq // Hkv, dim=1)    # [n, Hq, D]

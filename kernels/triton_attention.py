@@ -291,15 +291,14 @@ def _num_sms(device) -> int:
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, batch: AttnBatch,
-                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float) -> torch.Tensor:
     """Causal attention of each sequence's query tokens over its paged KV (incl. the new tokens).
-    q: [T, Hq, D] -> [T, Hq, D] (into ``out`` when given: any strides). Grouped-query: query head
-    h reads KV head h // (Hq // Hkv)."""
+    q: [T, Hq, D] -> [T, Hq, D]. Grouped-query: query head h reads KV head h // (Hq // Hkv)."""
     T, Hq, D = q.shape
     Hkv = kv.shape[2]
     B = kv.shape[1]
     G = Hq // Hkv
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     S = batch.context_lens.numel()
     if T == 0 or S == 0:
         return out

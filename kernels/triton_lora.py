@@ -818,7 +818,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                      BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = _decode_tiles("shrink", quant, batch.tile_tokens or T)
+        cfg = _decode_tiles("shrink", quant, T)
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         # past what plan codes hold, the full grid
@@ -902,7 +902,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1:
-        cfg = _decode_tiles("expand", quant, batch.tile_tokens or T)
+        cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)

@@ -104,59 +104,6 @@ def test_int8_adapter_rows_match_transformers_peft_within_their_error(tiny, grou
     assert worst < 3e-2, worst
 
 
-@pytest.mark.parametrize("adapter_dtype", ["auto", "int8"])
-def test_decode_lora_beside_attention_matches_peft(tiny, adapter_dtype, monkeypatch):
-    """The decode step cut into chunks whose LoRA runs on a side stream beside attention
-    (LlamaModel._attention_beside_lora; on a CPU the same work in one order): every adapter in
-    the mixed batch gets what the unchunked step gives it (and with full-precision rows what
-    transformers+peft gives), and decode steps really took that path."""
-    import server.model
-    model_dir, adapters = tiny
-    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
-    got, chunked = {}, []
-    for overlap in ((), (1, 2, 1)):
-        monkeypatch.setattr(server.model, "OVERLAP", overlap)
-        monkeypatch.setattr(server.model, "OVERLAP_MIN_T", 3)
-        engine = start_engine(model_dir, adapters, pool_mb=4, adapter_dtype=adapter_dtype)
-        assert engine.model.overlap == overlap
-        run = engine.model._attention_beside_lora
-
-        def spy(li, L, h, qkv, cos, sin, kv, chunks, table, dy, run=run):
-            chunked.append([(t0, t1) for t0, t1, _, _ in chunks])
-            return run(li, L, h, qkv, cos, sin, kv, chunks, table, dy)
-
-        engine.model._attention_beside_lora = spy
-        reqs = mixed_requests(names, seed=7)
-        try:
-            got[overlap] = run_engine(engine, reqs)
-        finally:
-            engine.stop()
-        if not overlap:
-            assert not chunked
-    plain, beside = got[()], got[(1, 2, 1)]
-    for req in reqs:
-        toks, lps, _ = beside[req.request_id]
-        assert toks == plain[req.request_id][0], req.adapter_id
-        assert lps == pytest.approx(plain[req.request_id][1], abs=1e-5), req.adapter_id
-        if adapter_dtype == "auto":
-            ref_t, ref_lp = hf_reference(model_dir, adapters.get(req.adapter_id), req.prompt_ids, N_NEW)
-            assert toks == ref_t, f"{req.adapter_id or 'base'}: tokens differ"
-            assert max(abs(a - b) for a, b in zip(lps, ref_lp)) < 1e-2
-    # decode steps of 3+ tokens went through the chunks, which tile the batch in order
-    assert chunked and all(len(c) == 3 for c in chunked)
-    for c in chunked:
-        assert c[0][0] == 0 and all(a[1] == b[0] for a, b in zip(c, c[1:]))
-    assert max(c[-1][1] for c in chunked) == len(reqs)
-
-
-def test_chunk_bounds_split_in_proportion():
-    from kernels.batch import chunk_bounds
-    assert chunk_bounds(256, (1, 3, 3, 1)) == [(0, 32), (32, 128), (128, 224), (224, 256)]
-    assert chunk_bounds(3, (1, 2, 1)) == [(0, 1), (1, 2), (2, 3)]
-    assert chunk_bounds(2, (1, 6, 1)) == [(0, 2)]      # empty chunks dropped (one chunk: no overlap)
-    assert sum(t1 - t0 for t0, t1 in chunk_bounds(100, (1, 3, 3, 1))) == 100
-
-
 def test_lora_groups_and_attention_only_batches(tiny):
     """q/k/v (and gate/up) run as one LoRA launch each; a batch whose adapters all target
     attention only skips the MLP launches. Outputs still match transformers+peft."""

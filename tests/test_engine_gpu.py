@@ -40,29 +40,6 @@ def test_graph_and_eager_decode_match_peft(tiny, graphs, names, monkeypatch):
     check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=len(names)), 1e-2)
 
 
-@pytest.mark.parametrize("adapter_dtype", ["auto", "int8"])
-@pytest.mark.parametrize("graphs", [True, False])
-def test_decode_lora_beside_attention_matches_peft(tiny, graphs, adapter_dtype, monkeypatch):
-    """Decode LoRA on a side stream beside chunked attention (LlamaModel._attention_beside_lora),
-    captured in the decode graphs and eager: the same greedy tokens as transformers+peft and
-    log-probabilities within the bounds of the tests above. The int8 case takes the int8 decode
-    tiles (PDL launches on sm_90+), as 256-request steps do."""
-    import server.model
-    from kernels import triton_lora
-    monkeypatch.setattr(server.model, "OVERLAP", (1, 2, 1))
-    monkeypatch.setattr(server.model, "OVERLAP_MIN_T", 3)
-    monkeypatch.setattr(triton_lora, "INT8_SMALL_TILES_MIN_T", 1)
-    model_dir, adapters = tiny
-    calls, run = [], server.model.LlamaModel._attention_beside_lora     # graphs are captured at the build
-    monkeypatch.setattr(server.model.LlamaModel, "_attention_beside_lora",
-                        lambda self, *a: calls.append(len(a[7])) or run(self, *a))
-    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs,
-                                          adapter_dtype=adapter_dtype))
-    names = ["full", "qv", "full", "", "qv", "full", "wide", "attn"]     # as the int8 test above
-    check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=5), 3e-2 if adapter_dtype == "int8" else 1e-2)
-    assert calls and all(n == 3 for n in calls)
-
-
 def check_against_peft(engine, model_dir, adapters, reqs, tol) -> None:
     """Start the engine, load the adapters after its graphs were captured (the store's cold
     path), run the requests, and compare each with transformers + peft: the same greedy tokens,
