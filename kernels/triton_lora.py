@@ -140,9 +140,57 @@ def _i8_to_f16(q):
 
 
 @triton.jit
-def _rows_f32(w, QUANT: tl.constexpr):
-    """A loaded tile of rows in fp32 (int8 rows still unscaled)."""
+def _i8_to_f16_ptx(q):
+    """_i8_to_f16 in 6 PTX instructions per 4 weights, where Triton's integer ops take ~11 (byte
+    sign extensions, 16-bit adds and repacking: PRMT was the most issued instruction of the int8
+    decode kernels, whose issue slots were 61% busy at 64% of the DRAM bandwidth, Nsight Compute
+    on the H200). xor 0x80 biases each byte to u = q + 128; prmt puts two bytes under 0x64, the
+    fp16 numbers 1024 + u; subtracting 1152 leaves q exactly."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, k, m;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 k, 0x64646464;
+        mov.b32 m, 0x64806480;
+        prmt.b32 $0, t, k, 0x5140;
+        prmt.b32 $1, t, k, 0x7362;
+        sub.f16x2 $0, $0, m;
+        sub.f16x2 $1, $1, m;
+        }""",
+        constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8_fma_f16(q, x, acc):
+    """acc + (q / 128) * x in fp16x2 for int8 q and fp16 x, acc (PTX_DQ 2, the fp16 decode shrink):
+    7 instructions per 4 weights where dequantizing to fp32 and an fp32 FMA take 13. The fma
+    (1024 + u) / 128 - 9 gives q / 128 exactly, so an accumulator of one thread, which sums one
+    product per BLOCK_K step (8 at d_in 4096), stays far from fp16's range; the caller multiplies
+    the fp32 sum by 128."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, a, b, k, s, m;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 k, 0x64646464;
+        mov.b32 s, 0x20002000;
+        mov.b32 m, 0xC880C880;
+        prmt.b32 a, t, k, 0x5140;
+        prmt.b32 b, t, k, 0x7362;
+        fma.rn.f16x2 a, a, s, m;
+        fma.rn.f16x2 b, b, s, m;
+        fma.rn.f16x2 $0, a, $3, $5;
+        fma.rn.f16x2 $1, b, $4, $6;
+        }""",
+        constraints="=r,=r,r,r,r,r,r", args=[q, x, acc], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _rows_f32(w, QUANT: tl.constexpr, DQ: tl.constexpr = False):
+    """A loaded tile of rows in fp32 (int8 rows still unscaled). DQ: dequantize in PTX (CUDA
+    only: the interpreter runs no inline assembly; TUNE key PTX_DQ)."""
     if QUANT:
+        if DQ:
+            return _i8_to_f16_ptx(w).to(tl.float32)
         return _i8_to_f16(w).to(tl.float32)
     return w.to(tl.float32)
 
@@ -228,7 +276,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
                           items_ptr, n_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, PDL: tl.constexpr, PLAN: tl.constexpr,
-                          R_P2: tl.constexpr):
+                          R_P2: tl.constexpr, DQ: tl.constexpr = 0):
     if PLAN:
         # compact grid (TUNE key COMPACT): program i takes work item i of the step's plan
         # (_decode_plan); programs past the plan's count only exit
@@ -270,7 +318,10 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    if DQ == 2:
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float16)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + t.to(tl.int64) * sx0
     _pdl_wait(PDL)
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
@@ -279,10 +330,16 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
-        xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-        a = _rows_f32(_load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT), QUANT)
-        acc += a * xv[None, :]
-    out = tl.sum(acc, axis=1)
+        w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
+        if DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
+            xh = tl.load(x_row + kk * sx1, mask=kmask, other=0.0)
+            acc = _i8_fma_f16(w, tl.broadcast_to(xh[None, :], [BLOCK_R, BLOCK_K]), acc)
+        else:
+            xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
+            acc += _rows_f32(w, QUANT, DQ) * xv[None, :]
+    out = tl.sum(acc.to(tl.float32), axis=1)
+    if DQ == 2:
+        out *= 128.0
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
     tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
@@ -400,7 +457,7 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 @triton.jit
 def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr):
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
     """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
@@ -410,7 +467,7 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT)
+    b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT, DQ)
     return tl.sum(b * vj[:, None], axis=0)
 
 
@@ -418,7 +475,8 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr):
+                          PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
+                          DQ: tl.constexpr = 0):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -451,15 +509,15 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
         if rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 4)
+                                  BLOCK_R // 4, DQ)
         elif rank <= BLOCK_R // 2:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
-                                  BLOCK_R // 2)
+                                  BLOCK_R // 2, DQ)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
                 delta += _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                       QUANT, BLOCK_R)
+                                       QUANT, BLOCK_R, DQ)
         tl.store(y_ptrs, (y.to(tl.float32) + delta * s).to(y_ptr.dtype.element_ty), mask=nmask)
         return
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
@@ -473,7 +531,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         if QUANT:
             vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
         b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
-                      QUANT)
+                      QUANT, DQ)
         acc += b * vj[:, None]
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
@@ -761,6 +819,15 @@ def _pdl_args(cfg: dict, device) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+def _ptx_dq(cfg: dict, quant: bool, device, fp16_products: bool = False) -> int:
+    """How a decode launch dequantizes int8 rows (TUNE key PTX_DQ): 0 in Triton's integer ops;
+    1 in PTX (_i8_to_f16_ptx), fp32 FMAs; 2 (the shrink with fp16 activations only; others take 1)
+    in PTX with fp16x2 products (_i8_fma_f16). Only on a GPU: the interpreter runs no inline
+    assembly."""
+    level = int(cfg.get("PTX_DQ", 0)) if quant and device.type == "cuda" else 0
+    return level if level < 2 or fp16_products else min(level, 1)
+
+
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
     """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
     if flat.dtype != torch.int8:
@@ -834,6 +901,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, PLAN=plan, R_P2=_p2(R),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+                                    DQ=_ptx_dq(cfg, quant, x.device, x.dtype == torch.float16),
                                     **_pdl_args(cfg, x.device))
     else:
         cfg = TUNE["shrink_seg"]
@@ -911,7 +979,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    **_pdl_args(cfg, y.device))
+                                    DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
