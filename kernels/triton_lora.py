@@ -71,7 +71,13 @@ TUNE = {
     # (LoRA 0.987x, the plan included). Engine steps, alternated: 256 x 256 +20.4/+20.8% vs
     # +20.8/+20.7% (call D) and +22.2/+22.1% vs +22.4/+22.5% (B); GQA +29.3/+30.7% vs +31.1/+31.4%;
     # 64 x 64 +18.2/+18.4% vs +18.4/+18.8%.
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True, COMPACT=True),
+    # PTX_DQ 2 (2026-12-04, H200, benchmarks/results/lora-ptxdq-2026-12-04-h200): the rows dequantized in PTX and,
+    # with fp16 activations, multiplied and summed per thread in fp16x2: the loop's instructions per weight fell
+    # from 5.9 to 2.7 (sm_90 SASS) and its registers from 120 to 80; q/k/v shrink 0.93 vs 1.00 ms a step, o
+    # 0.42 vs 0.44, the LoRA alone 0.96x (two calls); engine 256 x 256 +18.0/+16.5/+19.2/+21.2% against
+    # +20.2/+19.9/+20.6/+20.2% (calls 4-5, alternated).
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True, COMPACT=True,
+                               PTX_DQ=2),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
     # token's column tiles launched together (TILE_FIRST): 34.1 us a launch vs 38.7 for 16 x 64.
