@@ -76,7 +76,9 @@ TUNE = {
     # from 5.9 to 2.7 (sm_90 SASS) and its registers from 120 to 80; q/k/v shrink 0.93 vs 1.00 ms a step, o
     # 0.42 vs 0.44, the LoRA alone 0.96x (two calls); engine 256 x 256 +18.0/+16.5/+19.2/+21.2% against
     # +20.2/+19.9/+20.6/+20.2% (calls 4-5, alternated).
-    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=4, PDL=True, COMPACT=True,
+    # With it PIPE 3 (was 4): 0.99x alone; engine +19.4/+19.7/+19.2% vs +19.3/+20.3/+19.9% with PIPE 4 and
+    # +20.2/+21.1/+20.7% with PTX_DQ 0 (call 6, three rounds alternated).
+    "shrink_decode_int8": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=3, PDL=True, COMPACT=True,
                                PTX_DQ=2),
     # Re-swept with the engine's kernel profile (2026-11-25, benchmarks/results/
     # tune-sweep-2026-11-25j-h100/expand-int8): 8 rows of 128 bytes, one L2 line each, with one
@@ -462,9 +464,9 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+def _expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                     ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
+    """v[j] * B^T row j for rows j0 .. j0 + BR (zeros from the rank on), at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
     roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
@@ -474,7 +476,15 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
     b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT, DQ)
-    return tl.sum(b * vj[:, None], axis=0)
+    return b * vj[:, None]
+
+
+@triton.jit
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
+    return tl.sum(_expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                   QUANT, BR, DQ), axis=0)
 
 
 @triton.jit
@@ -482,7 +492,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0):
+                          DQ: tl.constexpr = 0, ONE_SUM: tl.constexpr = False):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -519,6 +529,13 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         elif rank <= BLOCK_R // 2:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
                                   BLOCK_R // 2, DQ)
+        elif ONE_SUM:
+            # the chunks' products summed in registers, reduced across threads once (TUNE key ONE_SUM)
+            part = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+            for j0 in range(0, rank, BLOCK_R):
+                part += _expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
+                                         QUANT, BLOCK_R, DQ)
+            delta = tl.sum(part, axis=0)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
@@ -985,7 +1002,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
+                                    DQ=_ptx_dq(cfg, quant, y.device), ONE_SUM=bool(cfg.get("ONE_SUM", False)),
+                                    **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
