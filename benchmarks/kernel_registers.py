@@ -42,7 +42,7 @@ def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: 
     fn = K._shrink_decode_kernel if kind == "shrink" else K._expand_decode_kernel
     quant = rows_dtype == "int8"
     const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, PIPE=pipe, TILE_FIRST=False, PDL=False, DQ=0,
-                 **({"PLAN": False, "R_P2": 64} if kind == "shrink" else {"RCLASS": False, "ONE_SUM": False}),
+                 **({"PLAN": False, "R_P2": 64} if kind == "shrink" else {"RCLASS": False}),
                  **({"BLOCK_K": block_x, "sx1": 1, "sv1": 1} if kind == "shrink" else {"BLOCK_N": block_x, "sy1": 1, "sv1": 1}))
     names = fn.arg_names
     sig = {}

@@ -464,9 +464,9 @@ def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                     ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
-    """v[j] * B^T row j for rows j0 .. j0 + BR (zeros from the rank on), at columns offs_n."""
+def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
+                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
+    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
     jj = j0 + tl.arange(0, BR)
     jmask = jj < rank
     roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
@@ -476,15 +476,7 @@ def _expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_
     if QUANT:
         vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
     b = _rows_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, QUANT), QUANT, DQ)
-    return b * vj[:, None]
-
-
-@triton.jit
-def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask,
-                  ALIGN: tl.constexpr, QUANT: tl.constexpr, BR: tl.constexpr, DQ: tl.constexpr):
-    """sum over rows j0 .. j0 + BR (those below rank) of v[j] * B^T row j, at columns offs_n."""
-    return tl.sum(_expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                   QUANT, BR, DQ), axis=0)
+    return tl.sum(b * vj[:, None], axis=0)
 
 
 @triton.jit
@@ -492,7 +484,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, ONE_SUM: tl.constexpr = False):
+                          DQ: tl.constexpr = 0):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -529,13 +521,6 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         elif rank <= BLOCK_R // 2:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
                                   BLOCK_R // 2, DQ)
-        elif ONE_SUM:
-            # the chunks' products summed in registers, reduced across threads once (TUNE key ONE_SUM)
-            part = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            for j0 in range(0, rank, BLOCK_R):
-                part += _expand_products(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, ALIGN,
-                                         QUANT, BLOCK_R, DQ)
-            delta = tl.sum(part, axis=0)
         else:
             delta = tl.zeros([BLOCK_N], dtype=tl.float32)
             for j0 in range(0, rank, BLOCK_R):
@@ -842,6 +827,12 @@ def _pdl_args(cfg: dict, device) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+# PTX_DQ 2 sums d_in / BLOCK_K products per thread in fp16, each at most |x|: up to this many steps (d_in
+# 8192 at BLOCK_K 512) the sums stay inside fp16's range for activations under 4096; wider inputs (an MLP's
+# down_proj) take level 1.
+FP16_SUM_STEPS = 16
+
+
 def _ptx_dq(cfg: dict, quant: bool, device, fp16_products: bool = False) -> int:
     """How a decode launch dequantizes int8 rows (TUNE key PTX_DQ): 0 in Triton's integer ops;
     1 in PTX (_i8_to_f16_ptx), fp32 FMAs; 2 (the shrink with fp16 activations only; others take 1)
@@ -919,12 +910,13 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         else:
             items, n = batch.token_slot, batch.token_slot     # unused
             grid, first = _decode_grid(cfg, triton.cdiv(R, BLOCK_R), T, M)
+        fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * BLOCK_K
         _shrink_decode_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
                                     batch.token_slot, items, n, v3, sv0, sv1, svm, d_in, R,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, PLAN=plan, R_P2=_p2(R),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    DQ=_ptx_dq(cfg, quant, x.device, x.dtype == torch.float16),
+                                    DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
                                     **_pdl_args(cfg, x.device))
     else:
         cfg = TUNE["shrink_seg"]
@@ -1002,8 +994,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    DQ=_ptx_dq(cfg, quant, y.device), ONE_SUM=bool(cfg.get("ONE_SUM", False)),
-                                    **_pdl_args(cfg, y.device))
+                                    DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))

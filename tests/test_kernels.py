@@ -363,10 +363,9 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3},
                 {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4},
                 # int8 rows dequantized in PTX (only on a GPU: the interpreter runs the integer ops)
-                {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4},
-                {"RCLASS": True, "ONE_SUM": True, "BLOCK_R": 4}],
+                {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "rank-classes-one-sum"])
+         "ptx-dq", "ptx-dq-fp16-products"])
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
