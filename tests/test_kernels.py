@@ -363,9 +363,22 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 {"RCLASS": True, "BLOCK_R": 32}, {"PDL": False}, {"PDL": True, "RCLASS": True, "PIPE": 3},
                 {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4},
                 # int8 rows dequantized in PTX (only on a GPU: the interpreter runs the integer ops)
-                {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4}],
+                {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4},
+                {"PTX_DQ": 0}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq"])
+
+
+def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
+    """PTX_DQ's levels: none in the interpreter or for fp16 rows, fp16x2 products only where the
+    caller allows them (fp16 activations, few enough K steps), level 1 otherwise."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    dq = tlora._ptx_dq
+    assert dq({"PTX_DQ": 2}, True, cuda, True) == 2
+    assert dq({"PTX_DQ": 2}, True, cuda, False) == 1
+    assert dq({"PTX_DQ": 1}, True, cuda, True) == 1
+    assert dq({"PTX_DQ": 2}, True, cpu, True) == 0 and dq({"PTX_DQ": 2}, False, cuda, True) == 0
+    assert dq({}, True, cuda, True) == 0
 
 
 def _decode_variant(monkeypatch, variant: dict) -> None:
