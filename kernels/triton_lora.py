@@ -94,6 +94,7 @@ TUNE = {
     # programmatic dependent launch on sm_90+ GPUs (see _pdl_wait; ignored elsewhere).
     # COMPACT (shrink only, default False): launch one program per work item of a per-step plan
     # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
+    # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None),
