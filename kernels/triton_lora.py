@@ -194,7 +194,7 @@ def _i8_fma_f16(q, x, acc):
 
 
 @triton.jit
-def _rows_f32(w, QUANT: tl.constexpr, DQ: tl.constexpr = False):
+def _rows_f32(w, QUANT: tl.constexpr, DQ: tl.constexpr = 0):
     """A loaded tile of rows in fp32 (int8 rows still unscaled). DQ: dequantize in PTX (CUDA
     only: the interpreter runs no inline assembly; TUNE key PTX_DQ)."""
     if QUANT:
@@ -840,7 +840,7 @@ def _ptx_dq(cfg: dict, quant: bool, device, fp16_products: bool = False) -> int:
     in PTX with fp16x2 products (_i8_fma_f16). Only on a GPU: the interpreter runs no inline
     assembly."""
     level = int(cfg.get("PTX_DQ", 0)) if quant and device.type == "cuda" else 0
-    return level if level < 2 or fp16_products else min(level, 1)
+    return min(level, 2 if fp16_products else 1)
 
 
 def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
