@@ -364,9 +364,11 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4},
                 # int8 rows dequantized in PTX (only on a GPU: the interpreter runs the integer ops)
                 {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4},
-                {"PTX_DQ": 0}],
+                {"PTX_DQ": 0},
+                # the expand as one pipelined loop over (column tile, rank chunk) per column segment
+                {"SEG": 64, "BLOCK_N": 32, "BLOCK_R": 8, "PIPE": 3}, {"SEG": 4096, "PTX_DQ": 1, "PDL": True}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "integer-dq"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "segment-loop", "segment-loop-whole-rows"])
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
