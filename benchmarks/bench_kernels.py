@@ -700,6 +700,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--only", default="", help="comma list of: decode_lora,prefill_lora,fused_lora,decode_attn,prefill_attn")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of the headline cases")
+    ap.add_argument("--prefill-cases", default="",
+                    help="prefill LoRA cases instead of the default list: tokens:segments:rank,... (rank 0: mixed)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     a = ap.parse_args(argv)
     global SMOKE, LLAMA7B, GQA, TUNE_OUT
@@ -755,6 +757,8 @@ def main(argv=None):
                    (512, 8, None), (1024, 4, None), (4096, 8, None), (4096, 64, None), (4096, 1000, None)]
             if a.quick:
                 pre = [p for p in pre if p[0] in (512, 4096)]
+            if a.prefill_cases:
+                pre = [(int(t), int(n), int(r) or None) for t, n, r in (c.split(":") for c in a.prefill_cases.split(","))]
             if SMOKE:
                 pre = [(40, 1, 16), (40, 4, None)]
             for T, n, r in pre:

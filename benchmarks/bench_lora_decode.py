@@ -199,6 +199,9 @@ def main() -> None:
     ap.add_argument("--split", action="store_true", help="also time each group's shrink and expand alone")
     ap.add_argument("--fence", action="store_true",
                     help="a one-element kernel before each group's shrink (where the engine has its base GEMM)")
+    ap.add_argument("--token-order", default="cycle", choices=["cycle", "rank-desc", "rank-asc"],
+                    help="tokens in adapter order (ranks cycling) or sorted by rank: the programs of a launch "
+                         "start in token order, so this is what a rank-sorted grid would buy")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
@@ -219,6 +222,8 @@ def main() -> None:
     pool, table, slot_rank = build(cfg, args.adapters, ranks, adapter_dtype, dtype, dev)
     print(f"pool built in {time.time() - t0:.0f}s: {pool.stats()}; copy {bw / 1e9:.0f} GB/s", flush=True)
     tok = [slot_rank[t % len(slot_rank)] for t in range(args.tokens)]
+    if args.token_order != "cycle":
+        tok.sort(key=lambda sr: sr[1], reverse=args.token_order == "rank-desc")
     batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
     work = Workload(cfg, pool, table, batch, dtype, dev)
     esize = 1 if adapter_dtype is not None else 2

@@ -709,9 +709,13 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, indptr_ptr,
-                       seg_slot_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles,
+                       seg_slot_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles, part_ptr, sps, cnt_ptr,
                        ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # SPLIT_K > 1: program ks sums d_in range ks of its tile into part[ks] (fp32, laid out as v at
+    # split stride sps); the tile's last program to finish (a counter per tile, cnt_ptr, left at 0
+    # again) adds the partials in split order and writes v. One launch, and the same sum every run,
+    # where a zeroed buffer, fp32 atomics and a cast took three launches in no fixed order.
     g = tl.program_id(0)
     mt = tl.program_id(1)
     ks = tl.program_id(2) % SPLIT_K
@@ -738,7 +742,7 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
         a0 = tl.load(mrow)
         rank = tl.load(mrow + 2 * sm1)
     if nt * BLOCK_N >= rank:
-        if SPLIT_K == 1:   # (split-K accumulates into a zeroed fp32 buffer: nothing to write)
+        if ks == 0:       # every split of the tile is here: one writes the zeros, none counts
             tl.store(v_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=v_ptr.dtype.element_ty), mask=v_mask)
         return
     nmask = offs_n < rank
@@ -767,7 +771,16 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
     if SPLIT_K == 1:
         tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=v_mask)
     else:
-        tl.atomic_add(v_ptrs, acc, mask=v_mask)
+        part = part_ptr + mod * svm + offs_m.to(tl.int64)[:, None] * sv0 + offs_n[None, :] * sv1
+        tl.store(part + ks * sps, acc, mask=v_mask)
+        tile = (g * tl.num_programs(1) + mt) * (tl.num_programs(2) // SPLIT_K) + tl.program_id(2) // SPLIT_K
+        tl.debug_barrier()      # every thread's partial is written before the count is released
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(SPLIT_K):      # .cg: the partials come from other SMs, through the L2
+                total += tl.load(part + k * sps, mask=v_mask, other=0.0, cache_modifier=".cg")
+            tl.store(v_ptrs, total.to(v_ptr.dtype.element_ty), mask=v_mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
@@ -836,6 +849,18 @@ def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
         if batch.max_seg_len >= bm and G * triton.cdiv(batch.max_seg_len, bm) * n_tiles >= need:
             return bm
     return 16
+
+
+_COUNTERS: dict = {}
+
+
+def _tile_counters(device, n: int) -> torch.Tensor:
+    """Per-tile int32 counters of the split-K segment shrink, zero between launches (each tile's
+    last program resets its own), one buffer per device: launches that use them run on one stream."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(4096, _p2(n)), dtype=torch.int32, device=device)
+    return buf
 
 
 def _split_k(v3: torch.Tensor, d_in: int, block_k: int, split: int) -> tuple[int, int, torch.Tensor]:
@@ -972,18 +997,22 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
         # split-K when (segments x token tiles) leave most SMs idle (short prompts, few adapters):
         # one program per tile would walk all of d_in alone. Not at a quarter of the SMs or more,
-        # where the zeroed fp32 buffer, the atomics and the cast cost more than the parallelism.
+        # where the partials' round trip through the L2 costs more than the parallelism buys.
         split = cfg.get("SPLIT_K")
         if split is None:
             split = 1
             while (G * m_tiles * M * n_tiles * split * 4 <= _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
-        split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
-        so0, som, so1 = out.stride()
+        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+        split = triton.cdiv(d_in, k_split)
         grid = (G, m_tiles, M * n_tiles * split)
+        # split-K partials (uninitialised: every split writes its whole tile) and the tiles' counters
+        part = torch.empty((split, *v3.shape), dtype=torch.float32, device=x.device) if split > 1 else v3
+        cnt = _tile_counters(x.device, G * m_tiles * M * n_tiles) if split > 1 else batch.seg_indptr
         _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
-                                 batch.seg_indptr, batch.seg_slot, out, so0, so1, som, d_in, R, k_split, n_tiles,
+                                 batch.seg_indptr, batch.seg_slot, v3, sv0, sv1, svm, d_in, R, k_split, n_tiles,
+                                 part, part.stride(0), cnt,
                                  ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -306,7 +306,9 @@ def test_lora_mixed_step_parts(grouped):
 @ADAPTER_DTYPES
 @pytest.mark.parametrize("split", [2, 3])
 def test_lora_split_k(split, adapter_dtype):
-    """The segment shrink split over d_in (fp32 atomics into a zeroed buffer, then one cast)."""
+    """The segment shrink split over d_in (each split's partial in fp32, the tile's last program
+    adds them in split order): one module and q/k/v in one launch, against the reference; the
+    same bits on a second run, and every tile counter back at zero."""
     gen = torch.Generator().manual_seed(5 + split)
     saved = dict(tlora.TUNE["shrink_seg"])
     tlora.TUNE["shrink_seg"].update(SPLIT_K=split, BLOCK_K=16)
@@ -314,6 +316,16 @@ def test_lora_split_k(split, adapter_dtype):
         _check_lora(TINY, torch.float16, [6, 1, 19, 3], [0, -1, 1, 2], [8, 16, 40],
                     [("q_proj", "down_proj"), ("q_proj", "down_proj"), ("q_proj",)], ("q_proj", "down_proj"), 0,
                     2e-3, gen, block_tokens=16, adapter_dtype=adapter_dtype)
+        qkv = ("q_proj", "k_proj", "v_proj")
+        _check_lora_fused(TINY, torch.float16, [5, 17, 1], [1, 0, -1], [16, 40], [qkv, ("q_proj", "v_proj")], [qkv],
+                          0, 2e-3, gen, block_tokens=16, adapter_dtype=adapter_dtype)
+        pool, table, batch = _lora_setup(TINY, torch.float16, [9, 20], [0, 1], [8, 40], [("q_proj",), ("q_proj",)],
+                                         gen, 16, False, adapter_dtype)
+        x = torch.randn(29, TINY.hidden_size, generator=gen).to(DEV, torch.float16)
+        meta = table.meta[:, 0, TARGET_MODULES.index("q_proj")]
+        runs = [tlora.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+        assert int(tlora._COUNTERS[x.device].abs().sum()) == 0
     finally:
         tlora.TUNE["shrink_seg"] = saved
 
