@@ -453,6 +453,23 @@ def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: 
     return batch.plans[key]
 
 
+def _rank_order(batch: LoraBatch, meta3: torch.Tensor) -> torch.Tensor:
+    """The batch's tokens by descending rank (their adapter's largest over every layer and module;
+    base tokens last), int32, built on the device once per batch (CUDA graphs replay it with each
+    step's slots) for the decode expand's grid (TUNE key ORDER). A launch's programs start in grid
+    order, so the longest start first and the launch does not end on a tail of rank-64 programs
+    behind rank-8 ones."""
+    meta4, where = _all_layers(meta3)
+    full = meta4._base if meta4._base is not None and meta4._base.dim() == 4 else meta4
+    key = ("order", full.data_ptr())
+    if key not in batch.plans:
+        slot = batch.token_slot.long()
+        rank = full[slot.clamp_min(0), :, :, 3].amax(dim=(1, 2))
+        rank = torch.where(slot >= 0, rank, -1)
+        batch.plans[key] = torch.argsort(rank, descending=True, stable=True).to(torch.int32)
+    return batch.plans[key]
+
+
 @triton.jit
 def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
     """A [rows, cols] tile of adapter rows masked by row (rank). int8 rows are masked by row only:
@@ -521,14 +538,16 @@ def _expand_segment(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank
 
 @triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, W0, W1, W2,
+                          smm, scale_ptr, slot_ptr, order_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, SEG: tl.constexpr = 0):
+                          DQ: tl.constexpr = 0, SEG: tl.constexpr = 0, ORDER: tl.constexpr = False):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
+    if ORDER:     # the grid's i-th token is the step's i-th largest rank (_rank_order), longest programs first
+        t = tl.load(order_ptr + t)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
     if nt * (SEG if SEG else BLOCK_N) >= d_out:
         _pdl_wait(PDL)
@@ -1064,12 +1083,14 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         seg = int(cfg.get("SEG", 0))
         seg = max(BLOCK_N, seg // BLOCK_N * BLOCK_N) if seg else 0
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, seg or BLOCK_N), T, M)
+        order = bool(cfg.get("ORDER", False))
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
-                                    meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
+                                    meta3, sm0, sm1, smm, scaling, batch.token_slot,
+                                    _rank_order(batch, meta3) if order else batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    DQ=_ptx_dq(cfg, quant, y.device), SEG=seg, **_pdl_args(cfg, y.device))
+                                    DQ=_ptx_dq(cfg, quant, y.device), SEG=seg, ORDER=order, **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
