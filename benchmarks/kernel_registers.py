@@ -30,7 +30,7 @@ import kernels.triton_lora as K  # noqa: E402
 REGS_PER_SM, MAX_WARPS, MAX_CTAS = 65536, 64, 32      # sm_80 / sm_90
 SMEM_PER_SM = 228 * 1024                               # sm_90
 PTR_TYPES = {"flat_ptr": None, "rows_ptr": "*i32", "meta_ptr": "*i32", "slot_ptr": "*i32", "rs_ptr": "*fp32",
-             "scale_ptr": "*fp32", "items_ptr": "*i32", "n_ptr": "*i32", "order_ptr": "*i32"}
+             "scale_ptr": "*fp32", "items_ptr": "*i32", "n_ptr": "*i32"}
 # integer arguments the launcher specializes as multiples of 16 at Llama shapes (strides, d_in, widths)
 DIV16 = {"sx0", "sv0", "sy0", "sm0", "d_in", "W0", "W1", "W2"}
 DEFAULT_TILES = ("shrink:8x256w1,shrink:8x256w1p3,shrink:8x1024w4,shrink:8x1024w4p3,shrink:16x1024w4,"
@@ -42,7 +42,7 @@ def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: 
     fn = K._shrink_decode_kernel if kind == "shrink" else K._expand_decode_kernel
     quant = rows_dtype == "int8"
     const = dict(ALIGN=16 if quant else 8, QUANT=quant, BLOCK_R=block_r, PIPE=pipe, TILE_FIRST=False, PDL=False, DQ=0,
-                 **({"PLAN": False, "R_P2": 64} if kind == "shrink" else {"RCLASS": False, "SEG": 0, "ORDER": False}),
+                 **({"PLAN": False, "R_P2": 64} if kind == "shrink" else {"RCLASS": False}),
                  **({"BLOCK_K": block_x, "sx1": 1, "sv1": 1} if kind == "shrink" else {"BLOCK_N": block_x, "sy1": 1, "sv1": 1}))
     names = fn.arg_names
     sig = {}

@@ -453,23 +453,6 @@ def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: 
     return batch.plans[key]
 
 
-def _rank_order(batch: LoraBatch, meta3: torch.Tensor) -> torch.Tensor:
-    """The batch's tokens by descending rank (their adapter's largest over every layer and module;
-    base tokens last), int32, built on the device once per batch (CUDA graphs replay it with each
-    step's slots) for the decode expand's grid (TUNE key ORDER). A launch's programs start in grid
-    order, so the longest start first and the launch does not end on a tail of rank-64 programs
-    behind rank-8 ones."""
-    meta4, where = _all_layers(meta3)
-    full = meta4._base if meta4._base is not None and meta4._base.dim() == 4 else meta4
-    key = ("order", full.data_ptr())
-    if key not in batch.plans:
-        slot = batch.token_slot.long()
-        rank = full[slot.clamp_min(0), :, :, 3].amax(dim=(1, 2))
-        rank = torch.where(slot >= 0, rank, -1)
-        batch.plans[key] = torch.argsort(rank, descending=True, stable=True).to(torch.int32)
-    return batch.plans[key]
-
-
 @triton.jit
 def _load_rank_rows(ptrs, rmask, cmask, QUANT: tl.constexpr):
     """A [rows, cols] tile of adapter rows masked by row (rank). int8 rows are masked by row only:
@@ -498,58 +481,17 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 
 
 @triton.jit
-def _expand_segment(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s, c0, d_out,
-                    ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SEG: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr):
-    """y[c0 : c0 + SEG] += s * v @ B^T[:, c0 : c0 + SEG] for one token (TUNE key SEG): one loop over
-    (column tile, chunk of BLOCK_R rank rows), software-pipelined PIPE - 1 iterations ahead, so a
-    program streams rank x SEG bytes of rows the way a shrink program streams its rows, and the
-    sum over a column's rows stays inside one thread (BLOCK_N = 16 bytes x 32 lanes x warps lays
-    a tile's rows along each thread). A column tile's sum is stored after its last chunk."""
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_c = tl.arange(0, BLOCK_N)
-    n_ch = tl.cdiv(rank, BLOCK_R)
-    n_cb = tl.cdiv(tl.minimum(SEG, d_out - c0), BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    for it in tl.range(0, n_cb * n_ch, num_stages=PIPE):
-        cb = it // n_ch
-        ch = it - cb * n_ch
-        jj = ch * BLOCK_R + offs_r
-        jmask = jj < rank
-        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
-        if ALIGN > 1:
-            roff = tl.multiple_of(roff, ALIGN)
-        vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
-        if QUANT:
-            vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-        offs_n = c0 + cb * BLOCK_N + offs_c
-        nmask = offs_n < d_out
-        b = _rows_f32(_load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT),
-                      QUANT, DQ)
-        # a vector, not a scalar, in the masks: the interpreter mishandles scalar mask terms
-        first = offs_c * 0 + ch == 0
-        last = offs_c * 0 + ch == n_ch - 1
-        acc = tl.where(first, 0.0, acc) + tl.sum(b * vj[:, None], axis=0)
-        y_ptrs = y_row + offs_n * sy1
-        y = tl.load(y_ptrs, mask=nmask & last, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc * s).to(y_row.dtype.element_ty), mask=nmask & last)
-
-
-@triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
-                          smm, scale_ptr, slot_ptr, order_ptr, W0, W1, W2,
+                          smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, SEG: tl.constexpr = 0, ORDER: tl.constexpr = False):
+                          DQ: tl.constexpr = 0):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
     _pdl_launch_dependents(PDL)
-    if ORDER:     # the grid's i-th token is the step's i-th largest rank (_rank_order), longest programs first
-        t = tl.load(order_ptr + t)
     y_ptr, v_ptr, meta_ptr, d_out = _module(tl.program_id(2), y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
-    if nt * (SEG if SEG else BLOCK_N) >= d_out:
+    if nt * BLOCK_N >= d_out:
         _pdl_wait(PDL)
         return
     slot = tl.load(slot_ptr + t)
@@ -563,14 +505,10 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         _pdl_wait(PDL)
         return
     s = tl.load(scale_ptr + slot)
-    offs_r = tl.arange(0, BLOCK_R)
-    v_row = v_ptr + t.to(tl.int64) * sv0
-    if SEG:
-        _expand_segment(y_ptr + t.to(tl.int64) * sy0, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, b0, rank, s,
-                        nt * SEG, d_out, ALIGN, QUANT, BLOCK_R, BLOCK_N, SEG, PIPE, PDL, DQ)
-        return
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < d_out
+    offs_r = tl.arange(0, BLOCK_R)
+    v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
@@ -1026,7 +964,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
         split = triton.cdiv(d_in, k_split)
         grid = (G, m_tiles, M * n_tiles * split)
-        # split-K partials (uninitialised: every split writes its whole tile) and the tiles' counters
+        # split-K partials (uninitialised: each split of a tile with work writes all of its part)
+        # and the tiles' counters
         part = torch.empty((split, *v3.shape), dtype=torch.float32, device=x.device) if split > 1 else v3
         cnt = _tile_counters(x.device, G * m_tiles * M * n_tiles) if split > 1 else batch.seg_indptr
         _shrink_seg_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
@@ -1080,17 +1019,13 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
-        seg = int(cfg.get("SEG", 0))
-        seg = max(BLOCK_N, seg // BLOCK_N * BLOCK_N) if seg else 0
-        grid, first = _decode_grid(cfg, triton.cdiv(w_max, seg or BLOCK_N), T, M)
-        order = bool(cfg.get("ORDER", False))
+        grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
-                                    meta3, sm0, sm1, smm, scaling, batch.token_slot,
-                                    _rank_order(batch, meta3) if order else batch.token_slot, W0, W1, W2,
+                                    meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                    DQ=_ptx_dq(cfg, quant, y.device), SEG=seg, ORDER=order, **_pdl_args(cfg, y.device))
+                                    DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:
         cfg = TUNE["expand_seg"]
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))

@@ -376,14 +376,9 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4},
                 # int8 rows dequantized in PTX (only on a GPU: the interpreter runs the integer ops)
                 {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4},
-                {"PTX_DQ": 0},
-                # the expand as one pipelined loop over (column tile, rank chunk) per column segment
-                {"SEG": 64, "BLOCK_N": 32, "BLOCK_R": 8, "PIPE": 3}, {"SEG": 4096, "PTX_DQ": 1, "PDL": True},
-                # the expand's grid in descending rank order
-                {"ORDER": True}, {"ORDER": True, "TILE_FIRST": False, "RCLASS": True}],
+                {"PTX_DQ": 0}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "segment-loop", "segment-loop-whole-rows", "rank-order",
-         "rank-order-token-first"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq"])
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
@@ -410,18 +405,6 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
     ranks and a rank-0 module in the batch."""
     _decode_variant(monkeypatch, variant)
     _check_decode_mix(91, adapter_dtype)
-
-
-def test_rank_order_puts_the_largest_ranks_first():
-    """The expand's rank-ordered grid (TUNE key ORDER): tokens by descending rank over every layer
-    and module, ties in token order, base tokens last; one order per batch for every group."""
-    gen = torch.Generator().manual_seed(94)
-    pool, table, slots = build_table(TINY, [8, 32, 16], [("q_proj",), ("o_proj",), ("q_proj", "v_proj")], torch.float16,
-                                     DEV, gen=gen)
-    batch = LoraBatch.build([1] * 6, [slots[0], -1, slots[1], slots[2], slots[1], slots[0]], 32, DEV)
-    order = tlora._rank_order(batch, table.meta[:, 0, 0:3])
-    assert order.dtype == torch.int32 and order.tolist() == [2, 4, 3, 0, 5, 1]
-    assert tlora._rank_order(batch, table.meta[:, 1, 3:4]) is order
 
 
 @ADAPTER_DTYPES
