@@ -104,6 +104,12 @@ STATS_EVERY_S = 10.0
 # a folder: the engine thread runs under cProfile and writes each stats window's profile there
 # (window-NNN.prof, NNN as in the window's log line); a diagnostic, it slows the host work
 PROFILE_DIR = os.environ.get("LORASERVE_PROFILE_ENGINE")
+# decode rows of a token-schedule LoRA step in descending adapter rank (base rows last): a launch's
+# programs start in row order, so the longest (rank 64) start first and the LoRA launches do not
+# end on their tail. The decode LoRA alone at 256 x 256 took 2.99 ms a step with rows sorted so
+# against 3.10 in arrival order (H200, benchmarks/results/lora-segment-2026-12-04-h200, call 2).
+# "arrival" keeps the scheduler's order (a benchmark's baseline).
+DECODE_ORDER = os.environ.get("LORASERVE_DECODE_ORDER", "rank")
 
 
 class Engine:
@@ -370,6 +376,9 @@ class Engine:
         mode = self._lora_mode(step)     # of the decodes (in a mixed step: its decode part)
         if mode == "grouped":
             step.decodes.sort(key=lambda r: r.slot)
+        elif mode == "token" and DECODE_ORDER == "rank":
+            ranks = self.table.max_rank
+            step.decodes.sort(key=lambda r: -ranks[r.slot] if r.slot >= 0 else 1)
         seqs = step.prefills + step.decodes
         B = self.pool.block_tokens
         dev = self.model.device

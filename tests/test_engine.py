@@ -45,21 +45,33 @@ def mixed_requests(names, seed=0, lo=2, hi=40):
             for i, name in enumerate(names)]
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_mixed_batch_matches_transformers_peft(tiny, grouped, monkeypatch):
-    """grouped: decode steps sort their tokens by adapter (the grouped LoRA schedule's order)."""
-    if grouped:
-        import server.engine
+@pytest.mark.parametrize("order", ["rank", "arrival", "grouped"])
+def test_mixed_batch_matches_transformers_peft(tiny, order, monkeypatch):
+    """Decode rows in descending adapter rank (the default), in arrival order, or sorted by
+    adapter (the grouped LoRA schedule's order): the same outputs."""
+    import server.engine
+    if order == "grouped":
         monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
+    monkeypatch.setattr(server.engine, "DECODE_ORDER", "arrival" if order == "arrival" else "rank")
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=4)
     free0 = engine.pool.free_pages
+    ranks = []      # each launched step's decode rows, as their adapters' ranks (-1: base)
+    launch = engine._launch
+    monkeypatch.setattr(engine, "_launch", lambda step: (      # (the rows as launched: after the sort)
+        launch(step), ranks.append([engine.table.max_rank[r.slot] if r.slot >= 0 else -1 for r in step.decodes]))[0])
     names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
     reqs = mixed_requests(names)
     try:
         outs = run_engine(engine, reqs)
     finally:
         engine.stop()
+    mixed = [rows for rows in ranks if len(set(rows)) > 2]
+    assert mixed, "no step mixed ranks"
+    if order == "rank":
+        assert all(rows == sorted(rows, reverse=True) for rows in ranks), ranks
+    elif order == "arrival":
+        assert any(rows != sorted(rows, reverse=True) for rows in mixed)
     for req in reqs:
         toks, lps, last = outs[req.request_id]
         ref_t, ref_lp = hf_reference(model_dir, adapters.get(req.adapter_id), req.prompt_ids, N_NEW)
