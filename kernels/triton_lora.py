@@ -97,7 +97,9 @@ TUNE = {
     # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None),
+    # BLOCK_N: the rank tile (None: the padded max rank up to 128, so x is read once). Smaller tiles
+    # spread a rank-128 segment over more programs (short prompts of mixed ranks end on those).
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None, BLOCK_N=None),
     "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
@@ -946,7 +948,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                     **_pdl_args(cfg, x.device))
     else:
         cfg = TUNE["shrink_seg"]
-        BLOCK_N = min(128, max(16, _p2(R)))
+        BLOCK_N = min(cfg.get("BLOCK_N") or 128, max(16, _p2(R)))
         n_tiles = triton.cdiv(R, BLOCK_N)
         G = batch.seg_slot.numel()
         BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)

@@ -330,6 +330,21 @@ def test_lora_split_k(split, adapter_dtype):
         tlora.TUNE["shrink_seg"] = saved
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_lora_segment_shrink_rank_tiles(split):
+    """The segment shrink with a rank tile (TUNE BLOCK_N) smaller than the ranks: a rank-40
+    segment spans three tiles, a rank-8 one leaves two tiles of zeros; with and without split-K."""
+    gen = torch.Generator().manual_seed(11 + split)
+    saved = dict(tlora.TUNE["shrink_seg"])
+    tlora.TUNE["shrink_seg"].update(BLOCK_N=16, SPLIT_K=split, BLOCK_K=16)
+    try:
+        _check_lora(TINY, torch.float16, [6, 19, 3, 9], [0, 1, -1, 2], [8, 40, 16],
+                    [("q_proj", "down_proj"), ("q_proj",), ("q_proj", "down_proj")], ("q_proj", "down_proj"), 0,
+                    2e-3, gen, block_tokens=16)
+    finally:
+        tlora.TUNE["shrink_seg"] = saved
+
+
 def test_lora_all_base_and_rank_past_tile():
     """Only base tokens; and a rank past one rank tile (40 > 16/32) with an odd d_in."""
     gen = torch.Generator().manual_seed(7)
