@@ -58,8 +58,13 @@ def test_mixed_batch_matches_transformers_peft(tiny, order, monkeypatch):
     free0 = engine.pool.free_pages
     ranks = []      # each launched step's decode rows, as their adapters' ranks (-1: base)
     launch = engine._launch
-    monkeypatch.setattr(engine, "_launch", lambda step: (      # (the rows as launched: after the sort)
-        launch(step), ranks.append([engine.table.max_rank[r.slot] if r.slot >= 0 else -1 for r in step.decodes]))[0])
+
+    def recording_launch(step):
+        out = launch(step)      # the rows as launched: after the sort
+        ranks.append([engine.table.max_rank[r.slot] if r.slot >= 0 else -1 for r in step.decodes])
+        return out
+
+    monkeypatch.setattr(engine, "_launch", recording_launch)
     names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
     reqs = mixed_requests(names)
     try:
