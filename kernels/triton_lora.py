@@ -822,13 +822,10 @@ def _tile_counters(device, n: int) -> torch.Tensor:
     return buf
 
 
-def _split_k(v3: torch.Tensor, d_in: int, block_k: int, split: int) -> tuple[int, int, torch.Tensor]:
-    """d_in cut into about ``split`` ranges of whole BLOCK_K tiles: (splits, elements per split,
-    the shrink's output: v3 itself for one split, else a zeroed fp32 buffer the splits add into)."""
+def _split_k(d_in: int, block_k: int, split: int) -> tuple[int, int]:
+    """d_in cut into about ``split`` ranges of whole BLOCK_K tiles: (splits, elements per split)."""
     k_split = triton.cdiv(triton.cdiv(d_in, split), block_k) * block_k
-    split = triton.cdiv(d_in, k_split)
-    out = v3 if split == 1 else torch.zeros(v3.shape, dtype=torch.float32, device=v3.device)
-    return split, k_split, out
+    return triton.cdiv(d_in, k_split), k_split
 
 
 def _decode_tiles(kind: str, quant: bool, T: int) -> dict:
@@ -918,7 +915,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
             split = 1
             while tiles * split < cfg["programs_per_sm"] * _sms(x.device) and d_in >= 2 * split * BLOCK_K:
                 split *= 2
-        split, k_split, out = _split_k(v3, d_in, BLOCK_K, split)
+        split, k_split = _split_k(d_in, BLOCK_K, split)
+        if split > 1:      # the splits add into a zeroed fp32 buffer, cast into v at the end
+            out = torch.zeros(v3.shape, dtype=torch.float32, device=v3.device)
         so0, som, so1 = out.stride()
         grid = (triton.cdiv(T, BLOCK_M), triton.cdiv(R, BLOCK_R) * split, M)
         _shrink_grouped_kernel[grid](x, x.stride(0), x.stride(1), flat, rows, rs, meta3, sm0, sm1, smm,
@@ -963,8 +962,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
             while (G * m_tiles * M * n_tiles * split * 4 <= _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
-        k_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
-        split = triton.cdiv(d_in, k_split)
+        split, k_split = _split_k(d_in, BLOCK_K, split)
         grid = (G, m_tiles, M * n_tiles * split)
         # split-K partials (uninitialised: each split of a tile with work writes all of its part)
         # and the tiles' counters
