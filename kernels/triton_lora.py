@@ -95,6 +95,7 @@ TUNE = {
     # COMPACT (shrink only, default False): launch one program per work item of a per-step plan
     # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
+    # BIAS (expand, int8 rows, with RCLASS; default False): see _i8_biased_f32 and _expand_chunk_biased.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     # BLOCK_N: the rank tile (None: the padded max rank up to 128, so x is read once). Smaller tiles
@@ -483,11 +484,55 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
 
 
 @triton.jit
+def _i8_biased_f32(q, DQ: tl.constexpr):
+    """int8 q as the fp32 number 32896 + q, exact (BIAS, the int8 decode expand). In PTX, one prmt
+    per weight: bytes (0x47, 0, q + 128, 0) are 2^15 + q + 128. The caller multiplies these by v
+    and subtracts 32896 * sum(v) once per program, where dequantizing to fp16 and converting to
+    fp32 took 2.25 instructions per weight. The sums keep ~15 bits below q's resolution (fp32's 24
+    bits less the 2^15 offset's), far below int8's own rounding."""
+    if DQ:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, k;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 k, 0x47000000;
+            prmt.b32 $0, t, k, 0x7504;
+            prmt.b32 $1, t, k, 0x7514;
+            prmt.b32 $2, t, k, 0x7524;
+            prmt.b32 $3, t, k, 0x7534;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
+    return (q.to(tl.int32) + 32896).to(tl.float32)
+
+
+@triton.jit
+def _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, acc, vsum,
+                         ALIGN: tl.constexpr, BR: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr,
+                         DQ: tl.constexpr):
+    """_expand_chunk for int8 rows as biased fp32 (_i8_biased_f32), summed into acc [TPR, BLOCK_N]
+    and vsum [TPR, 1] without crossing threads: row j of the chunk goes to acc row j % TPR, which in a
+    one-warp [BR, BLOCK_N] tile of 16-byte loads is the thread's own row (TPR threads share a
+    column), so the reshapes move no data and the program reduces across threads once, at its end."""
+    jj = j0 + tl.arange(0, BR)
+    jmask = jj < rank
+    roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+    vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
+    f = _i8_biased_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, True), DQ)
+    v3 = tl.reshape(vj, [BR // TPR, TPR])
+    acc += tl.sum(tl.reshape(f, [BR // TPR, TPR, BLOCK_N]) * v3[:, :, None], axis=0)
+    vsum += tl.sum(v3[:, :, None], axis=0)     # [TPR, 1]: acc's layout, no conversion
+    return acc, vsum
+
+
+@triton.jit
 def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0):
+                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -518,7 +563,21 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
         # rank classes: ranks up to BLOCK_R / 4 or / 2 load all their rows at once (row-masked,
         # so int8 loads stay 16 bytes wide and no row past the rank is read); larger ones walk
         # BLOCK_R rows at a time, each chunk reduced as it lands (no [BLOCK_R, BLOCK_N] accumulator)
-        if rank <= BLOCK_R // 4:
+        if BIAS:     # int8 rows: biased fp32, each thread's sums kept until the end (_expand_chunk_biased)
+            acc = tl.zeros([TPR, BLOCK_N], dtype=tl.float32)
+            vsum = tl.zeros([TPR, 1], dtype=tl.float32)
+            if rank <= BLOCK_R // 4:
+                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask,
+                                                 acc, vsum, ALIGN, BLOCK_R // 4, BLOCK_N, TPR, DQ)
+            elif rank <= BLOCK_R // 2:
+                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask,
+                                                 acc, vsum, ALIGN, BLOCK_R // 2, BLOCK_N, TPR, DQ)
+            else:
+                for j0 in range(0, rank, BLOCK_R):
+                    acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n,
+                                                     nmask, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ)
+            delta = tl.sum(acc - 32896.0 * vsum, axis=0)
+        elif rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
                                   BLOCK_R // 4, DQ)
         elif rank <= BLOCK_R // 2:
@@ -1020,10 +1079,16 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))
         BLOCK_R = cfg["BLOCK_R"]
         grid, first = _decode_grid(cfg, triton.cdiv(w_max, BLOCK_N), T, M)
+        rclass = bool(cfg.get("RCLASS", False))
+        # BIAS: int8 rows as biased fp32, summed per thread (_expand_chunk_biased); TPR is how many
+        # threads share a column in the one-warp tile (16-byte loads): any value is correct, that
+        # one moves no data
+        bias = bool(cfg.get("BIAS", False)) and quant and rclass
+        tpr = min(max(1, BLOCK_R // 4), max(1, 512 * cfg["num_warps"] // BLOCK_N))
         _expand_decode_kernel[grid](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=bool(cfg.get("RCLASS", False)),
+                                    PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, BIAS=bias, TPR=tpr,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:

@@ -391,9 +391,11 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 {"COMPACT": True}, {"COMPACT": True, "PDL": True, "BLOCK_R": 4},
                 # int8 rows dequantized in PTX (only on a GPU: the interpreter runs the integer ops)
                 {"PTX_DQ": 1, "RCLASS": True}, {"PTX_DQ": 2, "COMPACT": True, "PDL": True, "PIPE": 4},
-                {"PTX_DQ": 0}],
+                {"PTX_DQ": 0},
+                # the int8 expand's rows as biased fp32, summed per thread (PTX on a GPU; BLOCK_R 8: TPR 2)
+                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1}, {"BIAS": True, "RCLASS": True, "BLOCK_R": 8}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "integer-dq"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8"])
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
