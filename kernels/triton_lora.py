@@ -95,7 +95,8 @@ TUNE = {
     # COMPACT (shrink only, default False): launch one program per work item of a per-step plan
     # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
-    # BIAS (expand, int8 rows, with RCLASS; default False): see _i8_biased_f32 and _expand_chunk_biased.
+    # BIAS (expand, int8 rows, with RCLASS; default False): see _biased_fma and _expand_chunk_biased.
+    # PREFETCH (expand, CUDA only; default 0): prefetch a program's rows into the L2, this many a step.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     # BLOCK_N: the rank tile (None: the padded max rank up to 128, so x is read once). Smaller tiles
@@ -483,48 +484,139 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     return tl.sum(b * vj[:, None], axis=0)
 
 
+def _biased_fma_asm(n: int) -> str:
+    """PTX for _biased_fma over n rows: per row one xor (bias each byte to q + 128) and per weight
+    one prmt, whose bytes (0x47, 0, q + 128, 0) are the fp32 number 2^15 + q + 128, and one fma."""
+    acc_in = 4 + 5 * n
+    lines = [".reg .b32 t, k, f;", ".reg .f32 a0, a1, a2, a3;", "mov.b32 k, 0x47000000;"]
+    for i in range(n):
+        lines.append(f"xor.b32 t, ${4 + i}, 0x80808080;")
+        for c in range(4):
+            lines.append(f"prmt.b32 f, t, k, 0x75{c}4;")
+            src = f"${acc_in + c}" if i == 0 else f"a{c}"
+            lines.append(f"fma.rn.f32 a{c}, f, ${4 + n + 4 * i + c}, {src};")
+    lines += [f"mov.b32 ${c}, a{c};" for c in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _biased_fma_constraints(n: int) -> str:
+    return ",".join(["=r"] * 4 + ["r"] * (5 * n + 4))
+
+
+# (globals a kernel reads must be constexprs)
+_BIASED_FMA_1, _BIASED_FMA_2, _BIASED_FMA_4 = (tl.constexpr(_biased_fma_asm(n)) for n in (1, 2, 4))
+_BIASED_FMA_C1, _BIASED_FMA_C2, _BIASED_FMA_C4 = (tl.constexpr(_biased_fma_constraints(n)) for n in (1, 2, 4))
+
+
 @triton.jit
-def _i8_biased_f32(q, DQ: tl.constexpr):
-    """int8 q as the fp32 number 32896 + q, exact (BIAS, the int8 decode expand). In PTX, one prmt
-    per weight: bytes (0x47, 0, q + 128, 0) are 2^15 + q + 128. The caller multiplies these by v
-    and subtracts 32896 * sum(v) once per program, where dequantizing to fp16 and converting to
-    fp32 took 2.25 instructions per weight. The sums keep ~15 bits below q's resolution (fp32's 24
-    bits less the 2^15 offset's), far below int8's own rounding."""
-    if DQ:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, k;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 k, 0x47000000;
-            prmt.b32 $0, t, k, 0x7504;
-            prmt.b32 $1, t, k, 0x7514;
-            prmt.b32 $2, t, k, 0x7524;
-            prmt.b32 $3, t, k, 0x7534;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[q], dtype=tl.float32, is_pure=True, pack=4)
+def _biased_f32(q):
+    """int8 q as the fp32 number 32896 + q, exactly (what _biased_fma's prmt builds)."""
     return (q.to(tl.int32) + 32896).to(tl.float32)
 
 
 @triton.jit
-def _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, nmask, acc, vsum,
-                         ALIGN: tl.constexpr, BR: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr,
-                         DQ: tl.constexpr):
-    """_expand_chunk for int8 rows as biased fp32 (_i8_biased_f32), summed into acc [TPR, BLOCK_N]
-    and vsum [TPR, 1] without crossing threads: row j of the chunk goes to acc row j % TPR, which in a
-    one-warp [BR, BLOCK_N] tile of 16-byte loads is the thread's own row (TPR threads share a
-    column), so the reshapes move no data and the program reduces across threads once, at its end."""
-    jj = j0 + tl.arange(0, BR)
-    jmask = jj < rank
-    roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+def _biased_fma(acc, q0, v0, q1, v1, q2, v2, q3, v3, N: tl.constexpr, DQ: tl.constexpr):
+    """acc + sum over the N rows i of (32896 + q_i) * v_i (BIAS, the int8 decode expand). The
+    caller subtracts 32896 * sum(v) once per program: that replaces dequantizing each weight to
+    fp16 and converting it to fp32 (2.25 instructions a weight) with one prmt. The fp32 sums keep
+    ~9 bits below q's resolution (24 less the 2^15 offset's), far below int8's own rounding. In
+    PTX (DQ) the N rows are one block, so every row's load has landed before any is used: ptxas
+    otherwise sank the later rows' loads below the first rows' arithmetic, one memory latency
+    each."""
+    if DQ:
+        if N == 1:
+            return tl.inline_asm_elementwise(asm=_BIASED_FMA_1, constraints=_BIASED_FMA_C1,
+                                             args=[q0, v0, acc], dtype=tl.float32, is_pure=True, pack=4)
+        elif N == 2:
+            return tl.inline_asm_elementwise(asm=_BIASED_FMA_2, constraints=_BIASED_FMA_C2,
+                                             args=[q0, q1, v0, v1, acc], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(asm=_BIASED_FMA_4, constraints=_BIASED_FMA_C4,
+                                             args=[q0, q1, q2, q3, v0, v1, v2, v3, acc], dtype=tl.float32,
+                                             is_pure=True, pack=4)
+    acc += _biased_f32(q0) * v0
+    if N >= 2:
+        acc += _biased_f32(q1) * v1
+    if N >= 4:
+        acc += _biased_f32(q2) * v2 + _biased_f32(q3) * v3
+    return acc
+
+
+@triton.jit
+def _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj, rank, offs_n, ALIGN: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """(int8 rows jj at columns offs_n [TPR, BLOCK_N], their v * row scale [TPR, 1])."""
+    if MASKED:
+        jmask = jj < rank
+        roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
+        vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
+        vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
+    else:       # wholly below the rank: no predicates
+        roff = tl.load(rows_ptr + b0 + jj)
+        vj = tl.load(v_row + jj * sv1).to(tl.float32) * tl.load(rs_ptr + b0 + jj)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
-    vj = tl.load(v_row + jj * sv1, mask=jmask, other=0.0).to(tl.float32)
-    vj *= tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)
-    f = _i8_biased_f32(_load_rank_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask, nmask, True), DQ)
-    v3 = tl.reshape(vj, [BR // TPR, TPR])
-    acc += tl.sum(tl.reshape(f, [BR // TPR, TPR, BLOCK_N]) * v3[:, :, None], axis=0)
-    vsum += tl.sum(v3[:, :, None], axis=0)     # [TPR, 1]: acc's layout, no conversion
+    ptrs = flat_ptr + roff[:, None] + offs_n[None, :]
+    if MASKED:
+        q = tl.load(ptrs, mask=jmask[:, None], other=0)     # row-masked: the loads stay 16 bytes wide
+    else:
+        q = tl.load(ptrs)
+    return q, vj[:, None]
+
+
+@triton.jit
+def _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum,
+                         ALIGN: tl.constexpr, BR: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr,
+                         DQ: tl.constexpr, MASKED: tl.constexpr = True):
+    """_expand_chunk for int8 rows (BIAS), summed into acc [TPR, BLOCK_N] and vsum [TPR, 1]
+    without crossing threads: the chunk's BR rows are loaded as BR / TPR tiles of TPR rows, tile i
+    holding rows j0 + i * TPR + [0, TPR). In a one-warp tile of 16-byte loads TPR threads share a
+    column, so each thread owns one row of every tile, and the program reduces across threads once,
+    at its end. Up to 4 tiles go into one _biased_fma."""
+    if BR // TPR <= 4:
+        acc, vsum = _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum, ALIGN,
+                                  BR // TPR, BLOCK_N, TPR, DQ, MASKED)
+    else:
+        for h in tl.static_range(BR // (4 * TPR)):
+            acc, vsum = _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0 + h * 4 * TPR, rank, offs_n, acc,
+                                      vsum, ALIGN, 4, BLOCK_N, TPR, DQ, MASKED)
     return acc, vsum
+
+
+@triton.jit
+def _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum, ALIGN: tl.constexpr,
+                  G: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr, DQ: tl.constexpr, MASKED: tl.constexpr):
+    """G (1, 2 or 4) tiles of TPR rows from j0 into acc and vsum (see _expand_chunk_biased)."""
+    jj = j0 + tl.arange(0, TPR)
+    q0, v0 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj, rank, offs_n, ALIGN, MASKED)
+    b0_ = tl.broadcast_to(v0, [TPR, BLOCK_N])
+    if G == 1:
+        acc = _biased_fma(acc, q0, b0_, q0, b0_, q0, b0_, q0, b0_, 1, DQ)
+        vsum += v0
+    else:
+        q1, v1 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + TPR, rank, offs_n, ALIGN, MASKED)
+        b1_ = tl.broadcast_to(v1, [TPR, BLOCK_N])
+        if G == 2:
+            acc = _biased_fma(acc, q0, b0_, q1, b1_, q0, b0_, q0, b0_, 2, DQ)
+            vsum += v0 + v1
+        else:
+            tl.static_assert(G == 4, "BIAS groups hold 1, 2 or 4 tiles")
+            q2, v2 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 2 * TPR, rank, offs_n, ALIGN,
+                                  MASKED)
+            q3, v3 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 3 * TPR, rank, offs_n, ALIGN,
+                                  MASKED)
+            acc = _biased_fma(acc, q0, b0_, q1, b1_, q2, tl.broadcast_to(v2, [TPR, BLOCK_N]), q3,
+                              tl.broadcast_to(v3, [TPR, BLOCK_N]), 4, DQ)
+            vsum += v0 + v1 + v2 + v3
+    return acc, vsum
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    """prefetch.global.L2 of each pointer where mask (CUDA only: TUNE key PREFETCH)."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        constraints="=r,l,r", args=[ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -532,7 +624,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1):
+                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1,
+                          PF: tl.constexpr = 0):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -557,6 +650,14 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     offs_r = tl.arange(0, BLOCK_R)
     v_row = v_ptr + t.to(tl.int64) * sv0
     y_ptrs = y_ptr + t.to(tl.int64) * sy0 + offs_n * sy1
+    if PF:
+        # every row segment the program will read, prefetched into the L2 before the wait (no
+        # kernel writes them): the rows' loads then wait on the L2, not on HBM, even where ptxas
+        # issues them one after another's arithmetic
+        for p0 in range(0, rank, PF):
+            jp = p0 + tl.arange(0, PF)
+            pmask = jp < rank
+            _prefetch_l2(flat_ptr + tl.load(rows_ptr + b0 + jp, mask=pmask, other=0) + nt * BLOCK_N, pmask)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
     y = tl.load(y_ptrs, mask=nmask, other=0.0)
     if RCLASS:
@@ -567,15 +668,18 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
             acc = tl.zeros([TPR, BLOCK_N], dtype=tl.float32)
             vsum = tl.zeros([TPR, 1], dtype=tl.float32)
             if rank <= BLOCK_R // 4:
-                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask,
+                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n,
                                                  acc, vsum, ALIGN, BLOCK_R // 4, BLOCK_N, TPR, DQ)
             elif rank <= BLOCK_R // 2:
-                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask,
+                acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n,
                                                  acc, vsum, ALIGN, BLOCK_R // 2, BLOCK_N, TPR, DQ)
             else:
-                for j0 in range(0, rank, BLOCK_R):
+                for j0 in range(0, rank - BLOCK_R + 1, BLOCK_R):
                     acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n,
-                                                     nmask, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ)
+                                                     acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, False)
+                if rank % BLOCK_R:
+                    acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, rank // BLOCK_R * BLOCK_R,
+                                                     rank, offs_n, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ)
             delta = tl.sum(acc - 32896.0 * vsum, axis=0)
         elif rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
@@ -1089,6 +1193,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, BIAS=bias, TPR=tpr,
+                                    PF=int(cfg.get("PREFETCH", 0)) if y.is_cuda else 0,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:
