@@ -90,7 +90,7 @@ TUNE = {
     # (was 16): the LoRA alone 0.982x (q/k/v expand 1.215 vs 1.252 ms, o 0.467 vs 0.493); engine 256 x 256,
     # alternated: +16.5/+17.5/+18.3/+17.2/+17.7% against +19.4/+18.4/+19.4/+18.0/+18.4/+18.7% (calls 2-3).
     "expand_decode_int8": dict(BLOCK_R=32, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
-                               PDL=True, BIAS=True, PTX_DQ=1, GROUP=4),
+                               PDL=True, BIAS=True, PTX_DQ=1),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -100,12 +100,14 @@ TUNE = {
     # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
     # BIAS (expand, int8 rows, with RCLASS; default False): see _biased_fma and _expand_chunk_biased.
-    # HOLD (with BIAS; default False): see _biased_fma_asm. GROUP (default 8): row tiles per _biased_fma.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     # BLOCK_N: the rank tile (None: the padded max rank up to 128, so x is read once). Smaller tiles
-    # spread a rank-128 segment over more programs (short prompts of mixed ranks end on those).
-    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None, BLOCK_N=None),
+    # spread a rank-128 segment over more programs (short prompts of mixed ranks end on those): 64
+    # (2026-12-04, H200, benchmarks/results/lora-bias-2026-12-04-h200 call 1, graph us, two runs each):
+    # 1024 tokens in 4 mixed segments 30.2/30.1 vs 33.3/33.3, 512 / 8 26.6/26.5 vs 26.3/26.3, 4096 / 64
+    # 72.8/72.7 vs 73.0/72.9; ranks up to 64 unchanged. 32 was 1.1x slower at 512 and 4096 tokens.
+    "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None, BLOCK_N=64),
     "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
@@ -488,28 +490,17 @@ def _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, 
     return tl.sum(b * vj[:, None], axis=0)
 
 
-def _biased_fma_asm(n: int, hold: bool = False) -> str:
+def _biased_fma_asm(n: int) -> str:
     """PTX for _biased_fma over n rows: per row one xor (bias each byte to q + 128) and per weight
-    one prmt, whose bytes (0x47, 0, q + 128, 0) are the fp32 number 2^15 + q + 128, and one fma.
-    hold: row 0's v is first added 0 * (a word of every other row), so no row is used before all
-    have landed (ptxas otherwise issues a row's load after the rows before it are summed)."""
-    q = lambda i: f"${4 + i}"                        # noqa: E731  row i's 4 bytes
-    v = lambda i, c: f"${4 + n + 4 * i + c}"         # noqa: E731  row i's v (one per column)
+    one prmt, whose bytes (0x47, 0, q + 128, 0) are the fp32 number 2^15 + q + 128, and one fma."""
     acc_in = 4 + 5 * n
-    lines = [".reg .b32 t, k, f;", ".reg .f32 a0, a1, a2, a3, z, w;", "mov.b32 k, 0x47000000;"]
-    v0 = v(0, 0)
-    if hold and n > 1:
-        lines.append("mov.f32 z, 0f00000000;")
-        for i in range(1, n):
-            lines += [f"prmt.b32 f, {q(i)}, k, 0x7504;", "fma.rn.f32 z, f, 0f00000000, z;"]
-        lines.append(f"add.f32 w, {v0}, z;")
-        v0 = "w"
+    lines = [".reg .b32 t, k, f;", ".reg .f32 a0, a1, a2, a3;", "mov.b32 k, 0x47000000;"]
     for i in range(n):
-        lines.append(f"xor.b32 t, {q(i)}, 0x80808080;")
+        lines.append(f"xor.b32 t, ${4 + i}, 0x80808080;")
         for c in range(4):
             lines.append(f"prmt.b32 f, t, k, 0x75{c}4;")
             src = f"${acc_in + c}" if i == 0 else f"a{c}"
-            lines.append(f"fma.rn.f32 a{c}, f, {v0 if i == 0 else v(i, c)}, {src};")
+            lines.append(f"fma.rn.f32 a{c}, f, ${4 + n + 4 * i + c}, {src};")
     lines += [f"mov.b32 ${c}, a{c};" for c in range(4)]
     return "{\n" + "\n".join(lines) + "\n}"
 
@@ -519,10 +510,8 @@ def _biased_fma_constraints(n: int) -> str:
 
 
 # (globals a kernel reads must be constexprs)
-_BIASED_FMA_1, _BIASED_FMA_2, _BIASED_FMA_4, _BIASED_FMA_8 = (tl.constexpr(_biased_fma_asm(n)) for n in (1, 2, 4, 8))
-_BIASED_HOLD_2, _BIASED_HOLD_4, _BIASED_HOLD_8 = (tl.constexpr(_biased_fma_asm(n, True)) for n in (2, 4, 8))
-_BIASED_FMA_C1, _BIASED_FMA_C2, _BIASED_FMA_C4, _BIASED_FMA_C8 = (tl.constexpr(_biased_fma_constraints(n))
-                                                                  for n in (1, 2, 4, 8))
+_BIASED_FMA_1, _BIASED_FMA_2, _BIASED_FMA_4 = (tl.constexpr(_biased_fma_asm(n)) for n in (1, 2, 4))
+_BIASED_FMA_C1, _BIASED_FMA_C2, _BIASED_FMA_C4 = (tl.constexpr(_biased_fma_constraints(n)) for n in (1, 2, 4))
 
 
 @triton.jit
@@ -532,35 +521,30 @@ def _biased_f32(q):
 
 
 @triton.jit
-def _biased_fma(acc, q0, v0, q1, v1, q2, v2, q3, v3, q4, v4, q5, v5, q6, v6, q7, v7, N: tl.constexpr,
-                DQ: tl.constexpr, HOLD: tl.constexpr = False):
+def _biased_fma(acc, q0, v0, q1, v1, q2, v2, q3, v3, N: tl.constexpr, DQ: tl.constexpr):
     """acc + sum over the first N rows i of (32896 + q_i) * v_i (BIAS, the int8 decode expand). The
     caller subtracts 32896 * sum(v) once per program: that replaces dequantizing each weight to
     fp16 and converting it to fp32 (2.25 instructions a weight) with one prmt. The fp32 sums keep
     ~9 bits below q's resolution (24 less the 2^15 offset's), far below int8's own rounding. PTX
-    where DQ (the interpreter runs none); HOLD: see _biased_fma_asm."""
+    where DQ (the interpreter runs none). The N rows are one block: ptxas still issues a row's
+    load after the rows before it are summed (sm_90 SASS), but less often than with a block per
+    row."""
     if DQ:
         if N == 1:
             return tl.inline_asm_elementwise(asm=_BIASED_FMA_1, constraints=_BIASED_FMA_C1,
                                              args=[q0, v0, acc], dtype=tl.float32, is_pure=True, pack=4)
         elif N == 2:
-            return tl.inline_asm_elementwise(asm=_BIASED_HOLD_2 if HOLD else _BIASED_FMA_2, constraints=_BIASED_FMA_C2,
+            return tl.inline_asm_elementwise(asm=_BIASED_FMA_2, constraints=_BIASED_FMA_C2,
                                              args=[q0, q1, v0, v1, acc], dtype=tl.float32, is_pure=True, pack=4)
-        elif N == 4:
-            return tl.inline_asm_elementwise(asm=_BIASED_HOLD_4 if HOLD else _BIASED_FMA_4, constraints=_BIASED_FMA_C4,
+        else:
+            return tl.inline_asm_elementwise(asm=_BIASED_FMA_4, constraints=_BIASED_FMA_C4,
                                              args=[q0, q1, q2, q3, v0, v1, v2, v3, acc], dtype=tl.float32,
                                              is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(asm=_BIASED_HOLD_8 if HOLD else _BIASED_FMA_8, constraints=_BIASED_FMA_C8,
-                                             args=[q0, q1, q2, q3, q4, q5, q6, q7, v0, v1, v2, v3, v4, v5, v6, v7, acc],
-                                             dtype=tl.float32, is_pure=True, pack=4)
     acc += _biased_f32(q0) * v0
     if N >= 2:
         acc += _biased_f32(q1) * v1
     if N >= 4:
         acc += _biased_f32(q2) * v2 + _biased_f32(q3) * v3
-    if N >= 8:
-        acc += _biased_f32(q4) * v4 + _biased_f32(q5) * v5 + _biased_f32(q6) * v6 + _biased_f32(q7) * v7
     return acc
 
 
@@ -589,55 +573,44 @@ def _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj, rank, offs_n, A
 @triton.jit
 def _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum,
                          ALIGN: tl.constexpr, BR: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr,
-                         DQ: tl.constexpr, MASKED: tl.constexpr, HOLD: tl.constexpr, GROUP: tl.constexpr):
+                         DQ: tl.constexpr, MASKED: tl.constexpr = True):
     """_expand_chunk for int8 rows (BIAS), summed into acc [TPR, BLOCK_N] and vsum [TPR, 1]
     without crossing threads: the chunk's BR rows are loaded as BR / TPR tiles of TPR rows, tile i
     holding rows j0 + i * TPR + [0, TPR). In a one-warp tile of 16-byte loads TPR threads share a
     column, so each thread owns one row of every tile, and the program reduces across threads once,
-    at its end. Up to GROUP (1, 2, 4 or 8) tiles go into one _biased_fma."""
-    if BR // TPR <= GROUP:
+    at its end. Up to 4 tiles go into one _biased_fma."""
+    if BR // TPR <= 4:
         acc, vsum = _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum, ALIGN,
-                                  BR // TPR, BLOCK_N, TPR, DQ, MASKED, HOLD)
+                                  BR // TPR, BLOCK_N, TPR, DQ, MASKED)
     else:
-        for h in tl.static_range(BR // (GROUP * TPR)):
-            acc, vsum = _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0 + h * GROUP * TPR, rank, offs_n,
-                                      acc, vsum, ALIGN, GROUP, BLOCK_N, TPR, DQ, MASKED, HOLD)
+        for h in tl.static_range(BR // (4 * TPR)):
+            acc, vsum = _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0 + h * 4 * TPR, rank, offs_n, acc,
+                                      vsum, ALIGN, 4, BLOCK_N, TPR, DQ, MASKED)
     return acc, vsum
 
 
 @triton.jit
 def _biased_group(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum, ALIGN: tl.constexpr,
-                  G: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr, DQ: tl.constexpr, MASKED: tl.constexpr,
-                  HOLD: tl.constexpr):
-    """G (1, 2, 4 or 8) tiles of TPR rows from j0 into acc and vsum (see _expand_chunk_biased).
-    Tiles past G repeat tile 0 and are not used."""
-    tl.static_assert(G == 1 or G == 2 or G == 4 or G == 8, "BIAS groups hold 1, 2, 4 or 8 tiles")
+                  G: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr, DQ: tl.constexpr, MASKED: tl.constexpr):
+    """G (1, 2 or 4) tiles of TPR rows from j0 into acc and vsum (see _expand_chunk_biased). Tiles
+    past G repeat tile 0 and are not used."""
+    tl.static_assert(G == 1 or G == 2 or G == 4, "BIAS groups hold 1, 2 or 4 tiles")
     jj = j0 + tl.arange(0, TPR)
     q0, v0 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj, rank, offs_n, ALIGN, MASKED)
     q1, v1, q2, v2, q3, v3 = q0, v0, q0, v0, q0, v0
-    q4, v4, q5, v5, q6, v6, q7, v7 = q0, v0, q0, v0, q0, v0, q0, v0
     if G >= 2:
         q1, v1 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + TPR, rank, offs_n, ALIGN, MASKED)
     if G >= 4:
         q2, v2 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 2 * TPR, rank, offs_n, ALIGN, MASKED)
         q3, v3 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 3 * TPR, rank, offs_n, ALIGN, MASKED)
-    if G >= 8:
-        q4, v4 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 4 * TPR, rank, offs_n, ALIGN, MASKED)
-        q5, v5 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 5 * TPR, rank, offs_n, ALIGN, MASKED)
-        q6, v6 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 6 * TPR, rank, offs_n, ALIGN, MASKED)
-        q7, v7 = _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj + 7 * TPR, rank, offs_n, ALIGN, MASKED)
     shape: tl.constexpr = [TPR, BLOCK_N]
     acc = _biased_fma(acc, q0, tl.broadcast_to(v0, shape), q1, tl.broadcast_to(v1, shape), q2,
-                      tl.broadcast_to(v2, shape), q3, tl.broadcast_to(v3, shape), q4, tl.broadcast_to(v4, shape), q5,
-                      tl.broadcast_to(v5, shape), q6, tl.broadcast_to(v6, shape), q7, tl.broadcast_to(v7, shape), G, DQ,
-                      HOLD)
+                      tl.broadcast_to(v2, shape), q3, tl.broadcast_to(v3, shape), G, DQ)
     vsum += v0
     if G >= 2:
         vsum += v1
     if G >= 4:
         vsum += v2 + v3
-    if G >= 8:
-        vsum += v4 + v5 + v6 + v7
     return acc, vsum
 
 
@@ -646,8 +619,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1,
-                          HOLD: tl.constexpr = False, GROUP: tl.constexpr = 8):
+                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -683,17 +655,17 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
             vsum = tl.zeros([TPR, 1], dtype=tl.float32)
             if rank <= BLOCK_R // 4:
                 acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n,
-                                                 acc, vsum, ALIGN, BLOCK_R // 4, BLOCK_N, TPR, DQ, True, HOLD, GROUP)
+                                                 acc, vsum, ALIGN, BLOCK_R // 4, BLOCK_N, TPR, DQ)
             elif rank <= BLOCK_R // 2:
                 acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n,
-                                                 acc, vsum, ALIGN, BLOCK_R // 2, BLOCK_N, TPR, DQ, True, HOLD, GROUP)
+                                                 acc, vsum, ALIGN, BLOCK_R // 2, BLOCK_N, TPR, DQ)
             else:
                 for j0 in range(0, rank - BLOCK_R + 1, BLOCK_R):
                     acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n,
-                                                     acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, False, HOLD, GROUP)
+                                                     acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, False)
                 if rank % BLOCK_R:
                     acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, rank // BLOCK_R * BLOCK_R,
-                                                     rank, offs_n, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, True, HOLD, GROUP)
+                                                     rank, offs_n, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ)
             delta = tl.sum(acc - 32896.0 * vsum, axis=0)
         elif rank <= BLOCK_R // 4:
             delta = _expand_chunk(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n, nmask, ALIGN, QUANT,
@@ -1207,7 +1179,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, BIAS=bias, TPR=tpr,
-                                    HOLD=bool(cfg.get("HOLD", False)), GROUP=int(cfg.get("GROUP", 8)),
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:
