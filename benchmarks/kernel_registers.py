@@ -29,7 +29,7 @@ import kernels.triton_lora as K  # noqa: E402
 
 REGS_PER_SM, MAX_WARPS, MAX_CTAS = 65536, 64, 32      # sm_80 / sm_90
 SMEM_PER_SM = 228 * 1024                               # sm_90
-PTR_TYPES = {"flat_ptr": None, "rows_ptr": "*i32", "meta_ptr": "*i32", "slot_ptr": "*i32", "rs_ptr": "*fp32",
+PTR_TYPES = {"flat_ptr": None, "rows_ptr": "*i64", "meta_ptr": "*i32", "slot_ptr": "*i32", "rs_ptr": "*fp32",
              "scale_ptr": "*fp32", "items_ptr": "*i32", "n_ptr": "*i32"}
 # integer arguments the launcher specializes as multiples of 16 at Llama shapes (strides, d_in, widths)
 DIV16 = {"sx0", "sv0", "sy0", "sm0", "d_in", "W0", "W1", "W2"}

@@ -86,9 +86,9 @@ TUNE = {
     # RCLASS (2026-12-03, H200): ranks up to 16 load all their rows at once (a 4-, 8- or 16-row
     # tile), larger ones walk 16 rows at a time: 0.97x the LoRA time of 8-row steps.
     # BIAS (2026-12-04, H200, benchmarks/results/lora-bias-2026-12-04-h200): rows as fp32 32896 + q by one prmt a
-    # weight, each thread's sums kept to the program's end, a chunk's row tiles in one PTX block, and BLOCK_R 32
-    # (was 16): the LoRA alone 0.982x (q/k/v expand 1.215 vs 1.252 ms, o 0.467 vs 0.493); engine 256 x 256,
-    # alternated: +16.5/+17.5/+18.3/+17.2/+17.7% against +19.4/+18.4/+19.4/+18.0/+18.4/+18.7% (calls 2-3).
+    # weight, each thread's sums kept to the program's end, 4 row tiles to a PTX block, and BLOCK_R 32 (was 16):
+    # the LoRA alone 0.982-0.986x (q/k/v expand 1.211 vs 1.250 ms, o 0.463 vs 0.498, call 5); engine 256 x 256,
+    # eight pairs alternated over calls 2, 3 and 5: +17.8% against +18.8% (mean), ahead in 7 of 8.
     "expand_decode_int8": dict(BLOCK_R=32, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
                                PDL=True, BIAS=True, PTX_DQ=1),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
