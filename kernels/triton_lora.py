@@ -99,8 +99,7 @@ TUNE = {
     # COMPACT (shrink only, default False): launch one program per work item of a per-step plan
     # (see _shrink_decode_kernel). SPLIT_K=None: split d_in when the grid leaves most SMs idle (see lora_shrink); 1: never.
     # PTX_DQ (default 0): how int8 rows are dequantized (see _ptx_dq).
-    # BIAS (expand, int8 rows, with RCLASS; default False): see _biased_fma and _expand_chunk_biased. RPIPE
-    # (with BIAS where BLOCK_R is 4 row tiles; default False): row offsets loaded a chunk ahead.
+    # BIAS (expand, int8 rows, with RCLASS; default False): see _biased_fma and _expand_chunk_biased.
     # Segment tiles re-swept on the H100 with short prompts among the cases (2026-11-25, 8..4096
     # tokens over 1..64 segments; benchmarks/results/kernels-prefill-2026-11-25-h100.md).
     # BLOCK_N: the rank tile (None: the padded max rank up to 128, so x is read once). Smaller tiles
@@ -572,38 +571,6 @@ def _biased_rows(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, jj, rank, offs_n, A
 
 
 @triton.jit
-def _roffs4(rows_ptr, b0, j0, end, TPR: tl.constexpr):
-    """Row offsets of the 4 tiles of TPR rows from j0 (RPIPE), masked to rows below ``end``."""
-    jj = j0 + tl.arange(0, TPR)
-    return (tl.load(rows_ptr + b0 + jj, mask=jj < end, other=0), tl.load(rows_ptr + b0 + jj + TPR, mask=jj + TPR < end, other=0),
-            tl.load(rows_ptr + b0 + jj + 2 * TPR, mask=jj + 2 * TPR < end, other=0),
-            tl.load(rows_ptr + b0 + jj + 3 * TPR, mask=jj + 3 * TPR < end, other=0))
-
-
-@triton.jit
-def _biased_tile_at(flat_ptr, rs_ptr, v_row, sv1, b0, jj, roff, offs_n, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of rows jj (all below the rank) whose offsets are already loaded: (rows, v * row
-    scale broadcast over the columns, v * row scale [TPR, 1])."""
-    if ALIGN > 1:      # (tl.multiple_of is dropped on a loop-carried value; this keeps the 16-byte loads)
-        roff = roff // ALIGN * ALIGN
-    vj = (tl.load(v_row + jj * sv1).to(tl.float32) * tl.load(rs_ptr + b0 + jj))[:, None]
-    return tl.load(flat_ptr + roff[:, None] + offs_n[None, :]), tl.broadcast_to(vj, [jj.shape[0], BLOCK_N]), vj
-
-
-@triton.jit
-def _biased_group_at(flat_ptr, rs_ptr, v_row, sv1, b0, j0, r0, r1, r2, r3, offs_n, acc, vsum, ALIGN: tl.constexpr,
-                     BLOCK_N: tl.constexpr, TPR: tl.constexpr, DQ: tl.constexpr):
-    """_biased_group of 4 tiles wholly below the rank, from row offsets loaded a chunk ahead (RPIPE)."""
-    jj = j0 + tl.arange(0, TPR)
-    q0, b0_, v0 = _biased_tile_at(flat_ptr, rs_ptr, v_row, sv1, b0, jj, r0, offs_n, ALIGN, BLOCK_N)
-    q1, b1_, v1 = _biased_tile_at(flat_ptr, rs_ptr, v_row, sv1, b0, jj + TPR, r1, offs_n, ALIGN, BLOCK_N)
-    q2, b2_, v2 = _biased_tile_at(flat_ptr, rs_ptr, v_row, sv1, b0, jj + 2 * TPR, r2, offs_n, ALIGN, BLOCK_N)
-    q3, b3_, v3 = _biased_tile_at(flat_ptr, rs_ptr, v_row, sv1, b0, jj + 3 * TPR, r3, offs_n, ALIGN, BLOCK_N)
-    acc = _biased_fma(acc, q0, b0_, q1, b1_, q2, b2_, q3, b3_, 4, DQ)
-    return acc, vsum + (v0 + v1 + v2 + v3)
-
-
-@triton.jit
 def _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n, acc, vsum,
                          ALIGN: tl.constexpr, BR: tl.constexpr, BLOCK_N: tl.constexpr, TPR: tl.constexpr,
                          DQ: tl.constexpr, MASKED: tl.constexpr = True):
@@ -652,8 +619,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                           smm, scale_ptr, slot_ptr, W0, W1, W2,
                           ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                           PIPE: tl.constexpr, TILE_FIRST: tl.constexpr, RCLASS: tl.constexpr, PDL: tl.constexpr,
-                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1,
-                          RPIPE: tl.constexpr = False):
+                          DQ: tl.constexpr = 0, BIAS: tl.constexpr = False, TPR: tl.constexpr = 1):
     # TILE_FIRST: consecutive column tiles of one token launch together, so the B^T rows and the
     # y row are read in long contiguous runs rather than BLOCK_N-wide pieces
     t, nt = _token_and_tile(TILE_FIRST)
@@ -694,21 +660,9 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
                 acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, 0, rank, offs_n,
                                                  acc, vsum, ALIGN, BLOCK_R // 2, BLOCK_N, TPR, DQ)
             else:
-                if RPIPE:
-                    # the next chunk's row offsets load while this chunk's rows do, so a chunk's
-                    # row loads can issue at its start (one dependent load fewer a chunk)
-                    tl.static_assert(BLOCK_R == 4 * TPR, "RPIPE takes chunks of one 4-tile group")
-                    nfull = rank // BLOCK_R * BLOCK_R
-                    r0, r1, r2, r3 = _roffs4(rows_ptr, b0, 0, nfull, TPR)
-                    for j0 in range(0, nfull, BLOCK_R):
-                        n0, n1, n2, n3 = _roffs4(rows_ptr, b0, j0 + BLOCK_R, nfull, TPR)
-                        acc, vsum = _biased_group_at(flat_ptr, rs_ptr, v_row, sv1, b0, j0, r0, r1, r2, r3, offs_n,
-                                                     acc, vsum, ALIGN, BLOCK_N, TPR, DQ)
-                        r0, r1, r2, r3 = n0, n1, n2, n3
-                else:
-                    for j0 in range(0, rank - BLOCK_R + 1, BLOCK_R):
-                        acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n,
-                                                         acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, False)
+                for j0 in range(0, rank - BLOCK_R + 1, BLOCK_R):
+                    acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, j0, rank, offs_n,
+                                                     acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ, False)
                 if rank % BLOCK_R:
                     acc, vsum = _expand_chunk_biased(flat_ptr, rows_ptr, rs_ptr, v_row, sv1, b0, rank // BLOCK_R * BLOCK_R,
                                                      rank, offs_n, acc, vsum, ALIGN, BLOCK_R, BLOCK_N, TPR, DQ)
@@ -1225,7 +1179,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                     meta3, sm0, sm1, smm, scaling, batch.token_slot, W0, W1, W2,
                                     ALIGN=align, QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
                                     PIPE=cfg.get("PIPE", 1), TILE_FIRST=first, RCLASS=rclass, BIAS=bias, TPR=tpr,
-                                    RPIPE=bias and bool(cfg.get("RPIPE", False)) and BLOCK_R == 4 * tpr,
                                     num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     else:

@@ -395,11 +395,9 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 # the int8 expand's rows as biased fp32, summed per thread (PTX on a GPU; BLOCK_R 8: TPR 2)
                 {"BIAS": True, "RCLASS": True, "PTX_DQ": 1}, {"BIAS": True, "RCLASS": True, "BLOCK_R": 8},
                 # ... with BLOCK_R 32 (two groups of 4 tiles a chunk; the int8 default)
-                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1, "BLOCK_R": 32},
-                # ... with BLOCK_R 16, the row offsets loaded a chunk ahead (RPIPE; on the CPU too)
-                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1, "BLOCK_R": 16, "RPIPE": True}],
+                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1, "BLOCK_R": 32}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8", "biased-r32", "biased-r16-rpipe"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8", "biased-r32"])
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
