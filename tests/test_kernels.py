@@ -400,6 +400,24 @@ DECODE_VARIANTS = pytest.mark.parametrize(
          "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8", "biased-r32"])
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_biased_fma_ptx_uses_every_operand_once_in_place(n):
+    """BIAS's PTX (which the interpreter cannot run) for n rows: it writes the 4 outputs only at its
+    end (an output may share a register with an input) and reads every input: each row's bytes, its
+    v once per column, and acc once per column for the first row."""
+    import re
+    asm = tlora._biased_fma_asm(n)
+    constraints = tlora._biased_fma_constraints(n).split(",")
+    assert constraints == ["=r"] * 4 + ["r"] * (5 * n + 4)
+    body = asm.splitlines()
+    reads = [int(k) for line in body for k in re.findall(r"\$(\d+)", line.split(",", 1)[-1])]
+    writes = [int(m) for line in body for m in re.findall(r"^\s*\S+\s+\$(\d+),", line)]
+    assert sorted(writes) == [0, 1, 2, 3] and all(line.startswith("mov.b32 $") for line in body if re.match(r"\S+ \$\d", line))
+    assert sorted(set(reads)) == list(range(4, 4 + 5 * n + 4))
+    assert all(reads.count(k) == 1 for k in range(4 + n, 4 + 5 * n + 4))     # each v and acc register once
+    assert [reads.count(k) for k in range(4, 4 + n)] == [1] * n              # each row's bytes xor-ed once
+
+
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
     """PTX_DQ's levels: none in the interpreter or for fp16 rows, fp16x2 products only where the
     caller allows them (fp16 activations, few enough K steps), level 1 otherwise."""
