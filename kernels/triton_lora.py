@@ -1108,7 +1108,8 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         split = cfg.get("SPLIT_K")
         if split is None:
             split = 1
-            while (G * m_tiles * M * n_tiles * split * 4 <= _sms(x.device) and split < 16
+            fill = cfg.get("SPLIT_FILL", 0.25)
+            while (G * m_tiles * M * n_tiles * split <= fill * _sms(x.device) and split < 16
                    and d_in >= 2 * split * 256):
                 split *= 2
         split, k_split = _split_k(d_in, BLOCK_K, split)
@@ -1186,7 +1187,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
         BLOCK_N = min(cfg["BLOCK_N"], max(16, _p2(w_max)))
         n_tiles = triton.cdiv(w_max, BLOCK_N)
         BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
-        BLOCK_K = min(64, max(16, _p2(batch.max_rank)))
+        BLOCK_K = min(cfg.get("BLOCK_K", 64), max(16, _p2(batch.max_rank)))
         G = batch.seg_slot.numel()
         m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
         # short prompts: narrower column tiles until the grid covers half the SMs
