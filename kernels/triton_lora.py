@@ -108,7 +108,9 @@ TUNE = {
     # 1024 tokens in 4 mixed segments 30.2/30.1 vs 33.3/33.3, 512 / 8 26.6/26.5 vs 26.3/26.3, 4096 / 64
     # 72.8/72.7 vs 73.0/72.9; ranks up to 64 unchanged. 32 was 1.1x slower at 512 and 4096 tokens.
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None, BLOCK_N=64),
-    "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    # expand_seg: 8 warps (was 4) gained in every case of the same sweep (1024 / 4 mixed 14.0 vs 14.7 us, 4096
+    # tokens 35.9 vs 37.5, 4096 / 64 mixed 39.9 vs 43.6).
+    "expand_seg": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
     # grouped decode: swept on the H100 the same way (2026-11-25, 256 tokens over 16/64 adapters,
     # 64 over 4; benchmarks/results/kernels-grouped-2026-11-25-h100.md)
     "shrink_grouped": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=512, num_warps=4, num_stages=3, SPLIT_K=None,
@@ -959,6 +961,42 @@ def _seg_block_m(batch: LoraBatch, n_tiles: int) -> int:
     return 16
 
 
+def _shrink_seg_tiles(cfg: dict, batch: LoraBatch, units: int, d_in: int, sms: int) -> tuple[int, int]:
+    """(token tile, d_in splits) of the segment shrink. TUNE keys BLOCK_M / SPLIT_K fix them.
+
+    Each program walks its d_in range alone, so the grid should hold about SPLIT_FILL x SMs
+    programs (``units`` tiles per token tile: modules x rank tiles): the largest token tile that
+    still gives MIN_TILES tiles, then d_in split in two while the programs stay within that. H200
+    (benchmarks/results/prefill-tiles-2026-12-04-h200): 1024 tokens in 4 segments 13.4 vs 17.6 us
+    (64 rows, 4 splits), 4096 in 64 segments 24.8 vs 32.3 (64 rows, no split), 512 in one 10.4 vs
+    12.9 (16 rows, 4 splits). SEG_RULE 0: the earlier rule (token tile by _seg_block_m, splits only
+    while the tiles fill under a quarter of the SMs)."""
+    G = batch.seg_slot.numel()
+    L = batch.max_seg_len
+    bm = cfg["BLOCK_M"]
+    if cfg.get("SEG_RULE", 1) == 0:
+        bm = bm or _seg_block_m(batch, units)
+        split = cfg.get("SPLIT_K")
+        if split is None:
+            split = 1
+            while G * triton.cdiv(L, bm) * units * split * 4 <= sms and split < 16 and d_in >= 2 * split * 256:
+                split *= 2
+        return bm, split
+    if bm is None:
+        bm = 16
+        for b in (64, 32):
+            if L >= b and G * triton.cdiv(L, b) * units >= cfg.get("MIN_TILES", 32):
+                bm = b
+                break
+    split = cfg.get("SPLIT_K")
+    if split is None:
+        tiles = G * triton.cdiv(L, bm) * units
+        split = 1
+        while tiles * split * 2 <= cfg.get("SPLIT_FILL", 1.0) * sms and split < 16 and d_in >= 2 * split * 256:
+            split *= 2
+    return bm, split
+
+
 _COUNTERS: dict = {}
 
 
@@ -1099,19 +1137,9 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_N = min(cfg.get("BLOCK_N") or 128, max(16, _p2(R)))
         n_tiles = triton.cdiv(R, BLOCK_N)
         G = batch.seg_slot.numel()
-        BLOCK_M = cfg["BLOCK_M"] or _seg_block_m(batch, M * n_tiles)
         BLOCK_K = cfg["BLOCK_K"] if x.dtype != torch.float32 else 32
+        BLOCK_M, split = _shrink_seg_tiles(cfg, batch, M * n_tiles, d_in, _sms(x.device))
         m_tiles = triton.cdiv(batch.max_seg_len, BLOCK_M)
-        # split-K when (segments x token tiles) leave most SMs idle (short prompts, few adapters):
-        # one program per tile would walk all of d_in alone. Not at a quarter of the SMs or more,
-        # where the partials' round trip through the L2 costs more than the parallelism buys.
-        split = cfg.get("SPLIT_K")
-        if split is None:
-            split = 1
-            fill = cfg.get("SPLIT_FILL", 0.25)
-            while (G * m_tiles * M * n_tiles * split <= fill * _sms(x.device) and split < 16
-                   and d_in >= 2 * split * 256):
-                split *= 2
         split, k_split = _split_k(d_in, BLOCK_K, split)
         grid = (G, m_tiles, M * n_tiles * split)
         # split-K partials (uninitialised: each split of a tile with work writes all of its part)

@@ -345,6 +345,35 @@ def test_lora_segment_shrink_rank_tiles(split):
         tlora.TUNE["shrink_seg"] = saved
 
 
+@pytest.mark.parametrize("rule", [0, 1])
+def test_lora_segment_shrink_tile_rules(rule):
+    """The segment shrink's token tile and d_in splits as each rule picks them (SEG_RULE 1, the
+    default, fills about one program per SM; 0, the earlier rule), against the reference."""
+    gen = torch.Generator().manual_seed(17 + rule)
+    saved = dict(tlora.TUNE["shrink_seg"])
+    tlora.TUNE["shrink_seg"].update(SEG_RULE=rule, BLOCK_K=16)
+    try:
+        _check_lora(TINY, torch.float16, [6, 19, 3, 40], [0, 1, -1, 2], [8, 40, 16],
+                    [("q_proj", "down_proj"), ("q_proj",), ("q_proj", "down_proj")], ("q_proj", "down_proj"), 0,
+                    2e-3, gen, block_tokens=16)
+    finally:
+        tlora.TUNE["shrink_seg"] = saved
+
+
+def test_lora_segment_shrink_tile_rule_fills_the_sms():
+    """What SEG_RULE 1 picks at Llama-7B's d_in on 132 SMs, where the H200 sweep measured it
+    fastest: the largest token tile that leaves 32 tiles, then splits up to ~one program per SM."""
+    cfg = {**tlora.TUNE["shrink_seg"], "BLOCK_M": None, "SPLIT_K": None, "SEG_RULE": 1}
+    pick = lambda lens, units: tlora._shrink_seg_tiles(cfg, LoraBatch.build(lens, list(range(len(lens))), 8, DEV),  # noqa: E731
+                                                        units, 4096, 132)
+    assert pick([256] * 4, 2) == (64, 4)      # 4 tiles of 64 x 2 rank tiles, split 4: 128 programs
+    assert pick([64] * 64, 2) == (64, 1)      # 128 tiles already
+    assert pick([512], 1) == (16, 4)          # one short prompt: 32 tiles of 16, split 4
+    assert pick([8], 1) == (16, 16)           # a tiny one: split as far as d_in allows
+    cfg["SPLIT_FILL"] = 0.5
+    assert pick([256] * 4, 2) == (64, 2)
+
+
 def test_lora_all_base_and_rank_past_tile():
     """Only base tokens; and a rank past one rank tile (40 > 16/32) with an odd d_in."""
     gen = torch.Generator().manual_seed(7)
