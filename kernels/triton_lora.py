@@ -973,26 +973,20 @@ def _shrink_seg_tiles(cfg: dict, batch: LoraBatch, units: int, d_in: int, sms: i
     while the tiles fill under a quarter of the SMs)."""
     G = batch.seg_slot.numel()
     L = batch.max_seg_len
+    old = cfg.get("SEG_RULE", 1) == 0
     bm = cfg["BLOCK_M"]
-    if cfg.get("SEG_RULE", 1) == 0:
-        bm = bm or _seg_block_m(batch, units)
-        split = cfg.get("SPLIT_K")
-        if split is None:
-            split = 1
-            while G * triton.cdiv(L, bm) * units * split * 4 <= sms and split < 16 and d_in >= 2 * split * 256:
-                split *= 2
-        return bm, split
-    if bm is None:
-        bm = 16
-        for b in (64, 32):
-            if L >= b and G * triton.cdiv(L, b) * units >= cfg.get("MIN_TILES", 32):
-                bm = b
-                break
+    if bm is None and old:
+        bm = _seg_block_m(batch, units)
+    elif bm is None:
+        bm = next((b for b in (64, 32) if L >= b and G * triton.cdiv(L, b) * units >= cfg.get("MIN_TILES", 32)), 16)
     split = cfg.get("SPLIT_K")
     if split is None:
+        # split while the programs stay within the bound: a quarter of the SMs (old), or
+        # SPLIT_FILL x SMs after this doubling
+        bound = sms / 4 if old else cfg.get("SPLIT_FILL", 1.0) * sms / 2
         tiles = G * triton.cdiv(L, bm) * units
         split = 1
-        while tiles * split * 2 <= cfg.get("SPLIT_FILL", 1.0) * sms and split < 16 and d_in >= 2 * split * 256:
+        while tiles * split <= bound and split < 16 and d_in >= 2 * split * 256:
             split *= 2
     return bm, split
 

@@ -346,18 +346,13 @@ def test_lora_segment_shrink_rank_tiles(split):
 
 
 @pytest.mark.parametrize("rule", [0, 1])
-def test_lora_segment_shrink_tile_rules(rule):
+def test_lora_segment_shrink_tile_rules(rule, monkeypatch):
     """The segment shrink's token tile and d_in splits as each rule picks them (SEG_RULE 1, the
     default, fills about one program per SM; 0, the earlier rule), against the reference."""
-    gen = torch.Generator().manual_seed(17 + rule)
-    saved = dict(tlora.TUNE["shrink_seg"])
-    tlora.TUNE["shrink_seg"].update(SEG_RULE=rule, BLOCK_K=16)
-    try:
-        _check_lora(TINY, torch.float16, [6, 19, 3, 40], [0, 1, -1, 2], [8, 40, 16],
-                    [("q_proj", "down_proj"), ("q_proj",), ("q_proj", "down_proj")], ("q_proj", "down_proj"), 0,
-                    2e-3, gen, block_tokens=16)
-    finally:
-        tlora.TUNE["shrink_seg"] = saved
+    monkeypatch.setitem(tlora.TUNE, "shrink_seg", {**tlora.TUNE["shrink_seg"], "SEG_RULE": rule, "BLOCK_K": 16})
+    _check_lora(TINY, torch.float16, [6, 19, 3, 40], [0, 1, -1, 2], [8, 40, 16],
+                [("q_proj", "down_proj"), ("q_proj",), ("q_proj", "down_proj")], ("q_proj", "down_proj"), 0,
+                2e-3, torch.Generator().manual_seed(17 + rule), block_tokens=16)
 
 
 def test_lora_segment_shrink_tile_rule_fills_the_sms():
