@@ -91,6 +91,11 @@ TUNE = {
     # eight pairs alternated over calls 2, 3 and 5: +17.8% against +18.8% (mean), ahead in 7 of 8.
     "expand_decode_int8": dict(BLOCK_R=32, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
                                PDL=True, BIAS=True, PTX_DQ=1),
+    # ROWS (the expand's families; default False): int8 rows by row chunks, with these tiles (see
+    # _expand_rows_kernel): BLOCK_R rows a chunk, BLOCK_N columns a step (512 a warp keeps rows in-thread), SPLIT
+    # programs a chunk by columns.
+    "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=512, num_warps=1, num_stages=3, PIPE=3, SPLIT=1, PDL=True,
+                               PTX_DQ=1),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -395,11 +400,12 @@ def _plan_fields(e):
 
 @triton.jit
 def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_ptr, T, M,
-                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr):
-    """The compact shrink grid's work items, in one program: for every (token, module) pair p =
-    t * M + m, one item per tile of BLOCK_R rank rows (rank: its largest over the L layers at
-    stride sml), or one zeros-only item when it has none; each item is (_plan_code, slot), in
-    token order (an exclusive prefix sum gives a pair its first)."""
+                        BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr, FIELD: tl.constexpr):
+    """A compact decode grid's work items, in one program: for every (token, module) pair p =
+    t * M + m, one item per tile of BLOCK_R rank rows (rank: meta field FIELD, 2 for A's rows, 3
+    for B^T's, its largest over the L layers at stride sml), or one zeros-only item when it has
+    none; each item is (_plan_code, slot), in token order (an exclusive prefix sum gives a pair
+    its first)."""
     base = 0
     for p0 in range(0, T * M, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -407,7 +413,8 @@ def _decode_plan_kernel(slot_ptr, meta_ptr, sm0, sm1, smm, sml, L, items_ptr, n_
         t = p // M
         m = p - t * M
         slot = tl.load(slot_ptr + t, mask=pmask, other=-1)
-        rank = _max_over_layers(meta_ptr + slot.to(tl.int64) * sm0 + m * smm + 2 * sm1, sml, L, pmask & (slot >= 0), 8)
+        rank = _max_over_layers(meta_ptr + slot.to(tl.int64) * sm0 + m * smm + FIELD * sm1, sml, L, pmask & (slot >= 0),
+                                8)
         tiles = (rank + BLOCK_R - 1) // BLOCK_R
         cnt = tl.where(pmask, tl.maximum(tiles, 1), 0)
         first = base + tl.cumsum(cnt, axis=0) - cnt
@@ -448,19 +455,22 @@ def _max_over_layers(ptrs, sml, L, mask, LB: tl.constexpr):
     return r
 
 
-def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(items, count) of the compact shrink grid, built on the device by one small launch (CUDA
-    graphs replay it with each step's slots) and kept on the batch: one plan serves every layer."""
+def _decode_plan(batch: LoraBatch, meta3: torch.Tensor, block_r: int, max_rank: int,
+                 kind: str = "shrink") -> tuple[torch.Tensor, torch.Tensor]:
+    """(items, count) of a compact decode grid ("shrink": tiles of A's rows; "expand": chunks of
+    B^T's), built on the device by one small launch (CUDA graphs replay it with each step's
+    slots) and kept on the batch: one plan serves every layer."""
     meta4, where = _all_layers(meta3)
     T, M = batch.token_slot.numel(), meta4.shape[2]
     nt = max(1, triton.cdiv(max_rank, block_r))
-    key = ("shrink", where, M, block_r, nt)
+    key = (kind, where, M, block_r, nt)
     if key not in batch.plans:
         items = torch.empty(T * M * nt, 2, dtype=torch.int32, device=meta4.device)
         n = torch.empty(1, dtype=torch.int32, device=meta4.device)
         sm0, sml, smm, sm1 = meta4.stride()
         _decode_plan_kernel[(1,)](batch.token_slot, meta4, sm0, sm1, smm, sml, meta4.shape[1], items, n, T, M,
-                                  BLOCK_R=block_r, BLOCK=min(1024, _p2(T * M)), NT=nt, num_warps=8)
+                                  BLOCK_R=block_r, BLOCK=min(1024, _p2(T * M)), NT=nt,
+                                  FIELD=2 if kind == "shrink" else 3, num_warps=8)
         batch.plans[key] = items, n
     return batch.plans[key]
 
@@ -698,6 +708,92 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     delta = tl.sum(acc, axis=0) * s
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
+
+# The int8 expand by row chunks (TUNE key ROWS, family expand_decode_rows): the shrink's shape
+# turned around. One program per item of the step's expand plan, a (token, module, chunk of
+# BLOCK_R B^T rows), streams those rows across the module's full width (a 4 KB page each at
+# d_out 4096) in BLOCK_N-column tiles and adds each tile's sum into y. The column-tile grid reads
+# every row in BLOCK_N-byte pieces, one program each, and reached 56-64% of the bytes roofline
+# where the shrink, which reads whole rows, reached 84%. A token whose rows span several chunks
+# adds them with atomics (relaxed, in y's dtype: the sum's order, so its last bit, varies from
+# run to run); a one-chunk token loads and stores y.
+@triton.jit
+def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
+                        scale_ptr, items_ptr, n_ptr, W0, W1, W2,
+                        ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                        PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr):
+    i = tl.program_id(0)
+    _pdl_launch_dependents(PDL)
+    n = tl.load(n_ptr)
+    e = tl.load(items_ptr + 2 * i)
+    slot = tl.load(items_ptr + 2 * i + 1)
+    t, mod, n_chunks, ch = _plan_fields(e)
+    if i >= n or n_chunks == 0:        # past the plan, or a pair with no rows: y stays as it is
+        _pdl_wait(PDL)
+        return
+    y_ptr, v_ptr, meta_ptr, d_out = _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
+    mrow = meta_ptr + slot.to(tl.int64) * sm0
+    b0 = tl.load(mrow + sm1)
+    rank = tl.load(mrow + 3 * sm1)      # this layer's rows (the plan's are the most over layers)
+    j0 = ch * BLOCK_R
+    if j0 >= rank:
+        _pdl_wait(PDL)
+        return
+    span = tl.cdiv(tl.cdiv(d_out, SPLIT), BLOCK_N) * BLOCK_N      # SPLIT: programs per chunk, by columns
+    c_lo = tl.program_id(1) * span
+    c_hi = tl.minimum(c_lo + span, d_out)
+    v_row = v_ptr + t.to(tl.int64) * sv0 + j0 * sv1
+    y_row = y_ptr + t.to(tl.int64) * sy0
+    s = tl.load(scale_ptr + slot)
+    # the branches pick a loop built for them (a runtime choice inside the loop cost its 16-byte
+    # loads and its pipelining): chunks of more than half BLOCK_R rows or not, atomics or not
+    if n_chunks > 1:
+        if rank - j0 > BLOCK_R // 2:
+            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
+                         c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, True)
+        else:
+            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
+                         c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, True)
+    elif rank - j0 > BLOCK_R // 2:
+        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
+                     c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, False)
+    else:
+        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
+                     c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, False)
+
+
+@triton.jit
+def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN: tl.constexpr,
+                 NR: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr,
+                 ATOMIC: tl.constexpr):
+    """y[c_lo:c_hi] += s * sum over the chunk's rows j < nrows (at most NR) of v[j] * B^T row j.
+    Rows are in-thread: a [NR, BLOCK_N] int8 tile of one warp per 512 columns holds each column's
+    NR weights in one thread, so the row sum crosses no threads. Rows past nrows read offset 0 of
+    the pool (unmasked: the loads stay 16 bytes wide) with v 0, which adds exactly 0 (BIAS's sums
+    subtract 32896 * v)."""
+    jj = tl.arange(0, NR)
+    jm = jj < nrows
+    roff = tl.load(rows_ptr + jj, mask=jm, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    rs = tl.load(rs_ptr + jj, mask=jm, other=0.0)
+    _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
+    vj = tl.load(v_row + jj * sv1, mask=jm, other=0.0).to(tl.float32) * rs * s
+    bias = 32896.0 * tl.sum(vj, axis=0)
+    vb = tl.broadcast_to(vj[:, None], [NR, BLOCK_N])
+    zero = tl.zeros([NR, BLOCK_N], dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for c0 in tl.range(c_lo, c_hi, BLOCK_N, num_stages=PIPE):
+        cols = c0 + offs
+        q = tl.load(flat_ptr + roff[:, None] + cols[None, :])      # past d_out: inside the pool, never stored
+        d = tl.sum(_biased_fma(zero, q, vb, q, vb, q, vb, q, vb, 1, DQ), axis=0) - bias
+        cm = cols < c_hi
+        ptrs = y_row + cols * sy1
+        if ATOMIC:
+            tl.atomic_add(ptrs, d.to(y_row.dtype.element_ty), mask=cm, sem="relaxed")
+        else:
+            y = tl.load(ptrs, mask=cm, other=0.0)
+            tl.store(ptrs, (y.to(tl.float32) + d).to(y_row.dtype.element_ty), mask=cm)
 
 # ---------------------------------------------------------------------------------------------
 # grouped decode (one token per request, tokens sorted by slot): tiles of tokens, tensor cores
@@ -1151,6 +1247,13 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
     return v
 
 
+def _rows_expand(quant: bool, T: int, max_rank: int) -> bool:
+    """Whether a decode expand runs by row chunks (_expand_rows_kernel): int8 rows, the expand
+    family's key ROWS, and a plan whose codes hold the batch."""
+    return (quant and bool(_decode_tiles("expand", quant, T).get("ROWS", False)) and T < PLAN_TOKENS
+            and triton.cdiv(max_rank, TUNE["expand_decode_rows"]["BLOCK_R"]) < PLAN_TILES)
+
+
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
                 meta: torch.Tensor, scaling: torch.Tensor, batch: LoraBatch,
                 widths: tuple[int, ...] | None = None, row_scale: torch.Tensor | None = None) -> None:
@@ -1187,6 +1290,17 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
+    elif batch.max_seg_len <= 1 and _rows_expand(quant, T, batch.max_rank):
+        cfg = TUNE["expand_decode_rows"]
+        BLOCK_R, split = cfg["BLOCK_R"], cfg.get("SPLIT", 1)
+        items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
+        _expand_rows_kernel[(items.shape[0], split)](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,
+                                                     meta3, sm0, sm1, smm, scaling, items, n, W0, W1, W2,
+                                                     ALIGN=align, BLOCK_R=BLOCK_R,
+                                                     BLOCK_N=min(cfg["BLOCK_N"], _p2(w_max)), SPLIT=split,
+                                                     PIPE=cfg.get("PIPE", 1), num_warps=cfg["num_warps"],
+                                                     num_stages=cfg.get("num_stages", 3),
+                                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
     elif batch.max_seg_len <= 1:
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))

@@ -419,9 +419,11 @@ DECODE_VARIANTS = pytest.mark.parametrize(
                 # the int8 expand's rows as biased fp32, summed per thread (PTX on a GPU; BLOCK_R 8: TPR 2)
                 {"BIAS": True, "RCLASS": True, "PTX_DQ": 1}, {"BIAS": True, "RCLASS": True, "BLOCK_R": 8},
                 # ... with BLOCK_R 32 (two groups of 4 tiles a chunk; the int8 default)
-                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1, "BLOCK_R": 32}],
+                {"BIAS": True, "RCLASS": True, "PTX_DQ": 1, "BLOCK_R": 32},
+                # the int8 expand by row chunks (its tiles: test_rows_expand_tiles_match_the_reference)
+                {"ROWS": True}],
     ids=["plain", "pipe4-tile-first", "rank-classes", "no-pdl", "pdl-rank-classes", "compact", "compact-pdl-r4",
-         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8", "biased-r32"])
+         "ptx-dq", "ptx-dq-fp16-products", "integer-dq", "biased", "biased-r8", "biased-r32", "rows"])
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -466,6 +468,27 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
     ranks and a rank-0 module in the batch."""
     _decode_variant(monkeypatch, variant)
     _check_decode_mix(91, adapter_dtype)
+
+
+@pytest.mark.parametrize("tiles", [dict(BLOCK_R=4, BLOCK_N=16, SPLIT=2, PIPE=1), dict(BLOCK_R=8, BLOCK_N=32, PDL=False),
+                                   dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2)], ids=["r4-split2", "r8", "r16-split3"])
+def test_rows_expand_tiles_match_the_reference(tiles, monkeypatch):
+    """The int8 expand by row chunks (ROWS) at several tiles: chunks of all or part of BLOCK_R rows,
+    tokens of one chunk (stored) and of several (atomics), several column steps and column splits,
+    one module and q/k/v in one launch; each against the reference, and the row-chunk kernel ran."""
+    monkeypatch.setitem(tlora.TUNE, "expand_decode_rows", {**tlora.TUNE["expand_decode_rows"], **tiles})
+    for family in ("expand_decode", "expand_decode_int8"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ROWS": True})
+    launches = []
+    kernel = tlora._expand_rows_kernel
+    monkeypatch.setattr(tlora, "_expand_rows_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    _check_decode_mix(95, torch.int8)
+    pick = [(i * 5) % 4 - 1 for i in range(21)]
+    allm = tuple(TARGET_MODULES)
+    _check_lora_fused(TINY, torch.float16, [1] * len(pick), pick, [8, 16, 24], [allm, ("q_proj", "v_proj"), allm],
+                      [("q_proj", "k_proj", "v_proj")], 1, 2e-3, torch.Generator().manual_seed(96), adapter_dtype=torch.int8)
+    assert launches and all(g[1] == tiles.get("SPLIT", 1) for g in launches)
 
 
 @ADAPTER_DTYPES
