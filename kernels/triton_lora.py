@@ -93,7 +93,7 @@ TUNE = {
                                PDL=True, BIAS=True, PTX_DQ=1),
     # ROWS (the expand's families; default False): int8 rows by row chunks, with these tiles (see
     # _expand_rows_kernel): BLOCK_R rows a chunk, BLOCK_N columns a step (512 a warp keeps rows in-thread), SPLIT
-    # programs a chunk by columns.
+    # programs a chunk by columns, G4 (default False) the rows summed 4 to an FMA chain (see _expand_rows).
     "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=512, num_warps=1, num_stages=3, PIPE=3, SPLIT=1, PDL=True,
                                PTX_DQ=1),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
@@ -721,7 +721,7 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
 def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
                         scale_ptr, items_ptr, n_ptr, W0, W1, W2,
                         ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr):
+                        PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr, G4: tl.constexpr = False):
     i = tl.program_id(0)
     _pdl_launch_dependents(PDL)
     n = tl.load(n_ptr)
@@ -750,43 +750,63 @@ def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_pt
     if n_chunks > 1:
         if rank - j0 > BLOCK_R // 2:
             _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                         c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, True)
+                         c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, True, G4)
         else:
             _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                         c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, True)
+                         c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, True, G4)
     elif rank - j0 > BLOCK_R // 2:
         _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                     c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, False)
+                     c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, False, G4)
     else:
         _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                     c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, False)
+                     c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, False, G4)
 
 
 @triton.jit
 def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN: tl.constexpr,
                  NR: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr,
-                 ATOMIC: tl.constexpr):
+                 ATOMIC: tl.constexpr, G4: tl.constexpr):
     """y[c_lo:c_hi] += s * sum over the chunk's rows j < nrows (at most NR) of v[j] * B^T row j.
     Rows are in-thread: a [NR, BLOCK_N] int8 tile of one warp per 512 columns holds each column's
     NR weights in one thread, so the row sum crosses no threads. Rows past nrows read offset 0 of
     the pool (unmasked: the loads stay 16 bytes wide) with v 0, which adds exactly 0 (BIAS's sums
     subtract 32896 * v)."""
-    jj = tl.arange(0, NR)
-    jm = jj < nrows
-    roff = tl.load(rows_ptr + jj, mask=jm, other=0)
-    if ALIGN > 1:
-        roff = tl.multiple_of(roff, ALIGN)
-    rs = tl.load(rs_ptr + jj, mask=jm, other=0.0)
+    # G4: the rows as 4 interleaved tiles of NR / 4 (rows g, g + 4, ...), summed by one 4-row
+    # _biased_fma chain, leaving a quarter of the row sum's adds; else one tile of NR rows
+    G: tl.constexpr = 4 if G4 and NR >= 4 else 1
+    GR: tl.constexpr = NR // G
+    jj = tl.arange(0, GR) * G
+    r0, w0 = _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN)
+    r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
+    if G == 4:
+        r1, w1 = _rows_scaled(rows_ptr, rs_ptr, jj + 1, nrows, ALIGN)
+        r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
+        r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    vj = tl.load(v_row + jj * sv1, mask=jm, other=0.0).to(tl.float32) * rs * s
-    bias = 32896.0 * tl.sum(vj, axis=0)
-    vb = tl.broadcast_to(vj[:, None], [NR, BLOCK_N])
-    zero = tl.zeros([NR, BLOCK_N], dtype=tl.float32)
+    shape: tl.constexpr = [GR, BLOCK_N]
+    v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
+    bias = tl.sum(v0, axis=0)
+    v1, v2, v3 = v0, v0, v0
+    if G == 4:
+        v1 = _v_scaled(v_row, sv1, jj + 1, nrows, w1, s)
+        v2 = _v_scaled(v_row, sv1, jj + 2, nrows, w2, s)
+        v3 = _v_scaled(v_row, sv1, jj + 3, nrows, w3, s)
+        bias += tl.sum(v1 + v2 + v3, axis=0)
+    bias *= 32896.0
+    v0, v1, v2, v3 = (tl.broadcast_to(v0[:, None], shape), tl.broadcast_to(v1[:, None], shape),
+                      tl.broadcast_to(v2[:, None], shape), tl.broadcast_to(v3[:, None], shape))
+    zero = tl.zeros(shape, dtype=tl.float32)
     offs = tl.arange(0, BLOCK_N)
     for c0 in tl.range(c_lo, c_hi, BLOCK_N, num_stages=PIPE):
         cols = c0 + offs
-        q = tl.load(flat_ptr + roff[:, None] + cols[None, :])      # past d_out: inside the pool, never stored
-        d = tl.sum(_biased_fma(zero, q, vb, q, vb, q, vb, q, vb, 1, DQ), axis=0) - bias
+        # past d_out: inside the pool, never stored
+        q0 = tl.load(flat_ptr + r0[:, None] + cols[None, :])
+        q1, q2, q3 = q0, q0, q0
+        if G == 4:
+            q1 = tl.load(flat_ptr + r1[:, None] + cols[None, :])
+            q2 = tl.load(flat_ptr + r2[:, None] + cols[None, :])
+            q3 = tl.load(flat_ptr + r3[:, None] + cols[None, :])
+        d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
         cm = cols < c_hi
         ptrs = y_row + cols * sy1
         if ATOMIC:
@@ -794,6 +814,22 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         else:
             y = tl.load(ptrs, mask=cm, other=0.0)
             tl.store(ptrs, (y.to(tl.float32) + d).to(y_row.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN: tl.constexpr):
+    """(offsets of a chunk's rows jj, their scales); rows past nrows: offset 0, scale 0."""
+    jm = jj < nrows
+    roff = tl.load(rows_ptr + jj, mask=jm, other=0)
+    if ALIGN > 1:
+        roff = tl.multiple_of(roff, ALIGN)
+    return roff, tl.load(rs_ptr + jj, mask=jm, other=0.0)
+
+
+@triton.jit
+def _v_scaled(v_row, sv1, jj, nrows, rs, s):
+    """v of a chunk's rows jj times their row scale and the adapter's scaling, fp32."""
+    return tl.load(v_row + jj * sv1, mask=jj < nrows, other=0.0).to(tl.float32) * rs * s
 
 # ---------------------------------------------------------------------------------------------
 # grouped decode (one token per request, tokens sorted by slot): tiles of tokens, tensor cores
@@ -1300,7 +1336,8 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                                      BLOCK_N=min(cfg["BLOCK_N"], _p2(w_max)), SPLIT=split,
                                                      PIPE=cfg.get("PIPE", 1), num_warps=cfg["num_warps"],
                                                      num_stages=cfg.get("num_stages", 3),
-                                                     DQ=_ptx_dq(cfg, quant, y.device), **_pdl_args(cfg, y.device))
+                                                     DQ=_ptx_dq(cfg, quant, y.device), G4=bool(cfg.get("G4", False)),
+                                                     **_pdl_args(cfg, y.device))
     elif batch.max_seg_len <= 1:
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))

@@ -470,12 +470,14 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
     _check_decode_mix(91, adapter_dtype)
 
 
-@pytest.mark.parametrize("tiles", [dict(BLOCK_R=4, BLOCK_N=16, SPLIT=2, PIPE=1), dict(BLOCK_R=8, BLOCK_N=32, PDL=False),
-                                   dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2)], ids=["r4-split2", "r8", "r16-split3"])
+@pytest.mark.parametrize("tiles", [dict(BLOCK_R=4, BLOCK_N=16, SPLIT=2, PIPE=1, G4=True), dict(BLOCK_R=8, BLOCK_N=32, PDL=False),
+                                   dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2, G4=True)],
+                         ids=["r4-split2-g4", "r8", "r16-split3-g4"])
 def test_rows_expand_tiles_match_the_reference(tiles, monkeypatch):
     """The int8 expand by row chunks (ROWS) at several tiles: chunks of all or part of BLOCK_R rows,
     tokens of one chunk (stored) and of several (atomics), several column steps and column splits,
-    one module and q/k/v in one launch; each against the reference, and the row-chunk kernel ran."""
+    one module and q/k/v in one launch, rows in one tile or four (G4; 4-row chunks' 2-row halves
+    fall back to one); each against the reference, and the row-chunk kernel ran."""
     monkeypatch.setitem(tlora.TUNE, "expand_decode_rows", {**tlora.TUNE["expand_decode_rows"], **tiles})
     for family in ("expand_decode", "expand_decode_int8"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ROWS": True})
