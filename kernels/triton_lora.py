@@ -89,13 +89,20 @@ TUNE = {
     # weight, each thread's sums kept to the program's end, 4 row tiles to a PTX block, and BLOCK_R 32 (was 16):
     # the LoRA alone 0.982-0.986x (q/k/v expand 1.211 vs 1.250 ms, o 0.463 vs 0.498, call 5); engine 256 x 256,
     # eight pairs alternated over calls 2, 3 and 5: +17.8% against +18.8% (mean), ahead in 7 of 8.
+    # ROWS (2026-12-04, H200, benchmarks/results/lora-rows-2026-12-04-h200): by row chunks instead (the tiles
+    # above remain for ROWS False), tiles below: q/k/v expand 1.036 vs 1.214 ms a step alone, the LoRA 0.914x and
+    # 0.930x (calls 1, 2); engine 256 x 256, eight pairs alternated: +17.0% against +18.0% (mean), ahead in 6 of 8.
     "expand_decode_int8": dict(BLOCK_R=32, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
-                               PDL=True, BIAS=True, PTX_DQ=1),
-    # ROWS (the expand's families; default False): int8 rows by row chunks, with these tiles (see
-    # _expand_rows_kernel): BLOCK_R rows a chunk, BLOCK_N columns a step (512 a warp keeps rows in-thread), SPLIT
-    # programs a chunk by columns, G4 (default False) the rows summed 4 to an FMA chain (see _expand_rows).
-    "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=512, num_warps=1, num_stages=3, PIPE=3, SPLIT=1, PDL=True,
-                               PTX_DQ=1),
+                               PDL=True, BIAS=True, PTX_DQ=1, ROWS=True),
+    # ROWS (the expand's families; default False, on in expand_decode_int8): int8 rows by row chunks, with these
+    # tiles (see _expand_rows_kernel): BLOCK_R rows a chunk, BLOCK_N columns a step (512 a warp keeps rows
+    # in-thread), SPLIT programs a chunk by columns, G4 (default False) the rows summed 4 to an FMA chain (see
+    # _expand_rows).
+    # Swept on the H200 (lora-rows-2026-12-04-h200, the LoRA alone, calls 1-2): BLOCK_R 8 1.03x and 32 1.14x the
+    # time of 16; G4 0.98x; 1024 columns on 2 warps 0.96-0.97x 512 on 1 (2048 on 4 no better); PIPE 2 0.98x 3, 4
+    # between; SPLIT 2 sped the one-module o expand (0.97x) and slowed q/k/v (1.08x).
+    "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
+                               PTX_DQ=1, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -767,8 +774,8 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
                  NR: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr,
                  ATOMIC: tl.constexpr, G4: tl.constexpr):
     """y[c_lo:c_hi] += s * sum over the chunk's rows j < nrows (at most NR) of v[j] * B^T row j.
-    Rows are in-thread: a [NR, BLOCK_N] int8 tile of one warp per 512 columns holds each column's
-    NR weights in one thread, so the row sum crosses no threads. Rows past nrows read offset 0 of
+    Rows are in-thread: int8 tiles of one warp per 512 columns hold each column's weights in one
+    thread, so the row sum crosses no threads. Rows past nrows read offset 0 of
     the pool (unmasked: the loads stay 16 bytes wide) with v 0, which adds exactly 0 (BIAS's sums
     subtract 32896 * v)."""
     # G4: the rows as 4 interleaved tiles of NR / 4 (rows g, g + 4, ...), summed by one 4-row
