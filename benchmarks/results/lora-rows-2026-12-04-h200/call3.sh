@@ -1,7 +1,7 @@
 # device call 3 (2026-12-04): the row-chunk expand as the default (tiles of call 2's fastest): the GPU kernel tests
 # (all but the column-tile variants, unchanged), the GPU engine tests (parity with transformers + peft, CUDA
 # graphs), the decode LoRA alone and the engine's 256 x 256 step against the column tiles (ROWS False, the
-# previous default), alternated
+# previous default), alternated; alone also tiles for the one-module (o) launches (TUNE expand_decode_rows ONE)
 set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/c3; mkdir -p $H; R=benchmarks/results/lora-rows-2026-12-04-h200
 export PYTHONPATH=$PWD
 { cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -10,7 +10,7 @@ timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gp
 echo "kernel tests rc=$? at $((SECONDS-T0)) s"; tail -1 $H/tests-kernels.log; grep -E "^FAILED|^E " $H/tests-kernels.log | head -6 | cut -c1-300
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py > $H/tests-engine.log 2>&1
 echo "engine tests rc=$? at $((SECONDS-T0)) s"; tail -1 $H/tests-engine.log; grep -E "^FAILED|^E " $H/tests-engine.log | head -6 | cut -c1-300
-timeout 70 python3 benchmarks/bench_lora_decode.py --variants $R/variants-3-alone.json --out $H/alone --fence --split --rounds 5 \
+timeout 100 python3 benchmarks/bench_lora_decode.py --variants $R/variants-3-alone.json --out $H/alone --fence --split --rounds 5 \
   --token-order rank-desc > $H/alone.log 2>&1; echo "alone rc=$? at $((SECONDS-T0)) s"; grep -E "^\| |failed|rror" $H/alone.log | cut -c1-140
 LEFT=$((580 - SECONDS + T0)); echo "sweep budget $LEFT s"
 timeout $LEFT python3 benchmarks/engine_tune_sweep.py --variants $R/variants-3-engine.json --out $H/sweep --timeout 75 --warmup -- \
