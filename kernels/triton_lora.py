@@ -91,7 +91,8 @@ TUNE = {
     # eight pairs alternated over calls 2, 3 and 5: +17.8% against +18.8% (mean), ahead in 7 of 8.
     # ROWS (2026-12-04, H200, benchmarks/results/lora-rows-2026-12-04-h200): by row chunks instead (the tiles
     # above remain for ROWS False), tiles below: q/k/v expand 1.036 vs 1.214 ms a step alone, the LoRA 0.914x and
-    # 0.930x (calls 1, 2); engine 256 x 256, eight pairs alternated: +17.0% against +18.0% (mean), ahead in 6 of 8.
+    # 0.915x (calls 1-3); engine 256 x 256, eleven pairs alternated over three calls: +17.2% against +18.1% (mean),
+    # ahead in 9 of 11.
     "expand_decode_int8": dict(BLOCK_R=32, BLOCK_N=128, num_warps=1, num_stages=3, TILE_FIRST=True, RCLASS=True,
                                PDL=True, BIAS=True, PTX_DQ=1, ROWS=True),
     # ROWS (the expand's families; default False, on in expand_decode_int8): int8 rows by row chunks, with these
@@ -100,8 +101,8 @@ TUNE = {
     # _expand_rows).
     # Swept on the H200 (lora-rows-2026-12-04-h200, the LoRA alone, calls 1-2): BLOCK_R 8 1.03x and 32 1.14x the
     # time of 16; G4 0.98x; 1024 columns on 2 warps 0.96-0.97x 512 on 1 (2048 on 4 no better); PIPE 2 0.98x 3, 4
-    # between; SPLIT 2 sped the one-module o expand (0.97x) and slowed q/k/v (1.08x). ONE (default none): a dict of
-    # these keys for one-module launches.
+    # between; SPLIT 2 sped the one-module o expand (0.97x) and slowed q/k/v (1.08x); o's own tiles (BLOCK_R 8, SPLIT
+    # 2, both, 512 columns on 1 warp) bought nothing (0.998-1.003x, call 3; d822b71 has the key).
     "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                PTX_DQ=1, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
@@ -1336,8 +1337,6 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1 and _rows_expand(quant, T, batch.max_rank):
         cfg = TUNE["expand_decode_rows"]
-        if M == 1:      # ONE: tiles of one-module launches (o, down), which have a third of q/k/v's programs
-            cfg = {**cfg, **cfg.get("ONE", {})}
         BLOCK_R, split = cfg["BLOCK_R"], cfg.get("SPLIT", 1)
         items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
         _expand_rows_kernel[(items.shape[0], split)](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,

@@ -473,8 +473,8 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
 
 
 @pytest.mark.parametrize("tiles", [dict(BLOCK_R=4, BLOCK_N=16, SPLIT=2, PIPE=1, G4=True), dict(BLOCK_R=8, BLOCK_N=32, PDL=False),
-                                   dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2, G4=True, ONE=dict(BLOCK_R=8, SPLIT=2))],
-                         ids=["r4-split2-g4", "r8", "r16-split3-g4-one-r8-split2"])
+                                   dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2, G4=True)],
+                         ids=["r4-split2-g4", "r8", "r16-split3-g4"])
 def test_rows_expand_tiles_match_the_reference(tiles, monkeypatch):
     """The int8 expand by row chunks (ROWS) at several tiles: chunks of all or part of BLOCK_R rows,
     tokens of one chunk (stored) and of several (atomics), several column steps and column splits,
@@ -492,9 +492,7 @@ def test_rows_expand_tiles_match_the_reference(tiles, monkeypatch):
     allm = tuple(TARGET_MODULES)
     _check_lora_fused(TINY, torch.float16, [1] * len(pick), pick, [8, 16, 24], [allm, ("q_proj", "v_proj"), allm],
                       [("q_proj", "k_proj", "v_proj")], 1, 2e-3, torch.Generator().manual_seed(96), adapter_dtype=torch.int8)
-    one = {**tiles, **tiles.get("ONE", {})}      # one-module launches take ONE's tiles
-    assert launches and all(g[1] in (tiles.get("SPLIT", 1), one.get("SPLIT", 1)) for g in launches)
-    assert {g[1] for g in launches} == {tiles.get("SPLIT", 1), one.get("SPLIT", 1)}
+    assert launches and all(g[1] == tiles.get("SPLIT", 1) for g in launches)
 
 
 @ADAPTER_DTYPES
