@@ -166,17 +166,20 @@ def main() -> None:
             engine._run(Step([], reqs))
         sync()
         st = engine.stats
-        before = (st.prep_s, st.device_s, st.post_s)
+        before = (st.prep_s, st.device_s, st.post_s, st.gpu_s)
         w0 = time.perf_counter()
         for _ in range(args.steps):
             engine._run(Step([], reqs))
         sync()
-        split = [round((a - b) * 1e3 / args.steps, 2) for a, b in zip((st.prep_s, st.device_s, st.post_s), before)]
+        # host timers (prep, launch + wait, post) and the step's device time between CUDA events
+        split = [round((a - b) * 1e3 / args.steps, 2)
+                 for a, b in zip((st.prep_s, st.device_s, st.post_s, st.gpu_s), before)]
         return split, (time.perf_counter() - w0) * 1e3 / args.steps
 
     def time_overlapped(reqs) -> float:
-        """Wall ms per decode step as the serving loop runs them: step N+1 is launched before
-        step N's tokens are read, so the host's work per step overlaps the device's. With
+        """(wall ms, device ms between CUDA events) per decode step as the serving loop runs them:
+        step N+1 is launched before step N's tokens are read, so the host's work per step overlaps
+        the device's. With
         --rounds R, the median of R rounds, each from the same contexts (so a stray slow round
         does not move a ratio, and later rounds do not read longer contexts)."""
         run = lambda: engine._overlap(Step([], list(reqs)))  # noqa: E731
@@ -186,6 +189,7 @@ def main() -> None:
         sync()
         start = [(r, len(r.output_ids), r.num_computed) for r in reqs]
         rounds = []
+        gpu0, steps0 = engine.stats.gpu_s, engine.stats.steps
         for _ in range(args.rounds):
             for r, n_out, done in start:     # back to the same contexts
                 del r.output_ids[n_out:]
@@ -196,7 +200,8 @@ def main() -> None:
             engine._overlap(Step([], []))
             sync()
             rounds.append((time.perf_counter() - w0) * 1e3 / args.steps)
-        return statistics.median(rounds)
+        gpu_ms = (engine.stats.gpu_s - gpu0) * 1e3 / max(1, engine.stats.steps - steps0)
+        return statistics.median(rounds), gpu_ms
 
     def mixed_step(prefills, decodes):
         """A step that prefills every prompt again beside the decode batch."""
@@ -250,8 +255,9 @@ def main() -> None:
                 split, wall_ms = time_steps(reqs)
                 if args.profile and args.out:
                     profile(lambda: engine._run(Step([], reqs)), f"{args.shape}-{tag}-b{n}-{mode}")
-                out[f"{mode}_prep_device_post_ms"] = split
-                out[f"{mode}_overlapped_ms"] = round(time_overlapped(reqs), 3)
+                out[f"{mode}_prep_device_post_ms"], out[f"{mode}_gpu_ms"] = split[:3], split[3]
+                wall, gpu = time_overlapped(reqs)
+                out[f"{mode}_overlapped_ms"], out[f"{mode}_overlapped_gpu_ms"] = round(wall, 3), round(gpu, 3)
                 kv_bytes = sum(2 * cfg.num_layers * r.total_len * cfg.kv_width * 2 for r in reqs)
                 out[f"{mode}_ms"] = round(wall_ms, 3)
                 out["roofline_ms"] = round((weight_bytes + kv_bytes) / bw * 1e3, 3)
@@ -289,6 +295,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['mode']:>6} {r['batch']:>6} " + " ".join(
             f"{m}: {r[m + '_overlapped_ms']} vs {r[m + '_ms']}" for m in ["base"] + lm))
+    print("\ndevice ms per step between CUDA events, overlapped vs one step at a time:")
+    for r in rows:
+        print(f"{r['mode']:>6} {r['batch']:>6} " + " ".join(
+            f"{m}: {r[m + '_overlapped_gpu_ms']} vs {r[m + '_gpu_ms']}" for m in ["base"] + lm))
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         suffix = ('' if args.dtype == 'float16' else '-' + args.dtype) + ('' if args.adapter_dtype == 'auto' else '-int8')
