@@ -14,5 +14,5 @@ for k in 1 2; do
     --context 256 --pool-gb 54 --adapter-dtype int8 --out $H/engine-$k > $H/engine-$k.log 2>&1
   echo "engine $k rc=$? at $((SECONDS-T0)) s"; grep -A3 "^ms per step\|^device ms" $H/engine-$k.log | grep -v "^--"
 done
-kill $SMI; wc -l $H/smi.csv; awk -F', ' 'NR>1 {print $2, $4, $6}' $H/smi.csv | sort | uniq -c | sort -rn | head -12
+kill $SMI; wc -l $H/smi.csv; awk -F', ' 'NR>1 {print $2, $6}' $H/smi.csv | sort | uniq -c | sort -rn | head -12
 tar czf $OUT/c4.tgz -C /tmp c4
