@@ -777,9 +777,9 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
                  ATOMIC: tl.constexpr, G4: tl.constexpr):
     """y[c_lo:c_hi] += s * sum over the chunk's rows j < nrows (at most NR) of v[j] * B^T row j.
     Rows are in-thread: int8 tiles of one warp per 512 columns hold each column's weights in one
-    thread, so the row sum crosses no threads. Rows past nrows read offset 0 of
-    the pool (unmasked: the loads stay 16 bytes wide) with v 0, which adds exactly 0 (BIAS's sums
-    subtract 32896 * v)."""
+    thread, so the row sum crosses no threads. Rows past nrows read offset 0 of the pool
+    (unmasked: the loads stay 16 bytes wide) with v 0, which adds exactly 0 (BIAS's sums subtract
+    32896 * v)."""
     # G4: the rows as 4 interleaved tiles of NR / 4 (rows g, g + 4, ...), summed by one 4-row
     # _biased_fma chain, leaving a quarter of the row sum's adds; else one tile of NR rows
     G: tl.constexpr = 4 if G4 and NR >= 4 else 1
