@@ -753,22 +753,25 @@ def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_pt
     c_hi = tl.minimum(c_lo + span, d_out)
     v_row = v_ptr + t.to(tl.int64) * sv0 + j0 * sv1
     y_row = y_ptr + t.to(tl.int64) * sy0
+    rows_ptr += b0 + j0
+    rs_ptr += b0 + j0
+    nrows = rank - j0
     s = tl.load(scale_ptr + slot)
     # the branches pick a loop built for them (a runtime choice inside the loop cost its 16-byte
     # loads and its pipelining): chunks of more than half BLOCK_R rows or not, atomics or not
     if n_chunks > 1:
-        if rank - j0 > BLOCK_R // 2:
-            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                         c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, True, G4)
+        if nrows > BLOCK_R // 2:
+            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R,
+                         BLOCK_N, PIPE, PDL, DQ, True, G4)
         else:
-            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                         c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, True, G4)
-    elif rank - j0 > BLOCK_R // 2:
-        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                     c_lo, c_hi, ALIGN, BLOCK_R, BLOCK_N, PIPE, PDL, DQ, False, G4)
+            _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R // 2,
+                         BLOCK_N, PIPE, PDL, DQ, True, G4)
+    elif nrows > BLOCK_R // 2:
+        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R,
+                     BLOCK_N, PIPE, PDL, DQ, False, G4)
     else:
-        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr + b0 + j0, rs_ptr + b0 + j0, rank - j0, s,
-                     c_lo, c_hi, ALIGN, BLOCK_R // 2, BLOCK_N, PIPE, PDL, DQ, False, G4)
+        _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R // 2,
+                     BLOCK_N, PIPE, PDL, DQ, False, G4)
 
 
 @triton.jit
