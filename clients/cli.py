@@ -474,7 +474,8 @@ def cmd_stats(args) -> int:
     print(f"pool pages       {p.total_pages} total: {p.kv_pages} KV, {p.adapter_pages} adapters, {p.free_pages} free"
           + (f" ({100 * used / p.total_pages:.1f}% used)" if p.total_pages else ""))
     print(f"page             {_human_bytes(p.page_bytes)}, {p.block_tokens} tokens per KV block; adapter rows "
-          + ("int8 with a scale per row" if p.adapter_dtype == "int8" else p.adapter_dtype or s.dtype or "-"))
+          + (f"{p.adapter_dtype} with a scale per row" if p.adapter_dtype in ("int8", "int4")
+             else p.adapter_dtype or s.dtype or "-"))
     print(f"requests         {s.running} running, {s.waiting} waiting")
     print(f"steps            {s.steps}  generated tokens {s.generated_tokens}  preemptions {s.preemptions}")
     if s.decode_steps:

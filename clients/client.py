@@ -202,7 +202,7 @@ class PoolStats:
     free_pages: int = 0
     page_bytes: int = 0
     block_tokens: int = 0
-    adapter_dtype: str = ""      # adapter rows: the model's dtype, or "int8" (a scale per row)
+    adapter_dtype: str = ""      # adapter rows: the model's dtype, "int8" or "int4" (a scale per row)
 
 
 @dataclass

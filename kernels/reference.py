@@ -6,7 +6,9 @@ whose rows start at table entry ``start`` is ``flat[rows[start + j] : rows[start
 ``meta`` is one (layer, module) view of the adapter index table: int32 [slots, 4] =
 (A row start, B^T row start, A rows, B^T rows); the two ranks differ only when tensor parallelism
 splits A by rank (server/tp.py), and 0 means the adapter does not target that module. An int8
-``flat`` holds quantized rows: row j is ``flat[...] * row_scale[start + j]``.
+``flat`` holds quantized rows: row j is ``flat[...] * row_scale[start + j]``. A uint8 ``flat``
+holds int4 rows, two weights to a byte (server/pool.py: column 2i in the low nibble), so row j's
+weights are the ``ceil(width / 2)`` bytes from ``rows[start + j]``, unpacked, times its scale.
 """
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ from kernels.batch import AttnBatch, LoraBatch
 def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, width: int,
                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rows start..start+r of the row table as an [r, width] matrix (a gather, not a copy loop);
-    int8 rows come back dequantized, in fp32."""
+    int8 and int4 rows come back dequantized, in fp32."""
     offs = rows[start:start + r]
-    m = flat[offs[:, None] + torch.arange(width, device=flat.device)]
-    if flat.dtype == torch.int8:
+    int4 = flat.dtype == torch.uint8
+    m = flat[offs[:, None] + torch.arange((width + 1) // 2 if int4 else width, device=flat.device)]
+    if int4:
+        s = m.view(torch.int8)
+        m = torch.stack([(s << 4) >> 4, s >> 4], dim=-1).reshape(r, -1)[:, :width]
+    if flat.dtype in (torch.int8, torch.uint8):
         m = m.float() * row_scale[start:start + r, None]
     return m
 

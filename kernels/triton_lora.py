@@ -30,6 +30,11 @@ schedules scale the fp32 vector side (shrink's output column, expand's v[j]); th
 schedules dequantize the weight tile to the activation dtype before ``tl.dot`` (scaling v instead
 would push its fp16 values toward underflow), except the segment shrink, whose one adapter per
 program lets it scale the fp32 accumulator's columns once at the end.
+
+int4 rows (QUANT 2, ``flat`` is uint8: two weights a byte, column 2i in the low nibble, see
+server/pool.py) are the same with half the bytes: every schedule loads a tile's bytes and unpacks
+them in registers into int8 weights in column order (_load_i4), and from there runs its int8 code.
+The decode expand always takes the row-chunk kernel with int4 rows.
 """
 from __future__ import annotations
 
@@ -144,7 +149,7 @@ def _row_align(flat: torch.Tensor) -> int:
     compiler emit 16-byte loads.
     """
     base = flat._base
-    align = 16 if flat.dtype == torch.int8 else 8
+    align = 16 if flat.element_size() == 1 else 8     # int8 and int4 (uint8) rows: 16 bytes
     if (base is not None and base.dim() == 2 and base.shape[1] * base.element_size() % (align * flat.element_size()) == 0
             and flat.storage_offset() == 0 and flat.data_ptr() % 16 == 0):
         return align
@@ -163,6 +168,18 @@ def _load_rows(ptrs, mask, QUANT: tl.constexpr):
     if QUANT:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_i4(row_ptrs, c0, N: tl.constexpr):
+    """[rows, N] int8 weights of int4 rows (``row_ptrs``: each row's first byte) at columns
+    c0 .. c0 + N (c0 even), from N / 2 bytes a row: the low nibble is the even column, and both
+    nibbles are two's complement, so an arithmetic shift sign-extends each. Unmasked, as int8 rows
+    are (see _load_rows): the bytes past a row's end lie in the pool and meet zero activations or
+    are never stored."""
+    b = tl.load(row_ptrs[:, None] + (c0 // 2 + tl.arange(0, N // 2))[None, :])
+    q = b.to(tl.int8, bitcast=True)
+    return tl.reshape(tl.join((q << 4) >> 4, q >> 4), [row_ptrs.shape[0], N])
 
 
 @triton.jit
@@ -365,7 +382,10 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
         kk = k0 + offs_k
         kmask = kk < d_in
-        w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
+        if QUANT == 2:
+            w = _load_i4(flat_ptr + roff, k0, BLOCK_K)
+        else:
+            w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
         if DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
             xh = tl.load(x_row + kk * sx1, mask=kmask, other=0.0)
             acc = _i8_fma_f16(w, tl.broadcast_to(xh[None, :], [BLOCK_R, BLOCK_K]), acc)
@@ -730,7 +750,8 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
 def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
                         scale_ptr, items_ptr, n_ptr, W0, W1, W2,
                         ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr, G4: tl.constexpr = False):
+                        PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr, G4: tl.constexpr = False,
+                        I4: tl.constexpr = False):
     i = tl.program_id(0)
     _pdl_launch_dependents(PDL)
     n = tl.load(n_ptr)
@@ -762,22 +783,22 @@ def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_pt
     if n_chunks > 1:
         if nrows > BLOCK_R // 2:
             _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R,
-                         BLOCK_N, PIPE, PDL, DQ, True, G4)
+                         BLOCK_N, PIPE, PDL, DQ, True, G4, I4)
         else:
             _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R // 2,
-                         BLOCK_N, PIPE, PDL, DQ, True, G4)
+                         BLOCK_N, PIPE, PDL, DQ, True, G4, I4)
     elif nrows > BLOCK_R // 2:
         _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R,
-                     BLOCK_N, PIPE, PDL, DQ, False, G4)
+                     BLOCK_N, PIPE, PDL, DQ, False, G4, I4)
     else:
         _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN, BLOCK_R // 2,
-                     BLOCK_N, PIPE, PDL, DQ, False, G4)
+                     BLOCK_N, PIPE, PDL, DQ, False, G4, I4)
 
 
 @triton.jit
 def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c_lo, c_hi, ALIGN: tl.constexpr,
                  NR: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr,
-                 ATOMIC: tl.constexpr, G4: tl.constexpr):
+                 ATOMIC: tl.constexpr, G4: tl.constexpr, I4: tl.constexpr):
     """y[c_lo:c_hi] += s * sum over the chunk's rows j < nrows (at most NR) of v[j] * B^T row j.
     Rows are in-thread: int8 tiles of one warp per 512 columns hold each column's weights in one
     thread, so the row sum crosses no threads. Rows past nrows read offset 0 of the pool
@@ -812,13 +833,19 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
     for c0 in tl.range(c_lo, c_hi, BLOCK_N, num_stages=PIPE):
         cols = c0 + offs
         # past d_out: inside the pool, never stored
-        q0 = tl.load(flat_ptr + r0[:, None] + cols[None, :])
+        q0 = _load_q(flat_ptr, r0, c0, cols, BLOCK_N, I4)
         q1, q2, q3 = q0, q0, q0
         if G == 4:
-            q1 = tl.load(flat_ptr + r1[:, None] + cols[None, :])
-            q2 = tl.load(flat_ptr + r2[:, None] + cols[None, :])
-            q3 = tl.load(flat_ptr + r3[:, None] + cols[None, :])
-        d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
+            q1 = _load_q(flat_ptr, r1, c0, cols, BLOCK_N, I4)
+            q2 = _load_q(flat_ptr, r2, c0, cols, BLOCK_N, I4)
+            q3 = _load_q(flat_ptr, r3, c0, cols, BLOCK_N, I4)
+        if I4:      # 16 levels: exact fp32 products (BIAS's 2^15 offset would cost int4 sums their low bits)
+            d = _rows_f32(q0, 1, DQ) * v0
+            if G == 4:
+                d += _rows_f32(q1, 1, DQ) * v1 + _rows_f32(q2, 1, DQ) * v2 + _rows_f32(q3, 1, DQ) * v3
+            d = tl.sum(d, axis=0)
+        else:
+            d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
         cm = cols < c_hi
         ptrs = y_row + cols * sy1
         if ATOMIC:
@@ -826,6 +853,14 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         else:
             y = tl.load(ptrs, mask=cm, other=0.0)
             tl.store(ptrs, (y.to(tl.float32) + d).to(y_row.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _load_q(flat_ptr, roff, c0, cols, BLOCK_N: tl.constexpr, I4: tl.constexpr):
+    """A [rows, BLOCK_N] int8 tile of quantized rows at columns cols = c0 + [0, BLOCK_N)."""
+    if I4:
+        return _load_i4(flat_ptr + roff, c0, BLOCK_N)
+    return tl.load(flat_ptr + roff[:, None] + cols[None, :])
 
 
 @triton.jit
@@ -891,7 +926,10 @@ def _shrink_grouped_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr
                 kmask = kk < k_hi
                 xt = tl.load(x_rows + kk[None, :] * sx1, mask=sel[:, None] & kmask[None, :], other=0.0)
                 # A^T tile [BLOCK_K, BLOCK_R]
-                at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & rmask[None, :], QUANT)
+                if QUANT == 2:
+                    at = tl.trans(_load_i4(flat_ptr + roff, k0, BLOCK_K))
+                else:
+                    at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & rmask[None, :], QUANT)
                 if QUANT:
                     at = _dequant(at, rs[None, :], xt.dtype)
                 if IEEE:
@@ -946,7 +984,10 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
             if ALIGN > 1:
                 roff = tl.multiple_of(roff, ALIGN)
             # B^T tile [BLOCK_K, BLOCK_N]
-            bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
+            if QUANT == 2:
+                bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
+            else:
+                bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
             if QUANT:
                 bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
             if IEEE:
@@ -1013,7 +1054,10 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
         kmask = kk < k_hi
         xt = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
         # A^T tile [BLOCK_K, BLOCK_N]
-        at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
+        if QUANT == 2:
+            at = tl.trans(_load_i4(flat_ptr + roff, k0, BLOCK_K))
+        else:
+            at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
             at = _i8_to_f16(at)     # exact: the scales come after the dot
         if IEEE:
@@ -1082,7 +1126,10 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         # B^T tile [BLOCK_K, BLOCK_N]
-        bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
+        if QUANT == 2:
+            bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
+        else:
+            bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
         if QUANT:
             bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
         if IEEE:
@@ -1192,12 +1239,13 @@ def _ptx_dq(cfg: dict, quant: bool, device, fp16_products: bool = False) -> int:
     return min(level, 2 if fp16_products else 1)
 
 
-def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[bool, torch.Tensor]:
-    """(int8 rows?, the scale pointer a launch passes: the row scales, or any tensor when unused)."""
-    if flat.dtype != torch.int8:
-        return False, rows
-    assert row_scale is not None, "int8 adapter rows need their row_scale"
-    return True, row_scale
+def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """(QUANT: 0 rows in the model's dtype, 1 int8, 2 int4 (uint8 ``flat``); the scale pointer a
+    launch passes: the row scales, or any tensor when unused)."""
+    if flat.dtype not in (torch.int8, torch.uint8):
+        return 0, rows
+    assert row_scale is not None, "quantized adapter rows need their row_scale"
+    return (2 if flat.dtype == torch.uint8 else 1), row_scale
 
 
 def _modules(meta: torch.Tensor) -> torch.Tensor:
@@ -1295,11 +1343,15 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
     return v
 
 
-def _rows_expand(quant: bool, T: int, max_rank: int) -> bool:
-    """Whether a decode expand runs by row chunks (_expand_rows_kernel): int8 rows, the expand
-    family's key ROWS, and a plan whose codes hold the batch."""
-    return (quant and bool(_decode_tiles("expand", quant, T).get("ROWS", False)) and T < PLAN_TOKENS
-            and triton.cdiv(max_rank, TUNE["expand_decode_rows"]["BLOCK_R"]) < PLAN_TILES)
+def _rows_expand(quant: int, T: int, max_rank: int) -> bool:
+    """Whether a decode expand runs by row chunks (_expand_rows_kernel): int8 rows with the expand
+    family's key ROWS, or int4 rows (the only decode expand that reads them), and a plan whose
+    codes hold the batch."""
+    fits = T < PLAN_TOKENS and triton.cdiv(max_rank, TUNE["expand_decode_rows"]["BLOCK_R"]) < PLAN_TILES
+    if quant == 2:
+        assert fits, f"int4 rows: a decode batch of {T} tokens at rank {max_rank} is past the expand plan's codes"
+        return True
+    return bool(quant) and bool(_decode_tiles("expand", quant, T).get("ROWS", False)) and fits
 
 
 def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor,
@@ -1349,7 +1401,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                                      PIPE=cfg.get("PIPE", 1), num_warps=cfg["num_warps"],
                                                      num_stages=cfg.get("num_stages", 3),
                                                      DQ=_ptx_dq(cfg, quant, y.device), G4=bool(cfg.get("G4", False)),
-                                                     **_pdl_args(cfg, y.device))
+                                                     I4=quant == 2, **_pdl_args(cfg, y.device))
     elif batch.max_seg_len <= 1:
         cfg = _decode_tiles("expand", quant, T)
         BLOCK_N = min(cfg["BLOCK_N"], _p2(w_max))

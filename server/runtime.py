@@ -35,7 +35,7 @@ class EngineConfig:
     fetch_processes: int = -1           # processes doing their parse/stage work (-1: auto, 0: none)
     cuda_graphs: bool = True            # decode steps replay CUDA graphs (CUDA only)
     max_lora_rank: int = 64             # rank cap of the captured graphs (larger: eager steps)
-    adapter_dtype: str = "auto"         # adapter rows in the pool: auto (the model's dtype) or int8
+    adapter_dtype: str = "auto"         # adapter rows in the pool: auto (the model's dtype), int8 or int4
     warmup: bool = True                 # compile eager-step kernels before serving (CUDA only)
     stream_interval: int = 1            # tokens per stream message after the first (Engine)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -53,9 +53,11 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
     def resolve_adapter_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        if self.adapter_dtype not in ("auto", "int8"):
-            raise ValueError(f"--adapter-dtype must be auto or int8, got {self.adapter_dtype!r}")
-        return torch.int8 if self.adapter_dtype == "int8" else dtype
+        from server.pool import INT4
+        formats = {"auto": dtype, "int8": torch.int8, "int4": INT4}
+        if self.adapter_dtype not in formats:
+            raise ValueError(f"--adapter-dtype must be auto, int8 or int4, got {self.adapter_dtype!r}")
+        return formats[self.adapter_dtype]
 
 
 def block_tokens_for(cfg, want: int) -> int:

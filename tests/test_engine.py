@@ -121,6 +121,66 @@ def test_int8_adapter_rows_match_transformers_peft_within_their_error(tiny, grou
     assert worst < 3e-2, worst
 
 
+def int4_round_trip_adapter(src, dst):
+    """A PEFT folder holding ``src``'s weights as the pool's int4 rows hold them: every row of A
+    and of B^T quantized (server.pool.quantize_rows_int4) and dequantized."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from server.pool import quantize_rows_int4, unpack_int4
+
+    def stored(m):
+        packed, scale = quantize_rows_int4(m)
+        return unpack_int4(packed, m.shape[1]).float() * scale[:, None]
+
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    out = {k: stored(t) if ".lora_A." in k else stored(t.t()).t().contiguous() for k, t in tensors.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    save_file(out, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_int4_adapter_rows_match_transformers_peft_on_their_int4_weights(tiny, grouped, monkeypatch, tmp_path):
+    """--adapter-dtype int4: two weights a byte, a scale per row. The engine computes exactly the
+    model whose adapters are those int4 rows: against transformers + peft on the int4-rounded
+    weights, the same greedy tokens for every adapter in the mixed batch and log-probabilities
+    within the fp32 engine's bound. Against the full-precision adapters the outputs move by the
+    quantization error: each token stays within 1 nat of the full-precision model's best at its
+    position (teacher-forced; these strong random adapters leave the full-precision greedy path
+    at near-ties, seen 0.66 at most), and base requests are untouched."""
+    from tests.helpers import hf_scores
+    if grouped:
+        import server.engine
+        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=4, adapter_dtype="int4")
+    assert engine.pool.int4 and engine.table.flat.dtype == torch.uint8 and engine.pool.stats().adapter_dtype == "int4"
+    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
+    reqs = mixed_requests(names, seed=2)
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    rounded = {n: int4_round_trip_adapter(p, tmp_path / n) for n, p in adapters.items()}
+    moved = 0.0
+    for req in reqs:
+        toks, lps, _ = outs[req.request_id]
+        ref_t, ref_lp = hf_reference(model_dir, rounded.get(req.adapter_id), req.prompt_ids, N_NEW)
+        assert toks == ref_t, f"{req.adapter_id or 'base'}: tokens differ from the int4 model's"
+        assert max(abs(a - b) for a, b in zip(lps, ref_lp)) < 1e-2
+        scores = hf_scores(model_dir, adapters.get(req.adapter_id), req.prompt_ids, toks)
+        gap = max(best - lp for lp, best in scores)
+        if req.adapter_id:
+            moved = max(moved, max(abs(a - lp) for a, (lp, _) in zip(lps, scores)))
+            assert gap < 1.0, (req.adapter_id, gap)
+        else:
+            assert gap == 0.0
+    assert moved > 1e-3      # the rows really are 4-bit: the full-precision model scores them differently
+
+
 def test_lora_groups_and_attention_only_batches(tiny):
     """q/k/v (and gate/up) run as one LoRA launch each; a batch whose adapters all target
     attention only skips the MLP launches. Outputs still match transformers+peft."""
@@ -301,12 +361,12 @@ def test_sampling_seed_topk_and_eos(tiny):
         engine.stop()
 
 
-@pytest.mark.parametrize("adapter_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("adapter_dtype", ["auto", "int8", "int4"])
 def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny, adapter_dtype):
     """Insert several adapters, remove ones from the middle, insert again: every remaining adapter's
-    rows (through the row table and index, and int8 rows' scales) still hold exactly its weights
-    (int8: exactly their quantized form)."""
-    from server.pool import AdapterTable, UnifiedPool, quantize_rows, stage_adapter
+    rows (through the row table and index, and int8/int4 rows' scales) still hold exactly its weights
+    (int8, int4: exactly their quantized form)."""
+    from server.pool import AdapterTable, UnifiedPool, quantize_rows, quantize_rows_int4, stage_adapter, unpack_int4
 
     model_dir, adapters = tiny
     engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=2, adapter_dtype=adapter_dtype))
@@ -316,6 +376,9 @@ def test_adapter_table_compaction_keeps_every_adapter_addressable(tiny, adapter_
     def stored(m):     # what the pool holds of a matrix
         if adapter_dtype == "auto":
             return m
+        if adapter_dtype == "int4":
+            packed, scale = quantize_rows_int4(m)
+            return unpack_int4(packed, m.shape[1]).float() * scale[:, None]
         q, scale = quantize_rows(m)
         return q.float() * scale[:, None]
 
