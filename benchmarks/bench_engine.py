@@ -105,8 +105,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile STEPS steps of each batch and mode (torch.profiler): kernel tables under --out")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "int8"],
-                    help="adapter rows in the pool: the model's dtype, or int8 with a scale per row")
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "int8", "int4"],
+                    help="adapter rows in the pool: the model's dtype, or int8 / int4 with a scale per row")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a smoke run only
@@ -114,7 +114,7 @@ def main() -> None:
     from server.adapters import AdapterManager, LocalSource
     from server.engine import Engine
     from server.model import LlamaModel
-    from server.pool import AdapterTable, UnifiedPool, stage_adapter
+    from server.pool import INT4, AdapterTable, UnifiedPool, stage_adapter
     from server.request import Request
     from server.runtime import block_tokens_for
     from server.sampler import SamplingParams
@@ -128,7 +128,7 @@ def main() -> None:
     B = block_tokens_for(cfg, 16)
     page_bytes = B * cfg.kv_width * 2
     pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev,
-                       torch.int8 if args.adapter_dtype == "int8" else None)
+                       {"int8": torch.int8, "int4": INT4}.get(args.adapter_dtype))
     pool.data.normal_(0, 0.02)     # never time on zeros
     table = AdapterTable(pool, max(args.adapters, 1))
     mgr = AdapterManager(pool, table, LocalSource(), cfg)
@@ -301,7 +301,7 @@ def main() -> None:
             f"{m}: {r[m + '_overlapped_gpu_ms']} vs {r[m + '_gpu_ms']}" for m in ["base"] + lm))
     if args.out:
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-        suffix = ('' if args.dtype == 'float16' else '-' + args.dtype) + ('' if args.adapter_dtype == 'auto' else '-int8')
+        suffix = ('' if args.dtype == 'float16' else '-' + args.dtype) + ('' if args.adapter_dtype == 'auto' else '-' + args.adapter_dtype)
         (pathlib.Path(args.out) / f"engine-{args.shape}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 

@@ -40,7 +40,7 @@ from kernels import triton_lora as tlora  # noqa: E402
 from kernels.batch import LoraBatch  # noqa: E402
 from server.config import TARGET_MODULES, ModelConfig  # noqa: E402
 from server.lora import LoraWeights  # noqa: E402
-from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
+from server.pool import INT4, AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 DEFAULT_VARIANTS = {"committed": {}}
@@ -84,7 +84,7 @@ def build(cfg: ModelConfig, n_adapters: int, ranks: list[int], adapter_dtype, dt
     return pool, table, slot_rank
 
 
-def row_bytes(cfg: ModelConfig, token_ranks: list[int], esize: int) -> int:
+def row_bytes(cfg: ModelConfig, token_ranks: list[int], esize: float) -> float:
     """Adapter-row bytes one step must read: every token's A and B^T rows of q/k/v/o, all layers."""
     per_rank = sum(sum(cfg.module_dims(m)) for g in GROUPS for m in g)
     return cfg.num_layers * sum(token_ranks) * per_rank * esize
@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,16,32,64")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=32, help="8 for a GQA shape (k and v 1024 wide)")
-    ap.add_argument("--adapter-dtype", default="int8", choices=["int8", "auto"])
+    ap.add_argument("--adapter-dtype", default="int8", choices=["int8", "int4", "auto"])
     ap.add_argument("--variants", help="JSON {name: {lora: {family: TUNE overrides}}}; the first is the reference row")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20, help="graph replays per timing")
@@ -218,7 +218,7 @@ def main() -> None:
     else:
         cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=args.layers, num_heads=32,
                           num_kv_heads=args.kv_heads, head_dim=128, vocab_size=32000)
-    adapter_dtype = torch.int8 if args.adapter_dtype == "int8" else None
+    adapter_dtype = {"int8": torch.int8, "int4": INT4}.get(args.adapter_dtype)
     ranks = [int(r) for r in args.ranks.split(",")]
     variants = json.loads(pathlib.Path(args.variants).read_text()) if args.variants else DEFAULT_VARIANTS
     t0 = time.time()
@@ -230,7 +230,7 @@ def main() -> None:
         tok.sort(key=lambda sr: sr[1], reverse=args.token_order == "rank-desc")
     batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
     work = Workload(cfg, pool, table, batch, dtype, dev)
-    esize = 1 if adapter_dtype is not None else 2
+    esize = {"int8": 1, "int4": 0.5}.get(args.adapter_dtype, 2)
     rbytes = row_bytes(cfg, [r for _, r in tok], esize)
     abytes = act_bytes(cfg, args.tokens, 2)
     roof_ms = (rbytes + abytes) / bw * 1e3
