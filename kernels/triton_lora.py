@@ -110,6 +110,11 @@ TUNE = {
     # 2, both, 512 columns on 1 warp) bought nothing (0.998-1.003x, call 3; d822b71 has the key).
     "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                PTX_DQ=1, G4=True),
+    # int4 rows (2026-12-05): the int8 tiles above until measured; a tile of the same columns reads half the bytes
+    "shrink_decode_int4": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=3, PDL=True, COMPACT=True,
+                               PTX_DQ=2),
+    "expand_decode_rows_int4": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
+                                    PTX_DQ=1, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -1200,10 +1205,17 @@ def _split_k(d_in: int, block_k: int, split: int) -> tuple[int, int]:
     return triton.cdiv(d_in, k_split), k_split
 
 
-def _decode_tiles(kind: str, quant: bool, T: int) -> dict:
-    """TUNE entry of the decode schedule ("shrink" or "expand"): int8 rows take their own tiles
-    from INT8_SMALL_TILES_MIN_T tokens up."""
-    return TUNE[f"{kind}_decode_int8" if quant and T >= INT8_SMALL_TILES_MIN_T else f"{kind}_decode"]
+def _decode_tiles(kind: str, quant: int, T: int) -> dict:
+    """TUNE entry of the decode schedule ("shrink" or "expand"): int8 and int4 rows take their own
+    tiles from INT8_SMALL_TILES_MIN_T tokens up (int4 those of int8 where it has none)."""
+    if not quant or T < INT8_SMALL_TILES_MIN_T:
+        return TUNE[f"{kind}_decode"]
+    return TUNE.get(f"{kind}_decode_int4", TUNE[f"{kind}_decode_int8"]) if quant == 2 else TUNE[f"{kind}_decode_int8"]
+
+
+def _rows_tiles(quant: int) -> dict:
+    """TUNE entry of the decode expand by row chunks."""
+    return TUNE["expand_decode_rows_int4"] if quant == 2 else TUNE["expand_decode_rows"]
 
 
 def _decode_grid(cfg: dict, tiles: int, T: int, M: int) -> tuple[tuple[int, int, int], bool]:
@@ -1347,7 +1359,7 @@ def _rows_expand(quant: int, T: int, max_rank: int) -> bool:
     """Whether a decode expand runs by row chunks (_expand_rows_kernel): int8 rows with the expand
     family's key ROWS, or int4 rows (the only decode expand that reads them), and a plan whose
     codes hold the batch."""
-    fits = T < PLAN_TOKENS and triton.cdiv(max_rank, TUNE["expand_decode_rows"]["BLOCK_R"]) < PLAN_TILES
+    fits = T < PLAN_TOKENS and triton.cdiv(max_rank, _rows_tiles(quant)["BLOCK_R"]) < PLAN_TILES
     if quant == 2:
         assert fits, f"int4 rows: a decode batch of {T} tokens at rank {max_rank} is past the expand plan's codes"
         return True
@@ -1391,7 +1403,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                      BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
                                      num_stages=1 if quant else cfg["num_stages"])
     elif batch.max_seg_len <= 1 and _rows_expand(quant, T, batch.max_rank):
-        cfg = TUNE["expand_decode_rows"]
+        cfg = _rows_tiles(quant)
         BLOCK_R, split = cfg["BLOCK_R"], cfg.get("SPLIT", 1)
         items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
         _expand_rows_kernel[(items.shape[0], split)](y, y.stride(0), y.stride(1), v3, sv0, sv1, svm, flat, rows, rs,

@@ -76,6 +76,22 @@ def test_int8_adapter_rows_match_peft_within_their_error(tiny, graphs, int8_tile
     check_against_peft(engine, model_dir, adapters, mixed_requests(names, seed=5), 3e-2)
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_int4_adapter_rows_match_peft_on_their_int4_weights(tiny, graphs, monkeypatch, tmp_path):
+    """--adapter-dtype int4 on the GPU (graph-captured and eager decode, the grouped schedule
+    included): the engine computes the model whose adapters are its int4 rows, so against PEFT on
+    the int4-rounded weights the same greedy tokens and log-probabilities within the fp32 bound."""
+    import server.engine
+    from tests.test_engine import int4_round_trip_adapter
+    monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 2)
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8, cuda_graphs=graphs,
+                                          adapter_dtype="int4"))
+    rounded = {n: int4_round_trip_adapter(p, tmp_path / n) for n, p in adapters.items()}
+    names = ["full", "qv", "full", "", "qv", "full", "wide", "attn"]
+    check_against_peft(engine, model_dir, rounded, mixed_requests(names, seed=5), 1e-2)
+
+
 def test_adapter_loads_and_evictions_never_wait_for_the_device(tiny):
     """Inserting an adapter and removing one (which compacts the row table and moves the later
     adapters' row starts) only queue work: with a second of device work queued ahead, both return

@@ -460,7 +460,7 @@ def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
 def _decode_variant(monkeypatch, variant: dict) -> None:
     """The variant over every decode family's defaults; the int8 expand by row chunks (ROWS, the
     default from 64 tokens) only where the variant asks, so the others test the column tiles."""
-    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8"):
+    for family in ("shrink_decode", "expand_decode", "shrink_decode_int8", "expand_decode_int8", "shrink_decode_int4"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ROWS": False, **variant})
 
 
@@ -482,7 +482,8 @@ def test_rows_expand_tiles_match_the_reference(tiles, adapter_dtype, monkeypatch
     tokens of one chunk (stored) and of several (atomics), several column steps and column splits,
     one module and q/k/v in one launch, rows in one tile or four (G4; 4-row chunks' 2-row halves
     fall back to one); each against the reference, and the row-chunk kernel ran."""
-    monkeypatch.setitem(tlora.TUNE, "expand_decode_rows", {**tlora.TUNE["expand_decode_rows"], **tiles})
+    for family in ("expand_decode_rows", "expand_decode_rows_int4"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], **tiles})
     for family in ("expand_decode", "expand_decode_int8"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ROWS": True})
     launches = []
@@ -503,7 +504,7 @@ def test_compact_shrink_plan_serves_every_layer(adapter_dtype, monkeypatch):
     """The compact shrink grid builds its plan once per batch from the ranks over all layers and
     reuses it at every layer: adapters that target a module in some layers only (PEFT's
     layers_to_transform) get their rows where they have them and zeros where not."""
-    for family in ("shrink_decode", "shrink_decode_int8"):
+    for family in ("shrink_decode", "shrink_decode_int8", "shrink_decode_int4"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "COMPACT": True})
     gen = torch.Generator().manual_seed(93)
     qkv = ("q_proj", "k_proj", "v_proj")
