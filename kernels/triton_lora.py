@@ -862,10 +862,13 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
 
 @triton.jit
 def _load_q(flat_ptr, roff, c0, cols, BLOCK_N: tl.constexpr, I4: tl.constexpr):
-    """A [rows, BLOCK_N] int8 tile of quantized rows at columns cols = c0 + [0, BLOCK_N)."""
+    """A [rows, BLOCK_N] int8 tile of quantized rows at columns cols = c0 + [0, BLOCK_N). (One
+    return: Triton 3.6 types both returns of a constexpr branch, and int4's flat is uint8.)"""
     if I4:
-        return _load_i4(flat_ptr + roff, c0, BLOCK_N)
-    return tl.load(flat_ptr + roff[:, None] + cols[None, :])
+        q = _load_i4(flat_ptr + roff, c0, BLOCK_N)
+    else:
+        q = tl.load(flat_ptr + roff[:, None] + cols[None, :])
+    return q
 
 
 @triton.jit
