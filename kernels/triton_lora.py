@@ -242,6 +242,41 @@ def _i8_fma_f16(q, x, acc):
 
 
 @triton.jit
+def _i4_fma_f16(b, xe, xo, acc_e, acc_o):
+    """(acc_e + lo / 8 * xe, acc_o + hi / 8 * xo) in fp16x2 for int4 bytes b (lo: the low nibbles,
+    the even columns; PTX_DQ 2, the int4 decode shrink): 15 instructions per 8 weights. xor 0x88
+    turns each two's complement nibble into n = q + 8; lop3 puts a nibble under 0x64 as the fp16
+    1024 + n (low) or 1024 + 16n (high); one fma leaves q / 8 exactly (so a thread's fp16 sums stay
+    as far from fp16's range as _i8_fma_f16's); the caller multiplies the fp32 sum by 8."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, z, a, b, l0, l1, h0, h1, m, s, k;
+        xor.b32 t, $4, 0x88888888;
+        mov.b32 z, 0;
+        mov.b32 m, 0x30003000;
+        mov.b32 k, 0xD808D808;
+        mov.b32 s, 0x20002000;
+        prmt.b32 a, t, z, 0x4140;
+        prmt.b32 b, t, z, 0x4342;
+        lop3.b32 l0, a, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 l1, b, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 h0, a, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 h1, b, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 l0, l0, m, k;
+        fma.rn.f16x2 l1, l1, m, k;
+        mov.b32 k, 0xC880C880;
+        fma.rn.f16x2 h0, h0, s, k;
+        fma.rn.f16x2 h1, h1, s, k;
+        fma.rn.f16x2 $0, l0, $5, $9;
+        fma.rn.f16x2 $1, l1, $6, $10;
+        fma.rn.f16x2 $2, h0, $7, $11;
+        fma.rn.f16x2 $3, h1, $8, $12;
+        }""",
+        constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", args=[b, xe, xo, acc_e, acc_o], dtype=(tl.float16, tl.float16),
+        is_pure=True, pack=4)
+
+
+@triton.jit
 def _rows_f32(w, QUANT: tl.constexpr, DQ: tl.constexpr = 0):
     """A loaded tile of rows in fp32 (int8 rows still unscaled). DQ: dequantize in PTX (CUDA
     only: the interpreter runs no inline assembly; TUNE key PTX_DQ)."""
@@ -375,10 +410,14 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
     offs_k = tl.arange(0, BLOCK_K)
+    # int4 rows: the tile stays as loaded, a byte a column pair, and x splits into the pairs'
+    # even and odd columns instead (interleaving the weights cost more than the bytes saved)
+    KW: tl.constexpr = BLOCK_K // 2 if QUANT == 2 else BLOCK_K
     if DQ == 2:
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float16)
+        acc = tl.zeros([BLOCK_R, KW], dtype=tl.float16)
     else:
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, KW], dtype=tl.float32)
+    acc_o = acc     # int4 rows, PTX_DQ 2: the odd columns' sums
     x_row = x_ptr + t.to(tl.int64) * sx0
     _pdl_wait(PDL)
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
@@ -388,17 +427,28 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kk = k0 + offs_k
         kmask = kk < d_in
         if QUANT == 2:
-            w = _load_i4(flat_ptr + roff, k0, BLOCK_K)
-        else:
+            b = tl.load(flat_ptr + roff[:, None] + (k0 // 2 + tl.arange(0, KW))[None, :]).to(tl.int8, bitcast=True)
+            xe, xo = tl.split(tl.reshape(tl.load(x_row + kk * sx1, mask=kmask, other=0.0), [KW, 2]))
+            if DQ == 2:     # fp16 x: even and odd columns summed apart in fp16x2, added at the end
+                acc, acc_o = _i4_fma_f16(b, tl.broadcast_to(xe[None, :], [BLOCK_R, KW]),
+                                         tl.broadcast_to(xo[None, :], [BLOCK_R, KW]), acc, acc_o)
+            else:
+                lo = (b << 4) >> 4
+                hi = b >> 4
+                acc += (_rows_f32(lo, 1, DQ) * xe.to(tl.float32)[None, :]
+                        + _rows_f32(hi, 1, DQ) * xo.to(tl.float32)[None, :])
+        elif DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
             w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
-        if DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
             xh = tl.load(x_row + kk * sx1, mask=kmask, other=0.0)
             acc = _i8_fma_f16(w, tl.broadcast_to(xh[None, :], [BLOCK_R, BLOCK_K]), acc)
         else:
+            w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
             xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
             acc += _rows_f32(w, QUANT, DQ) * xv[None, :]
     out = tl.sum(acc.to(tl.float32), axis=1)
-    if DQ == 2:
+    if QUANT == 2 and DQ == 2:
+        out = (out + tl.sum(acc_o.to(tl.float32), axis=1)) * 8.0
+    elif DQ == 2:
         out *= 128.0
     if QUANT:
         out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
@@ -821,7 +871,7 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
         r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    shape: tl.constexpr = [GR, BLOCK_N]
+    shape: tl.constexpr = [GR, BLOCK_N // 2 if I4 else BLOCK_N]     # (int4: a byte a column pair)
     v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
     bias = tl.sum(v0, axis=0)
     v1, v2, v3 = v0, v0, v0
@@ -838,18 +888,15 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
     for c0 in tl.range(c_lo, c_hi, BLOCK_N, num_stages=PIPE):
         cols = c0 + offs
         # past d_out: inside the pool, never stored
-        q0 = _load_q(flat_ptr, r0, c0, cols, BLOCK_N, I4)
-        q1, q2, q3 = q0, q0, q0
-        if G == 4:
-            q1 = _load_q(flat_ptr, r1, c0, cols, BLOCK_N, I4)
-            q2 = _load_q(flat_ptr, r2, c0, cols, BLOCK_N, I4)
-            q3 = _load_q(flat_ptr, r3, c0, cols, BLOCK_N, I4)
-        if I4:      # 16 levels: exact fp32 products (BIAS's 2^15 offset would cost int4 sums their low bits)
-            d = _rows_f32(q0, 1, DQ) * v0
-            if G == 4:
-                d += _rows_f32(q1, 1, DQ) * v1 + _rows_f32(q2, 1, DQ) * v2 + _rows_f32(q3, 1, DQ) * v3
-            d = tl.sum(d, axis=0)
+        if I4:
+            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, G, BLOCK_N, DQ)
         else:
+            q0 = tl.load(flat_ptr + r0[:, None] + cols[None, :])
+            q1, q2, q3 = q0, q0, q0
+            if G == 4:
+                q1 = tl.load(flat_ptr + r1[:, None] + cols[None, :])
+                q2 = tl.load(flat_ptr + r2[:, None] + cols[None, :])
+                q3 = tl.load(flat_ptr + r3[:, None] + cols[None, :])
             d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
         cm = cols < c_hi
         ptrs = y_row + cols * sy1
@@ -861,14 +908,27 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
 
 
 @triton.jit
-def _load_q(flat_ptr, roff, c0, cols, BLOCK_N: tl.constexpr, I4: tl.constexpr):
-    """A [rows, BLOCK_N] int8 tile of quantized rows at columns cols = c0 + [0, BLOCK_N). (One
-    return: Triton 3.6 types both returns of a constexpr branch, and int4's flat is uint8.)"""
-    if I4:
-        q = _load_i4(flat_ptr + roff, c0, BLOCK_N)
-    else:
-        q = tl.load(flat_ptr + roff[:, None] + cols[None, :])
-    return q
+def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DQ: tl.constexpr):
+    """sum over a chunk's int4 rows (G tiles: offsets r*, v* broadcast to [rows, BLOCK_N / 2]) of
+    v * row at columns c0 + [0, BLOCK_N), exact fp32 products. The byte tiles stay as loaded (a
+    byte a column pair): the even and odd columns are summed apart and interleaved once, in the
+    [BLOCK_N] result, where interleaving every weight cost more than the bytes saved."""
+    offs = c0 // 2 + tl.arange(0, BLOCK_N // 2)
+    b = tl.load(flat_ptr + r0[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
+    de = _rows_f32((b << 4) >> 4, 1, DQ) * v0
+    do = _rows_f32(b >> 4, 1, DQ) * v0
+    if G == 4:
+        b = tl.load(flat_ptr + r1[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
+        de += _rows_f32((b << 4) >> 4, 1, DQ) * v1
+        do += _rows_f32(b >> 4, 1, DQ) * v1
+        b = tl.load(flat_ptr + r2[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
+        de += _rows_f32((b << 4) >> 4, 1, DQ) * v2
+        do += _rows_f32(b >> 4, 1, DQ) * v2
+        b = tl.load(flat_ptr + r3[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
+        de += _rows_f32((b << 4) >> 4, 1, DQ) * v3
+        do += _rows_f32(b >> 4, 1, DQ) * v3
+    return tl.reshape(tl.join(tl.sum(de, axis=0), tl.sum(do, axis=0)), [BLOCK_N])
 
 
 @triton.jit
