@@ -89,7 +89,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="adapter rows in the GPU pool: auto (the model's dtype), int8 with a scale per row, "
                         "which halves the bytes a step over many adapters reads (and the host cache's), or int4 "
                         "(two weights a byte, a scale per row), which halves them again; outputs then differ "
-                        "from PEFT's within the quantization error (int4: ~11% of each weight's rms)")
+                        "from PEFT's within the quantization error (int4: ~11%% of each weight's rms)")
     p.add_argument("--log-level", default=e("--log-level", "warning"))
 
 
