@@ -114,7 +114,7 @@ def main() -> None:
     from server.adapters import AdapterManager, LocalSource
     from server.engine import Engine
     from server.model import LlamaModel
-    from server.pool import INT4, AdapterTable, UnifiedPool, stage_adapter
+    from server.pool import QUANTIZED, AdapterTable, UnifiedPool, stage_adapter
     from server.request import Request
     from server.runtime import block_tokens_for
     from server.sampler import SamplingParams
@@ -128,7 +128,7 @@ def main() -> None:
     B = block_tokens_for(cfg, 16)
     page_bytes = B * cfg.kv_width * 2
     pool = UnifiedPool(cfg, int(args.pool_gb * (1 << 30)) // page_bytes, B, dtype, dev,
-                       {"int8": torch.int8, "int4": INT4}.get(args.adapter_dtype))
+                       QUANTIZED.get(args.adapter_dtype))
     pool.data.normal_(0, 0.02)     # never time on zeros
     table = AdapterTable(pool, max(args.adapters, 1))
     mgr = AdapterManager(pool, table, LocalSource(), cfg)

@@ -40,7 +40,7 @@ from kernels import triton_lora as tlora  # noqa: E402
 from kernels.batch import LoraBatch  # noqa: E402
 from server.config import TARGET_MODULES, ModelConfig  # noqa: E402
 from server.lora import LoraWeights  # noqa: E402
-from server.pool import INT4, AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
+from server.pool import QUANTIZED, AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 DEFAULT_VARIANTS = {"committed": {}}
@@ -218,7 +218,7 @@ def main() -> None:
     else:
         cfg = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=args.layers, num_heads=32,
                           num_kv_heads=args.kv_heads, head_dim=128, vocab_size=32000)
-    adapter_dtype = {"int8": torch.int8, "int4": INT4}.get(args.adapter_dtype)
+    adapter_dtype = QUANTIZED.get(args.adapter_dtype)
     ranks = [int(r) for r in args.ranks.split(",")]
     variants = json.loads(pathlib.Path(args.variants).read_text()) if args.variants else DEFAULT_VARIANTS
     t0 = time.time()

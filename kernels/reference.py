@@ -17,6 +17,13 @@ import torch
 from kernels.batch import AttnBatch, LoraBatch
 
 
+def unpack_int4(b: torch.Tensor, width: int) -> torch.Tensor:
+    """int4 rows as stored (uint8 [n, ceil(width / 2)], column 2i in the low nibble, both nibbles
+    two's complement) -> int8 [n, width]."""
+    s = b.view(torch.int8)
+    return torch.stack([(s << 4) >> 4, s >> 4], dim=-1).reshape(b.shape[0], -1)[:, :width]
+
+
 def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, width: int,
                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rows start..start+r of the row table as an [r, width] matrix (a gather, not a copy loop);
@@ -25,8 +32,7 @@ def gather_rows(flat: torch.Tensor, rows: torch.Tensor, start: int, r: int, widt
     int4 = flat.dtype == torch.uint8
     m = flat[offs[:, None] + torch.arange((width + 1) // 2 if int4 else width, device=flat.device)]
     if int4:
-        s = m.view(torch.int8)
-        m = torch.stack([(s << 4) >> 4, s >> 4], dim=-1).reshape(r, -1)[:, :width]
+        m = unpack_int4(m, width)
     if flat.dtype in (torch.int8, torch.uint8):
         m = m.float() * row_scale[start:start + r, None]
     return m

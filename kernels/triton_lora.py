@@ -32,9 +32,10 @@ would push its fp16 values toward underflow), except the segment shrink, whose o
 program lets it scale the fp32 accumulator's columns once at the end.
 
 int4 rows (QUANT 2, ``flat`` is uint8: two weights a byte, column 2i in the low nibble, see
-server/pool.py) are the same with half the bytes: every schedule loads a tile's bytes and unpacks
-them in registers into int8 weights in column order (_load_i4), and from there runs its int8 code.
-The decode expand always takes the row-chunk kernel with int4 rows.
+server/pool.py) are the same with half the bytes. The tensor-core schedules unpack a byte tile into
+int8 weights in column order (_load_i4) and run their int8 code; the decode shrink and the
+row-chunk expand (the only decode expand int4 rows take) keep the byte tile as loaded and pair its
+low and high nibbles with the even and odd columns instead (_i4_nibbles).
 """
 from __future__ import annotations
 
@@ -178,13 +179,19 @@ def _load_rows(ptrs, mask, QUANT: tl.constexpr):
 @triton.jit
 def _load_i4(row_ptrs, c0, N: tl.constexpr):
     """[rows, N] int8 weights of int4 rows (``row_ptrs``: each row's first byte) at columns
-    c0 .. c0 + N (c0 even), from N / 2 bytes a row: the low nibble is the even column, and both
-    nibbles are two's complement, so an arithmetic shift sign-extends each. Unmasked, as int8 rows
-    are (see _load_rows): the bytes past a row's end lie in the pool and meet zero activations or
-    are never stored."""
-    b = tl.load(row_ptrs[:, None] + (c0 // 2 + tl.arange(0, N // 2))[None, :])
+    c0 .. c0 + N (c0 even), from N / 2 bytes a row (the low nibble is the even column). Unmasked,
+    as int8 rows are (see _load_rows): the bytes past a row's end lie in the pool and meet zero
+    activations or are never stored."""
+    lo, hi = _i4_nibbles(tl.load(row_ptrs[:, None] + (c0 // 2 + tl.arange(0, N // 2))[None, :]))
+    return tl.reshape(tl.join(lo, hi), [row_ptrs.shape[0], N])
+
+
+@triton.jit
+def _i4_nibbles(b):
+    """(low, high) nibbles of int4 bytes as int8: both are two's complement, so an arithmetic
+    shift sign-extends each."""
     q = b.to(tl.int8, bitcast=True)
-    return tl.reshape(tl.join((q << 4) >> 4, q >> 4), [row_ptrs.shape[0], N])
+    return (q << 4) >> 4, q >> 4
 
 
 @triton.jit
@@ -427,14 +434,13 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         kk = k0 + offs_k
         kmask = kk < d_in
         if QUANT == 2:
-            b = tl.load(flat_ptr + roff[:, None] + (k0 // 2 + tl.arange(0, KW))[None, :]).to(tl.int8, bitcast=True)
+            b = tl.load(flat_ptr + roff[:, None] + (k0 // 2 + tl.arange(0, KW))[None, :])
             xe, xo = tl.split(tl.reshape(tl.load(x_row + kk * sx1, mask=kmask, other=0.0), [KW, 2]))
             if DQ == 2:     # fp16 x: even and odd columns summed apart in fp16x2, added at the end
                 acc, acc_o = _i4_fma_f16(b, tl.broadcast_to(xe[None, :], [BLOCK_R, KW]),
                                          tl.broadcast_to(xo[None, :], [BLOCK_R, KW]), acc, acc_o)
             else:
-                lo = (b << 4) >> 4
-                hi = b >> 4
+                lo, hi = _i4_nibbles(b)
                 acc += (_rows_f32(lo, 1, DQ) * xe.to(tl.float32)[None, :]
                         + _rows_f32(hi, 1, DQ) * xo.to(tl.float32)[None, :])
         elif DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
@@ -915,20 +921,21 @@ def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, G: tl.constexpr, 
     byte a column pair): the even and odd columns are summed apart and interleaved once, in the
     [BLOCK_N] result, where interleaving every weight cost more than the bytes saved."""
     offs = c0 // 2 + tl.arange(0, BLOCK_N // 2)
-    b = tl.load(flat_ptr + r0[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
-    de = _rows_f32((b << 4) >> 4, 1, DQ) * v0
-    do = _rows_f32(b >> 4, 1, DQ) * v0
+    de, do = _i4_row_tile(flat_ptr, r0, offs, v0, DQ)
     if G == 4:
-        b = tl.load(flat_ptr + r1[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
-        de += _rows_f32((b << 4) >> 4, 1, DQ) * v1
-        do += _rows_f32(b >> 4, 1, DQ) * v1
-        b = tl.load(flat_ptr + r2[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
-        de += _rows_f32((b << 4) >> 4, 1, DQ) * v2
-        do += _rows_f32(b >> 4, 1, DQ) * v2
-        b = tl.load(flat_ptr + r3[:, None] + offs[None, :]).to(tl.int8, bitcast=True)
-        de += _rows_f32((b << 4) >> 4, 1, DQ) * v3
-        do += _rows_f32(b >> 4, 1, DQ) * v3
+        e1, o1 = _i4_row_tile(flat_ptr, r1, offs, v1, DQ)
+        e2, o2 = _i4_row_tile(flat_ptr, r2, offs, v2, DQ)
+        e3, o3 = _i4_row_tile(flat_ptr, r3, offs, v3, DQ)
+        de += e1 + e2 + e3
+        do += o1 + o2 + o3
     return tl.reshape(tl.join(tl.sum(de, axis=0), tl.sum(do, axis=0)), [BLOCK_N])
+
+
+@triton.jit
+def _i4_row_tile(flat_ptr, roff, offs, v, DQ: tl.constexpr):
+    """(v * even columns, v * odd columns) of one tile of int4 rows at byte offsets offs, fp32."""
+    lo, hi = _i4_nibbles(tl.load(flat_ptr + roff[:, None] + offs[None, :]))
+    return _rows_f32(lo, 1, DQ) * v, _rows_f32(hi, 1, DQ) * v
 
 
 @triton.jit

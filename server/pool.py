@@ -33,10 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.reference import unpack_int4  # noqa: F401  (the format's inverse, beside pack_int4)
 from server.config import ATTENTION, TARGET_MODULES, ModelConfig
 
 ROW_ALIGN = 8  # elements, and at least 16 bytes (int8 rows: 16), so kernels can use wide loads
 INT4 = torch.uint8  # the adapter dtype of int4 rows: bytes of two weights each (see the module doc)
+QUANTIZED = {"int8": torch.int8, "int4": INT4}    # --adapter-dtype's quantized formats
 
 
 class PoolExhausted(RuntimeError):
@@ -409,20 +411,18 @@ def quantize_rows_int4(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the rest more resolution than clipping them costs (rms error over a Gaussian row of 4096: 0.11 of
     its std at the best clip, 0.16 at none; int8 rows: 0.009)."""
     m = m.float()
-    amax = m.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-    best_q, best_s, best_err = None, None, None
+    amax = m.abs().amax(dim=1)
+    safe = amax.clamp(min=torch.finfo(torch.float32).tiny)
+    best_q, best_s = torch.zeros_like(m), torch.zeros_like(amax)      # a zero row keeps scale 0
+    best_err = torch.full_like(amax, float("inf"))
     for c in INT4_CLIPS:
-        scale = amax * (c / 7)
+        scale = safe * (c / 7)
         q = torch.round(m / scale[:, None]).clamp(-8, 7)
         err = (q * scale[:, None] - m).square().sum(dim=1)
-        if best_q is None:
-            best_q, best_s, best_err = q, scale, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_s = torch.where(better, scale, best_s)
-            best_err = torch.minimum(err, best_err)
-    best_s = torch.where(m.abs().amax(dim=1) > 0, best_s, torch.zeros_like(best_s))   # a zero row: scale 0
+        better = (err < best_err) & (amax > 0)
+        best_q = torch.where(better[:, None], q, best_q)
+        best_s = torch.where(better, scale, best_s)
+        best_err = torch.where(better, err, best_err)
     return pack_int4(best_q.to(torch.int8)), best_s
 
 
@@ -432,12 +432,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if q.shape[1] % 2:
         q = torch.cat([q, q.new_zeros(q.shape[0], 1)], dim=1)
     return ((q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)).view(torch.uint8)
-
-
-def unpack_int4(b: torch.Tensor, width: int) -> torch.Tensor:
-    """pack_int4's inverse: uint8 [n, ceil(width / 2)] -> int8 [n, width]."""
-    s = b.view(torch.int8)
-    return torch.stack([(s << 4) >> 4, s >> 4], dim=-1).reshape(b.shape[0], -1)[:, :width]
 
 
 def _copy_rows(flat: torch.Tensor, offs: torch.Tensor, m: torch.Tensor, align: int) -> None:

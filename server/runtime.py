@@ -53,8 +53,8 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
     def resolve_adapter_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        from server.pool import INT4
-        formats = {"auto": dtype, "int8": torch.int8, "int4": INT4}
+        from server.pool import QUANTIZED
+        formats = {"auto": dtype, **QUANTIZED}
         if self.adapter_dtype not in formats:
             raise ValueError(f"--adapter-dtype must be auto, int8 or int4, got {self.adapter_dtype!r}")
         return formats[self.adapter_dtype]
