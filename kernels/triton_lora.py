@@ -114,7 +114,7 @@ TUNE = {
     # int4 rows (2026-12-05): the int8 tiles above until measured; a tile of the same columns reads half the bytes
     "shrink_decode_int4": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=3, PDL=True, COMPACT=True,
                                PTX_DQ=2),
-    "expand_decode_rows_int4": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
+    "expand_decode_rows_int4": dict(BLOCK_R=16, BLOCK_N=2048, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                     PTX_DQ=1, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
@@ -879,14 +879,17 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
     shape: tl.constexpr = [GR, BLOCK_N // 2 if I4 else BLOCK_N]     # (int4: a byte a column pair)
     v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
-    bias = tl.sum(v0, axis=0)
+    vsum = tl.sum(v0, axis=0)
     v1, v2, v3 = v0, v0, v0
     if G == 4:
         v1 = _v_scaled(v_row, sv1, jj + 1, nrows, w1, s)
         v2 = _v_scaled(v_row, sv1, jj + 2, nrows, w2, s)
         v3 = _v_scaled(v_row, sv1, jj + 3, nrows, w3, s)
-        bias += tl.sum(v1 + v2 + v3, axis=0)
-    bias *= 32896.0
+        vsum += tl.sum(v1 + v2 + v3, axis=0)
+    bias = vsum * 32896.0
+    if I4:      # (see _i4_fma)
+        v0, v1, v2, v3 = v0 * 4.722366482869645e+21, v1 * 4.722366482869645e+21, v2 * 4.722366482869645e+21, \
+            v3 * 4.722366482869645e+21
     v0, v1, v2, v3 = (tl.broadcast_to(v0[:, None], shape), tl.broadcast_to(v1[:, None], shape),
                       tl.broadcast_to(v2[:, None], shape), tl.broadcast_to(v3[:, None], shape))
     zero = tl.zeros(shape, dtype=tl.float32)
@@ -895,7 +898,7 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         cols = c0 + offs
         # past d_out: inside the pool, never stored
         if I4:
-            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, G, BLOCK_N, DQ)
+            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, G, BLOCK_N, DQ)
         else:
             q0 = tl.load(flat_ptr + r0[:, None] + cols[None, :])
             q1, q2, q3 = q0, q0, q0
@@ -914,28 +917,95 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
 
 
 @triton.jit
-def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, G: tl.constexpr, BLOCK_N: tl.constexpr,
+def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, G: tl.constexpr, BLOCK_N: tl.constexpr,
                  DQ: tl.constexpr):
-    """sum over a chunk's int4 rows (G tiles: offsets r*, v* broadcast to [rows, BLOCK_N / 2]) of
-    v * row at columns c0 + [0, BLOCK_N), exact fp32 products. The byte tiles stay as loaded (a
-    byte a column pair): the even and odd columns are summed apart and interleaved once, in the
-    [BLOCK_N] result, where interleaving every weight cost more than the bytes saved."""
+    """sum over a chunk's int4 rows (G tiles: offsets r*, v* times 2^72 broadcast to [rows,
+    BLOCK_N / 2]; vsum: the sum of all their v, unscaled) of v * row at columns c0 + [0, BLOCK_N),
+    in fp32. The byte tiles stay as loaded (a byte a column pair) and go through _i4_fma, which sums
+    each byte whole and its low nibble; the even (low) and odd (high) columns come out of those two
+    sums and are interleaved once, in the [BLOCK_N] result (interleaving every weight cost more than
+    the bytes saved: benchmarks/results/lora-int4-2026-12-05)."""
     offs = c0 // 2 + tl.arange(0, BLOCK_N // 2)
-    de, do = _i4_row_tile(flat_ptr, r0, offs, v0, DQ)
+    q0 = tl.load(flat_ptr + r0[:, None] + offs[None, :])
+    q1, q2, q3 = q0, q0, q0
     if G == 4:
-        e1, o1 = _i4_row_tile(flat_ptr, r1, offs, v1, DQ)
-        e2, o2 = _i4_row_tile(flat_ptr, r2, offs, v2, DQ)
-        e3, o3 = _i4_row_tile(flat_ptr, r3, offs, v3, DQ)
-        de += e1 + e2 + e3
-        do += o1 + o2 + o3
-    return tl.reshape(tl.join(tl.sum(de, axis=0), tl.sum(do, axis=0)), [BLOCK_N])
+        q1 = tl.load(flat_ptr + r1[:, None] + offs[None, :])
+        q2 = tl.load(flat_ptr + r2[:, None] + offs[None, :])
+        q3 = tl.load(flat_ptr + r3[:, None] + offs[None, :])
+    zero = tl.zeros(q0.shape, dtype=tl.float32)
+    su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ)
+    # su = 2^-69 sum v u, sl = 2^-69 sum v (lo + 8), where u = 16 (hi + 8) + lo + 8
+    su = tl.sum(su, axis=0) * 5.902958103587057e+20      # 2^69
+    sl = tl.sum(sl, axis=0) * 5.902958103587057e+20
+    return tl.reshape(tl.join(sl - 8.0 * vsum, (su - sl) * 0.0625 - 8.0 * vsum), [BLOCK_N])
+
+
+def _i4_fma_asm(n: int) -> str:
+    """PTX for _i4_fma over n rows: per row one xor (each nibble to q + 8, so each byte to
+    u = 16 (hi + 8) + lo + 8), per byte one prmt, which moves it alone to bits 8-15, one and, which
+    keeps its low nibble, and two fmas: 17 instructions per 8 weights (int8's BIAS: 9 per 4)."""
+    q0, v0, au, al = 8, 8 + n, 8 + 5 * n, 12 + 5 * n
+    lines = [".reg .b32 t, z, f, g;", ".reg .f32 u0, u1, u2, u3, l0, l1, l2, l3;", "mov.b32 z, 0;"]
+    for i in range(n):
+        lines.append(f"xor.b32 t, ${q0 + i}, 0x88888888;")
+        for c in range(4):
+            v = f"${v0 + 4 * i + c}"
+            lines += [f"prmt.b32 f, t, z, 0x44{c}4;", "and.b32 g, f, 0x00000F00;",
+                      f"fma.rn.f32 u{c}, f, {v}, {f'${au + c}' if i == 0 else f'u{c}'};",
+                      f"fma.rn.f32 l{c}, g, {v}, {f'${al + c}' if i == 0 else f'l{c}'};"]
+    lines += [f"mov.b32 ${c}, u{c};" for c in range(4)] + [f"mov.b32 ${4 + c}, l{c};" for c in range(4)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_I4_FMA_1, _I4_FMA_2, _I4_FMA_4 = (tl.constexpr(_i4_fma_asm(n)) for n in (1, 2, 4))
+_I4_FMA_C1, _I4_FMA_C2, _I4_FMA_C4 = (tl.constexpr(",".join(["=r"] * 8 + ["r"] * (5 * n + 8))) for n in (1, 2, 4))
 
 
 @triton.jit
-def _i4_row_tile(flat_ptr, roff, offs, v, DQ: tl.constexpr):
-    """(v * even columns, v * odd columns) of one tile of int4 rows at byte offsets offs, fp32."""
-    lo, hi = _i4_nibbles(tl.load(flat_ptr + roff[:, None] + offs[None, :]))
-    return _rows_f32(lo, 1, DQ) * v, _rows_f32(hi, 1, DQ) * v
+def _i4_subnormals(q):
+    """(u, lo + 8) of int4 bytes q as fp32 numbers u * 2^-141 and (lo + 8) * 2^-141: the bit
+    patterns u << 8 and (lo + 8) << 8, which are subnormal, so their value is the integer times
+    2^-149 exactly (what _i4_fma's prmt and and build)."""
+    u = (q.to(tl.int32) & 0xFF) ^ 0x88
+    return u.to(tl.float32) * 3.587324068671532e-43, (u & 15).to(tl.float32) * 3.587324068671532e-43
+
+
+@triton.jit
+def _i4_fma(acc_u, acc_l, q0, v0, q1, v1, q2, v2, q3, v3, N: tl.constexpr, DQ: tl.constexpr):
+    """(acc_u + sum over the first N rows i of u_i 2^-141 v_i, acc_l + the same of (lo_i + 8)) for
+    int4 bytes q_i, u_i the byte with both nibbles biased by 8 (the int4 decode expand; v holds
+    2^72 v). A byte's bits as an fp32 number are subnormal, worth the integer times 2^-149 with no
+    offset: one fp32 number per weight from one instruction, and exact products, where int8's
+    BIAS (_biased_fma) builds 2^15 + q, whose offset would leave int4's sums ~8 bits of precision
+    (the FMA pipe takes subnormals at full rate). The caller recovers the columns (_i4_rows_sum).
+    PTX where DQ (the interpreter runs none)."""
+    if DQ:
+        if N == 1:
+            return tl.inline_asm_elementwise(asm=_I4_FMA_1, constraints=_I4_FMA_C1, args=[q0, v0, acc_u, acc_l],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        elif N == 2:
+            return tl.inline_asm_elementwise(asm=_I4_FMA_2, constraints=_I4_FMA_C2,
+                                             args=[q0, q1, v0, v1, acc_u, acc_l], dtype=(tl.float32, tl.float32),
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(asm=_I4_FMA_4, constraints=_I4_FMA_C4,
+                                             args=[q0, q1, q2, q3, v0, v1, v2, v3, acc_u, acc_l],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    fu, fl = _i4_subnormals(q0)
+    acc_u += fu * v0
+    acc_l += fl * v0
+    if N >= 2:
+        fu, fl = _i4_subnormals(q1)
+        acc_u += fu * v1
+        acc_l += fl * v1
+    if N >= 4:
+        fu, fl = _i4_subnormals(q2)
+        acc_u += fu * v2
+        acc_l += fl * v2
+        fu, fl = _i4_subnormals(q3)
+        acc_u += fu * v3
+        acc_l += fl * v3
+    return acc_u, acc_l
 
 
 @triton.jit
