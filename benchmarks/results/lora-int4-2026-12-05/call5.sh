@@ -19,7 +19,7 @@ for k in 1 2; do for dt in int4 int8; do
   echo "mixed $dt $k rc=$? at $((SECONDS-T0)) s"; grep -v "^\s*$" $H/mixed-$dt-$k.log | tail -22 | cut -c1-160
 done; done
 tar czf $OUT/c5.tgz -C /tmp c5
-G="--shape llama3-8b --batches 256 --adapters 256 --no-eager --steps 20 --rounds 3 --context 256 --pool-gb 50"
+G="--shape llama3-8b --batches 256 --adapters 256 --no-eager --steps 20 --rounds 3 --context 256 --pool-gb 46"
 for dt in int4 int8; do
   LEFT=$((570 - SECONDS + T0)); [ $LEFT -lt 40 ] && break
   timeout $LEFT python3 benchmarks/bench_engine.py $G --adapter-dtype $dt --out $H/gqa-engine-$dt > $H/gqa-engine-$dt.log 2>&1
