@@ -155,7 +155,7 @@ def main() -> None:
             r.output_ids = [1]
             if aid:
                 r.slot = mgr.acquire(aid)
-            engine.scheduler._grow(r, r.total_len + 2 * args.steps + 16)   # time_steps, then time_overlapped
+            engine.scheduler._grow(r, r.total_len + 3 * args.steps + 16)   # time_steps, time_overlapped, time_mixed
             r.num_computed = r.total_len - 1      # KV "already computed": pages hold random data
             reqs.append(r)
         return reqs

@@ -387,6 +387,9 @@ class Engine:
         feed_dst, feed_src = [], []      # ids rows taken from the in-flight step's tokens
         for req in seqs:
             start, end = req.num_computed, req.total_len
+            if len(req.blocks) * B < end:     # the kernels would write K/V through a stale table entry
+                raise RuntimeError(f"request {req.request_id} holds KV blocks for {len(req.blocks) * B} tokens and "
+                                   f"this step writes up to token {end}: the scheduler grows a request first")
             if end - start == 1 and req.inflight:      # decode of a token still on the device
                 assert req.inflight == 1 and self._inflight is not None, "one step in flight at most"
                 feed_dst.append(len(ids))

@@ -10,7 +10,7 @@ from server.lora import load_peft_dir
 from server.request import Finish, Request
 from server.runtime import EngineConfig, build_engine
 from server.sampler import SamplingParams
-from server.scheduler import SchedulerConfig
+from server.scheduler import SchedulerConfig, Step
 from tests.helpers import ADAPTER_SPECS, hf_reference, make_adapter, make_model, run_engine, wait_for
 
 N_NEW = 12
@@ -814,3 +814,23 @@ def test_stream_interval_batches_tokens_after_the_first(tiny):
         assert outs[3][rid][1] == pytest.approx(outs[1][rid][1], abs=1e-6)
     with pytest.raises(ValueError, match="stream_interval"):
         start_engine(model_dir, {}, pool_mb=4, stream_interval=0)
+
+
+def test_a_step_past_a_requests_kv_blocks_is_refused(tiny):
+    """A request whose KV blocks do not cover the tokens a step writes (a caller that skipped the
+    scheduler's grow) gets a clear error before any kernel runs: on a GPU the K/V writes would go
+    through a stale block table entry (an illegal address or another request's pages)."""
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=8))
+    sch = engine.scheduler
+    r = Request("short", [5, 6, 7] * 12, greedy(4), "")          # 36 tokens: 3 blocks of 16
+    sch._grow(r, 20)                                              # blocks for 32 of them
+    with pytest.raises(RuntimeError, match="KV blocks for 32 tokens .* up to token 36"):
+        engine._run(Step([r], []))
+    sch._grow(r, r.total_len)
+    engine._run(Step([r], []))                                    # grown, the same step runs
+    engine._flush()
+    assert len(r.output_ids) == 1 and r.num_computed == 36
+    sch.free(r)
+    assert engine.pool.kv_pages == 0
+    engine.adapters.close()
