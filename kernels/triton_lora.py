@@ -111,7 +111,9 @@ TUNE = {
     # 2, both, 512 columns on 1 warp) bought nothing (0.998-1.003x, call 3; d822b71 has the key).
     "expand_decode_rows": dict(BLOCK_R=16, BLOCK_N=1024, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                PTX_DQ=1, G4=True),
-    # int4 rows (2026-12-05): the int8 tiles above until measured; a tile of the same columns reads half the bytes
+    # int4 rows (2026-12-05, H100): the shrink on int8's tiles; the expand on 2048 columns, so that a warp's row
+    # tile holds 1024 bytes as int8's does (1024 columns on 2 warps split the rows across warps: 3x slower;
+    # 4096 on 4 warps: 0.99x at Llama-7B, 1.03x at GQA shapes; benchmarks/results/lora-int4-2026-12-05)
     "shrink_decode_int4": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=3, PDL=True, COMPACT=True,
                                PTX_DQ=2),
     "expand_decode_rows_int4": dict(BLOCK_R=16, BLOCK_N=2048, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
