@@ -113,10 +113,11 @@ TUNE = {
                                PTX_DQ=1, G4=True),
     # int4 rows (2026-12-05, H100): the shrink on int8's tiles; the expand on 2048 columns, so that a warp's row
     # tile holds 1024 bytes as int8's does (1024 columns on 2 warps split the rows across warps: 3x slower;
-    # 4096 on 4 warps: 0.99x at Llama-7B, 1.03x at GQA shapes; benchmarks/results/lora-int4-2026-12-05)
+    # 4096 on 4 warps: 0.99x at Llama-7B, 1.03x at GQA shapes), in chunks of 8 rows (0.98x / 0.97x of 16's,
+    # call 8; PIPE 3 1.03x, PIPE 1 1.09x); benchmarks/results/lora-int4-2026-12-05
     "shrink_decode_int4": dict(BLOCK_R=8, BLOCK_K=512, num_warps=2, num_stages=3, PIPE=3, PDL=True, COMPACT=True,
                                PTX_DQ=2),
-    "expand_decode_rows_int4": dict(BLOCK_R=16, BLOCK_N=2048, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
+    "expand_decode_rows_int4": dict(BLOCK_R=8, BLOCK_N=2048, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                     PTX_DQ=1, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
