@@ -891,8 +891,7 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         vsum += tl.sum(v1 + v2 + v3, axis=0)
     bias = vsum * 32896.0
     if I4:      # (see _i4_fma)
-        v0, v1, v2, v3 = v0 * 4.722366482869645e+21, v1 * 4.722366482869645e+21, v2 * 4.722366482869645e+21, \
-            v3 * 4.722366482869645e+21
+        v0, v1, v2, v3 = v0 * _I4_V_SCALE, v1 * _I4_V_SCALE, v2 * _I4_V_SCALE, v3 * _I4_V_SCALE
     v0, v1, v2, v3 = (tl.broadcast_to(v0[:, None], shape), tl.broadcast_to(v1[:, None], shape),
                       tl.broadcast_to(v2[:, None], shape), tl.broadcast_to(v3[:, None], shape))
     zero = tl.zeros(shape, dtype=tl.float32)
@@ -938,8 +937,8 @@ def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, G: tl.const
     zero = tl.zeros(q0.shape, dtype=tl.float32)
     su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ)
     # su = 2^-69 sum v u, sl = 2^-69 sum v (lo + 8), where u = 16 (hi + 8) + lo + 8
-    su = tl.sum(su, axis=0) * 5.902958103587057e+20      # 2^69
-    sl = tl.sum(sl, axis=0) * 5.902958103587057e+20
+    su = tl.sum(su, axis=0) * _I4_SUM_SCALE
+    sl = tl.sum(sl, axis=0) * _I4_SUM_SCALE
     return tl.reshape(tl.join(sl - 8.0 * vsum, (su - sl) * 0.0625 - 8.0 * vsum), [BLOCK_N])
 
 
@@ -961,6 +960,9 @@ def _i4_fma_asm(n: int) -> str:
 
 
 _I4_FMA_1, _I4_FMA_2, _I4_FMA_4 = (tl.constexpr(_i4_fma_asm(n)) for n in (1, 2, 4))
+# a byte at bits 8-15 of an fp32 is worth byte * 2^-141; v is scaled by 2^72, so the sums hold 2^-69 of
+# theirs: products far from fp32's subnormals for any |v * w| above ~1e-17 and no v near its overflow
+_I4_BYTE_UNIT, _I4_V_SCALE, _I4_SUM_SCALE = tl.constexpr(2.0 ** -141), tl.constexpr(2.0 ** 72), tl.constexpr(2.0 ** 69)
 _I4_FMA_C1, _I4_FMA_C2, _I4_FMA_C4 = (tl.constexpr(",".join(["=r"] * 8 + ["r"] * (5 * n + 8))) for n in (1, 2, 4))
 
 
@@ -970,7 +972,7 @@ def _i4_subnormals(q):
     patterns u << 8 and (lo + 8) << 8, which are subnormal, so their value is the integer times
     2^-149 exactly (what _i4_fma's prmt and and build)."""
     u = (q.to(tl.int32) & 0xFF) ^ 0x88
-    return u.to(tl.float32) * 3.587324068671532e-43, (u & 15).to(tl.float32) * 3.587324068671532e-43
+    return u.to(tl.float32) * _I4_BYTE_UNIT, (u & 15).to(tl.float32) * _I4_BYTE_UNIT
 
 
 @triton.jit
