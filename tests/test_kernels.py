@@ -8,6 +8,7 @@ Pools and tables are built with the real server/pool.py classes, so layouts are 
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 import torch
@@ -443,6 +444,121 @@ def test_biased_fma_ptx_uses_every_operand_once_in_place(n):
     assert sorted(set(reads)) == list(range(4, 4 + 5 * n + 4))
     assert all(reads.count(k) == 1 for k in range(4 + n, 4 + 5 * n + 4))     # each v and acc register once
     assert [reads.count(k) for k in range(4, 4 + n)] == [1] * n              # each row's bytes xor-ed once
+
+
+def _f32(w: int) -> float:
+    """The fp32 number of a 32-bit word (subnormals kept)."""
+    return struct.unpack("<f", struct.pack("<I", w))[0]
+
+
+def _word(x: float) -> int:
+    """The 32-bit word of x rounded to fp32."""
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _f32_round(x: float) -> float:
+    return _f32(_word(x))
+
+
+def _run_ptx(asm: str, inputs: dict[int, int]) -> dict[int, int]:
+    """Run a decode kernel's inline PTX on the CPU (the interpreter runs none): the integer ops and
+    fp32 FMAs it uses, on 32-bit words. inputs: operand number -> word; returns the words of the
+    operands it writes."""
+    regs: dict[str, int] = {}
+
+    def val(op: str) -> int:
+        if op.startswith("$"):
+            return inputs[int(op[1:])]
+        return regs[op] if op in regs else int(op, 0)
+
+    out = {}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *args = [a.strip() for a in rest.split(",")]
+        a = [val(x) for x in args]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "prmt.b32":      # bytes of {a[1], a[0]}, picked by the selector's nibbles (no sign mode)
+            src = a[0] | a[1] << 32
+            assert all(a[2] >> 4 * i & 8 == 0 for i in range(4)), line
+            r = sum((src >> 8 * (a[2] >> 4 * i & 7) & 0xFF) << 8 * i for i in range(4))
+        elif op == "fma.rn.f32":    # (the product of two fp32 numbers is exact in a double)
+            r = _word(_f32(a[0]) * _f32(a[1]) + _f32(a[2]))
+        else:
+            raise AssertionError(f"no emulation for {op}")
+        if dst.startswith("$"):
+            out[int(dst[1:])] = r
+        else:
+            regs[dst] = r & 0xFFFFFFFF
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_i4_fma_ptx_sums_bytes_and_low_nibbles_exactly(n):
+    """The int4 expand's PTX (_i4_fma: which the interpreter cannot run), executed by an emulator
+    of its instructions: for n rows of 4 bytes it returns acc + sum v * u * 2^-141 and acc + sum
+    v * (lo + 8) * 2^-141 (u: the byte with both nibbles biased by 8), the numbers that
+    _i4_rows_sum turns into the even and odd columns; each operand in its place and read where it
+    should be. Rounding only at fp32 FMAs: products of subnormals stay exact."""
+    import random
+    import re
+    rng = random.Random(n)
+    asm = tlora._i4_fma_asm(n)
+    assert tlora._I4_FMA_C4.value.split(",") == ["=r"] * 8 + ["r"] * 28
+    for _ in range(20):
+        q = [[rng.randrange(256) for _ in range(4)] for _ in range(n)]          # row i, byte c
+        v = [_f32_round(rng.uniform(-3, 3) * 2.0 ** 72) for _ in range(n)]     # the kernel's v * 2^72
+        acc = [[_f32_round(rng.uniform(-1, 1) * 2.0 ** -60) for _ in range(4)] for _ in range(2)]
+        ins = {8 + i: sum(b << 8 * c for c, b in enumerate(q[i])) for i in range(n)}
+        ins.update({8 + n + 4 * i + c: _word(v[i]) for i in range(n) for c in range(4)})
+        ins.update({8 + 5 * n + 4 * k + c: _word(acc[k][c]) for k in range(2) for c in range(4)})
+        out = _run_ptx(asm, ins)
+        assert sorted(out) == list(range(8))
+        for c in range(4):
+            u = [q[i][c] ^ 0x88 for i in range(n)]
+            tu = [acc[0][c]] + [v[i] * u[i] * 2.0 ** -141 for i in range(n)]
+            tl_ = [acc[1][c]] + [v[i] * (u[i] & 15) * 2.0 ** -141 for i in range(n)]
+            # fp32 rounding of each FMA: a few ulps of the largest partial sum, never of the terms' scale
+            assert abs(_f32(out[c]) - sum(tu)) <= 2.0 ** -22 * sum(map(abs, tu))
+            assert abs(_f32(out[4 + c]) - sum(tl_)) <= 2.0 ** -22 * sum(map(abs, tl_))
+        # from zero accumulators, _i4_rows_sum's recovery gives the sums over the signed nibbles
+        out = _run_ptx(asm, {**ins, **{8 + 5 * n + k: 0 for k in range(8)}})
+        vs = [x * 2.0 ** -72 for x in v]
+        for c in range(4):
+            su, sl = _f32(out[c]) * 2.0 ** 69, _f32(out[4 + c]) * 2.0 ** 69
+            lo = [vs[i] * ((q[i][c] & 15) ^ 8) - 8 * vs[i] for i in range(n)]    # signed: nibble ^ 8 - 8
+            hi = [vs[i] * ((q[i][c] >> 4) ^ 8) - 8 * vs[i] for i in range(n)]
+            bound = 2.0 ** -20 * sum(abs(x) * 16 for x in vs)
+            assert abs(sl - 8 * sum(vs) - sum(lo)) <= bound
+            assert abs((su - sl) / 16 - 8 * sum(vs) - sum(hi)) <= bound
+    reads = [int(k) for line in asm.splitlines() for k in re.findall(r"\$(\d+)", line.split(",", 1)[-1])]
+    assert [reads.count(8 + i) for i in range(n)] == [1] * n                    # each row's bytes xor-ed once
+    assert all(reads.count(k) == 2 for k in range(8 + n, 8 + 5 * n))            # each v: the byte's and the nibble's FMA
+    assert all(reads.count(k) == 1 for k in range(8 + 5 * n, 16 + 5 * n))       # each acc once
+
+
+def test_biased_fma_ptx_runs_the_bias_sum():
+    """int8's BIAS PTX (_biased_fma) through the same emulator: acc + sum (2^15 + q + 128) v."""
+    import random
+    rng = random.Random(3)
+    n = 4
+    q = [[rng.randrange(-128, 128) for _ in range(4)] for _ in range(n)]
+    v = [_f32_round(rng.uniform(-2, 2)) for _ in range(n)]
+    acc = [_f32_round(rng.uniform(-1, 1)) for _ in range(4)]
+    ins = {4 + i: sum((b & 0xFF) << 8 * c for c, b in enumerate(q[i])) for i in range(n)}
+    ins.update({4 + n + 4 * i + c: _word(v[i]) for i in range(n) for c in range(4)})
+    ins.update({4 + 5 * n + c: _word(acc[c]) for c in range(4)})
+    out = _run_ptx(tlora._biased_fma_asm(n), ins)
+    for c in range(4):
+        terms = [acc[c]] + [(32896 + q[i][c]) * v[i] for i in range(n)]
+        assert abs(_f32(out[c]) - sum(terms)) <= 2.0 ** -22 * sum(map(abs, terms))
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
