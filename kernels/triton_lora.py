@@ -206,15 +206,9 @@ def _i8_to_f16(q):
     return h - tl.full(q.shape, 1152.0, tl.float16)
 
 
-@triton.jit
-def _i8_to_f16_ptx(q):
-    """_i8_to_f16 in 6 PTX instructions per 4 weights, where Triton's integer ops take ~11 (byte
-    sign extensions, 16-bit adds and repacking: PRMT was the most issued instruction of the int8
-    decode kernels, whose issue slots were 61% busy at 64% of the DRAM bandwidth, Nsight Compute
-    on the H200). xor 0x80 biases each byte to u = q + 128; prmt puts two bytes under 0x64, the
-    fp16 numbers 1024 + u; subtracting 1152 leaves q exactly."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+# the inline PTX of the dequantizing helpers below, as module constants (a kernel reads only constexpr
+# globals) so that tests can run them through an emulator (tests/test_kernels.py: _run_ptx)
+_I8_TO_F16_ASM = tl.constexpr("""{
         .reg .b32 t, k, m;
         xor.b32 t, $2, 0x80808080;
         mov.b32 k, 0x64646464;
@@ -223,19 +217,8 @@ def _i8_to_f16_ptx(q):
         prmt.b32 $1, t, k, 0x7362;
         sub.f16x2 $0, $0, m;
         sub.f16x2 $1, $1, m;
-        }""",
-        constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _i8_fma_f16(q, x, acc):
-    """acc + (q / 128) * x in fp16x2 for int8 q and fp16 x, acc (PTX_DQ 2, the fp16 decode shrink):
-    7 instructions per 4 weights where dequantizing to fp32 and an fp32 FMA take 13. The fma
-    (1024 + u) / 128 - 9 gives q / 128 exactly, so an accumulator of one thread, which sums one
-    product per BLOCK_K step (8 at d_in 4096), stays far from fp16's range; the caller multiplies
-    the fp32 sum by 128."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+        }""")
+_I8_FMA_F16_ASM = tl.constexpr("""{
         .reg .b32 t, a, b, k, s, m;
         xor.b32 t, $2, 0x80808080;
         mov.b32 k, 0x64646464;
@@ -247,19 +230,8 @@ def _i8_fma_f16(q, x, acc):
         fma.rn.f16x2 b, b, s, m;
         fma.rn.f16x2 $0, a, $3, $5;
         fma.rn.f16x2 $1, b, $4, $6;
-        }""",
-        constraints="=r,=r,r,r,r,r,r", args=[q, x, acc], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _i4_fma_f16(b, xe, xo, acc_e, acc_o):
-    """(acc_e + lo / 8 * xe, acc_o + hi / 8 * xo) in fp16x2 for int4 bytes b (lo: the low nibbles,
-    the even columns; PTX_DQ 2, the int4 decode shrink): 15 instructions per 8 weights. xor 0x88
-    turns each two's complement nibble into n = q + 8; lop3 puts a nibble under 0x64 as the fp16
-    1024 + n (low) or 1024 + 16n (high); one fma leaves q / 8 exactly (so a thread's fp16 sums stay
-    as far from fp16's range as _i8_fma_f16's); the caller multiplies the fp32 sum by 8."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+        }""")
+_I4_FMA_F16_ASM = tl.constexpr("""{
         .reg .b32 t, z, a, b, l0, l1, h0, h1, m, s, k;
         xor.b32 t, $4, 0x88888888;
         mov.b32 z, 0;
@@ -281,7 +253,42 @@ def _i4_fma_f16(b, xe, xo, acc_e, acc_o):
         fma.rn.f16x2 $1, l1, $6, $10;
         fma.rn.f16x2 $2, h0, $7, $11;
         fma.rn.f16x2 $3, h1, $8, $12;
-        }""",
+        }""")
+
+
+@triton.jit
+def _i8_to_f16_ptx(q):
+    """_i8_to_f16 in 6 PTX instructions per 4 weights, where Triton's integer ops take ~11 (byte
+    sign extensions, 16-bit adds and repacking: PRMT was the most issued instruction of the int8
+    decode kernels, whose issue slots were 61% busy at 64% of the DRAM bandwidth, Nsight Compute
+    on the H200). xor 0x80 biases each byte to u = q + 128; prmt puts two bytes under 0x64, the
+    fp16 numbers 1024 + u; subtracting 1152 leaves q exactly."""
+    return tl.inline_asm_elementwise(
+        asm=_I8_TO_F16_ASM,
+        constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8_fma_f16(q, x, acc):
+    """acc + (q / 128) * x in fp16x2 for int8 q and fp16 x, acc (PTX_DQ 2, the fp16 decode shrink):
+    7 instructions per 4 weights where dequantizing to fp32 and an fp32 FMA take 13. The fma
+    (1024 + u) / 128 - 9 gives q / 128 exactly, so an accumulator of one thread, which sums one
+    product per BLOCK_K step (8 at d_in 4096), stays far from fp16's range; the caller multiplies
+    the fp32 sum by 128."""
+    return tl.inline_asm_elementwise(
+        asm=_I8_FMA_F16_ASM,
+        constraints="=r,=r,r,r,r,r,r", args=[q, x, acc], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i4_fma_f16(b, xe, xo, acc_e, acc_o):
+    """(acc_e + lo / 8 * xe, acc_o + hi / 8 * xo) in fp16x2 for int4 bytes b (lo: the low nibbles,
+    the even columns; PTX_DQ 2, the int4 decode shrink): 15 instructions per 8 weights. xor 0x88
+    turns each two's complement nibble into n = q + 8; lop3 puts a nibble under 0x64 as the fp16
+    1024 + n (low) or 1024 + 16n (high); one fma leaves q / 8 exactly (so a thread's fp16 sums stay
+    as far from fp16's range as _i8_fma_f16's); the caller multiplies the fp32 sum by 8."""
+    return tl.inline_asm_elementwise(
+        asm=_I4_FMA_F16_ASM,
         constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", args=[b, xe, xo, acc_e, acc_o], dtype=(tl.float16, tl.float16),
         is_pure=True, pack=4)
 

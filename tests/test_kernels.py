@@ -460,18 +460,29 @@ def _f32_round(x: float) -> float:
     return _f32(_word(x))
 
 
+def _halves(w: int) -> list[float]:
+    """The two fp16 numbers of a 32-bit word, low half first."""
+    return [float(x) for x in struct.unpack("<2e", struct.pack("<I", w))]
+
+
+def _f16x2(pair: list[float]) -> int:
+    """Two numbers rounded to fp16, packed low half first."""
+    return struct.unpack("<I", struct.pack("<2e", *pair))[0]
+
+
 def _run_ptx(asm: str, inputs: dict[int, int]) -> dict[int, int]:
     """Run a decode kernel's inline PTX on the CPU (the interpreter runs none): the integer ops and
     fp32 FMAs it uses, on 32-bit words. inputs: operand number -> word; returns the words of the
     operands it writes."""
     regs: dict[str, int] = {}
+    out: dict[int, int] = {}
 
     def val(op: str) -> int:
-        if op.startswith("$"):
-            return inputs[int(op[1:])]
+        if op.startswith("$"):      # an output operand reads back what was written to it
+            k = int(op[1:])
+            return out[k] if k in out else inputs[k]
         return regs[op] if op in regs else int(op, 0)
 
-    out = {}
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
@@ -489,8 +500,14 @@ def _run_ptx(asm: str, inputs: dict[int, int]) -> dict[int, int]:
             src = a[0] | a[1] << 32
             assert all(a[2] >> 4 * i & 8 == 0 for i in range(4)), line
             r = sum((src >> 8 * (a[2] >> 4 * i & 7) & 0xFF) << 8 * i for i in range(4))
+        elif op == "lop3.b32":      # bit i: the table's bit at (a_i b_i c_i) read as a 3-bit number
+            r = sum((a[3] >> ((a[0] >> i & 1) << 2 | (a[1] >> i & 1) << 1 | (a[2] >> i & 1)) & 1) << i
+                    for i in range(32))
         elif op == "fma.rn.f32":    # (the product of two fp32 numbers is exact in a double)
             r = _word(_f32(a[0]) * _f32(a[1]) + _f32(a[2]))
+        elif op in ("fma.rn.f16x2", "sub.f16x2"):     # each 16-bit half, rounded once to fp16
+            h = [_halves(w) for w in a]
+            r = _f16x2([x * y + z for x, y, z in zip(*h)] if op.startswith("fma") else [x - y for x, y in zip(*h)])
         else:
             raise AssertionError(f"no emulation for {op}")
         if dst.startswith("$"):
@@ -559,6 +576,42 @@ def test_biased_fma_ptx_runs_the_bias_sum():
     for c in range(4):
         terms = [acc[c]] + [(32896 + q[i][c]) * v[i] for i in range(n)]
         assert abs(_f32(out[c]) - sum(terms)) <= 2.0 ** -22 * sum(map(abs, terms))
+
+
+def test_fp16_dequantizing_ptx_gives_the_exact_weights():
+    """The PTX the interpreter cannot run, through the emulator: _i8_to_f16_ptx gives each int8
+    weight as fp16 exactly; _i8_fma_f16 adds (q / 128) * x; _i4_fma_f16 adds (low nibble / 8) * xe
+    to the even accumulators and (high nibble / 8) * xo to the odd ones. Operands in the packed
+    order Triton gives them (pack 4: 4 bytes in one word, fp16 pairs low half first)."""
+    import random
+    rng = random.Random(11)
+    signed = lambda n: n - 16 if n >= 8 else n      # noqa: E731
+    for _ in range(50):
+        q = [rng.randrange(-128, 128) for _ in range(4)]
+        qw = sum((b & 0xFF) << 8 * c for c, b in enumerate(q))
+        out = _run_ptx(tlora._I8_TO_F16_ASM.value, {2: qw})
+        assert _halves(out[0]) + _halves(out[1]) == [float(x) for x in q]
+
+        x = [round(rng.uniform(-4, 4), 2) for _ in range(4)]
+        acc = [round(rng.uniform(-2, 2), 2) for _ in range(4)]
+        xs, accs = [_halves(_f16x2(x[i:i + 2])) for i in (0, 2)], [_halves(_f16x2(acc[i:i + 2])) for i in (0, 2)]
+        out = _run_ptx(tlora._I8_FMA_F16_ASM.value, {2: qw, 3: _f16x2(xs[0]), 4: _f16x2(xs[1]),
+                                                       5: _f16x2(accs[0]), 6: _f16x2(accs[1])})
+        got, xf, af = _halves(out[0]) + _halves(out[1]), xs[0] + xs[1], accs[0] + accs[1]
+        assert got == [_halves(_f16x2([af[i] + q[i] / 128 * xf[i], 0]))[0] for i in range(4)]
+
+        b = [rng.randrange(256) for _ in range(4)]
+        xe, xo = [[round(rng.uniform(-4, 4), 2) for _ in range(4)] for _ in range(2)]
+        ae, ao = [[round(rng.uniform(-2, 2), 2) for _ in range(4)] for _ in range(2)]
+        f16 = lambda v: _halves(_f16x2(v[:2])) + _halves(_f16x2(v[2:]))      # noqa: E731
+        xe, xo, ae, ao = f16(xe), f16(xo), f16(ae), f16(ao)
+        ins = {4: sum(v << 8 * c for c, v in enumerate(b))}
+        for k, v in enumerate((xe, xo, ae, ao)):
+            ins[5 + 2 * k], ins[6 + 2 * k] = _f16x2(v[:2]), _f16x2(v[2:])
+        out = _run_ptx(tlora._I4_FMA_F16_ASM.value, ins)
+        even, odd = _halves(out[0]) + _halves(out[1]), _halves(out[2]) + _halves(out[3])
+        assert even == [_halves(_f16x2([ae[i] + signed(b[i] & 15) / 8 * xe[i], 0]))[0] for i in range(4)]
+        assert odd == [_halves(_f16x2([ao[i] + signed(b[i] >> 4) / 8 * xo[i], 0]))[0] for i in range(4)]
 
 
 def test_ptx_dequantization_levels_fall_back_where_they_cannot_run():
