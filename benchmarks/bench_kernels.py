@@ -40,7 +40,7 @@ from kernels import triton_lora as tlora  # noqa: E402
 from kernels.batch import AttnBatch, LoraBatch  # noqa: E402
 from server.config import TARGET_MODULES, ModelConfig  # noqa: E402
 from server.lora import LoraWeights  # noqa: E402
-from server.pool import AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
+from server.pool import QUANTIZED, AdapterTable, UnifiedPool, stage_adapter  # noqa: E402
 
 RANKS = (8, 16, 32, 64, 128)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -93,9 +93,9 @@ def mm_rate(dev, dtype) -> float:
 # a pool of many adapters (real pool/table/staging); staged images are reused across slots, so
 # building 1000 adapters costs 10 stagings and 1000 device copies, each into pages of its own
 # ------------------------------------------------------------------------------------------------
-def build_lora_pool(cfg, n_adapters, dtype, dev, modules=ATTN_MODULES, variants=2):
+def build_lora_pool(cfg, n_adapters, dtype, dev, modules=ATTN_MODULES, variants=2, adapter_dtype=None):
     g = torch.Generator().manual_seed(0)
-    probe = UnifiedPool(cfg, 1, 16, dtype, "cpu")
+    probe = UnifiedPool(cfg, 1, 16, dtype, "cpu", adapter_dtype)
     staged = {}
     for r in RANKS:
         for k in range(variants):
@@ -105,7 +105,7 @@ def build_lora_pool(cfg, n_adapters, dtype, dev, modules=ATTN_MODULES, variants=
                 w[(0, m)] = (torch.randn(r, d_in, generator=g) / d_in ** 0.5, torch.randn(d_out, r, generator=g) / r ** 0.5)
             staged[(r, k)] = stage_adapter(LoraWeights(f"r{r}v{k}", r, 2 * r, 2.0, list(modules), False, w), probe)
     need = sum(staged[(RANKS[i % len(RANKS)], (i // len(RANKS)) % variants)].num_pages for i in range(n_adapters))
-    pool = UnifiedPool(cfg, need + 8, 16, dtype, dev)
+    pool = UnifiedPool(cfg, need + 8, 16, dtype, dev, adapter_dtype)
     table = AdapterTable(pool, n_adapters)
     ranks = []
     for i in range(n_adapters):
@@ -143,9 +143,26 @@ def graph_bench(fn, sets):
     return bench(lambda: g.replay(), rep=50) / len(sets)
 
 
-def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize):
-    """Fewest bytes: each distinct adapter's A and B once, x read, v written+read, y read+written."""
-    w = sum(r * (d_in + d_out) for r in distinct_ranks) * esize
+def shrink(mod, x, table, meta, b):
+    """lora_shrink of the Triton kernels or the reference (mod) over the table's rows, in whatever
+    format the pool stores them (--adapter-dtype)."""
+    return mod.lora_shrink(x, table.flat, table.rows, meta, b, table.row_scale)
+
+
+def expand(mod, y, v, table, meta, b, widths=None):
+    """lora_expand, as shrink."""
+    mod.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, b, widths, row_scale=table.row_scale)
+
+
+def row_bytes(table) -> float:
+    """Bytes of one adapter weight as the pool stores it (int4: half a byte)."""
+    return {torch.int8: 1, torch.uint8: 0.5}.get(table.flat.dtype, table.flat.element_size())
+
+
+def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize, wsize=None):
+    """Fewest bytes: each distinct adapter's A and B once (wsize a weight: the rows' format), x
+    read, v written+read, y read+written."""
+    w = sum(r * (d_in + d_out) for r in distinct_ranks) * (wsize or esize)
     return w + T * d_in * esize + 2 * T * R * esize + 2 * T * d_out * esize
 
 
@@ -165,12 +182,12 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
         x = torch.randn(tokens, d, dtype=dtype, device=dev)
         ys = [torch.randn(tokens, d, dtype=dtype, device=dev) for _ in ATTN_MODULES]
         sets.append((b, x, ys))
-        roof_bytes = max(roof_bytes, 4 * lora_bytes(tokens, d, d, R, [ranks[i] for i in ids], esize))
+        roof_bytes = max(roof_bytes, 4 * lora_bytes(tokens, d, d, R, [ranks[i] for i in ids], esize, row_bytes(table)))
 
     def tri(b, x, ys):
         for meta, y in zip(metas, ys):
-            v = tlora.lora_shrink(x, pool.flat, table.rows, meta, b)
-            tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b)
+            v = shrink(tlora, x, table, meta, b)
+            expand(tlora, y, v, table, meta, b)
 
     t_tri = bench(tri, sets)
     row = {"kind": "decode_lora", "tokens": tokens, "distinct": distinct, "ms": t_tri,
@@ -178,10 +195,10 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
     row["frac_roof"] = row["roof_ms"] / t_tri
     # split: shrink alone and expand alone (first rotation set, all 4 modules)
     b, x, ys = sets[0]
-    vs = [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas]
-    row["shrink_ms"] = bench(lambda b, x: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas],
+    vs = [shrink(tlora, x, table, m, b) for m in metas]
+    row["shrink_ms"] = bench(lambda b, x: [shrink(tlora, x, table, m, b) for m in metas],
                              [(s[0], s[1]) for s in sets])
-    row["expand_ms"] = bench(lambda b, ys: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
+    row["expand_ms"] = bench(lambda b, ys: [expand(tlora, y, v, table, m, b)
                                             for m, y, v in zip(metas, ys, vs)], [(s[0], s[2]) for s in sets])
     # CUDA graph of the 8 launches (what a graph-captured decode step would see)
     row["graph_ms"] = graph_ms(tri, sets)
@@ -194,8 +211,7 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
     if row["grouped_graph_ms"]:
         row["grouped_frac_roof"] = row["roof_ms"] / row["grouped_graph_ms"]
     if baselines:
-        row["torch_loop_ms"] = bench(lambda b, x, ys: [ref.lora_expand(y, ref.lora_shrink(x, pool.flat, table.rows, m, b),
-                                                                       pool.flat, table.rows, m, table.scaling, b)
+        row["torch_loop_ms"] = bench(lambda b, x, ys: [expand(ref, y, shrink(ref, x, table, m, b), table, m, b)
                                                        for m, y in zip(metas, ys)], sets[:1], warmup=2, rep=20)
         # padded bmm (Punica's naive baseline): weights stacked once (outside the timing, padded to
         # the batch's max rank), each step gathers every token's A and B and runs two bmm's
@@ -207,8 +223,8 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
         meta = metas[0]
         for j, s in enumerate(ids):
             a0, b0, r, _ = (int(z) for z in meta[s])
-            A[j, :r] = ref.gather_rows(pool.flat, table.rows, a0, r, d)
-            Bt[j, :r] = ref.gather_rows(pool.flat, table.rows, b0, r, d)
+            A[j, :r] = ref.gather_rows(table.flat, table.rows, a0, r, d, table.row_scale)
+            Bt[j, :r] = ref.gather_rows(table.flat, table.rows, b0, r, d, table.row_scale)
         where = {s: j for j, s in enumerate(ids)}
         idx = torch.tensor([where[h[2]] for h in b.seg_host], device=dev)
         sc = table.scaling[torch.tensor([h[2] for h in b.seg_host], device=dev)].to(dtype)[:, None]
@@ -243,12 +259,12 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
         x = torch.randn(tokens, d, dtype=dtype, device=dev)
         y = torch.randn(tokens, d, dtype=dtype, device=dev)
         sets.append((b, x, y))
-        roof_bytes = max(roof_bytes, lora_bytes(tokens, d, d, R, [ranks[i] for i in set(ids)], esize))
+        roof_bytes = max(roof_bytes, lora_bytes(tokens, d, d, R, [ranks[i] for i in set(ids)], esize, row_bytes(table)))
         flops = max(flops, sum(4 * n * d * ranks[i] for n, i in zip(lens, ids)))
 
     def tri(b, x, y):
-        v = tlora.lora_shrink(x, pool.flat, table.rows, meta, b)
-        tlora.lora_expand(y, v, pool.flat, table.rows, meta, table.scaling, b)
+        v = shrink(tlora, x, table, meta, b)
+        expand(tlora, y, v, table, meta, b)
 
     t_tri = bench(tri, sets)
     t_graph = graph_ms(tri, sets)
@@ -268,8 +284,7 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
         row["vs_cublas_graph"] = t_graph / t_cub_graph
     row["tflops"] = flops / (t_tri * 1e-3) / 1e12
     if loop and nseg <= 64:
-        row["torch_loop_ms"] = bench(lambda b, x, y: ref.lora_expand(y, ref.lora_shrink(x, pool.flat, table.rows, meta, b),
-                                                                     pool.flat, table.rows, meta, table.scaling, b),
+        row["torch_loop_ms"] = bench(lambda b, x, y: expand(ref, y, shrink(ref, x, table, meta, b), table, meta, b),
                                      sets[:1], warmup=2, rep=20)
     res.append(row)
     print(f"prefill_lora T={tokens:5d} seg={nseg:4d} r={str(rank or 'mix'):>4}: {t_tri*1e3:8.1f} us  roof {row['roof_ms']*1e3:7.1f} us "
@@ -296,12 +311,12 @@ def run_fused_lora(res, pool, table, ranks, dtype, dev, tokens, lens, distinct, 
 
     def separate(b, x, y):
         for j, m in enumerate(metas):
-            v = tlora.lora_shrink(x, pool.flat, table.rows, m, b)
-            tlora.lora_expand(y[:, j * d:(j + 1) * d], v, pool.flat, table.rows, m, table.scaling, b)
+            v = shrink(tlora, x, table, m, b)
+            expand(tlora, y[:, j * d:(j + 1) * d], v, table, m, b)
 
     def fused(b, x, y):
-        v = tlora.lora_shrink(x, pool.flat, table.rows, meta3, b)
-        tlora.lora_expand(y, v, pool.flat, table.rows, meta3, table.scaling, b, (d, d, d))
+        v = shrink(tlora, x, table, meta3, b)
+        expand(tlora, y, v, table, meta3, b, (d, d, d))
 
     b, x, y = sets[0]
     y1, y2 = y.clone(), y.clone()
@@ -420,7 +435,7 @@ def _lora_cases(pool, table, ranks, dtype, dev, kind):
             T = sum(lens)
             x = torch.randn(T, d, dtype=dtype, device=dev)
             ys = [torch.randn(T, d, dtype=dtype, device=dev) for _ in metas]
-            vs = [ref.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas]
+            vs = [shrink(ref, x, table, m, b) for m in metas]
             sets.append((b, x, ys, vs))
         out.append((name, metas, sets))
     return out
@@ -480,9 +495,9 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
         if pool is None or "decode_lora" not in only:
             break
         cases = _lora_cases(pool, table, ranks, dtype, dev, kind)
-        sh = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_shrink(x, pool.flat, table.rows, m, b) for m in metas])(m), s)
+        sh = [(c, (lambda metas: lambda b, x, ys, vs: [shrink(tlora, x, table, m, b) for m in metas])(m), s)
               for c, m, s in cases]
-        ex = [(c, (lambda metas: lambda b, x, ys, vs: [tlora.lora_expand(y, v, pool.flat, table.rows, m, table.scaling, b)
+        ex = [(c, (lambda metas: lambda b, x, ys, vs: [expand(tlora, y, v, table, m, b)
                                                        for m, y, v in zip(metas, ys, vs)])(m), s) for c, m, s in cases]
 
         def check_lora(kind):
@@ -490,13 +505,13 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
                 c, metas, sets = cases[0]
                 b, x, ys, vs = sets[0]
                 if kind == "shrink":
-                    return rel(tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b), vs[0])
+                    return rel(shrink(tlora, x, table, metas[0], b), vs[0])
                 # a fresh y: the timed runs accumulated thousands of deltas into ys (fp16 rounding of
                 # a large y would swamp the delta being checked)
                 y0 = torch.randn_like(ys[0])
                 y1, y2 = y0.clone(), y0.clone()
-                tlora.lora_expand(y1, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
-                ref.lora_expand(y2, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                expand(tlora, y1, vs[0], table, metas[0], b)
+                expand(ref, y2, vs[0], table, metas[0], b)
                 return rel(y1.float() - y0.float(), y2.float() - y0.float())
             return chk
         if kind == "grouped":
@@ -523,10 +538,9 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
              ex, check_lora("expand"))
     if pool is not None and "prefill_lora" in only:
         cases = _lora_cases(pool, table, ranks, dtype, dev, "prefill")
-        sh = [(c, (lambda metas: lambda b, x, ys, vs: tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b))(m), s)
+        sh = [(c, (lambda metas: lambda b, x, ys, vs: shrink(tlora, x, table, metas[0], b))(m), s)
               for c, m, s in cases]
-        ex = [(c, (lambda metas: lambda b, x, ys, vs: tlora.lora_expand(ys[0], vs[0], pool.flat, table.rows, metas[0],
-                                                                        table.scaling, b))(m), s) for c, m, s in cases]
+        ex = [(c, (lambda metas: lambda b, x, ys, vs: expand(tlora, ys[0], vs[0], table, metas[0], b))(m), s) for c, m, s in cases]
 
         def check_pre(kind):
             def chk():
@@ -534,12 +548,12 @@ def run_sweep(res, pool, table, ranks, dtype, dev, bw, only):
                 for c, metas, sets in cases:
                     b, x, ys, vs = sets[0]
                     if kind == "shrink":
-                        errs.append(rel(tlora.lora_shrink(x, pool.flat, table.rows, metas[0], b), vs[0]))
+                        errs.append(rel(shrink(tlora, x, table, metas[0], b), vs[0]))
                     else:
                         y0 = torch.randn_like(ys[0])   # fresh, as above
                         y1, y2 = y0.clone(), y0.clone()
-                        tlora.lora_expand(y1, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
-                        ref.lora_expand(y2, vs[0], pool.flat, table.rows, metas[0], table.scaling, b)
+                        expand(tlora, y1, vs[0], table, metas[0], b)
+                        expand(ref, y2, vs[0], table, metas[0], b)
                         errs.append(rel(y1.float() - y0.float(), y2.float() - y0.float()))
                 return max(errs)
             return chk
@@ -612,6 +626,7 @@ def rel(out, want):
 def markdown(meta, res) -> str:
     out = [f"# Kernel benchmark ({meta['device']}, {meta['date']})", "",
            f"commit `{meta['commit']}`, command `{meta['command']}`, dtype {meta['dtype']}, "
+           f"adapter rows {meta.get('adapter_dtype', 'auto')}, "
            f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {meta['copy_bw_GBs']:.0f} GB/s "
            f"(read+write), bf16/fp16 8192^3 matmul {meta['mm_tflops']:.0f} TFLOP/s.", ""]
     f = lambda v: "" if v is None else (f"{v*1e3:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -702,6 +717,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of the headline cases")
     ap.add_argument("--prefill-cases", default="",
                     help="prefill LoRA cases instead of the default list: tokens:segments:rank,... (rank 0: mixed)")
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "int8", "int4"],
+                    help="adapter rows in the pool: the model's dtype, or int8 / int4 with a scale per row")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     a = ap.parse_args(argv)
     global SMOKE, LLAMA7B, GQA, TUNE_OUT
@@ -726,7 +743,7 @@ def main(argv=None):
     mm = mm_rate(dev, dtype)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": os.environ.get("BENCH_COMMIT", commit), "command": " ".join(["python", "benchmarks/bench_kernels.py"] + (argv or sys.argv[1:])),
-            "dtype": a.dtype, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "dtype": a.dtype, "adapter_dtype": a.adapter_dtype, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "copy_bw_GBs": bw / 1e9, "mm_tflops": mm / 1e12}
     print(f"{meta['device']}: copy {bw/1e9:.0f} GB/s, matmul {mm/1e12:.0f} TFLOP/s", flush=True)
     res = []
@@ -739,7 +756,7 @@ def main(argv=None):
         (outdir / "kernels.md").write_text(markdown(meta, res))
 
     if {"decode_lora", "prefill_lora", "fused_lora"} & only:
-        pool, table, ranks = build_lora_pool(LLAMA7B, a.adapters, dtype, dev)
+        pool, table, ranks = build_lora_pool(LLAMA7B, a.adapters, dtype, dev, adapter_dtype=QUANTIZED.get(a.adapter_dtype))
         print(f"lora pool: {a.adapters} adapters, {pool.adapter_pages} pages, built in {time.time()-t0:.1f}s", flush=True)
         if a.sweep:
             guarded(run_sweep, res, pool, table, ranks, dtype, dev, bw, only & {"decode_lora", "prefill_lora"})

@@ -3,6 +3,7 @@ pure-torch kernels), so the commands the device calls use do not rot between dev
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -81,3 +82,24 @@ def test_bench_lora_overlap_checks_each_side_stream_variant(tmp_path):
         if r["mode"] == "side":
             assert r["rel_err"] < 1e-5, (name, r["rel_err"])    # fp32 on the CPU: the same sums
     assert (tmp_path / "lora_overlap.md").read_text().count("| side-lt") == 2
+
+
+def test_bench_kernels_times_lora_kernels_on_int4_rows(tmp_path):
+    """bench_kernels.py --adapter-dtype int4 (tiny shapes, Triton interpreter) times the decode and
+    prefill LoRA kernels on int4 rows, says so in its results, and counts the rows' bytes at half a
+    byte a weight in the roofline (fewer than the same cases with fp16 rows)."""
+    rows = {}
+    for dt in ("auto", "int4"):
+        out = tmp_path / dt
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--cpu-smoke",
+                              "--adapter-dtype", dt, "--only", "decode_lora,prefill_lora", "--adapters", "4",
+                              "--out", str(out)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert run.returncode == 0 and "FAILED" not in run.stdout, (run.stdout + run.stderr)[-2000:]
+        res = json.loads((out / "kernels.json").read_text())
+        assert res["meta"]["adapter_dtype"] == dt
+        rows[dt] = [r for r in res["results"] if r["kind"] in ("decode_lora", "prefill_lora")]
+        assert {r["kind"] for r in rows[dt]} == {"decode_lora", "prefill_lora"} and all(r["ms"] > 0 for r in rows[dt])
+        assert f"adapter rows {dt}" in (out / "kernels.md").read_text()
+    dec = [(a["bytes"], b["bytes"]) for a, b in zip(rows["auto"], rows["int4"]) if a["kind"] == "decode_lora"]
+    assert dec and all(b4 < b16 for b16, b4 in dec)
