@@ -154,15 +154,10 @@ def expand(mod, y, v, table, meta, b, widths=None):
     mod.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, b, widths, row_scale=table.row_scale)
 
 
-def row_bytes(table) -> float:
-    """Bytes of one adapter weight as the pool stores it (int4: half a byte)."""
-    return {torch.int8: 1, torch.uint8: 0.5}.get(table.flat.dtype, table.flat.element_size())
-
-
-def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize, wsize=None):
+def lora_bytes(T, d_in, d_out, R, distinct_ranks, esize, wsize):
     """Fewest bytes: each distinct adapter's A and B once (wsize a weight: the rows' format), x
     read, v written+read, y read+written."""
-    w = sum(r * (d_in + d_out) for r in distinct_ranks) * (wsize or esize)
+    w = sum(r * (d_in + d_out) for r in distinct_ranks) * wsize
     return w + T * d_in * esize + 2 * T * R * esize + 2 * T * d_out * esize
 
 
@@ -182,7 +177,7 @@ def run_decode_lora(res, pool, table, ranks, dtype, dev, bw, tokens, distinct, n
         x = torch.randn(tokens, d, dtype=dtype, device=dev)
         ys = [torch.randn(tokens, d, dtype=dtype, device=dev) for _ in ATTN_MODULES]
         sets.append((b, x, ys))
-        roof_bytes = max(roof_bytes, 4 * lora_bytes(tokens, d, d, R, [ranks[i] for i in ids], esize, row_bytes(table)))
+        roof_bytes = max(roof_bytes, 4 * lora_bytes(tokens, d, d, R, [ranks[i] for i in ids], esize, pool.weight_bytes))
 
     def tri(b, x, ys):
         for meta, y in zip(metas, ys):
@@ -259,7 +254,7 @@ def run_prefill_lora(res, pool, table, ranks, dtype, dev, bw, tokens, nseg, rank
         x = torch.randn(tokens, d, dtype=dtype, device=dev)
         y = torch.randn(tokens, d, dtype=dtype, device=dev)
         sets.append((b, x, y))
-        roof_bytes = max(roof_bytes, lora_bytes(tokens, d, d, R, [ranks[i] for i in set(ids)], esize, row_bytes(table)))
+        roof_bytes = max(roof_bytes, lora_bytes(tokens, d, d, R, [ranks[i] for i in set(ids)], esize, pool.weight_bytes))
         flops = max(flops, sum(4 * n * d * ranks[i] for n, i in zip(lens, ids)))
 
     def tri(b, x, y):

@@ -230,8 +230,7 @@ def main() -> None:
         tok.sort(key=lambda sr: sr[1], reverse=args.token_order == "rank-desc")
     batch = LoraBatch.build([1] * args.tokens, [s for s, _ in tok], max(ranks), dev)
     work = Workload(cfg, pool, table, batch, dtype, dev)
-    esize = {"int8": 1, "int4": 0.5}.get(args.adapter_dtype, 2)
-    rbytes = row_bytes(cfg, [r for _, r in tok], esize)
+    rbytes = row_bytes(cfg, [r for _, r in tok], pool.weight_bytes)
     abytes = act_bytes(cfg, args.tokens, 2)
     roof_ms = (rbytes + abytes) / bw * 1e3
     fence = torch.zeros(1, device=dev) if args.fence else None

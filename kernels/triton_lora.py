@@ -907,14 +907,9 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         cols = c0 + offs
         # past d_out: inside the pool, never stored
         if I4:
-            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, G, BLOCK_N, DQ)
+            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, zero, G, BLOCK_N, DQ)
         else:
-            q0 = tl.load(flat_ptr + r0[:, None] + cols[None, :])
-            q1, q2, q3 = q0, q0, q0
-            if G == 4:
-                q1 = tl.load(flat_ptr + r1[:, None] + cols[None, :])
-                q2 = tl.load(flat_ptr + r2[:, None] + cols[None, :])
-                q3 = tl.load(flat_ptr + r3[:, None] + cols[None, :])
+            q0, q1, q2, q3 = _row_tiles(flat_ptr, r0, r1, r2, r3, cols, G)
             d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
         cm = cols < c_hi
         ptrs = y_row + cols * sy1
@@ -926,22 +921,28 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
 
 
 @triton.jit
-def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DQ: tl.constexpr):
-    """sum over a chunk's int4 rows (G tiles: offsets r*, v* times 2^72 broadcast to [rows,
-    BLOCK_N / 2]; vsum: the sum of all their v, unscaled) of v * row at columns c0 + [0, BLOCK_N),
-    in fp32. The byte tiles stay as loaded (a byte a column pair) and go through _i4_fma, which sums
-    each byte whole and its low nibble; the even (low) and odd (high) columns come out of those two
-    sums and are interleaved once, in the [BLOCK_N] result (interleaving every weight cost more than
-    the bytes saved: benchmarks/results/lora-int4-2026-12-05)."""
-    offs = c0 // 2 + tl.arange(0, BLOCK_N // 2)
+def _row_tiles(flat_ptr, r0, r1, r2, r3, offs, G: tl.constexpr):
+    """The G tiles of a chunk's rows (offsets r*) at element offsets offs (the last G - 1 repeat
+    the first where G is 1)."""
     q0 = tl.load(flat_ptr + r0[:, None] + offs[None, :])
     q1, q2, q3 = q0, q0, q0
     if G == 4:
         q1 = tl.load(flat_ptr + r1[:, None] + offs[None, :])
         q2 = tl.load(flat_ptr + r2[:, None] + offs[None, :])
         q3 = tl.load(flat_ptr + r3[:, None] + offs[None, :])
-    zero = tl.zeros(q0.shape, dtype=tl.float32)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, zero, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DQ: tl.constexpr):
+    """sum over a chunk's int4 rows (G tiles: offsets r*, v* times 2^72 broadcast to [rows,
+    BLOCK_N / 2], as zero is; vsum: the sum of all their v, unscaled) of v * row at columns c0 + [0, BLOCK_N),
+    in fp32. The byte tiles stay as loaded (a byte a column pair) and go through _i4_fma, which sums
+    each byte whole and its low nibble; the even (low) and odd (high) columns come out of those two
+    sums and are interleaved once, in the [BLOCK_N] result (interleaving every weight cost more than
+    the bytes saved: benchmarks/results/lora-int4-2026-12-05)."""
+    q0, q1, q2, q3 = _row_tiles(flat_ptr, r0, r1, r2, r3, c0 // 2 + tl.arange(0, BLOCK_N // 2), G)
     su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ)
     # su = 2^-69 sum v u, sl = 2^-69 sum v (lo + 8), where u = 16 (hi + 8) + lo + 8
     su = tl.sum(su, axis=0) * _I4_SUM_SCALE
@@ -967,10 +968,10 @@ def _i4_fma_asm(n: int) -> str:
 
 
 _I4_FMA_1, _I4_FMA_2, _I4_FMA_4 = (tl.constexpr(_i4_fma_asm(n)) for n in (1, 2, 4))
+_I4_FMA_C1, _I4_FMA_C2, _I4_FMA_C4 = (tl.constexpr(",".join(["=r"] * 8 + ["r"] * (5 * n + 8))) for n in (1, 2, 4))
 # a byte at bits 8-15 of an fp32 is worth byte * 2^-141; v is scaled by 2^72, so the sums hold 2^-69 of
 # theirs: products far from fp32's subnormals for any |v * w| above ~1e-17 and no v near its overflow
 _I4_BYTE_UNIT, _I4_V_SCALE, _I4_SUM_SCALE = tl.constexpr(2.0 ** -141), tl.constexpr(2.0 ** 72), tl.constexpr(2.0 ** 69)
-_I4_FMA_C1, _I4_FMA_C2, _I4_FMA_C4 = (tl.constexpr(",".join(["=r"] * 8 + ["r"] * (5 * n + 8))) for n in (1, 2, 4))
 
 
 @triton.jit

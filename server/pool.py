@@ -125,6 +125,11 @@ class UnifiedPool:
         """Elements of ``adapter_flat`` a row of ``width`` weights takes (int4: two to a byte)."""
         return (width + 1) // 2 if self.int4 else width
 
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes one adapter weight takes in the pool (int4: half a byte)."""
+        return 0.5 if self.int4 else self.adapter_flat.element_size()
+
     # -- KV view ---------------------------------------------------------------------------
     def kv_view(self) -> torch.Tensor:
         """The pool as KV pages: [num_pages, block_tokens, num_kv_heads, head_dim]."""

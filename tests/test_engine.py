@@ -91,23 +91,30 @@ def test_mixed_batch_matches_transformers_peft(tiny, order, monkeypatch):
     assert engine.pool.free_pages + engine.pool.adapter_pages == free0 == engine.pool.num_pages
 
 
+def run_quantized(tiny, adapter_dtype, grouped, monkeypatch, seed):
+    """(engine, requests, outputs) of a mixed batch over every adapter and the base model on an
+    engine (stopped again) whose pool stores adapter rows as adapter_dtype; grouped: the grouped
+    decode schedule from one token a group up."""
+    if grouped:
+        import server.engine
+        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
+    engine = start_engine(*tiny, pool_mb=4, adapter_dtype=adapter_dtype)
+    reqs = mixed_requests(["attn", "", "full", "qv", "wide"] * 2, seed=seed)
+    try:
+        outs = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    return engine, reqs, outs
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_int8_adapter_rows_match_transformers_peft_within_their_error(tiny, grouped, monkeypatch):
     """--adapter-dtype int8: the pool holds each adapter row as int8 with a scale. Against
     transformers + peft on the full-precision weights: the same greedy tokens for every adapter
     in the mixed batch, log-probabilities within a bound looser than the fp32 engine's (1e-2)."""
-    if grouped:
-        import server.engine
-        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
     model_dir, adapters = tiny
-    engine = start_engine(model_dir, adapters, pool_mb=4, adapter_dtype="int8")
+    engine, reqs, outs = run_quantized(tiny, "int8", grouped, monkeypatch, seed=1)
     assert engine.pool.quantized and engine.table.flat.dtype == torch.int8
-    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
-    reqs = mixed_requests(names, seed=1)
-    try:
-        outs = run_engine(engine, reqs)
-    finally:
-        engine.stop()
     worst = 0.0
     for req in reqs:
         toks, lps, _ = outs[req.request_id]
@@ -152,18 +159,9 @@ def test_int4_adapter_rows_match_transformers_peft_on_their_int4_weights(tiny, g
     position (teacher-forced; these strong random adapters leave the full-precision greedy path
     at near-ties, seen 0.66 at most), and base requests are untouched."""
     from tests.helpers import hf_scores
-    if grouped:
-        import server.engine
-        monkeypatch.setattr(server.engine, "GROUP_MIN_TOKENS", 1)
     model_dir, adapters = tiny
-    engine = start_engine(model_dir, adapters, pool_mb=4, adapter_dtype="int4")
+    engine, reqs, outs = run_quantized(tiny, "int4", grouped, monkeypatch, seed=2)
     assert engine.pool.int4 and engine.table.flat.dtype == torch.uint8 and engine.pool.stats().adapter_dtype == "int4"
-    names = ["attn", "", "full", "qv", "wide", "attn", "", "full", "qv", "wide"]
-    reqs = mixed_requests(names, seed=2)
-    try:
-        outs = run_engine(engine, reqs)
-    finally:
-        engine.stop()
     rounded = {n: int4_round_trip_adapter(p, tmp_path / n) for n, p in adapters.items()}
     moved = 0.0
     for req in reqs:

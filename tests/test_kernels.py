@@ -771,6 +771,25 @@ def test_int4_rows_stay_within_their_quantization_error():
     assert 4 * err8 < err4 < 0.25, (err4, err8)
 
 
+def _staged_rows_match(w, adapter_dtype, quantize):
+    """stage_adapter(w) into a pool of adapter_dtype: every row holds quantize() of its own matrix
+    (bytes and scale), however stage_adapter batched the matrices. Returns the staged adapter and
+    the rows checked."""
+    st = stage_adapter(w, UnifiedPool(TINY, 1, 4, torch.float32, "cpu", adapter_dtype))
+    flat = st.images.view(-1)
+    seen = 0
+    for (layer, module), (a, b) in w.matrices():
+        a_start, b_start, ra, rb = st.meta[layer, TARGET_MODULES.index(module)].tolist()
+        for start, m in ((a_start, a), (b_start, b.t())):
+            q, scale = quantize(m)
+            for j in range(m.shape[0]):
+                off = int(st.rel_offsets[start + j])
+                assert torch.equal(flat[off:off + q.shape[1]], q[j]), (layer, module, j)
+            assert torch.equal(st.row_scale[start:start + m.shape[0]], scale)
+            seen += m.shape[0]
+    return st, seen
+
+
 @pytest.mark.parametrize("rank", [1, 8, 40])
 def test_staged_int4_rows_take_half_the_bytes(rank):
     """int4 staging: every row holds pack_int4 of its own matrix's quantized values, in half the
@@ -778,18 +797,9 @@ def test_staged_int4_rows_take_half_the_bytes(rank):
     from server.pool import quantize_rows_int4
     mods = ("q_proj", "k_proj", "gate_proj", "down_proj")
     w = random_adapter(TINY, "a", rank, mods, gen=torch.Generator().manual_seed(rank))
-    st = stage_adapter(w, UnifiedPool(TINY, 1, 4, torch.float32, "cpu", INT4))
+    st, _ = _staged_rows_match(w, INT4, quantize_rows_int4)
     st8 = stage_adapter(w, UnifiedPool(TINY, 1, 4, torch.float32, "cpu", torch.int8))
     assert st.images.dtype == torch.uint8 and st.num_pages <= st8.num_pages
-    flat = st.images.view(-1)
-    for (layer, module), (a, b) in w.matrices():
-        a_start, b_start, ra, rb = st.meta[layer, TARGET_MODULES.index(module)].tolist()
-        for start, m in ((a_start, a), (b_start, b.t())):
-            packed, scale = quantize_rows_int4(m)
-            for j in range(m.shape[0]):
-                off = int(st.rel_offsets[start + j])
-                assert torch.equal(flat[off:off + packed.shape[1]], packed[j]), (layer, module, j)
-            assert torch.equal(st.row_scale[start:start + m.shape[0]], scale)
     if rank == 40:      # (small ranks fit one page either way)
         assert st.images.nbytes < 0.6 * st8.images.nbytes
 
@@ -802,19 +812,7 @@ def test_staged_int8_rows_are_each_matrix_quantized_alone(rank):
     from server.pool import quantize_rows
     mods = ("q_proj", "k_proj", "gate_proj", "down_proj")
     w = random_adapter(TINY, "a", rank, mods, gen=torch.Generator().manual_seed(rank))
-    pool = UnifiedPool(TINY, 1, 4, torch.float32, "cpu", torch.int8)
-    st = stage_adapter(w, pool)
-    flat = st.images.view(-1)
-    seen = 0
-    for (layer, module), (a, b) in w.matrices():
-        a_start, b_start, ra, rb = st.meta[layer, TARGET_MODULES.index(module)].tolist()
-        for start, m in ((a_start, a), (b_start, b.t())):
-            q, scale = quantize_rows(m)
-            for j in range(m.shape[0]):
-                off = int(st.rel_offsets[start + j])
-                assert torch.equal(flat[off:off + m.shape[1]], q[j]), (layer, module, j)
-            assert torch.equal(st.row_scale[start:start + m.shape[0]], scale)
-            seen += m.shape[0]
+    st, seen = _staged_rows_match(w, torch.int8, quantize_rows)
     assert seen == st.rel_offsets.numel() == st.row_scale.numel()
 
 
