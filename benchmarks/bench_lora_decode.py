@@ -122,7 +122,7 @@ class Workload:
 
     def apply(self, layer: int, gi: int, y=None, reference: bool = False, part: str = "both",
               fence: torch.Tensor | None = None) -> None:
-        """Group gi's LoRA at one layer; part "shrink" or "expand" launches that kernel alone.
+        """Group gi's LoRA at one layer (lora_apply); part "shrink" or "expand" launches that split kernel alone.
         ``fence``: a one-element kernel first, as the engine's base GEMM precedes each group (a
         PDL launch then overlaps only the kernel before it, not the previous layer's expand)."""
         if fence is not None:
@@ -131,9 +131,13 @@ class Workload:
         y = y0 if y is None else y
         t, meta = self.table, self.meta(layer, i0, n)
         ops = ref if reference else tlora
+        w = widths if n > 1 else None
+        if part == "both":      # as the model calls it: shrink then expand, or one fused launch (TUNE FUSED)
+            ops.lora_apply(y, x, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale)
+            return
         v = self.vs[gi] if part == "expand" else ops.lora_shrink(x, t.flat, t.rows, meta, self.batch, t.row_scale)
-        if part != "shrink":
-            ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, widths if n > 1 else None, t.row_scale)
+        if part == "expand":
+            ops.lora_expand(y, v, t.flat, t.rows, meta, t.scaling, self.batch, w, t.row_scale)
 
     def check(self) -> float:
         """Largest relative error over both groups of two layers against the reference."""

@@ -173,3 +173,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 def silu_mul_linear(gu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation and down projection: linear(silu_mul(gu), w)."""
     return linear(silu_mul(gu), w)
+
+
+def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
+               scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
+               row_scale: torch.Tensor | None = None) -> None:
+    """y += the LoRA delta of x, in place: lora_shrink then lora_expand (a Triton backend may run
+    the two as one launch)."""
+    v = lora_shrink(x, flat, rows, meta, batch, row_scale)
+    lora_expand(y, v, flat, rows, meta, scaling, batch, widths, row_scale)

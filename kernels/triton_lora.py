@@ -119,6 +119,14 @@ TUNE = {
                                PTX_DQ=2),
     "expand_decode_rows_int4": dict(BLOCK_R=8, BLOCK_N=2048, num_warps=2, num_stages=3, PIPE=2, SPLIT=1, PDL=True,
                                     PTX_DQ=1, G4=True),
+    # FUSED (lora_apply): a group's decode shrink and expand in one launch by rank-row chunks
+    # (_fused_decode_kernel), from MIN_T tokens; the shrink's loop on BLOCK_K columns with PIPE stages and PTX_DQ,
+    # the expand's on BLOCK_N columns with PIPE_E and PTX_DQ 1, both on the same BLOCK_R rows (the split
+    # kernels' tiles above).
+    "fused_decode_int8": dict(FUSED=True, MIN_T=64, BLOCK_R=8, BLOCK_K=512, BLOCK_N=1024, num_warps=2, num_stages=3,
+                              PIPE=3, PIPE_E=2, PDL=True, PTX_DQ=2, G4=True),
+    "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
+                              PIPE=3, PIPE_E=2, PDL=True, PTX_DQ=2, G4=True),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -426,6 +434,21 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     roff = tl.load(rows_ptr + a0 + offs_r, mask=rmask, other=0)
     if ALIGN > 1:
         roff = tl.multiple_of(roff, ALIGN)
+    x_row = x_ptr + t.to(tl.int64) * sx0
+    _pdl_wait(PDL)
+    out = _shrink_rows(x_row, sx1, flat_ptr, roff, rmask, d_in, QUANT, BLOCK_R, BLOCK_K, PIPE, DQ)
+    if QUANT:
+        out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
+    tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
+    if PLAN:
+        _zero_tail(v_ptr + t.to(tl.int64) * sv0, sv1, rt, n_tiles, max_rank, BLOCK_R, R_P2)
+
+
+@triton.jit
+def _shrink_rows(x_row, sx1, flat_ptr, roff, rmask, d_in, QUANT: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PIPE: tl.constexpr, DQ: tl.constexpr):
+    """x_row . row j for the BLOCK_R rows at pool offsets roff (rows past rmask: zeros), fp32,
+    before the rows' scales: the decode shrink's loop over d_in."""
     offs_k = tl.arange(0, BLOCK_K)
     # int4 rows: the tile stays as loaded, a byte a column pair, and x splits into the pairs'
     # even and odd columns instead (interleaving the weights cost more than the bytes saved)
@@ -435,8 +458,6 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
     else:
         acc = tl.zeros([BLOCK_R, KW], dtype=tl.float32)
     acc_o = acc     # int4 rows, PTX_DQ 2: the odd columns' sums
-    x_row = x_ptr + t.to(tl.int64) * sx0
-    _pdl_wait(PDL)
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
     # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks. On the H100
     # the int8 launch fell from 35.4 to 32.0 us with PIPE=3 (engine profile, 256 x 256).
@@ -466,11 +487,7 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
         out = (out + tl.sum(acc_o.to(tl.float32), axis=1)) * 8.0
     elif DQ == 2:
         out *= 128.0
-    if QUANT:
-        out *= tl.load(rs_ptr + a0 + offs_r, mask=rmask, other=0.0)
-    tl.store(v_ptrs, out.to(v_ptr.dtype.element_ty), mask=out_mask)
-    if PLAN:
-        _zero_tail(v_ptr + t.to(tl.int64) * sv0, sv1, rt, n_tiles, max_rank, BLOCK_R, R_P2)
+    return out
 
 
 @triton.jit
@@ -887,14 +904,26 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
         r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
         r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    shape: tl.constexpr = [GR, BLOCK_N // 2 if I4 else BLOCK_N]     # (int4: a byte a column pair)
     v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
-    vsum = tl.sum(v0, axis=0)
     v1, v2, v3 = v0, v0, v0
     if G == 4:
         v1 = _v_scaled(v_row, sv1, jj + 1, nrows, w1, s)
         v2 = _v_scaled(v_row, sv1, jj + 2, nrows, w2, s)
         v3 = _v_scaled(v_row, sv1, jj + 3, nrows, w3, s)
+    _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, c_lo, c_hi, BLOCK_N, PIPE, DQ, ATOMIC, G, I4)
+
+
+@triton.jit
+def _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, c_lo, c_hi, BLOCK_N: tl.constexpr,
+              PIPE: tl.constexpr, DQ: tl.constexpr, ATOMIC: tl.constexpr, G: tl.constexpr, I4: tl.constexpr):
+    """y[c_lo:c_hi] += sum over a chunk's G row tiles g (pool offsets r_g, fp32 v_g holding v times
+    the row's scale and the adapter's scaling; the tiles past G repeat the first and are unused) of
+    v_g * rows_g, streamed BLOCK_N columns at a time (with atomics where other programs add into
+    the same y row)."""
+    GR: tl.constexpr = v0.shape[0]
+    shape: tl.constexpr = [GR, BLOCK_N // 2 if I4 else BLOCK_N]     # (int4: a byte a column pair)
+    vsum = tl.sum(v0, axis=0)
+    if G == 4:
         vsum += tl.sum(v1 + v2 + v3, axis=0)
     bias = vsum * 32896.0
     if I4:      # (see _i4_fma)
@@ -1035,6 +1064,72 @@ def _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN: tl.constexpr):
 def _v_scaled(v_row, sv1, jj, nrows, rs, s):
     """v of a chunk's rows jj times their row scale and the adapter's scaling, fp32."""
     return tl.load(v_row + jj * sv1, mask=jj < nrows, other=0.0).to(tl.float32) * rs * s
+
+# Shrink and expand in one program (TUNE key FUSED, families fused_decode_int8 / _int4; lora_apply):
+# a token's delta is the sum over rank rows j of (x . A row j) * B^T row j, so a chunk of BLOCK_R
+# rank rows needs no other program's v. One program per item of the step's expand plan, a (token,
+# module, chunk), streams the chunk's A rows over d_in, keeps its v in registers and streams the
+# same rows of B^T into y (atomics where the token has several chunks). A group's LoRA is one
+# launch instead of two: one address chain per chunk instead of two, no v round trip, and one
+# launch's ramp and tail instead of two, which is what the split kernels' time beyond their bytes
+# was (benchmarks/KERNELS.md). v stays in fp32 (the split kernels round it to x's dtype).
+@triton.jit
+def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm,
+                         scale_ptr, items_ptr, n_ptr, d_in, W0, W1, W2,
+                         ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
+                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr):
+    i = tl.program_id(0)
+    _pdl_launch_dependents(PDL)
+    n = tl.load(n_ptr)
+    e = tl.load(items_ptr + 2 * i)
+    slot = tl.load(items_ptr + 2 * i + 1)
+    t, mod, n_chunks, ch = _plan_fields(e)
+    if i >= n or n_chunks == 0:        # past the plan, or a pair with no rows: y stays as it is
+        _pdl_wait(PDL)
+        return
+    y_ptr, _unused, meta_ptr, d_out = _module(mod, y_ptr, sy1, y_ptr, 0, meta_ptr, smm, W0, W1, W2)
+    mrow = meta_ptr + slot.to(tl.int64) * sm0
+    a0 = tl.load(mrow)
+    b0 = tl.load(mrow + sm1)
+    rank = tl.load(mrow + 3 * sm1)      # this layer's rows (A's and B^T's: no tensor parallelism here)
+    j0 = ch * BLOCK_R
+    if j0 >= rank:
+        _pdl_wait(PDL)
+        return
+    nrows = rank - j0
+    # the chunk's A rows in order, and its B^T rows as the expand's G interleaved tiles
+    ra, wa = _rows_scaled(rows_ptr + a0 + j0, rs_ptr + a0 + j0, tl.arange(0, BLOCK_R), nrows, ALIGN)
+    G: tl.constexpr = 4 if G4 and BLOCK_R >= 4 else 1
+    GR: tl.constexpr = BLOCK_R // G
+    jj = tl.arange(0, GR) * G
+    rb, sb = rows_ptr + b0 + j0, rs_ptr + b0 + j0
+    r0, w0 = _rows_scaled(rb, sb, jj, nrows, ALIGN)
+    r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
+    if G == 4:
+        r1, w1 = _rows_scaled(rb, sb, jj + 1, nrows, ALIGN)
+        r2, w2 = _rows_scaled(rb, sb, jj + 2, nrows, ALIGN)
+        r3, w3 = _rows_scaled(rb, sb, jj + 3, nrows, ALIGN)
+    s = tl.load(scale_ptr + slot)
+    _pdl_wait(PDL)    # x (the norm's) and y (the base GEMM's) are read only from here on
+    # rows past nrows read pool offset 0 with scale 0: v exactly 0 there
+    v = _shrink_rows(x_ptr + t.to(tl.int64) * sx0, sx1, flat_ptr, ra, tl.arange(0, BLOCK_R) < nrows, d_in, QUANT,
+                     BLOCK_R, BLOCK_K, PIPE, DQ) * wa * s
+    v0, v1, v2, v3 = v, v, v, v
+    if G == 4:      # v[j] for j = r * 4 + g: tile g holds rows g, g + 4, ...
+        ev, od = tl.split(tl.reshape(v, [GR, 2, 2]))
+        v0, v2 = tl.split(ev)
+        v1, v3 = tl.split(od)
+    v0, v1, v2, v3 = v0 * w0, v1 * w1, v2 * w2, v3 * w3
+    y_row = y_ptr + t.to(tl.int64) * sy0
+    if n_chunks > 1:
+        _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, 0, d_out, BLOCK_N, PIPE_E, DQ_E, True, G,
+                  QUANT == 2)
+    else:
+        _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, 0, d_out, BLOCK_N, PIPE_E, DQ_E, False, G,
+                  QUANT == 2)
+
+
 
 # ---------------------------------------------------------------------------------------------
 # grouped decode (one token per request, tokens sorted by slot): tiles of tokens, tensor cores
@@ -1602,3 +1697,47 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _fused_tiles(quant: int, batch: LoraBatch, T: int) -> dict | None:
+    """The TUNE entry of the fused decode LoRA where it applies to this launch, else None: quantized
+    rows (its expand is the row-chunk one, _add_rows), the decode schedule by token, FUSED on, at least
+    MIN_T tokens, and a plan whose codes hold the batch."""
+    if not quant or batch.max_seg_len > 1 or batch.grouped or batch.max_rank == 0 or T == 0:
+        return None
+    cfg = TUNE["fused_decode_int4" if quant == 2 else "fused_decode_int8"]
+    fits = T < PLAN_TOKENS and triton.cdiv(batch.max_rank, cfg["BLOCK_R"]) < PLAN_TILES
+    return cfg if cfg.get("FUSED", False) and T >= cfg.get("MIN_T", 1) and fits else None
+
+
+def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
+               scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
+               row_scale: torch.Tensor | None = None) -> None:
+    """y[t] += scaling[slot] * (x[t] @ A_slot(t)^T) @ B_slot(t)^T, in place: lora_shrink then
+    lora_expand (same arguments), or one launch of _fused_decode_kernel where _fused_tiles allows
+    (its v stays in fp32 where the split kernels round it to x's dtype)."""
+    T, d_out = y.shape
+    quant, rs = _quant(flat, rows, row_scale)
+    cfg = _fused_tiles(quant, batch, T)
+    if cfg is None or d_out == 0:
+        v = lora_shrink(x, flat, rows, meta, batch, row_scale)
+        lora_expand(y, v, flat, rows, meta, scaling, batch, widths, row_scale)
+        return
+    meta3 = _modules(meta)
+    M = meta3.shape[1]
+    widths = tuple(widths) if widths is not None else (d_out,)
+    assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
+    W0, W1, W2 = (widths + (0, 0))[:3]
+    d_in = x.shape[1]
+    sm0, smm, sm1 = meta3.stride()
+    BLOCK_R, BLOCK_K = cfg["BLOCK_R"], min(cfg["BLOCK_K"], _p2(d_in))
+    items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
+    fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * BLOCK_K
+    _fused_decode_kernel[(items.shape[0],)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs,
+                                            meta3, sm0, sm1, smm, scaling, items, n, d_in, W0, W1, W2,
+                                            ALIGN=_row_align(flat), QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+                                            BLOCK_N=min(cfg["BLOCK_N"], _p2(max(widths))), PIPE=cfg.get("PIPE", 1),
+                                            PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
+                                            DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
+                                            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+                                            **_pdl_args(cfg, x.device))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from kernels.triton_attention import paged_attention, rope_write_kv, write_kv
 from kernels.triton_gemv import linear, silu_mul_linear
-from kernels.triton_lora import lora_expand, lora_shrink
+from kernels.triton_lora import lora_apply, lora_expand, lora_shrink
 from kernels.triton_norm_rope import add_rms_norm, apply_rope, rms_norm, silu_mul
 
 OPS = {
     "lora_shrink": lora_shrink,
     "lora_expand": lora_expand,
+    "lora_apply": lora_apply,
     "write_kv": write_kv,
     "paged_attention": paged_attention,
     "rms_norm": rms_norm,

@@ -102,7 +102,7 @@ class LlamaModel:
         """y += LoRA deltas of ``modules`` (adjacent in TARGET_MODULES, all reading x), whose
         outputs are adjacent column ranges of y of the given widths (one module: all of y): one shrink and one expand
         launch for the group (q/k/v; gate/up), where one per module costs launches and, in eager
-        prefill steps, host time."""
+        prefill steps, host time; decode tokens on quantized rows take one fused launch (lora_apply)."""
         if self.tp.enabled:
             off = 0
             for m, w in zip(modules, widths or (y.shape[1],)):
@@ -114,8 +114,7 @@ class LlamaModel:
         w = widths if len(modules) > 1 else None
         for t0, t1, part in lora.split():     # prefill segments, then decode tokens (mixed steps)
             xs, ys = (x, y) if part is lora else (x[t0:t1], y[t0:t1])
-            v = self.ops.lora_shrink(xs, table.flat, table.rows, meta, part, table.row_scale)
-            self.ops.lora_expand(ys, v, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
+            self.ops.lora_apply(ys, xs, table.flat, table.rows, meta, table.scaling, part, w, table.row_scale)
 
     def _lora_tp(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora: LoraBatch,
                  table: AdapterTable) -> None:

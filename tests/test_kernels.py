@@ -668,6 +668,91 @@ def test_rows_expand_tiles_match_the_reference(tiles, adapter_dtype, monkeypatch
     assert launches and all(g[1] == tiles.get("SPLIT", 1) for g in launches)
 
 
+def _check_fused_decode(cfg, dtype, pick, ranks, mods, layer, tol, gen, block_tokens, adapter_dtype):
+    """lora_apply (one module, o, and q/k/v) against the reference's shrink then expand on fp32 x
+    (so v unrounded, as the fused kernel keeps it): into column slices of a wider y whose
+    neighbours stay untouched, and the delta alone into zeros; base tokens get exactly nothing."""
+    pool, table, batch = _lora_setup(cfg, dtype, [1] * len(pick), pick, ranks, mods, gen, block_tokens, False,
+                                     adapter_dtype)
+    F, R, S = table.flat, table.rows, table.row_scale
+    T = len(pick)
+    for group in (("o_proj",), ("q_proj", "k_proj", "v_proj")):
+        i0 = TARGET_MODULES.index(group[0])
+        meta = table.meta[:, layer, i0] if len(group) == 1 else table.meta[:, layer, i0:i0 + len(group)]
+        widths = tuple(cfg.module_dims(m)[1] for m in group)
+        w = widths if len(group) > 1 else None
+        W = sum(widths)
+        x = torch.randn(T, cfg.module_dims(group[0])[0], generator=gen).to(DEV, dtype)
+        want = torch.zeros(T, W, dtype=torch.float32, device=DEV)
+        ref.lora_apply(want, x.float(), F, R, meta, table.scaling, batch, w, S)
+        assert want.abs().sum() > 0
+        big = torch.randn(T, W + 16, generator=gen).to(DEV, dtype)
+        base = big.clone()
+        tlora.lora_apply(big[:, 8:8 + W], x, F, R, meta, table.scaling, batch, w, S)
+        assert torch.equal(big[:, :8], base[:, :8]) and torch.equal(big[:, 8 + W:], base[:, 8 + W:])
+        assert rel_err(big[:, 8:8 + W].float(), base[:, 8:8 + W].float() + want) < tol, group
+        delta = torch.zeros(T, W, dtype=dtype, device=DEV)
+        tlora.lora_apply(delta, x, F, R, meta, table.scaling, batch, w, S)
+        assert rel_err(delta.float(), want) < tol, (group, rel_err(delta.float(), want))
+        base_rows = torch.tensor([p < 0 for p in pick], device=DEV)
+        assert torch.equal(delta[base_rows], torch.zeros_like(delta[base_rows]))
+
+
+def _spy_fused(monkeypatch) -> list:
+    """The grids _fused_decode_kernel launches with, from here on."""
+    launches = []
+    kernel = tlora._fused_decode_kernel
+    monkeypatch.setattr(tlora, "_fused_decode_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    return launches
+
+
+FUSED_TILES = pytest.mark.parametrize(
+    "tiles", [dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True),
+              dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False),
+              dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False)],
+    ids=["r8-g4", "r4-g4", "r16"])
+
+
+@FUSED_TILES
+@pytest.mark.parametrize("adapter_dtype", [torch.int8, INT4], ids=["rows-int8", "rows-int4"])
+def test_fused_decode_lora_matches_the_reference(tiles, adapter_dtype, monkeypatch):
+    """lora_apply's one launch (shrink and expand by rank-row chunks, FUSED) against the reference's
+    shrink then expand in fp32: one module and q/k/v (GQA widths) into column slices whose
+    neighbours stay untouched, base tokens, a rank-0 module, ranks that fill a chunk, span several
+    (atomics) or end inside one (12), several d_in and column steps; and the fused kernel ran."""
+    for family in ("fused_decode_int8", "fused_decode_int4"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "FUSED": True, "MIN_T": 1, **tiles})
+    launches = _spy_fused(monkeypatch)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    mods = [qkv + ("o_proj",), ("q_proj", "v_proj", "o_proj"), qkv, qkv + ("o_proj",)]
+    _check_fused_decode(TINY, torch.float16, [(i * 7) % 5 - 1 for i in range(13)], [8, 16, 32, 12], mods, 1, 2e-3,
+                        torch.Generator().manual_seed(97), 4, adapter_dtype)
+    assert len(launches) == 4
+
+
+def test_fused_decode_lora_takes_the_split_kernels_where_it_does_not_apply(monkeypatch):
+    """lora_apply runs shrink then expand for rows in the model's dtype, below MIN_T tokens, for
+    prefill segments and with FUSED off: the fused kernel never launches, and the result is the
+    reference's."""
+    launches = _spy_fused(monkeypatch)
+    gen = torch.Generator().manual_seed(98)
+    for adapter_dtype, lens, fused in ((None, [1] * 5, {}), (INT4, [1] * 5, {"MIN_T": 6}), (INT4, [3, 2], {}),
+                                       (torch.int8, [1] * 5, {"FUSED": False, "MIN_T": 1})):
+        for family in ("fused_decode_int8", "fused_decode_int4"):
+            monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], **fused})
+        pool, table, batch = _lora_setup(TINY, torch.float16, lens, [0, 1, 0, 1, 0][:len(lens)], [8, 16],
+                                         [TARGET_MODULES] * 2, gen, 4, False, adapter_dtype)
+        meta = table.meta[:, 0, TARGET_MODULES.index("o_proj")]
+        x = torch.randn(sum(lens), TINY.hidden_size, generator=gen).to(DEV, torch.float16)
+        y = torch.randn(sum(lens), TINY.hidden_size, generator=gen).to(DEV, torch.float16)
+        want = y.clone()
+        tlora.lora_apply(y, x, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
+        ref.lora_apply(want, x, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
+        assert rel_err(y, want) < 2e-3
+    assert not launches
+
+
 @ADAPTER_DTYPES
 def test_compact_shrink_plan_serves_every_layer(adapter_dtype, monkeypatch):
     """The compact shrink grid builds its plan once per batch from the ranks over all layers and
@@ -1195,6 +1280,24 @@ def test_gpu_lora_fused_modules(schedule, cfg, adapter_dtype):
     _check_lora_fused(cfg, torch.float16, lens, pick, ranks, mods, [("q_proj", "k_proj", "v_proj"),
                       ("gate_proj", "up_proj")], 0, 2e-3, gen, block_tokens=16, grouped=schedule == "grouped",
                       adapter_dtype=adapter_dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [LLAMA7B, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("adapter_dtype", [torch.int8, INT4], ids=["rows-int8", "rows-int4"])
+def test_gpu_fused_decode_lora(dtype, cfg, adapter_dtype, monkeypatch):
+    """The fused decode LoRA (lora_apply's one launch) at Llama-7B and Llama-3-8B shapes on its
+    default tiles: 200 tokens, ranks 8..128 and 24, base tokens, an adapter without k or o."""
+    launches = _spy_fused(monkeypatch)
+    gen = torch.Generator().manual_seed(25)
+    allm = tuple(TARGET_MODULES)
+    mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "up_proj")]
+    pick = [int(p) for p in torch.randint(-1, 6, (200,), generator=gen)]
+    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
+    _check_fused_decode(cfg, dtype, pick, [8, 16, 32, 64, 128, 24], mods, 0, tol, gen, 16, adapter_dtype)
+    assert len(launches) == 4
 
 
 @gpu
