@@ -1746,7 +1746,10 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
     W0, W1, W2 = (widths + (0, 0))[:3]
     d_in = x.shape[1]
     sm0, smm, sm1 = meta3.stride()
-    BLOCK_R, BLOCK_K = cfg["BLOCK_R"], min(cfg["BLOCK_K"], _p2(d_in))
+    # BLOCK_K_MULTI: the shrink's width in launches of several modules (q/k/v), whose items are several waves of
+    # programs anyway; one module's items fit in fewer waves at the narrower tile's occupancy
+    BLOCK_R = cfg["BLOCK_R"]
+    BLOCK_K = min(cfg.get("BLOCK_K_MULTI", cfg["BLOCK_K"]) if M > 1 else cfg["BLOCK_K"], _p2(d_in))
     items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
     fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * BLOCK_K
     _fused_decode_kernel[(items.shape[0],)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs,
