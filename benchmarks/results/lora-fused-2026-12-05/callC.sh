@@ -13,5 +13,5 @@ LEFT=$((560 - SECONDS + T0))
 timeout $LEFT python3 benchmarks/engine_tune_sweep.py --variants $R/variants-C-engine-int8.json --out $H/engine --repeat 2 --timeout 100 \
   -- --shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 20 --rounds 2 --context 256 \
   --pool-gb 54 --adapter-dtype int8 > $H/engine.log 2>&1
-echo "engine rc=$? at $((SECONDS-T0)) s"; tail -6 $H/engine.log | cut -c1-200
+echo "engine rc=$? at $((SECONDS-T0)) s"; tail -9 $H/engine.log | cut -c1-200
 tar czf $OUT/cC.tgz -C /tmp cC
