@@ -122,11 +122,16 @@ TUNE = {
     # FUSED (lora_apply): a group's decode shrink and expand in one launch by rank-row chunks
     # (_fused_decode_kernel), from MIN_T tokens; the shrink's loop on BLOCK_K columns with PIPE stages and PTX_DQ,
     # the expand's on BLOCK_N columns with PIPE_E and PTX_DQ 1, both on the same BLOCK_R rows (the split
-    # kernels' tiles above).
-    "fused_decode_int8": dict(FUSED=True, MIN_T=64, BLOCK_R=8, BLOCK_K=512, BLOCK_N=1024, num_warps=2, num_stages=3,
-                              PIPE=3, PIPE_E=2, PDL=True, PTX_DQ=2, G4=True),
+    # kernels' tiles above); MULTI: what launches of several modules (q/k/v) take instead.
+    # Picked on the H100 (2026-12-05, benchmarks/results/lora-fused-2026-12-05, calls A-C): 256 x 256 decode LoRA
+    # alone 0.91-0.92x the split kernels' time (int4 and int8); PIPE_E 3 0.99x 2; q/k/v's shrink on 1024
+    # columns 0.975x (int4) and 0.994x (int8), o's slower on them (its items then take two waves of programs:
+    # 166 registers); BLOCK_R 16, BLOCK_K 256, an expand of 4096 columns on 4 warps, int8's on 2048 columns
+    # or 512 on one warp, and the B^T rows prefetched into the L2 (PREFETCH 1-4) all lost 1-25%.
+    "fused_decode_int8": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=1024, num_warps=2, num_stages=3,
+                              PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
-                              PIPE=3, PIPE_E=2, PDL=True, PTX_DQ=2, G4=True),
+                              PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -1746,10 +1751,9 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
     W0, W1, W2 = (widths + (0, 0))[:3]
     d_in = x.shape[1]
     sm0, smm, sm1 = meta3.stride()
-    # BLOCK_K_MULTI: the shrink's width in launches of several modules (q/k/v), whose items are several waves of
-    # programs anyway; one module's items fit in fewer waves at the narrower tile's occupancy
-    BLOCK_R = cfg["BLOCK_R"]
-    BLOCK_K = min(cfg.get("BLOCK_K_MULTI", cfg["BLOCK_K"]) if M > 1 else cfg["BLOCK_K"], _p2(d_in))
+    if M > 1:       # MULTI: the tiles of launches of several modules (q/k/v) where they differ
+        cfg = {**cfg, **cfg.get("MULTI", {})}
+    BLOCK_R, BLOCK_K = cfg["BLOCK_R"], min(cfg["BLOCK_K"], _p2(d_in))
     items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
     fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * BLOCK_K
     _fused_decode_kernel[(items.shape[0],)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs,

@@ -708,17 +708,17 @@ def _spy_fused(monkeypatch) -> list:
 
 
 FUSED_TILES = pytest.mark.parametrize(
-    "tiles", [dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True),
-              dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False),
-              dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False)],
-    ids=["r8-g4", "r4-g4", "r16"])
+    "tiles", [dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True, MULTI=dict(BLOCK_K=16)),
+              dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False, MULTI={}),
+              dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False, MULTI=dict(BLOCK_R=8, PIPE_E=1))],
+    ids=["r8-g4-multi-k16", "r4-g4", "r16-multi-r8"])
 
 
 @FUSED_TILES
 @pytest.mark.parametrize("adapter_dtype", [torch.int8, INT4], ids=["rows-int8", "rows-int4"])
 def test_fused_decode_lora_matches_the_reference(tiles, adapter_dtype, monkeypatch):
     """lora_apply's one launch (shrink and expand by rank-row chunks, FUSED) against the reference's
-    shrink then expand in fp32: one module and q/k/v (GQA widths) into column slices whose
+    shrink then expand in fp32: one module and q/k/v (GQA widths, on MULTI's tiles) into column slices whose
     neighbours stay untouched, base tokens, a rank-0 module, ranks that fill a chunk, span several
     (atomics) or end inside one (12), several d_in and column steps; and the fused kernel ran."""
     for family in ("fused_decode_int8", "fused_decode_int4"):
