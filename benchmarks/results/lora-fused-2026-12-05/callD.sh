@@ -1,6 +1,6 @@
 # device call D (2026-12-05): the fused decode LoRA on its final tiles: GPU tests (kernels at Llama-7B and GQA
 # shapes, engine vs transformers + peft with int8 and int4 rows), the decode LoRA alone with tiles for o beside
-# them, the engine step (int4 twice, int8 once, fused vs split alternated), then int4 prefill kernel timings
+# them, the engine step (int4, int8: fused vs split), then int4 prefill kernel timings
 set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/cD; mkdir -p $H; R=benchmarks/results/lora-fused-2026-12-05
 export PYTHONPATH=$PWD
 { cat .commit 2>/dev/null; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; } | tee $H/machine.txt
@@ -16,13 +16,13 @@ for dt in int4 int8; do
 done
 E="--shape llama7b --batches 1,256 --adapters 256 --no-eager --steps 20 --rounds 2 --context 256 --pool-gb 54"
 for dt in int4 int8; do
-  LEFT=$((545 - SECONDS + T0)); [ $LEFT -lt 120 ] && break
+  LEFT=$((445 - SECONDS + T0)); [ $LEFT -lt 120 ] && break
   timeout $LEFT python3 benchmarks/engine_tune_sweep.py --variants $R/variants-D-engine.json --out $H/engine-$dt \
-    --repeat $([ $dt = int4 ] && echo 2 || echo 1) --timeout 100 -- $E --adapter-dtype $dt > $H/engine-$dt.log 2>&1
+    --repeat 1 --timeout 100 -- $E --adapter-dtype $dt > $H/engine-$dt.log 2>&1
   echo "engine $dt rc=$? at $((SECONDS-T0)) s"; grep "^| " $H/engine-$dt.log | cut -c1-200
   tar czf $OUT/cD.tgz -C /tmp cD
 done
-LEFT=$((590 - SECONDS + T0))
+LEFT=$((470 - SECONDS + T0))
 [ $LEFT -gt 30 ] && timeout $LEFT python3 benchmarks/bench_kernels.py --adapter-dtype int4 --only prefill_lora --out $H/prefill-int4 \
   > $H/prefill-int4.log 2>&1; echo "prefill int4 rc=$? at $((SECONDS-T0)) s"; tail -15 $H/prefill-int4.log | cut -c1-200
 tar czf $OUT/cD.tgz -C /tmp cD
