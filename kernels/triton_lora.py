@@ -831,6 +831,35 @@ def _expand_decode_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _plan_item(items_ptr, n_ptr, PDL: tl.constexpr):
+    """This program's item of an expand plan, after letting the next kernel launch: (token,
+    module, the pair's chunks, this chunk, slot, whether there is work: inside the plan, and a pair
+    with rows)."""
+    i = tl.program_id(0)
+    _pdl_launch_dependents(PDL)
+    n = tl.load(n_ptr)
+    e = tl.load(items_ptr + 2 * i)
+    slot = tl.load(items_ptr + 2 * i + 1)
+    t, mod, n_chunks, ch = _plan_fields(e)
+    return t, mod, n_chunks, ch, slot, (i < n) & (n_chunks > 0)
+
+
+@triton.jit
+def _chunk_rows(rows_ptr, rs_ptr, nrows, ALIGN: tl.constexpr, NR: tl.constexpr, G: tl.constexpr):
+    """A chunk's NR rows (from rows_ptr, rs_ptr) as G interleaved tiles of NR / G (tile g: rows g,
+    g + G, ...): each tile's pool offsets and scales (r0, w0, ..., r3, w3; past G they repeat the
+    first), and the tiles' first row numbers jj."""
+    jj = tl.arange(0, NR // G) * G
+    r0, w0 = _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN)
+    r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
+    if G == 4:
+        r1, w1 = _rows_scaled(rows_ptr, rs_ptr, jj + 1, nrows, ALIGN)
+        r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
+        r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
+    return jj, r0, w0, r1, w1, r2, w2, r3, w3
+
+
 # The int8 expand by row chunks (TUNE key ROWS, family expand_decode_rows): the shrink's shape
 # turned around. One program per item of the step's expand plan, a (token, module, chunk of
 # BLOCK_R B^T rows), streams those rows across the module's full width (a 4 KB page each at
@@ -845,13 +874,8 @@ def _expand_rows_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_pt
                         ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                         PIPE: tl.constexpr, PDL: tl.constexpr, DQ: tl.constexpr, G4: tl.constexpr = False,
                         I4: tl.constexpr = False):
-    i = tl.program_id(0)
-    _pdl_launch_dependents(PDL)
-    n = tl.load(n_ptr)
-    e = tl.load(items_ptr + 2 * i)
-    slot = tl.load(items_ptr + 2 * i + 1)
-    t, mod, n_chunks, ch = _plan_fields(e)
-    if i >= n or n_chunks == 0:        # past the plan, or a pair with no rows: y stays as it is
+    t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
+    if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
         return
     y_ptr, v_ptr, meta_ptr, d_out = _module(mod, y_ptr, sy1, v_ptr, svm, meta_ptr, smm, W0, W1, W2)
@@ -900,14 +924,7 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
     # G4: the rows as 4 interleaved tiles of NR / 4 (rows g, g + 4, ...), summed by one 4-row
     # _biased_fma chain, leaving a quarter of the row sum's adds; else one tile of NR rows
     G: tl.constexpr = 4 if G4 and NR >= 4 else 1
-    GR: tl.constexpr = NR // G
-    jj = tl.arange(0, GR) * G
-    r0, w0 = _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN)
-    r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
-    if G == 4:
-        r1, w1 = _rows_scaled(rows_ptr, rs_ptr, jj + 1, nrows, ALIGN)
-        r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
-        r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
+    jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr, rs_ptr, nrows, ALIGN, NR, G)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
     v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
     v1, v2, v3 = v0, v0, v0
@@ -1093,13 +1110,8 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
                          DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0):
-    i = tl.program_id(0)
-    _pdl_launch_dependents(PDL)
-    n = tl.load(n_ptr)
-    e = tl.load(items_ptr + 2 * i)
-    slot = tl.load(items_ptr + 2 * i + 1)
-    t, mod, n_chunks, ch = _plan_fields(e)
-    if i >= n or n_chunks == 0:        # past the plan, or a pair with no rows: y stays as it is
+    t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
+    if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
         return
     y_ptr, _unused, meta_ptr, d_out = _module(mod, y_ptr, sy1, y_ptr, 0, meta_ptr, smm, W0, W1, W2)
@@ -1116,14 +1128,7 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     ra, wa = _rows_scaled(rows_ptr + a0 + j0, rs_ptr + a0 + j0, tl.arange(0, BLOCK_R), nrows, ALIGN)
     G: tl.constexpr = 4 if G4 and BLOCK_R >= 4 else 1
     GR: tl.constexpr = BLOCK_R // G
-    jj = tl.arange(0, GR) * G
-    rb, sb = rows_ptr + b0 + j0, rs_ptr + b0 + j0
-    r0, w0 = _rows_scaled(rb, sb, jj, nrows, ALIGN)
-    r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
-    if G == 4:
-        r1, w1 = _rows_scaled(rb, sb, jj + 1, nrows, ALIGN)
-        r2, w2 = _rows_scaled(rb, sb, jj + 2, nrows, ALIGN)
-        r3, w3 = _rows_scaled(rb, sb, jj + 3, nrows, ALIGN)
+    _jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
     s = tl.load(scale_ptr + slot)
     if PREFETCH:    # the first PREFETCH column tiles of the B^T rows into the L2 (PTX: GPU only)
         PF: tl.constexpr = PREFETCH * (BLOCK_N // 2 if QUANT == 2 else BLOCK_N)
