@@ -185,13 +185,13 @@ def test_lora_groups_and_attention_only_batches(tiny):
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=4)
     ops, calls = engine.model.ops, []
-    shrink = ops.lora_shrink
+    apply = ops.lora_apply
 
-    def spy(x, flat, rows, meta, batch, row_scale=None):
+    def spy(y, x, flat, rows, meta, scaling, batch, widths=None, row_scale=None):
         calls.append((tuple(meta.shape[1:-1]), batch.mlp))
-        return shrink(x, flat, rows, meta, batch, row_scale)
+        return apply(y, x, flat, rows, meta, scaling, batch, widths, row_scale)
 
-    ops.lora_shrink = spy
+    ops.lora_apply = spy
     try:
         by_name = {}
         for names in (["attn", "qv", ""], ["attn", "full"]):

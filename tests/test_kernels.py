@@ -1058,7 +1058,7 @@ def test_add_rms_norm_and_silu_mul(dtype):
 
 def test_ops_table():
     from kernels import triton_ops
-    assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "write_kv", "paged_attention", "rms_norm",
+    assert set(triton_ops.OPS) == {"lora_shrink", "lora_expand", "lora_apply", "write_kv", "paged_attention", "rms_norm",
                                    "add_rms_norm", "silu_mul", "apply_rope", "linear", "silu_mul_linear",
                                    "rope_write_kv"}
 
