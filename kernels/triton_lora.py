@@ -123,11 +123,12 @@ TUNE = {
     # (_fused_decode_kernel), from MIN_T tokens; the shrink's loop on BLOCK_K columns with PIPE stages and PTX_DQ,
     # the expand's on BLOCK_N columns with PIPE_E and PTX_DQ 1, both on the same BLOCK_R rows (the split
     # kernels' tiles above); MULTI: what launches of several modules (q/k/v) take instead.
-    # Picked on the H100 (2026-12-05, benchmarks/results/lora-fused-2026-12-05, calls A-C): 256 x 256 decode LoRA
-    # alone 0.91-0.92x the split kernels' time (int4 and int8); PIPE_E 3 0.99x 2; q/k/v's shrink on 1024
+    # Picked on the H100 (2026-12-05, benchmarks/results/lora-fused-2026-12-05, calls A-D): 256 x 256 decode LoRA
+    # alone 0.89-0.92x the split kernels' time (int4 and int8); PIPE_E 3 0.99x 2; q/k/v's shrink on 1024
     # columns 0.975x (int4) and 0.994x (int8), o's slower on them (its items then take two waves of programs:
-    # 166 registers); BLOCK_R 16, BLOCK_K 256, an expand of 4096 columns on 4 warps, int8's on 2048 columns
-    # or 512 on one warp, and the B^T rows prefetched into the L2 (PREFETCH 1-4) all lost 1-25%.
+    # 166 registers; at PIPE 2, 8 programs an SM, still 1.05x); BLOCK_R 16, BLOCK_K 256, o on 4-row chunks, an
+    # expand of 4096 columns on 4 warps, int8's on 2048 columns or 512 on one warp, and the B^T rows prefetched
+    # into the L2 (PREFETCH 1-4) all lost 1-25%.
     "fused_decode_int8": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=1024, num_warps=2, num_stages=3,
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
