@@ -128,7 +128,7 @@ TUNE = {
     # columns 0.975x (int4) and 0.994x (int8), o's slower on them (its items then take two waves of programs:
     # 166 registers; at PIPE 2, 8 programs an SM, still 1.05x); BLOCK_R 16, BLOCK_K 256, o on 4-row chunks, an
     # expand of 4096 columns on 4 warps, int8's on 2048 columns or 512 on one warp, and the B^T rows prefetched
-    # into the L2 (PREFETCH 1-4) all lost 1-25%.
+    # into the L2 during the A loop (a24aea5 has it) all lost 1-25%.
     "fused_decode_int8": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=1024, num_warps=2, num_stages=3,
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
@@ -1088,15 +1088,6 @@ def _v_scaled(v_row, sv1, jj, nrows, rs, s):
     """v of a chunk's rows jj times their row scale and the adapter's scaling, fp32."""
     return tl.load(v_row + jj * sv1, mask=jj < nrows, other=0.0).to(tl.float32) * rs * s
 
-@triton.jit
-def _prefetch_rows(flat_ptr, r, NBYTES: tl.constexpr):
-    """Ask the L2 for the first NBYTES of each row at pool offsets r (one prefetch a 128-byte
-    line; nothing waits for it): the fused kernel's B^T rows, fetched while its A loop runs."""
-    ptrs = flat_ptr + r[:, None] + (tl.arange(0, NBYTES // 128) * 128)[None, :]
-    tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1];\nmov.b32 $0, 0;", constraints="=r,l", args=[ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 # Shrink and expand in one program (TUNE key FUSED, families fused_decode_int8 / _int4; lora_apply):
 # a token's delta is the sum over rank rows j of (x . A row j) * B^T row j, so a chunk of BLOCK_R
 # rank rows needs no other program's v. One program per item of the step's expand plan, a (token,
@@ -1110,7 +1101,7 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
                          scale_ptr, items_ptr, n_ptr, d_in, W0, W1, W2,
                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
-                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr):
     t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
     if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
@@ -1131,13 +1122,6 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     GR: tl.constexpr = BLOCK_R // G
     _jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
     s = tl.load(scale_ptr + slot)
-    if PREFETCH:    # the first PREFETCH column tiles of the B^T rows into the L2 (PTX: GPU only)
-        PF: tl.constexpr = PREFETCH * (BLOCK_N // 2 if QUANT == 2 else BLOCK_N)
-        _prefetch_rows(flat_ptr, r0, PF)
-        if G == 4:
-            _prefetch_rows(flat_ptr, r1, PF)
-            _prefetch_rows(flat_ptr, r2, PF)
-            _prefetch_rows(flat_ptr, r3, PF)
     _pdl_wait(PDL)    # x (the norm's) and y (the base GEMM's) are read only from here on
     # rows past nrows read pool offset 0 with scale 0: v exactly 0 there
     v = _shrink_rows(x_ptr + t.to(tl.int64) * sx0, sx1, flat_ptr, ra, tl.arange(0, BLOCK_R) < nrows, d_in, QUANT,
@@ -1768,6 +1752,5 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
                                             BLOCK_N=min(cfg["BLOCK_N"], _p2(max(widths))), PIPE=cfg.get("PIPE", 1),
                                             PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
                                             DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
-                                            PREFETCH=int(cfg.get("PREFETCH", 0)) if x.device.type == "cuda" else 0,
                                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                             **_pdl_args(cfg, x.device))
