@@ -510,6 +510,11 @@ def _zero_tail(v_row, sv1, rt, n_tiles, max_rank, BLOCK_R: tl.constexpr, R_P2: t
 PLAN_TILES, PLAN_TOKENS = 64, 1 << 17     # what it holds: fewer tiles a pair, fewer tokens
 
 
+def _plan_fits(T: int, max_rank: int, block_r: int) -> bool:
+    """Whether plan codes hold a batch of T tokens at max_rank in tiles of block_r rows."""
+    return T < PLAN_TOKENS and triton.cdiv(max_rank, block_r) < PLAN_TILES
+
+
 @triton.jit
 def _plan_code(t, m, tiles, j):
     return (t << 14) | (m << 12) | (tiles << 6) | j
@@ -1519,6 +1524,14 @@ def _quant(flat: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor | Non
     return (2 if flat.dtype == torch.uint8 else 1), row_scale
 
 
+def _module_widths(widths: tuple[int, ...] | None, d_out: int, M: int) -> tuple[tuple[int, ...], int, int, int]:
+    """(the M modules' output widths, as W0, W1, W2 too: 0 past M) of an expand into d_out columns;
+    None: one module, all of them."""
+    widths = tuple(widths) if widths is not None else (d_out,)
+    assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
+    return (widths, *(widths + (0, 0))[:3])
+
+
 def _modules(meta: torch.Tensor) -> torch.Tensor:
     """meta as [slots, modules, 4]: a single (layer, module) view is one module."""
     return meta if meta.dim() == 3 else meta.unsqueeze(1)
@@ -1574,7 +1587,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
         BLOCK_R = cfg["BLOCK_R"]
         BLOCK_K = min(cfg["BLOCK_K"], _p2(d_in))
         # past what plan codes hold, the full grid
-        plan = bool(cfg.get("COMPACT", False)) and triton.cdiv(R, BLOCK_R) < PLAN_TILES and T < PLAN_TOKENS
+        plan = bool(cfg.get("COMPACT", False)) and _plan_fits(T, R, BLOCK_R)
         if plan:       # one program per work item of the step's plan, in a grid of the most there can be
             items, n = _decode_plan(batch, meta3, BLOCK_R, R)
             grid, first = (items.shape[0], 1, 1), False
@@ -1618,7 +1631,7 @@ def _rows_expand(quant: int, T: int, max_rank: int) -> bool:
     """Whether a decode expand runs by row chunks (_expand_rows_kernel): int8 rows with the expand
     family's key ROWS, or int4 rows (the only decode expand that reads them), and a plan whose
     codes hold the batch."""
-    fits = T < PLAN_TOKENS and triton.cdiv(max_rank, _rows_tiles(quant)["BLOCK_R"]) < PLAN_TILES
+    fits = _plan_fits(T, max_rank, _rows_tiles(quant)["BLOCK_R"])
     if quant == 2:
         assert fits, f"int4 rows: a decode batch of {T} tokens at rank {max_rank} is past the expand plan's codes"
         return True
@@ -1639,9 +1652,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
     meta3 = _modules(meta)
     M = meta3.shape[1]
     v3 = v if v.dim() == 3 else v.unsqueeze(1)
-    widths = tuple(widths) if widths is not None else (d_out,)
-    assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
-    W0, W1, W2 = (widths + (0, 0))[:3]
+    widths, W0, W1, W2 = _module_widths(widths, d_out, M)
     w_max = max(widths)
     quant, rs = _quant(flat, rows, row_scale)
     align = _row_align(flat)
@@ -1717,8 +1728,8 @@ def _fused_tiles(quant: int, batch: LoraBatch, T: int) -> dict | None:
     if not quant or batch.max_seg_len > 1 or batch.grouped or batch.max_rank == 0 or T == 0:
         return None
     cfg = TUNE["fused_decode_int4" if quant == 2 else "fused_decode_int8"]
-    fits = T < PLAN_TOKENS and triton.cdiv(batch.max_rank, cfg["BLOCK_R"]) < PLAN_TILES
-    return cfg if cfg.get("FUSED", False) and T >= cfg.get("MIN_T", 1) and fits else None
+    fused = cfg.get("FUSED", False) and T >= cfg.get("MIN_T", 1) and _plan_fits(T, batch.max_rank, cfg["BLOCK_R"])
+    return cfg if fused else None
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
@@ -1736,9 +1747,7 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
         return
     meta3 = _modules(meta)
     M = meta3.shape[1]
-    widths = tuple(widths) if widths is not None else (d_out,)
-    assert len(widths) == M <= 3 and sum(widths) == d_out, (widths, M, d_out)
-    W0, W1, W2 = (widths + (0, 0))[:3]
+    widths, W0, W1, W2 = _module_widths(widths, d_out, M)
     d_in = x.shape[1]
     sm0, smm, sm1 = meta3.stride()
     if M > 1:       # MULTI: the tiles of launches of several modules (q/k/v) where they differ

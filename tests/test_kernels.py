@@ -642,6 +642,15 @@ def test_decode_variants_match_the_reference(variant, adapter_dtype, monkeypatch
     _check_decode_mix(91, adapter_dtype)
 
 
+def _spy_launches(monkeypatch, name: str) -> list:
+    """The grids kernel ``name`` of triton_lora launches with, from here on."""
+    launches = []
+    kernel = getattr(tlora, name)
+    monkeypatch.setattr(tlora, name, type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    return launches
+
+
 @pytest.mark.parametrize("tiles", [dict(BLOCK_R=4, BLOCK_N=16, SPLIT=2, PIPE=1, G4=True), dict(BLOCK_R=8, BLOCK_N=32, PDL=False),
                                    dict(BLOCK_R=16, BLOCK_N=64, SPLIT=3, PIPE=2, G4=True)],
                          ids=["r4-split2-g4", "r8", "r16-split3-g4"])
@@ -655,10 +664,7 @@ def test_rows_expand_tiles_match_the_reference(tiles, adapter_dtype, monkeypatch
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], **tiles})
     for family in ("expand_decode", "expand_decode_int8"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "ROWS": True})
-    launches = []
-    kernel = tlora._expand_rows_kernel
-    monkeypatch.setattr(tlora, "_expand_rows_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    launches = _spy_launches(monkeypatch, "_expand_rows_kernel")
     _check_decode_mix(95, adapter_dtype)
     pick = [(i * 5) % 4 - 1 for i in range(21)]
     allm = tuple(TARGET_MODULES)
@@ -698,15 +704,6 @@ def _check_fused_decode(cfg, dtype, pick, ranks, mods, layer, tol, gen, block_to
         assert torch.equal(delta[base_rows], torch.zeros_like(delta[base_rows]))
 
 
-def _spy_fused(monkeypatch) -> list:
-    """The grids _fused_decode_kernel launches with, from here on."""
-    launches = []
-    kernel = tlora._fused_decode_kernel
-    monkeypatch.setattr(tlora, "_fused_decode_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
-    return launches
-
-
 FUSED_TILES = pytest.mark.parametrize(
     "tiles", [dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True, MULTI=dict(BLOCK_K=16)),
               dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False, MULTI={}),
@@ -723,7 +720,7 @@ def test_fused_decode_lora_matches_the_reference(tiles, adapter_dtype, monkeypat
     (atomics) or end inside one (12), several d_in and column steps; and the fused kernel ran."""
     for family in ("fused_decode_int8", "fused_decode_int4"):
         monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "FUSED": True, "MIN_T": 1, **tiles})
-    launches = _spy_fused(monkeypatch)
+    launches = _spy_launches(monkeypatch, "_fused_decode_kernel")
     qkv = ("q_proj", "k_proj", "v_proj")
     mods = [qkv + ("o_proj",), ("q_proj", "v_proj", "o_proj"), qkv, qkv + ("o_proj",)]
     _check_fused_decode(TINY, torch.float16, [(i * 7) % 5 - 1 for i in range(13)], [8, 16, 32, 12], mods, 1, 2e-3,
@@ -735,7 +732,7 @@ def test_fused_decode_lora_takes_the_split_kernels_where_it_does_not_apply(monke
     """lora_apply runs shrink then expand for rows in the model's dtype, below MIN_T tokens, for
     prefill segments and with FUSED off: the fused kernel never launches, and the result is the
     reference's."""
-    launches = _spy_fused(monkeypatch)
+    launches = _spy_launches(monkeypatch, "_fused_decode_kernel")
     gen = torch.Generator().manual_seed(98)
     for adapter_dtype, lens, fused in ((None, [1] * 5, {}), (INT4, [1] * 5, {"MIN_T": 6}), (INT4, [3, 2], {}),
                                        (torch.int8, [1] * 5, {"FUSED": False, "MIN_T": 1})):
@@ -781,6 +778,19 @@ def test_compact_shrink_plan_serves_every_layer(adapter_dtype, monkeypatch):
     assert len(batch.plans) == 1     # one plan for all layers
 
 
+def _down_proj_delta(adapter_dtype):
+    """(the reference's down_proj LoRA delta over a mixed fp32 batch, the pool, the table), with the
+    same adapters and inputs whatever format the pool stores rows in."""
+    g = torch.Generator().manual_seed(5)
+    pool, table, batch = _lora_setup(TINY, torch.float32, [3, 1, 4, 1], [0, -1, 1, 0], [8, 16],
+                                     [("q_proj", "down_proj")] * 2, g, 4, False, adapter_dtype)
+    meta = table.meta[:, 0, TARGET_MODULES.index("down_proj")]
+    x = torch.randn(9, TINY.intermediate_size, generator=g).to(DEV)
+    y = torch.zeros(9, TINY.hidden_size, device=DEV)
+    ref.lora_apply(y, x, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
+    return y, pool, table
+
+
 def test_int8_rows_stay_within_their_quantization_error():
     """int8 rows (opt-in): each element within half a step of the weight it stores, a zero row
     stays zero, and a LoRA delta over a mixed batch is within 1% of the unquantized adapter's.
@@ -796,17 +806,9 @@ def test_int8_rows_stay_within_their_quantization_error():
 
     deltas = {}
     for adapter_dtype in (None, torch.int8):
-        g = torch.Generator().manual_seed(5)     # the same adapters and inputs in both pools
-        pool, table, batch = _lora_setup(TINY, torch.float32, [3, 1, 4, 1], [0, -1, 1, 0], [8, 16],
-                                         [("q_proj", "down_proj")] * 2, g, 4, False, adapter_dtype)
+        deltas[adapter_dtype], pool, table = _down_proj_delta(adapter_dtype)
         assert table.flat.dtype == (adapter_dtype or torch.float32)
         assert (table.row_scale is not None) == (adapter_dtype is not None)
-        meta = table.meta[:, 0, TARGET_MODULES.index("down_proj")]
-        x = torch.randn(9, TINY.intermediate_size, generator=g).to(DEV)
-        y = torch.zeros(9, TINY.hidden_size, device=DEV)
-        v = ref.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
-        ref.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
-        deltas[adapter_dtype] = y
     err = rel_err(deltas[torch.int8], deltas[None])
     assert 0 < err < 1e-2, err
 
@@ -842,15 +844,7 @@ def test_int4_rows_stay_within_their_quantization_error():
 
     deltas = {}
     for adapter_dtype in (None, torch.int8, INT4):
-        g = torch.Generator().manual_seed(5)     # the same adapters and inputs in every pool
-        pool, table, batch = _lora_setup(TINY, torch.float32, [3, 1, 4, 1], [0, -1, 1, 0], [8, 16],
-                                         [("q_proj", "down_proj")] * 2, g, 4, False, adapter_dtype)
-        meta = table.meta[:, 0, TARGET_MODULES.index("down_proj")]
-        x = torch.randn(9, TINY.intermediate_size, generator=g).to(DEV)
-        y = torch.zeros(9, TINY.hidden_size, device=DEV)
-        v = ref.lora_shrink(x, table.flat, table.rows, meta, batch, table.row_scale)
-        ref.lora_expand(y, v, table.flat, table.rows, meta, table.scaling, batch, row_scale=table.row_scale)
-        deltas[adapter_dtype] = y
+        deltas[adapter_dtype], pool, table = _down_proj_delta(adapter_dtype)
     assert table.flat.dtype == torch.uint8 and pool.adapter_format == "int4"
     err4, err8 = rel_err(deltas[INT4], deltas[None]), rel_err(deltas[torch.int8], deltas[None])
     assert 4 * err8 < err4 < 0.25, (err4, err8)
@@ -1290,7 +1284,7 @@ def test_gpu_lora_fused_modules(schedule, cfg, adapter_dtype):
 def test_gpu_fused_decode_lora(dtype, cfg, adapter_dtype, monkeypatch):
     """The fused decode LoRA (lora_apply's one launch) at Llama-7B and Llama-3-8B shapes on its
     default tiles: 200 tokens, ranks 8..128 and 24, base tokens, an adapter without k or o."""
-    launches = _spy_fused(monkeypatch)
+    launches = _spy_launches(monkeypatch, "_fused_decode_kernel")
     gen = torch.Generator().manual_seed(25)
     allm = tuple(TARGET_MODULES)
     mods = [allm, allm, ("q_proj", "v_proj"), allm, allm, ("q_proj", "o_proj", "up_proj")]
