@@ -1093,6 +1093,31 @@ def _v_scaled(v_row, sv1, jj, nrows, rs, s):
     """v of a chunk's rows jj times their row scale and the adapter's scaling, fp32."""
     return tl.load(v_row + jj * sv1, mask=jj < nrows, other=0.0).to(tl.float32) * rs * s
 
+# One thread of the program asks the L2 for a whole row (the TMA unit's bulk prefetch, sm_90; nothing waits for
+# it): every thread holds a [1] tensor, so the predicate keeps the request to one
+_PREFETCH_L2_ASM = tl.constexpr("""{
+        .reg .pred p;
+        .reg .b32 t;
+        mov.u32 t, %tid.x;
+        setp.eq.u32 p, t, 0;
+        @p cp.async.bulk.prefetch.L2.global [$1], $2;
+        mov.b32 $0, 0;
+        }""")
+
+
+@triton.jit
+def _prefetch_rows(flat_ptr, rows_ptr, nrows, nbytes, NR: tl.constexpr):
+    """Bulk L2 prefetches of the first min(nrows, NR) rows at pool offsets rows_ptr[j] (16-byte
+    aligned), nbytes (a multiple of 16) each: one instruction a row, so the program's whole chunk is
+    in flight from its start where its pipelined loop keeps PIPE - 1 tiles (PTX: GPU only)."""
+    one = tl.zeros([1], dtype=tl.int32)
+    for j in tl.static_range(NR):
+        if j < nrows:
+            tl.inline_asm_elementwise(asm=_PREFETCH_L2_ASM, constraints="=r,l,r",
+                                      args=[flat_ptr + tl.load(rows_ptr + j) + one, one + nbytes], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+
 # Shrink and expand in one program (TUNE key FUSED, families fused_decode_int8 / _int4; lora_apply):
 # a token's delta is the sum over rank rows j of (x . A row j) * B^T row j, so a chunk of BLOCK_R
 # rank rows needs no other program's v. One program per item of the step's expand plan, a (token,
@@ -1106,7 +1131,7 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
                          scale_ptr, items_ptr, n_ptr, d_in, W0, W1, W2,
                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
-                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr):
+                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0):
     t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
     if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
@@ -1127,6 +1152,11 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     GR: tl.constexpr = BLOCK_R // G
     _jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
     s = tl.load(scale_ptr + slot)
+    # PREFETCH (ALIGN 16 only): bit 1 the chunk's A rows, bit 2 its B^T rows, asked of the L2 before the wait
+    if PREFETCH % 2 == 1 and ALIGN == 16:
+        _prefetch_rows(flat_ptr, rows_ptr + a0 + j0, nrows, (d_in // QUANT + 15) // 16 * 16, BLOCK_R)
+    if PREFETCH // 2 == 1 and ALIGN == 16:
+        _prefetch_rows(flat_ptr, rows_ptr + b0 + j0, nrows, (d_out // QUANT + 15) // 16 * 16, BLOCK_R)
     _pdl_wait(PDL)    # x (the norm's) and y (the base GEMM's) are read only from here on
     # rows past nrows read pool offset 0 with scale 0: v exactly 0 there
     v = _shrink_rows(x_ptr + t.to(tl.int64) * sx0, sx1, flat_ptr, ra, tl.arange(0, BLOCK_R) < nrows, d_in, QUANT,
@@ -1272,10 +1302,18 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
 # prefill (segments of many tokens): SGMV-like, tensor cores
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b on the tensor cores in a's dtype, or in fp32 IEEE (the fp32 tests' reference precision)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
 def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1, smm, indptr_ptr,
                        seg_slot_ptr, v_ptr, sv0, sv1, svm, d_in, max_rank, k_split, n_tiles, part_ptr, sps, cnt_ptr,
                        ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, I4_SPLIT: tl.constexpr = False):
     # SPLIT_K > 1: program ks sums d_in range ks of its tile into part[ks] (fp32, laid out as v at
     # split stride sps); the tile's last program to finish (a counter per tile, cnt_ptr, left at 0
     # again) adds the partials in split order and writes v. One launch, and the same sum every run,
@@ -1323,16 +1361,21 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
         kmask = kk < k_hi
         xt = tl.load(x_rows + kk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :], other=0.0)
         # A^T tile [BLOCK_K, BLOCK_N]
-        if QUANT == 2:
-            at = tl.trans(_load_i4(flat_ptr + roff, k0, BLOCK_K))
+        if QUANT == 2 and I4_SPLIT:
+            # I4_SPLIT: x's tile splits into its even and odd columns (in-thread pairs) and each nibble
+            # plane takes its own dot, where interleaving the nibbles reorders the whole weight tile
+            xe, xo = tl.split(tl.reshape(xt, [BLOCK_M, BLOCK_K // 2, 2]))
+            lo, hi = _i4_nibbles(tl.load(flat_ptr + roff[None, :] + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[:, None]))
+            acc = _dot(xe, _i8_to_f16(lo), acc, IEEE)
+            acc = _dot(xo, _i8_to_f16(hi), acc, IEEE)
         else:
-            at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
-        if QUANT:
-            at = _i8_to_f16(at)     # exact: the scales come after the dot
-        if IEEE:
-            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, at.to(xt.dtype), acc)
+            if QUANT == 2:
+                at = tl.trans(_load_i4(flat_ptr + roff, k0, BLOCK_K))
+            else:
+                at = _load_rows(flat_ptr + roff[None, :] + kk[:, None], kmask[:, None] & nmask[None, :], QUANT)
+            if QUANT:
+                at = _i8_to_f16(at)     # exact: the scales come after the dot
+            acc = _dot(xt, at, acc, IEEE)
     if QUANT:     # one adapter per program: the row scales are the accumulator's column scales
         acc *= tl.load(rs_ptr + a0 + offs_n, mask=nmask, other=0.0)[None, :]
     if SPLIT_K == 1:
@@ -1354,7 +1397,8 @@ def _shrink_seg_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm
 def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr, rs_ptr, meta_ptr, sm0, sm1,
                        smm, scale_ptr, indptr_ptr, seg_slot_ptr, W0, W1, W2, n_tiles,
                        ALIGN: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       I4_SPLIT: tl.constexpr = False):
     g = tl.program_id(0)
     mt = tl.program_id(1)
     nt = tl.program_id(2) % n_tiles      # (module, column tile) folded into one grid axis
@@ -1387,6 +1431,9 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
     ymask = mmask[:, None] & nmask[None, :]
     y = tl.load(y_ptrs, mask=ymask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # I4_SPLIT: the even (low nibble) and odd (high) columns summed apart and interleaved once, after the loop
+    acc_e = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+    acc_o = acc_e
     for j0 in range(0, rank, BLOCK_K):
         jj = j0 + offs_k
         jmask = jj < rank
@@ -1395,16 +1442,21 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         # B^T tile [BLOCK_K, BLOCK_N]
-        if QUANT == 2:
-            bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
+        if QUANT == 2 and I4_SPLIT:
+            rsc = tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None]
+            lo, hi = _i4_nibbles(tl.load(flat_ptr + roff[:, None] + (nt * BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2))[None, :]))
+            acc_e = _dot(vt, _dequant(lo, rsc, vt.dtype), acc_e, IEEE)
+            acc_o = _dot(vt, _dequant(hi, rsc, vt.dtype), acc_o, IEEE)
         else:
-            bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
-        if QUANT:
-            bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
-        if IEEE:
-            acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(vt, bt.to(vt.dtype), acc)
+            if QUANT == 2:
+                bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
+            else:
+                bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
+            if QUANT:
+                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
+            acc = _dot(vt, bt, acc, IEEE)
+    if QUANT == 2 and I4_SPLIT:
+        acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_N])
     tl.store(y_ptrs, (y.to(tl.float32) + acc * s).to(y_ptr.dtype.element_ty), mask=ymask)
 
 
@@ -1621,6 +1673,7 @@ def lora_shrink(x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: t
                                  part, part.stride(0), cnt,
                                  ALIGN=align, QUANT=quant, IEEE=x.dtype == torch.float32, SPLIT_K=split,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 I4_SPLIT=quant == 2 and BLOCK_K >= 32 and bool(cfg.get("I4_SPLIT", False)),
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if out is not v3:       # split-K partial sums: one cast into v
         v3.copy_(out)
@@ -1718,6 +1771,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, flat: torch.Tensor, rows: torc
                                  meta3, sm0, sm1, smm, scaling, batch.seg_indptr, batch.seg_slot,
                                  W0, W1, W2, n_tiles, ALIGN=align, QUANT=quant, IEEE=y.dtype == torch.float32,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 I4_SPLIT=quant == 2 and BLOCK_N >= 32 and bool(cfg.get("I4_SPLIT", False)),
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -1761,5 +1815,6 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
                                             BLOCK_N=min(cfg["BLOCK_N"], _p2(max(widths))), PIPE=cfg.get("PIPE", 1),
                                             PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
                                             DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
+                                            PREFETCH=int(cfg.get("PREFETCH", 0)) if x.device.type == "cuda" else 0,
                                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                             **_pdl_args(cfg, x.device))

@@ -180,6 +180,21 @@ def test_lora_mixed_ranks(dtype, decode, adapter_dtype):
                 adapter_dtype=adapter_dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_segments_split_by_nibble_match_the_reference(dtype, monkeypatch):
+    """I4_SPLIT (the int4 segment kernels' dots by nibble plane: x's even and odd columns in the
+    shrink, y's in the expand) gives the reference's result over uneven segments of mixed ranks."""
+    for family in ("shrink_seg", "expand_seg"):
+        monkeypatch.setitem(tlora.TUNE, family, {**tlora.TUNE[family], "I4_SPLIT": True})
+    launches = _spy_launches(monkeypatch, "_shrink_seg_kernel")
+    gen = torch.Generator().manual_seed(7 + (dtype == torch.float16))
+    mods = [("q_proj", "gate_proj", "down_proj"), ("q_proj", "down_proj", "v_proj"), ("down_proj",)]
+    _check_lora(TINY, dtype, [5, 1, 19, 3, 9, 2, 17], [0, -1, 1, 2, 1, -1, 0], [8, 16, 32], mods,
+                ("q_proj", "gate_proj", "down_proj"), 1, 1e-5 if dtype == torch.float32 else 2e-3, gen,
+                adapter_dtype=INT4)
+    assert launches
+
+
 @ADAPTER_DTYPES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("order", ["sorted", "interleaved"])
