@@ -9,7 +9,7 @@ for dt in int4 int8; do
     > $H/alone-$dt.log 2>&1; echo "alone $dt rc=$? at $((SECONDS-T0)) s"; grep -E "^\| |failed|rror" $H/alone-$dt.log | cut -c1-150
   tar czf $OUT/cF.tgz -C /tmp cF
 done
-for v in base i4split i4split-shrink i4split-expand i4split-m128; do
+for v in base i4split i4split-shrink i4split-expand i4split-m128 i4split-n128; do
   LEFT=$((420 - SECONDS + T0)); [ $LEFT -lt 30 ] && break
   if [ $v = base ]; then unset LORASERVE_KERNEL_TUNE; else export LORASERVE_KERNEL_TUNE=$R/tune-F-$v.json; fi
   timeout $LEFT python3 benchmarks/bench_kernels.py --adapter-dtype int4 --only prefill_lora --out $H/prefill-$v \
