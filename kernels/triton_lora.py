@@ -133,6 +133,11 @@ TUNE = {
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
+    # Two more keys of the fused families, off until measured (benchmarks/results/lora-prefetch-2026-12-05 has the
+    # device call that compares them, prepared but not yet run): PREFETCH (bit 1: the chunk's A rows, bit 2: its B^T
+    # rows) asks the L2 for whole rows by bulk prefetches before the PDL wait, a deeper pipeline that costs no
+    # registers or shared memory (the programs are latency-bound: Nsight Compute, call E); G8 sums a chunk's 8
+    # rows as 8 one-row tiles in one FMA chain (half the expand's per-thread partial sums of G4's 4 tiles of 2).
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -149,6 +154,8 @@ TUNE = {
     # (2026-12-04, H200, benchmarks/results/lora-bias-2026-12-04-h200 call 1, graph us, two runs each):
     # 1024 tokens in 4 mixed segments 30.2/30.1 vs 33.3/33.3, 512 / 8 26.6/26.5 vs 26.3/26.3, 4096 / 64
     # 72.8/72.7 vs 73.0/72.9; ranks up to 64 unchanged. 32 was 1.1x slower at 512 and 4096 tokens.
+    # I4_SPLIT (both segment families, int4 rows; default False, not yet measured): dots by nibble plane (see
+    # _shrink_seg_kernel) instead of interleaving each weight tile's nibbles.
     "shrink_seg": dict(BLOCK_M=None, BLOCK_K=128, num_warps=8, num_stages=4, SPLIT_K=None, BLOCK_N=64),
     # expand_seg: 8 warps (was 4) gained in every case of the same sweep (1024 / 4 mixed 14.0 vs 14.7 us, 4096
     # tokens 35.9 vs 37.5, 4096 / 64 mixed 39.9 vs 43.6).
@@ -853,17 +860,23 @@ def _plan_item(items_ptr, n_ptr, PDL: tl.constexpr):
 
 @triton.jit
 def _chunk_rows(rows_ptr, rs_ptr, nrows, ALIGN: tl.constexpr, NR: tl.constexpr, G: tl.constexpr):
-    """A chunk's NR rows (from rows_ptr, rs_ptr) as G interleaved tiles of NR / G (tile g: rows g,
-    g + G, ...): each tile's pool offsets and scales (r0, w0, ..., r3, w3; past G they repeat the
-    first), and the tiles' first row numbers jj."""
+    """A chunk's NR rows (from rows_ptr, rs_ptr) as G (1, 4 or 8) interleaved tiles of NR / G (tile
+    g: rows g, g + G, ...): the tiles' first row numbers jj, their pool offsets (r0..r7) and their
+    scales (w0..w7); past G they repeat the first."""
     jj = tl.arange(0, NR // G) * G
     r0, w0 = _rows_scaled(rows_ptr, rs_ptr, jj, nrows, ALIGN)
     r1, w1, r2, w2, r3, w3 = r0, w0, r0, w0, r0, w0
-    if G == 4:
+    r4, w4, r5, w5, r6, w6, r7, w7 = r0, w0, r0, w0, r0, w0, r0, w0
+    if G >= 4:
         r1, w1 = _rows_scaled(rows_ptr, rs_ptr, jj + 1, nrows, ALIGN)
         r2, w2 = _rows_scaled(rows_ptr, rs_ptr, jj + 2, nrows, ALIGN)
         r3, w3 = _rows_scaled(rows_ptr, rs_ptr, jj + 3, nrows, ALIGN)
-    return jj, r0, w0, r1, w1, r2, w2, r3, w3
+    if G == 8:
+        r4, w4 = _rows_scaled(rows_ptr, rs_ptr, jj + 4, nrows, ALIGN)
+        r5, w5 = _rows_scaled(rows_ptr, rs_ptr, jj + 5, nrows, ALIGN)
+        r6, w6 = _rows_scaled(rows_ptr, rs_ptr, jj + 6, nrows, ALIGN)
+        r7, w7 = _rows_scaled(rows_ptr, rs_ptr, jj + 7, nrows, ALIGN)
+    return jj, (r0, r1, r2, r3, r4, r5, r6, r7), (w0, w1, w2, w3, w4, w5, w6, w7)
 
 
 # The int8 expand by row chunks (TUNE key ROWS, family expand_decode_rows): the shrink's shape
@@ -930,44 +943,61 @@ def _expand_rows(y_row, sy1, v_row, sv1, flat_ptr, rows_ptr, rs_ptr, nrows, s, c
     # G4: the rows as 4 interleaved tiles of NR / 4 (rows g, g + 4, ...), summed by one 4-row
     # _biased_fma chain, leaving a quarter of the row sum's adds; else one tile of NR rows
     G: tl.constexpr = 4 if G4 and NR >= 4 else 1
-    jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr, rs_ptr, nrows, ALIGN, NR, G)
+    jj, r, w = _chunk_rows(rows_ptr, rs_ptr, nrows, ALIGN, NR, G)
     _pdl_wait(PDL)    # v (the shrink's) and y (the base GEMM's) are read only from here on
-    v0 = _v_scaled(v_row, sv1, jj, nrows, w0, s)
+    v0 = _v_scaled(v_row, sv1, jj, nrows, w[0], s)
     v1, v2, v3 = v0, v0, v0
     if G == 4:
-        v1 = _v_scaled(v_row, sv1, jj + 1, nrows, w1, s)
-        v2 = _v_scaled(v_row, sv1, jj + 2, nrows, w2, s)
-        v3 = _v_scaled(v_row, sv1, jj + 3, nrows, w3, s)
-    _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, c_lo, c_hi, BLOCK_N, PIPE, DQ, ATOMIC, G, I4)
+        v1 = _v_scaled(v_row, sv1, jj + 1, nrows, w[1], s)
+        v2 = _v_scaled(v_row, sv1, jj + 2, nrows, w[2], s)
+        v3 = _v_scaled(v_row, sv1, jj + 3, nrows, w[3], s)
+    _add_rows(y_row, sy1, flat_ptr, r, (v0, v1, v2, v3, v0, v0, v0, v0), c_lo, c_hi, BLOCK_N, PIPE, DQ, ATOMIC, G,
+              I4)
 
 
 @triton.jit
-def _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, c_lo, c_hi, BLOCK_N: tl.constexpr,
+def _add_rows(y_row, sy1, flat_ptr, r, v, c_lo, c_hi, BLOCK_N: tl.constexpr,
               PIPE: tl.constexpr, DQ: tl.constexpr, ATOMIC: tl.constexpr, G: tl.constexpr, I4: tl.constexpr):
-    """y[c_lo:c_hi] += sum over a chunk's G row tiles g (pool offsets r_g, fp32 v_g holding v times
-    the row's scale and the adapter's scaling; the tiles past G repeat the first and are unused) of
-    v_g * rows_g, streamed BLOCK_N columns at a time (with atomics where other programs add into
-    the same y row)."""
-    GR: tl.constexpr = v0.shape[0]
+    """y[c_lo:c_hi] += sum over a chunk's G (1, 4 or 8) row tiles g (pool offsets r[g], fp32 v[g]
+    holding v times the row's scale and the adapter's scaling; the tiles past G are unused) of
+    v[g] * rows_g, streamed BLOCK_N columns at a time (with atomics where other programs add into
+    the same y row). G 8 sums each column's 8 rows in one FMA chain of two 4-row blocks: a tile of
+    one row keeps half the partial sums in registers that 4 tiles of 2 rows keep."""
+    GR: tl.constexpr = v[0].shape[0]
     shape: tl.constexpr = [GR, BLOCK_N // 2 if I4 else BLOCK_N]     # (int4: a byte a column pair)
-    vsum = tl.sum(v0, axis=0)
-    if G == 4:
-        vsum += tl.sum(v1 + v2 + v3, axis=0)
+    vsum = tl.sum(v[0], axis=0)
+    if G >= 4:
+        vsum += tl.sum(v[1] + v[2] + v[3], axis=0)
+    if G == 8:
+        vsum += tl.sum(v[4] + v[5] + v[6] + v[7], axis=0)
     bias = vsum * 32896.0
     if I4:      # (see _i4_fma)
-        v0, v1, v2, v3 = v0 * _I4_V_SCALE, v1 * _I4_V_SCALE, v2 * _I4_V_SCALE, v3 * _I4_V_SCALE
-    v0, v1, v2, v3 = (tl.broadcast_to(v0[:, None], shape), tl.broadcast_to(v1[:, None], shape),
-                      tl.broadcast_to(v2[:, None], shape), tl.broadcast_to(v3[:, None], shape))
+        v = (v[0] * _I4_V_SCALE, v[1] * _I4_V_SCALE, v[2] * _I4_V_SCALE, v[3] * _I4_V_SCALE, v[4] * _I4_V_SCALE,
+             v[5] * _I4_V_SCALE, v[6] * _I4_V_SCALE, v[7] * _I4_V_SCALE)
+    v0, v1, v2, v3, v4, v5, v6, v7 = (tl.broadcast_to(v[0][:, None], shape), tl.broadcast_to(v[1][:, None], shape),
+                                      tl.broadcast_to(v[2][:, None], shape), tl.broadcast_to(v[3][:, None], shape),
+                                      tl.broadcast_to(v[4][:, None], shape), tl.broadcast_to(v[5][:, None], shape),
+                                      tl.broadcast_to(v[6][:, None], shape), tl.broadcast_to(v[7][:, None], shape))
     zero = tl.zeros(shape, dtype=tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    N4: tl.constexpr = 4 if G == 8 else G       # the rows of one FMA block
     for c0 in tl.range(c_lo, c_hi, BLOCK_N, num_stages=PIPE):
         cols = c0 + offs
         # past d_out: inside the pool, never stored
         if I4:
-            d = _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, zero, G, BLOCK_N, DQ)
+            q0, q1, q2, q3 = _row_tiles(flat_ptr, r[0], r[1], r[2], r[3], c0 // 2 + tl.arange(0, BLOCK_N // 2), N4)
+            su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, N4, DQ)
+            if G == 8:
+                q4, q5, q6, q7 = _row_tiles(flat_ptr, r[4], r[5], r[6], r[7], c0 // 2 + tl.arange(0, BLOCK_N // 2), 4)
+                su, sl = _i4_fma(su, sl, q4, v4, q5, v5, q6, v6, q7, v7, 4, DQ)
+            d = _i4_columns(su, sl, vsum, BLOCK_N)
         else:
-            q0, q1, q2, q3 = _row_tiles(flat_ptr, r0, r1, r2, r3, cols, G)
-            d = tl.sum(_biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ), axis=0) - bias
+            q0, q1, q2, q3 = _row_tiles(flat_ptr, r[0], r[1], r[2], r[3], cols, N4)
+            acc = _biased_fma(zero, q0, v0, q1, v1, q2, v2, q3, v3, N4, DQ)
+            if G == 8:
+                q4, q5, q6, q7 = _row_tiles(flat_ptr, r[4], r[5], r[6], r[7], cols, 4)
+                acc = _biased_fma(acc, q4, v4, q5, v5, q6, v6, q7, v7, 4, DQ)
+            d = tl.sum(acc, axis=0) - bias
         cm = cols < c_hi
         ptrs = y_row + cols * sy1
         if ATOMIC:
@@ -979,8 +1009,8 @@ def _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, c_lo, c_hi, 
 
 @triton.jit
 def _row_tiles(flat_ptr, r0, r1, r2, r3, offs, G: tl.constexpr):
-    """The G tiles of a chunk's rows (offsets r*) at element offsets offs (the last G - 1 repeat
-    the first where G is 1)."""
+    """The G (1 or 4) tiles of a chunk's rows (offsets r*) at element offsets offs (the last three
+    repeat the first where G is 1)."""
     q0 = tl.load(flat_ptr + r0[:, None] + offs[None, :])
     q1, q2, q3 = q0, q0, q0
     if G == 4:
@@ -991,16 +1021,12 @@ def _row_tiles(flat_ptr, r0, r1, r2, r3, offs, G: tl.constexpr):
 
 
 @triton.jit
-def _i4_rows_sum(flat_ptr, r0, r1, r2, r3, c0, v0, v1, v2, v3, vsum, zero, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DQ: tl.constexpr):
-    """sum over a chunk's int4 rows (G tiles: offsets r*, v* times 2^72 broadcast to [rows,
-    BLOCK_N / 2], as zero is; vsum: the sum of all their v, unscaled) of v * row at columns c0 + [0, BLOCK_N),
-    in fp32. The byte tiles stay as loaded (a byte a column pair) and go through _i4_fma, which sums
-    each byte whole and its low nibble; the even (low) and odd (high) columns come out of those two
-    sums and are interleaved once, in the [BLOCK_N] result (interleaving every weight cost more than
-    the bytes saved: benchmarks/results/lora-int4-2026-12-05)."""
-    q0, q1, q2, q3 = _row_tiles(flat_ptr, r0, r1, r2, r3, c0 // 2 + tl.arange(0, BLOCK_N // 2), G)
-    su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, G, DQ)
+def _i4_columns(su, sl, vsum, BLOCK_N: tl.constexpr):
+    """The [BLOCK_N] columns of a chunk's int4 rows times v, in fp32, from _i4_fma's sums over the
+    row tiles' bytes ([rows, BLOCK_N / 2]; vsum: the sum of all their v, unscaled). The byte tiles
+    stay as loaded (a byte a column pair): _i4_fma sums each byte whole and its low nibble, the even
+    (low) and odd (high) columns come out of those two sums and are interleaved once, here
+    (interleaving every weight cost more than the bytes saved: benchmarks/results/lora-int4-2026-12-05)."""
     # su = 2^-69 sum v u, sl = 2^-69 sum v (lo + 8), where u = 16 (hi + 8) + lo + 8
     su = tl.sum(su, axis=0) * _I4_SUM_SCALE
     sl = tl.sum(sl, axis=0) * _I4_SUM_SCALE
@@ -1047,7 +1073,7 @@ def _i4_fma(acc_u, acc_l, q0, v0, q1, v1, q2, v2, q3, v3, N: tl.constexpr, DQ: t
     2^72 v). A byte's bits as an fp32 number are subnormal, worth the integer times 2^-149 with no
     offset: one fp32 number per weight from one instruction, and exact products, where int8's
     BIAS (_biased_fma) builds 2^15 + q, whose offset would leave int4's sums ~8 bits of precision
-    (the FMA pipe takes subnormals at full rate). The caller recovers the columns (_i4_rows_sum).
+    (the FMA pipe takes subnormals at full rate). The caller recovers the columns (_i4_columns).
     PTX where DQ (the interpreter runs none)."""
     if DQ:
         if N == 1:
@@ -1118,6 +1144,25 @@ def _prefetch_rows(flat_ptr, rows_ptr, nrows, nbytes, NR: tl.constexpr):
                                       is_pure=False, pack=1)
 
 
+@triton.jit
+def _row_tiles_of(v, G: tl.constexpr):
+    """v [NR] of a chunk's rows as _chunk_rows's G tiles (tile g: rows g, g + G, ...; past G the
+    first again): a tuple of 8 [NR / G] tensors."""
+    v0, v1, v2, v3 = v, v, v, v
+    v4, v5, v6, v7 = v, v, v, v
+    if G >= 4:
+        ev, od = tl.split(tl.reshape(v, [v.shape[0] // 2, 2]))      # rows 0, 2, 4, ... and 1, 3, 5, ...
+        v0, v2 = tl.split(tl.reshape(ev, [v.shape[0] // 4, 2]))
+        v1, v3 = tl.split(tl.reshape(od, [v.shape[0] // 4, 2]))
+        v4, v5, v6, v7 = v0, v0, v0, v0
+        if G == 8:      # (8 rows: v0 holds rows 0 and 4, v2 2 and 6, v1 1 and 5, v3 3 and 7)
+            v0, v4 = tl.split(tl.reshape(v0, [1, 2]))
+            v2, v6 = tl.split(tl.reshape(v2, [1, 2]))
+            v1, v5 = tl.split(tl.reshape(v1, [1, 2]))
+            v3, v7 = tl.split(tl.reshape(v3, [1, 2]))
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
 # Shrink and expand in one program (TUNE key FUSED, families fused_decode_int8 / _int4; lora_apply):
 # a token's delta is the sum over rank rows j of (x . A row j) * B^T row j, so a chunk of BLOCK_R
 # rank rows needs no other program's v. One program per item of the step's expand plan, a (token,
@@ -1131,7 +1176,8 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
                          scale_ptr, items_ptr, n_ptr, d_in, W0, W1, W2,
                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
-                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                         DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                         G8: tl.constexpr = False):
     t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
     if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
@@ -1148,9 +1194,9 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     nrows = rank - j0
     # the chunk's A rows in order, and its B^T rows as the expand's G interleaved tiles
     ra, wa = _rows_scaled(rows_ptr + a0 + j0, rs_ptr + a0 + j0, tl.arange(0, BLOCK_R), nrows, ALIGN)
-    G: tl.constexpr = 4 if G4 and BLOCK_R >= 4 else 1
+    G: tl.constexpr = 8 if G8 and BLOCK_R == 8 else (4 if (G4 or G8) and BLOCK_R >= 4 else 1)
     GR: tl.constexpr = BLOCK_R // G
-    _jj, r0, w0, r1, w1, r2, w2, r3, w3 = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
+    _jj, r, w = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
     s = tl.load(scale_ptr + slot)
     # PREFETCH (ALIGN 16 only): bit 1 the chunk's A rows, bit 2 its B^T rows, asked of the L2 before the wait
     if PREFETCH % 2 == 1 and ALIGN == 16:
@@ -1161,19 +1207,14 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     # rows past nrows read pool offset 0 with scale 0: v exactly 0 there
     v = _shrink_rows(x_ptr + t.to(tl.int64) * sx0, sx1, flat_ptr, ra, tl.arange(0, BLOCK_R) < nrows, d_in, QUANT,
                      BLOCK_R, BLOCK_K, PIPE, DQ) * wa * s
-    v0, v1, v2, v3 = v, v, v, v
-    if G == 4:      # v[j] for j = r * 4 + g: tile g holds rows g, g + 4, ...
-        ev, od = tl.split(tl.reshape(v, [GR, 2, 2]))
-        v0, v2 = tl.split(ev)
-        v1, v3 = tl.split(od)
-    v0, v1, v2, v3 = v0 * w0, v1 * w1, v2 * w2, v3 * w3
+    vt = _row_tiles_of(v, G)
+    vt = (vt[0] * w[0], vt[1] * w[1], vt[2] * w[2], vt[3] * w[3], vt[4] * w[4], vt[5] * w[5], vt[6] * w[6],
+          vt[7] * w[7])
     y_row = y_ptr + t.to(tl.int64) * sy0
     if n_chunks > 1:
-        _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, 0, d_out, BLOCK_N, PIPE_E, DQ_E, True, G,
-                  QUANT == 2)
+        _add_rows(y_row, sy1, flat_ptr, r, vt, 0, d_out, BLOCK_N, PIPE_E, DQ_E, True, G, QUANT == 2)
     else:
-        _add_rows(y_row, sy1, flat_ptr, r0, r1, r2, r3, v0, v1, v2, v3, 0, d_out, BLOCK_N, PIPE_E, DQ_E, False, G,
-                  QUANT == 2)
+        _add_rows(y_row, sy1, flat_ptr, r, vt, 0, d_out, BLOCK_N, PIPE_E, DQ_E, False, G, QUANT == 2)
 
 
 
@@ -1816,5 +1857,6 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
                                             PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
                                             DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
                                             PREFETCH=int(cfg.get("PREFETCH", 0)) if x.device.type == "cuda" else 0,
+                                            G8=bool(cfg.get("G8", False)),
                                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                             **_pdl_args(cfg, x.device))

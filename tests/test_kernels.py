@@ -722,8 +722,10 @@ def _check_fused_decode(cfg, dtype, pick, ranks, mods, layer, tol, gen, block_to
 FUSED_TILES = pytest.mark.parametrize(
     "tiles", [dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True, MULTI=dict(BLOCK_K=16)),
               dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False, MULTI={}),
-              dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False, MULTI=dict(BLOCK_R=8, PIPE_E=1))],
-    ids=["r8-g4-multi-k16", "r4-g4", "r16-multi-r8"])
+              dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False, MULTI=dict(BLOCK_R=8, PIPE_E=1)),
+              dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G8=True, PREFETCH=3,
+                   MULTI=dict(BLOCK_N=16, BLOCK_R=4))],
+    ids=["r8-g4-multi-k16", "r4-g4", "r16-multi-r8", "r8-g8-multi-r4"])
 
 
 @FUSED_TILES

@@ -1,4 +1,5 @@
-# device call F (2026-12-05): bulk L2 prefetch of the fused decode kernel's rows (PREFETCH 1: A, 2: B^T, 3: both)
+# device call F (prepared 2026-12-05, not yet run: no device was lent): the fused decode kernel with bulk L2
+# prefetches of its rows (PREFETCH 1: A, 3: A and B^T) and with 8 one-row tiles in its expand (G8)
 # against the defaults, the decode LoRA alone (int4, int8); then the int4 segment kernels by nibble plane (I4_SPLIT)
 set -u; export PYTHONUNBUFFERED=1; T0=$SECONDS; H=/tmp/cF; mkdir -p $H; R=benchmarks/results/lora-prefetch-2026-12-05
 export PYTHONPATH=$PWD
@@ -17,10 +18,10 @@ for v in base i4split i4split-shrink i4split-expand i4split-m128 i4split-n128; d
   tar czf $OUT/cF.tgz -C /tmp cF
 done
 unset LORASERVE_KERNEL_TUNE
-# the GPU kernel tests of int4 prefill with I4_SPLIT on, and of the fused decode with PREFETCH 3
+# the GPU kernel tests of int4 prefill with I4_SPLIT on, and of the fused decode with PREFETCH 3 and G8
 LORASERVE_KERNEL_TUNE=$R/tune-F-i4split.json timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   -k "gpu_lora_llama7b and rows-int4-False" > $H/tests-i4split.log 2>&1; echo "tests i4split rc=$?"; tail -1 $H/tests-i4split.log
-echo '{"lora": {"fused_decode_int4": {"PREFETCH": 3}, "fused_decode_int8": {"PREFETCH": 3}}}' > $H/tune-pf.json
+echo '{"lora": {"fused_decode_int4": {"PREFETCH": 3, "G8": true}, "fused_decode_int8": {"PREFETCH": 3, "G8": true}}}' > $H/tune-pf.json
 LORASERVE_KERNEL_TUNE=$H/tune-pf.json timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   -k "gpu_fused_decode" > $H/tests-pf.log 2>&1; echo "tests pf rc=$? at $((SECONDS-T0)) s"; tail -1 $H/tests-pf.log
 tar czf $OUT/cF.tgz -C /tmp cF
