@@ -133,11 +133,14 @@ TUNE = {
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     "fused_decode_int4": dict(FUSED=True, MIN_T=1, BLOCK_R=8, BLOCK_K=512, BLOCK_N=2048, num_warps=2, num_stages=3,
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
-    # Two more keys of the fused families, off until measured (benchmarks/results/lora-prefetch-2026-12-05 has the
-    # device call that compares them, prepared but not yet run): PREFETCH (bit 1: the chunk's A rows, bit 2: its B^T
-    # rows) asks the L2 for whole rows by bulk prefetches before the PDL wait, a deeper pipeline that costs no
-    # registers or shared memory (the programs are latency-bound: Nsight Compute, call E); G8 sums a chunk's 8
-    # rows as 8 one-row tiles in one FMA chain (half the expand's per-thread partial sums of G4's 4 tiles of 2).
+    # Three more keys of the fused families, off until measured (benchmarks/results/lora-prefetch-2026-12-05 has the
+    # device call that compares them, prepared but not yet run). SUB: the shrink's step as SUB tiles of BLOCK_K /
+    # SUB columns summed into one accumulator that wide (see _shrink_rows): in the offline sm_90 build (Triton 3.6)
+    # q/k/v on 1024 columns with SUB 2 holds 127 registers instead of 168 (int4; int8 128 instead of 166), so 8
+    # programs fit an SM instead of 6, and o on 1024 columns holds 127 instead of 166, so its ~960 programs stay one
+    # wave. PREFETCH (bit 1: the chunk's A rows, bit 2: its B^T rows) asks the L2 for whole rows by bulk prefetches
+    # before the PDL wait, a deeper pipeline that costs no shared memory (the programs are latency-bound: Nsight
+    # Compute, call E). G8 sums a chunk's 8 rows as 8 one-row tiles in one FMA chain (two 4-row PTX blocks).
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
@@ -459,13 +462,16 @@ def _shrink_decode_kernel(x_ptr, sx0, sx1, flat_ptr, rows_ptr, rs_ptr, meta_ptr,
 
 @triton.jit
 def _shrink_rows(x_row, sx1, flat_ptr, roff, rmask, d_in, QUANT: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PIPE: tl.constexpr, DQ: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PIPE: tl.constexpr, DQ: tl.constexpr, SUB: tl.constexpr = 1):
     """x_row . row j for the BLOCK_R rows at pool offsets roff (rows past rmask: zeros), fp32,
-    before the rows' scales: the decode shrink's loop over d_in."""
-    offs_k = tl.arange(0, BLOCK_K)
+    before the rows' scales: the decode shrink's loop over d_in, BLOCK_K columns a step. SUB > 1
+    loads a step as SUB tiles of BLOCK_K / SUB columns summed into one accumulator that wide: a
+    step's bytes with a narrower tile's registers (the accumulator is most of them)."""
+    BK: tl.constexpr = BLOCK_K // SUB
+    offs_k = tl.arange(0, BK)
     # int4 rows: the tile stays as loaded, a byte a column pair, and x splits into the pairs'
     # even and odd columns instead (interleaving the weights cost more than the bytes saved)
-    KW: tl.constexpr = BLOCK_K // 2 if QUANT == 2 else BLOCK_K
+    KW: tl.constexpr = BK // 2 if QUANT == 2 else BK
     if DQ == 2:
         acc = tl.zeros([BLOCK_R, KW], dtype=tl.float16)
     else:
@@ -474,27 +480,29 @@ def _shrink_rows(x_row, sx1, flat_ptr, roff, rmask, d_in, QUANT: tl.constexpr, B
     # PIPE > 1: the loop's loads are software-pipelined (cp.async into shared memory, PIPE - 1
     # tiles ahead). Triton pipelines only loads that feed tl.dot unless the loop asks. On the H100
     # the int8 launch fell from 35.4 to 32.0 us with PIPE=3 (engine profile, 256 x 256).
-    for k0 in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
-        kk = k0 + offs_k
-        kmask = kk < d_in
-        if QUANT == 2:
-            b = tl.load(flat_ptr + roff[:, None] + (k0 // 2 + tl.arange(0, KW))[None, :])
-            xe, xo = tl.split(tl.reshape(tl.load(x_row + kk * sx1, mask=kmask, other=0.0), [KW, 2]))
-            if DQ == 2:     # fp16 x: even and odd columns summed apart in fp16x2, added at the end
-                acc, acc_o = _i4_fma_f16(b, tl.broadcast_to(xe[None, :], [BLOCK_R, KW]),
-                                         tl.broadcast_to(xo[None, :], [BLOCK_R, KW]), acc, acc_o)
+    for k_step in tl.range(0, d_in, BLOCK_K, num_stages=PIPE):
+        for h in tl.static_range(SUB):      # (one step's sub-tiles)
+            k0 = k_step + h * BK
+            kk = k0 + offs_k
+            kmask = kk < d_in
+            if QUANT == 2:
+                b = tl.load(flat_ptr + roff[:, None] + (k0 // 2 + tl.arange(0, KW))[None, :])
+                xe, xo = tl.split(tl.reshape(tl.load(x_row + kk * sx1, mask=kmask, other=0.0), [KW, 2]))
+                if DQ == 2:     # fp16 x: even and odd columns summed apart in fp16x2, added at the end
+                    acc, acc_o = _i4_fma_f16(b, tl.broadcast_to(xe[None, :], [BLOCK_R, KW]),
+                                             tl.broadcast_to(xo[None, :], [BLOCK_R, KW]), acc, acc_o)
+                else:
+                    lo, hi = _i4_nibbles(b)
+                    acc += (_rows_f32(lo, 1, DQ) * xe.to(tl.float32)[None, :]
+                            + _rows_f32(hi, 1, DQ) * xo.to(tl.float32)[None, :])
+            elif DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
+                w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
+                xh = tl.load(x_row + kk * sx1, mask=kmask, other=0.0)
+                acc = _i8_fma_f16(w, tl.broadcast_to(xh[None, :], [BLOCK_R, BK]), acc)
             else:
-                lo, hi = _i4_nibbles(b)
-                acc += (_rows_f32(lo, 1, DQ) * xe.to(tl.float32)[None, :]
-                        + _rows_f32(hi, 1, DQ) * xo.to(tl.float32)[None, :])
-        elif DQ == 2:      # fp16 x, products and per-thread sums in fp16x2 (see _i8_fma_f16)
-            w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
-            xh = tl.load(x_row + kk * sx1, mask=kmask, other=0.0)
-            acc = _i8_fma_f16(w, tl.broadcast_to(xh[None, :], [BLOCK_R, BLOCK_K]), acc)
-        else:
-            w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
-            xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
-            acc += _rows_f32(w, QUANT, DQ) * xv[None, :]
+                w = _load_rows(flat_ptr + roff[:, None] + kk[None, :], rmask[:, None] & kmask[None, :], QUANT)
+                xv = tl.load(x_row + kk * sx1, mask=kmask, other=0.0).to(tl.float32)
+                acc += _rows_f32(w, QUANT, DQ) * xv[None, :]
     out = tl.sum(acc.to(tl.float32), axis=1)
     if QUANT == 2 and DQ == 2:
         out = (out + tl.sum(acc_o.to(tl.float32), axis=1)) * 8.0
@@ -1177,7 +1185,7 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
                          ALIGN: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, PIPE: tl.constexpr, PIPE_E: tl.constexpr, PDL: tl.constexpr,
                          DQ: tl.constexpr, DQ_E: tl.constexpr, G4: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                         G8: tl.constexpr = False):
+                         G8: tl.constexpr = False, SUB: tl.constexpr = 1):
     t, mod, n_chunks, ch, slot, live = _plan_item(items_ptr, n_ptr, PDL)
     if not live:        # past the plan, or a pair with no rows: y stays as it is
         _pdl_wait(PDL)
@@ -1206,7 +1214,7 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     _pdl_wait(PDL)    # x (the norm's) and y (the base GEMM's) are read only from here on
     # rows past nrows read pool offset 0 with scale 0: v exactly 0 there
     v = _shrink_rows(x_ptr + t.to(tl.int64) * sx0, sx1, flat_ptr, ra, tl.arange(0, BLOCK_R) < nrows, d_in, QUANT,
-                     BLOCK_R, BLOCK_K, PIPE, DQ) * wa * s
+                     BLOCK_R, BLOCK_K, PIPE, DQ, SUB) * wa * s
     vt = _row_tiles_of(v, G)
     vt = (vt[0] * w[0], vt[1] * w[1], vt[2] * w[2], vt[3] * w[3], vt[4] * w[4], vt[5] * w[5], vt[6] * w[6],
           vt[7] * w[7])
@@ -1849,7 +1857,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
         cfg = {**cfg, **cfg.get("MULTI", {})}
     BLOCK_R, BLOCK_K = cfg["BLOCK_R"], min(cfg["BLOCK_K"], _p2(d_in))
     items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
-    fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * BLOCK_K
+    sub = max(1, min(int(cfg.get("SUB", 1)), BLOCK_K // 16))     # SUB: see _shrink_rows
+    fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * (BLOCK_K // sub)
     _fused_decode_kernel[(items.shape[0],)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs,
                                             meta3, sm0, sm1, smm, scaling, items, n, d_in, W0, W1, W2,
                                             ALIGN=_row_align(flat), QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
@@ -1857,6 +1866,6 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
                                             PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
                                             DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
                                             PREFETCH=int(cfg.get("PREFETCH", 0)) if x.device.type == "cuda" else 0,
-                                            G8=bool(cfg.get("G8", False)),
+                                            G8=bool(cfg.get("G8", False)), SUB=sub,
                                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
                                             **_pdl_args(cfg, x.device))

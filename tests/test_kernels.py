@@ -724,8 +724,10 @@ FUSED_TILES = pytest.mark.parametrize(
               dict(BLOCK_R=4, BLOCK_K=64, BLOCK_N=16, PIPE=1, PIPE_E=1, G4=True, PDL=False, MULTI={}),
               dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=64, PIPE=3, PIPE_E=2, G4=False, MULTI=dict(BLOCK_R=8, PIPE_E=1)),
               dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G8=True, PREFETCH=3,
-                   MULTI=dict(BLOCK_N=16, BLOCK_R=4))],
-    ids=["r8-g4-multi-k16", "r4-g4", "r16-multi-r8", "r8-g8-multi-r4"])
+                   MULTI=dict(BLOCK_N=16, BLOCK_R=4)),
+              dict(BLOCK_R=8, BLOCK_K=32, BLOCK_N=32, PIPE=2, PIPE_E=2, G4=True, SUB=2,
+                   MULTI=dict(BLOCK_K=64, SUB=4, BLOCK_R=16))],
+    ids=["r8-g4-multi-k16", "r4-g4", "r16-multi-r8", "r8-g8-multi-r4", "r8-sub2-multi-sub4"])
 
 
 @FUSED_TILES
