@@ -9,10 +9,15 @@ leave few warps per SM still shows it here before it costs device time.
 
     python benchmarks/kernel_registers.py                     # sm_90, the TUNE tiles and a few more
     python benchmarks/kernel_registers.py --arch 90 --tiles shrink:8x256w1,expand:16x256w2
+    # the fused decode kernel (lora_apply) of each variant in a bench_lora_decode --variants file, q/k/v and o
+    # at Llama-7B widths; with the device's Triton (3.6) these matched Nsight Compute (lora-prefetch-2026-12-05)
+    python benchmarks/kernel_registers.py --fused benchmarks/results/lora-prefetch-2026-12-05/variants-F-int4.json \\
+        --adapter-dtype int4
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -58,6 +63,51 @@ def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: 
                           options=dict(num_warps=warps, num_stages=3))
 
 
+def compile_fused(cfg: dict, quant: int, multi: bool, arch: int, d: int = 4096):
+    """The fused decode kernel as lora_apply launches it with TUNE entry cfg for one module (o) or
+    several (q/k/v, MULTI's tiles), fp16 activations and d-wide modules."""
+    if multi:
+        cfg = {**cfg, **cfg.get("MULTI", {})}
+    block_k = min(cfg["BLOCK_K"], d)
+    sub = max(1, min(int(cfg.get("SUB", 1)), block_k // 16))
+    fp16_sums = d <= K.FP16_SUM_STEPS * (block_k // sub)
+    const = dict(ALIGN=16, QUANT=quant, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=block_k, BLOCK_N=min(cfg["BLOCK_N"], d),
+                 PIPE=cfg.get("PIPE", 1), PIPE_E=cfg.get("PIPE_E", 1), PDL=bool(cfg.get("PDL", False)),
+                 DQ=min(int(cfg.get("PTX_DQ", 0)), 2 if fp16_sums else 1), DQ_E=min(int(cfg.get("PTX_DQ", 0)), 1),
+                 G4=bool(cfg.get("G4", False)), PREFETCH=int(cfg.get("PREFETCH", 0)), G8=bool(cfg.get("G8", False)),
+                 SUB=sub, sx1=1, sy1=1, sm1=1)
+    fn = K._fused_decode_kernel
+    names = fn.arg_names
+    ptrs = {**PTR_TYPES, "rows_ptr": "*i32", "flat_ptr": "*u8" if quant == 2 else "*i8"}
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = ptrs.get(n, "*fp16")
+        else:
+            sig[n] = "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in DIV16}
+    return triton.compile(ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs),
+                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=cfg["num_warps"], num_stages=3))
+
+
+def fused_table(path: str, adapter_dtype: str, arch: int) -> None:
+    """Registers, shared memory and programs an SM of the fused kernel, q/k/v and o, for each
+    variant in a bench_lora_decode --variants file."""
+    family = f"fused_decode_{adapter_dtype}"
+    print(f"{'variant':<16} {'group':<6} {'registers':>9} {'smem B':>7} {'programs/SM':>11}")
+    with open(path) as f:
+        variants = json.load(f)
+    for name, spec in variants.items():
+        cfg = {**K.TUNE[family], **spec.get("lora", {}).get(family, {})}
+        for multi in (True, False):
+            c = compile_fused(cfg, 2 if adapter_dtype == "int4" else 1, multi, arch)
+            regs, smem, w = registers(c.asm["cubin"]), c.metadata.shared, cfg["num_warps"]
+            print(f"{name:<16} {'q/k/v' if multi else 'o':<6} {regs:>9} {smem:>7} {warps_per_sm(regs, w, smem) // w:>11}",
+                  flush=True)
+
+
 def registers(cubin: bytes) -> int:
     tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -80,8 +130,13 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--tiles", default=DEFAULT_TILES,
                     help="kind:RxKwW[pP],... (K is BLOCK_K or BLOCK_N, P the PIPE loop stages)")
+    ap.add_argument("--fused", default="", help="a bench_lora_decode --variants file: the fused kernel of each")
+    ap.add_argument("--adapter-dtype", default="int4", choices=["int4", "int8"], help="with --fused")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.fused:
+        fused_table(args.fused, args.adapter_dtype, args.arch)
+        return
     print(f"{'kernel':<8} {'rows':<5} {'tile':<12} {'registers':>9} {'smem B':>7} {'cp.async':>8} {'warps/SM':>9}")
     for spec in args.tiles.split(","):
         kind, tile = spec.split(":")
