@@ -1331,17 +1331,8 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
             roff = tl.load(rows_ptr + b0 + jj, mask=jmask, other=0)
             if ALIGN > 1:
                 roff = tl.multiple_of(roff, ALIGN)
-            # B^T tile [BLOCK_K, BLOCK_N]
-            if QUANT == 2:
-                bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
-            else:
-                bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
-            if QUANT:
-                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
-            if IEEE:
-                part = tl.dot(vt.to(tl.float32), bt.to(tl.float32), part, input_precision="ieee")
-            else:
-                part = tl.dot(vt, bt.to(vt.dtype), part)
+            bt = _bt_tile(flat_ptr, roff, rs_ptr + b0 + jj, jmask, offs_n, nmask, nt * BLOCK_N, BLOCK_N, QUANT, vt.dtype)
+            part = _dot(vt, bt, part, IEEE)
         acc += part * tl.load(scale_ptr + cur)
         cur = tl.min(tl.where(slots > cur, slots, BIG), axis=0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
@@ -1350,6 +1341,21 @@ def _expand_grouped_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows
 # ---------------------------------------------------------------------------------------------
 # prefill (segments of many tokens): SGMV-like, tensor cores
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _bt_tile(flat_ptr, roff, rs_ptrs, jmask, offs_n, nmask, c0, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+             dtype: tl.constexpr):
+    """A B^T tile [rows, BLOCK_N] of the rows at pool offsets roff (rows past jmask: zeros or scale
+    0), columns c0 + [0, BLOCK_N) (offs_n; past nmask: never stored), in dtype with the rows' scales
+    (rs_ptrs) where they are quantized."""
+    if QUANT == 2:
+        bt = _load_i4(flat_ptr + roff, c0, BLOCK_N)
+    else:
+        bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
+    if QUANT:
+        bt = _dequant(bt, tl.load(rs_ptrs, mask=jmask, other=0.0)[:, None], dtype)
+    return bt
+
+
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b on the tensor cores in a's dtype, or in fp32 IEEE (the fp32 tests' reference precision)."""
@@ -1497,12 +1503,7 @@ def _expand_seg_kernel(y_ptr, sy0, sy1, v_ptr, sv0, sv1, svm, flat_ptr, rows_ptr
             acc_e = _dot(vt, _dequant(lo, rsc, vt.dtype), acc_e, IEEE)
             acc_o = _dot(vt, _dequant(hi, rsc, vt.dtype), acc_o, IEEE)
         else:
-            if QUANT == 2:
-                bt = _load_i4(flat_ptr + roff, nt * BLOCK_N, BLOCK_N)
-            else:
-                bt = _load_rows(flat_ptr + roff[:, None] + offs_n[None, :], jmask[:, None] & nmask[None, :], QUANT)
-            if QUANT:
-                bt = _dequant(bt, tl.load(rs_ptr + b0 + jj, mask=jmask, other=0.0)[:, None], vt.dtype)
+            bt = _bt_tile(flat_ptr, roff, rs_ptr + b0 + jj, jmask, offs_n, nmask, nt * BLOCK_N, BLOCK_N, QUANT, vt.dtype)
             acc = _dot(vt, bt, acc, IEEE)
     if QUANT == 2 and I4_SPLIT:
         acc = tl.reshape(tl.join(acc_e, acc_o), [BLOCK_M, BLOCK_N])
