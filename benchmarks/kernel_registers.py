@@ -78,7 +78,7 @@ def compile_fused(cfg: dict, quant: int, multi: bool, arch: int, d: int = 4096):
                  SUB=sub, sx1=1, sy1=1, sm1=1)
     fn = K._fused_decode_kernel
     names = fn.arg_names
-    ptrs = {**PTR_TYPES, "rows_ptr": "*i32", "flat_ptr": "*u8" if quant == 2 else "*i8"}
+    ptrs = {**PTR_TYPES, "flat_ptr": "*u8" if quant == 2 else "*i8"}
     sig = {}
     for n in names:
         if n in const:
@@ -96,7 +96,7 @@ def fused_table(path: str, adapter_dtype: str, arch: int) -> None:
     """Registers, shared memory and programs an SM of the fused kernel, q/k/v and o, for each
     variant in a bench_lora_decode --variants file."""
     family = f"fused_decode_{adapter_dtype}"
-    print(f"{'variant':<16} {'group':<6} {'registers':>9} {'smem B':>7} {'programs/SM':>11}")
+    print(f"{'variant':<16} {'group':<6} {'registers':>9} {'smem B':>7} {'programs/SM':>11} {'SASS':>6}")
     with open(path) as f:
         variants = json.load(f)
     for name, spec in variants.items():
@@ -104,17 +104,25 @@ def fused_table(path: str, adapter_dtype: str, arch: int) -> None:
         for multi in (True, False):
             c = compile_fused(cfg, 2 if adapter_dtype == "int4" else 1, multi, arch)
             regs, smem, w = registers(c.asm["cubin"]), c.metadata.shared, cfg["num_warps"]
-            print(f"{name:<16} {'q/k/v' if multi else 'o':<6} {regs:>9} {smem:>7} {warps_per_sm(regs, w, smem) // w:>11}",
-                  flush=True)
+            print(f"{name:<16} {'q/k/v' if multi else 'o':<6} {regs:>9} {smem:>7} {warps_per_sm(regs, w, smem) // w:>11} "
+                  f"{sass_instructions(c.asm['cubin']):>6}", flush=True)
 
 
-def registers(cubin: bytes) -> int:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", out).group(1))
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def registers(cubin: bytes) -> int:
+    return int(re.search(r"REG:(\d+)", _cuobjdump(cubin, "-res-usage")).group(1))
+
+
+def sass_instructions(cubin: bytes) -> int:
+    """The kernel's SASS instructions (each line `/*addr*/ OP ... ;`)."""
+    return sum(1 for line in _cuobjdump(cubin, "-sass").splitlines() if line.strip().startswith("/*") and ";" in line)
 
 
 def warps_per_sm(regs: int, warps: int, smem: int = 0) -> int:

@@ -135,12 +135,13 @@ TUNE = {
                               PIPE=3, PIPE_E=3, PDL=True, PTX_DQ=2, G4=True, MULTI=dict(BLOCK_K=1024)),
     # Three more keys of the fused families, off until measured (benchmarks/results/lora-prefetch-2026-12-05 has the
     # device call that compares them, prepared but not yet run). SUB: the shrink's step as SUB tiles of BLOCK_K /
-    # SUB columns summed into one accumulator that wide (see _shrink_rows): in the offline sm_90 build (Triton 3.6)
-    # q/k/v on 1024 columns with SUB 2 holds 127 registers instead of 168 (int4; int8 128 instead of 166), so 8
-    # programs fit an SM instead of 6, and o on 1024 columns holds 127 instead of 166, so its ~960 programs stay one
-    # wave. PREFETCH (bit 1: the chunk's A rows, bit 2: its B^T rows) asks the L2 for whole rows by bulk prefetches
-    # before the PDL wait, a deeper pipeline that costs no shared memory (the programs are latency-bound: Nsight
-    # Compute, call E). G8 sums a chunk's 8 rows as 8 one-row tiles in one FMA chain (two 4-row PTX blocks).
+    # SUB columns summed into one accumulator that wide (see _shrink_rows): in the offline sm_90 build (Triton 3.6,
+    # benchmarks/kernel_registers.py --fused) q/k/v on 1024 columns with SUB 2 holds 126 registers instead of 168
+    # (int4; int8 110 instead of 161), so 8 programs fit an SM instead of 6 (int8 9), and o on 1024 columns holds 126
+    # instead of 166, so its ~960 programs stay one wave. PREFETCH (bit 1: the chunk's A rows, bit 2: its B^T rows)
+    # asks the L2 for whole rows by bulk prefetches before the PDL wait, a deeper pipeline that costs no shared
+    # memory (the programs are latency-bound: Nsight Compute, call E). G8 sums a chunk's 8 rows as 8 one-row tiles
+    # in one FMA chain (two 4-row PTX blocks; int4 o: 96 registers instead of 118).
     # Each decode family also takes PIPE (default 1): software-pipeline the loop's loads PIPE - 1
     # tiles ahead; and TILE_FIRST (default False): order the grid so one token's tiles launch
     # together; the expand also RCLASS (default False, see _expand_decode_kernel). (Reducing each tile as it loads, which halves the registers, was measured and gave
