@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -65,17 +66,10 @@ def compile_tile(kind: str, rows_dtype: str, block_r: int, block_x: int, warps: 
 
 def compile_fused(cfg: dict, quant: int, multi: bool, arch: int, d: int = 4096):
     """The fused decode kernel as lora_apply launches it with TUNE entry cfg for one module (o) or
-    several (q/k/v, MULTI's tiles), fp16 activations and d-wide modules."""
-    if multi:
-        cfg = {**cfg, **cfg.get("MULTI", {})}
-    block_k = min(cfg["BLOCK_K"], d)
-    sub = max(1, min(int(cfg.get("SUB", 1)), block_k // 16))
-    fp16_sums = d <= K.FP16_SUM_STEPS * (block_k // sub)
-    const = dict(ALIGN=16, QUANT=quant, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=block_k, BLOCK_N=min(cfg["BLOCK_N"], d),
-                 PIPE=cfg.get("PIPE", 1), PIPE_E=cfg.get("PIPE_E", 1), PDL=bool(cfg.get("PDL", False)),
-                 DQ=min(int(cfg.get("PTX_DQ", 0)), 2 if fp16_sums else 1), DQ_E=min(int(cfg.get("PTX_DQ", 0)), 1),
-                 G4=bool(cfg.get("G4", False)), PREFETCH=int(cfg.get("PREFETCH", 0)), G8=bool(cfg.get("G8", False)),
-                 SUB=sub, sx1=1, sy1=1, sm1=1)
+    several (q/k/v, MULTI's tiles), fp16 activations on a GPU and d-wide modules."""
+    tiles = K._fused_constexprs(cfg, quant, 3 if multi else 1, d, d, torch.float16, torch.device("cuda"))
+    warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+    const = dict(ALIGN=16, QUANT=quant, PDL=bool(cfg.get("PDL", False)), **tiles, sx1=1, sy1=1, sm1=1)
     fn = K._fused_decode_kernel
     names = fn.arg_names
     ptrs = {**PTR_TYPES, "flat_ptr": "*u8" if quant == 2 else "*i8"}
@@ -89,7 +83,7 @@ def compile_fused(cfg: dict, quant: int, multi: bool, arch: int, d: int = 4096):
             sig[n] = "i32"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in DIV16}
     return triton.compile(ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()}, attrs),
-                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=cfg["num_warps"], num_stages=3))
+                          target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 def fused_table(path: str, adapter_dtype: str, arch: int) -> None:
@@ -103,7 +97,7 @@ def fused_table(path: str, adapter_dtype: str, arch: int) -> None:
         cfg = {**K.TUNE[family], **spec.get("lora", {}).get(family, {})}
         for multi in (True, False):
             c = compile_fused(cfg, 2 if adapter_dtype == "int4" else 1, multi, arch)
-            regs, smem, w = registers(c.asm["cubin"]), c.metadata.shared, cfg["num_warps"]
+            regs, smem, w = registers(c.asm["cubin"]), c.metadata.shared, c.metadata.num_warps
             print(f"{name:<16} {'q/k/v' if multi else 'o':<6} {regs:>9} {smem:>7} {warps_per_sm(regs, w, smem) // w:>11} "
                   f"{sass_instructions(c.asm['cubin']):>6}", flush=True)
 

@@ -994,10 +994,11 @@ def _add_rows(y_row, sy1, flat_ptr, r, v, c_lo, c_hi, BLOCK_N: tl.constexpr,
         cols = c0 + offs
         # past d_out: inside the pool, never stored
         if I4:
-            q0, q1, q2, q3 = _row_tiles(flat_ptr, r[0], r[1], r[2], r[3], c0 // 2 + tl.arange(0, BLOCK_N // 2), N4)
+            b = c0 // 2 + tl.arange(0, BLOCK_N // 2)     # a byte a column pair
+            q0, q1, q2, q3 = _row_tiles(flat_ptr, r[0], r[1], r[2], r[3], b, N4)
             su, sl = _i4_fma(zero, zero, q0, v0, q1, v1, q2, v2, q3, v3, N4, DQ)
             if G == 8:
-                q4, q5, q6, q7 = _row_tiles(flat_ptr, r[4], r[5], r[6], r[7], c0 // 2 + tl.arange(0, BLOCK_N // 2), 4)
+                q4, q5, q6, q7 = _row_tiles(flat_ptr, r[4], r[5], r[6], r[7], b, 4)
                 su, sl = _i4_fma(su, sl, q4, v4, q5, v5, q6, v6, q7, v7, 4, DQ)
             d = _i4_columns(su, sl, vsum, BLOCK_N)
         else:
@@ -1204,7 +1205,6 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
     # the chunk's A rows in order, and its B^T rows as the expand's G interleaved tiles
     ra, wa = _rows_scaled(rows_ptr + a0 + j0, rs_ptr + a0 + j0, tl.arange(0, BLOCK_R), nrows, ALIGN)
     G: tl.constexpr = 8 if G8 and BLOCK_R == 8 else (4 if (G4 or G8) and BLOCK_R >= 4 else 1)
-    GR: tl.constexpr = BLOCK_R // G
     _jj, r, w = _chunk_rows(rows_ptr + b0 + j0, rs_ptr + b0 + j0, nrows, ALIGN, BLOCK_R, G)
     s = tl.load(scale_ptr + slot)
     # PREFETCH (ALIGN 16 only): bit 1 the chunk's A rows, bit 2 its B^T rows, asked of the L2 before the wait
@@ -1224,7 +1224,6 @@ def _fused_decode_kernel(x_ptr, sx0, sx1, y_ptr, sy0, sy1, flat_ptr, rows_ptr, r
         _add_rows(y_row, sy1, flat_ptr, r, vt, 0, d_out, BLOCK_N, PIPE_E, DQ_E, True, G, QUANT == 2)
     else:
         _add_rows(y_row, sy1, flat_ptr, r, vt, 0, d_out, BLOCK_N, PIPE_E, DQ_E, False, G, QUANT == 2)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1837,6 +1836,23 @@ def _fused_tiles(quant: int, batch: LoraBatch, T: int) -> dict | None:
     return cfg if fused else None
 
 
+def _fused_constexprs(cfg: dict, quant: int, modules: int, d_in: int, width: int, x_dtype: torch.dtype,
+                      device: torch.device) -> dict:
+    """The fused kernel's tiles for a launch of `modules` modules (MULTI's where several) at d_in and
+    the widest module `width`, with x in x_dtype on device: what lora_apply launches with (besides
+    ALIGN, QUANT, PDL) and benchmarks/kernel_registers.py compiles."""
+    if modules > 1:     # MULTI: the tiles of launches of several modules (q/k/v) where they differ
+        cfg = {**cfg, **cfg.get("MULTI", {})}
+    block_k = min(cfg["BLOCK_K"], _p2(d_in))
+    sub = max(1, min(int(cfg.get("SUB", 1)), block_k // 16))     # SUB: see _shrink_rows
+    fp16_sums = x_dtype == torch.float16 and d_in <= FP16_SUM_STEPS * (block_k // sub)
+    return dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_K=block_k, BLOCK_N=min(cfg["BLOCK_N"], _p2(width)),
+                PIPE=cfg.get("PIPE", 1), PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, device, fp16_sums),
+                DQ_E=_ptx_dq(cfg, quant, device), G4=bool(cfg.get("G4", False)),
+                PREFETCH=int(cfg.get("PREFETCH", 0)) if device.type == "cuda" else 0, G8=bool(cfg.get("G8", False)),
+                SUB=sub, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+
+
 def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor,
                scaling: torch.Tensor, batch: LoraBatch, widths: tuple[int, ...] | None = None,
                row_scale: torch.Tensor | None = None) -> None:
@@ -1855,19 +1871,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, rows: torch
     widths, W0, W1, W2 = _module_widths(widths, d_out, M)
     d_in = x.shape[1]
     sm0, smm, sm1 = meta3.stride()
-    if M > 1:       # MULTI: the tiles of launches of several modules (q/k/v) where they differ
-        cfg = {**cfg, **cfg.get("MULTI", {})}
-    BLOCK_R, BLOCK_K = cfg["BLOCK_R"], min(cfg["BLOCK_K"], _p2(d_in))
-    items, n = _decode_plan(batch, meta3, BLOCK_R, batch.max_rank, "expand")
-    sub = max(1, min(int(cfg.get("SUB", 1)), BLOCK_K // 16))     # SUB: see _shrink_rows
-    fp16_sums = x.dtype == torch.float16 and d_in <= FP16_SUM_STEPS * (BLOCK_K // sub)
+    tiles = _fused_constexprs(cfg, quant, M, d_in, max(widths), x.dtype, x.device)
+    items, n = _decode_plan(batch, meta3, tiles["BLOCK_R"], batch.max_rank, "expand")
     _fused_decode_kernel[(items.shape[0],)](x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), flat, rows, rs,
                                             meta3, sm0, sm1, smm, scaling, items, n, d_in, W0, W1, W2,
-                                            ALIGN=_row_align(flat), QUANT=quant, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                            BLOCK_N=min(cfg["BLOCK_N"], _p2(max(widths))), PIPE=cfg.get("PIPE", 1),
-                                            PIPE_E=cfg.get("PIPE_E", 1), DQ=_ptx_dq(cfg, quant, x.device, fp16_sums),
-                                            DQ_E=_ptx_dq(cfg, quant, x.device), G4=bool(cfg.get("G4", False)),
-                                            PREFETCH=int(cfg.get("PREFETCH", 0)) if x.device.type == "cuda" else 0,
-                                            G8=bool(cfg.get("G8", False)), SUB=sub,
-                                            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-                                            **_pdl_args(cfg, x.device))
+                                            ALIGN=_row_align(flat), QUANT=quant, **tiles, **_pdl_args(cfg, x.device))
