@@ -13,6 +13,7 @@ import signal
 
 import grpc
 
+from clients.cli import parse_with_env
 from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
 
@@ -47,12 +48,9 @@ _FLAGS = [
 ]
 
 
-def _env_name(flag: str) -> str:
-    return "LORASERVE_" + flag.lstrip("-").replace("-", "_").upper()
-
-
 def add_store_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--port, --redis-url, --object-store, --data-dir, --token; defaults from LORASERVE_<FLAG>.
+    """--port, --redis-url, --object-store, --data-dir, --token, ... with their built-in defaults;
+    `clients.cli.apply_env_defaults` then takes each from LORASERVE_<FLAG> where that is set.
 
     Flags the parser already has (e.g. `serve`'s own --port) are left alone.
     """
@@ -60,10 +58,6 @@ def add_store_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for flag, kw in _FLAGS:
         if flag in have:
             continue
-        kw = dict(kw)
-        env = os.environ.get(_env_name(flag))
-        if env is not None:
-            kw["default"] = env.split(",") if kw.get("action") == "append" else kw.get("type", str)(env)
         parser.add_argument(flag, **kw)
     return parser
 
@@ -222,7 +216,7 @@ def run_store(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="loraserve store", description="loraserve AdapterStore service")
     add_store_args(p)
-    run_store(p.parse_args(argv))
+    run_store(parse_with_env(p, argv))
 
 
 if __name__ == "__main__":

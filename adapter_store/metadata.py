@@ -258,7 +258,7 @@ class Metadata:
         if status == "EXISTS":
             if blob:
                 self.maybe_delete_blob(blob)
-            raise AlreadyExists(f"adapter {adapter_id!r} already exists; set header.replace to replace it")
+            raise AlreadyExists(f"adapter {adapter_id!r} already exists; register it with replace set (CLI: --replace) to replace it")
         if old_blob and old_blob != blob:
             self.maybe_delete_blob(old_blob)
         rec = self.get(adapter_id)
@@ -366,17 +366,20 @@ class Metadata:
         return deleted
 
     # ------------------------------------------------------------------ engines
-    def heartbeat(self, engine_id: str, address: str, resident_ids: Iterable[str], ttl_s: float = 15.0) -> None:
-        """An engine is alive at address and holds these adapters; forgotten ttl_s after the last beat."""
+    def heartbeat(self, engine_id: str, address: str, resident_ids: Iterable[str], ttl_s: float = 15.0,
+                  base_model: str = "", running: int = 0, waiting: int = 0) -> None:
+        """An engine is alive at address, serves base_model with this many requests running and
+        waiting, and holds these adapters in its pool; forgotten ttl_s after the last beat."""
         body = json.dumps({"engine_id": engine_id, "address": address, "resident_ids": sorted(resident_ids),
-                           "ts": time.time()})
+                           "base_model": base_model, "running": running, "waiting": waiting, "ts": time.time()})
         pipe = self.r.pipeline(transaction=True)
         pipe.set(f"{self.ns}:engine:{engine_id}", body, px=max(1, int(ttl_s * 1000)))
         pipe.sadd(f"{self.ns}:engines", engine_id)
         pipe.execute()
 
     def engines(self) -> list[dict]:
-        """Live engines: [{"engine_id", "address", "resident_ids", "ts"}], by engine_id."""
+        """Live engines: [{"engine_id", "address", "resident_ids", "base_model", "running",
+        "waiting", "ts"}], by engine_id."""
         ids = sorted(_s(i) for i in self.r.smembers(f"{self.ns}:engines"))
         if not ids:
             return []

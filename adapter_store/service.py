@@ -223,6 +223,19 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
         except StoreError as e:
             await self._abort(context, e)
 
+    async def ListEngines(self, request, context):
+        """The engines heartbeating to this store's Redis (clients route by it: clients/router.py)."""
+        try:
+            engines = await _run(self.meta.engines)
+            now = time.time()
+            return pb.ListEnginesResponse(engines=[
+                pb.EngineInfo(engine_id=e["engine_id"], address=e["address"], base_model=e.get("base_model", ""),
+                              running=e.get("running", 0), waiting=e.get("waiting", 0),
+                              resident_adapter_ids=e["resident_ids"], heartbeat_age_s=max(0.0, now - e["ts"]))
+                for e in engines if not request.base_model or e.get("base_model") == request.base_model])
+        except StoreError as e:
+            await self._abort(context, e)
+
     async def DeleteAdapter(self, request, context):
         try:
             self._check_auth(context)
@@ -295,7 +308,7 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
 
 def _exists(adapter_id: str):
     from .errors import AlreadyExists
-    return AlreadyExists(f"adapter {adapter_id!r} already exists; set header.replace to replace it")
+    return AlreadyExists(f"adapter {adapter_id!r} already exists; register it with replace set (CLI: --replace) to replace it")
 
 
 async def _produce(source: Iterator[bytes], depth: int = 8) -> AsyncIterator[bytes]:

@@ -654,7 +654,13 @@ def _report_errors(run: dict) -> None:
 
 
 def run_bench(args) -> int:
-    """Entry point of ``loraserve bench`` (args from ``add_bench_args`` plus --target/--token)."""
+    """Entry point of ``loraserve bench`` (args from ``add_bench_args`` plus --target/--token).
+    Exits 1 when a run finished none of its requests (its errors were printed as warnings)."""
+    for path in (args.out, args.plot):     # before the runs, not after minutes of them
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if folder and not os.path.isdir(folder):
+            print(f"error: INVALID_ARGUMENT: {path}: the folder {folder} does not exist", file=sys.stderr)
+            return 2
     runs = asyncio.run(_bench_async(args))
     print(format_table(runs))
     cmp = format_comparison(runs)
@@ -671,6 +677,10 @@ def run_bench(args) -> int:
         written = plot_runs(runs, path)
         if written:
             print(f"plot written to {written}", file=sys.stderr)
+    failed = [f"{r['backend']} n={r['n']}" for r in runs if r["result"].get("num_requests") and not r["result"].get("num_finished")]
+    if failed:
+        print(f"error: every request failed in {', '.join(failed)} (the warnings above say why)", file=sys.stderr)
+        return 1
     return 0
 
 

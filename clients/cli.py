@@ -2,7 +2,10 @@
 
 Every option also reads its default from the environment: ``--max-new-tokens`` from
 ``LORASERVE_MAX_NEW_TOKENS`` (upper case, dashes to underscores); the global ``--target`` from
-``LORASERVE_TARGET`` and ``--token`` from ``LORASERVE_TOKEN``. Errors print
+``LORASERVE_TARGET`` and ``--token`` from ``LORASERVE_TOKEN``. The exceptions are the client
+commands' ``--adapter`` and ``--base-model``: their variables belong to ``serve --adapter
+NAME=DIR`` and ``store --base-model DIR``, which mean something else, so a deployment's
+environment does not change what ``generate`` or ``list`` ask for. Errors print
 ``error: <CODE>: <details>`` on stderr and exit non-zero.
 """
 from __future__ import annotations
@@ -16,6 +19,10 @@ from typing import Sequence
 ENV_PREFIX = "LORASERVE_"
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
+# Variables that configure the servers only: a client flag of the same name means another thing.
+SERVER_ONLY_ENV = ("--adapter", "--base-model")
+# Repeatable options whose values are folders (NAME=DIR): a variable may list them with commas.
+_COMMA_LISTS = ("--adapter", "--base-model")
 
 MAIN_DESCRIPTION = """\
 loraserve: serve one base LLM with thousands of LoRA adapters over gRPC (S-LoRA), and talk to it.
@@ -33,7 +40,8 @@ examples:
   loraserve bench --synthetic --n 100 --rate 2 --duration 60
 
 Every option reads its default from LORASERVE_<OPTION> (e.g. LORASERVE_TARGET, LORASERVE_TOKEN,
-LORASERVE_MAX_NEW_TOKENS). Run `loraserve <command> --help` for a command's options."""
+LORASERVE_MAX_NEW_TOKENS), except the client commands' --adapter and --base-model: those
+variables configure `serve` and `store`. Run `loraserve <command> --help` for a command's options."""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -57,16 +65,17 @@ class EnvError(ValueError):
     pass
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser, environ=None) -> None:
+def apply_env_defaults(parser: argparse.ArgumentParser, environ=None, skip: Sequence[str] = ()) -> None:
     """Set every optional flag's default from ``LORASERVE_<FLAG>`` when that variable is set,
-    and mention the variable in the help. Booleans accept 1/0, true/false, yes/no, on/off."""
+    and mention the variable in the help; flags in ``skip`` read nothing. Booleans accept 1/0,
+    true/false, yes/no, on/off; repeatable flags take one value per line."""
     environ = os.environ if environ is None else environ
     for action in parser._actions:  # argparse has no public iterator over actions
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction,
                                                             argparse._SubParsersAction)):
             continue
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs:
+        if not longs or longs[0] in skip:
             continue
         var = env_name(longs[0])
         if action.help is not argparse.SUPPRESS and var not in (action.help or ""):
@@ -75,14 +84,24 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ=None) -> None:
             continue
         raw = environ[var]
         try:
-            action.default = _convert(action, raw)
+            action.default = _convert(action, raw, longs[0] in _COMMA_LISTS)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
             raise EnvError(f"{var}={raw!r}: {e}") from None
         if action.required:
             action.required = False
 
 
-def _convert(action: argparse.Action, raw: str):
+def parse_with_env(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with defaults from the environment; a bad value is a usage
+    error that names the variable (``python -m server.app``, ``python -m adapter_store.main``)."""
+    try:
+        apply_env_defaults(parser)
+    except EnvError as e:
+        parser.error(str(e))
+    return parser.parse_args(argv)
+
+
+def _convert(action: argparse.Action, raw: str, commas: bool = False):
     if isinstance(action, argparse._StoreTrueAction):
         v = raw.strip().lower()
         if v not in _TRUE | _FALSE:
@@ -97,8 +116,8 @@ def _convert(action: argparse.Action, raw: str):
         return int(raw)
     conv = action.type or (lambda s: s)
     if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
-        # one value per line or, for simple values, comma separated
-        parts = raw.split("\n") if "\n" in raw else [raw]
+        # one value per line; folders also comma separated (a stop string may hold a comma)
+        parts = raw.split("\n") if "\n" in raw or not commas else raw.split(",")
         return [conv(p) for p in parts if p != ""]
     v = conv(raw)
     if action.choices is not None and v not in action.choices:
@@ -275,7 +294,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--token-ids", type=_token_ids, default=None, metavar="1,2,3", help="prompt as token ids")
     p.add_argument("--request-id", default="", help="request id (default: server-assigned)")
     p.add_argument("--json", action="store_true", help="print every streamed chunk as a JSON line")
+    p.add_argument("--route", action="store_true",
+                   help="send it to the engine that holds the adapter (or should load it), among the engines "
+                        "heartbeating to the adapter store at --store-target (default --target)")
     p.set_defaults(func=cmd_generate)
+
+    # -- engines
+    p = _add_client_cmd(sub, "engines", "list the engines that heartbeat to the adapter store",
+                        "List the live engines sharing the adapter store (its Redis): address, base model, "
+                        "running and waiting requests, and the adapters in each one's GPU pool. "
+                        "`generate --route` picks among them.",
+                        "  loraserve --store-target store:50052 engines\n  loraserve engines --adapter sql --json\n")
+    p.add_argument("--base-model", default="", help="only engines of this base model")
+    p.add_argument("--adapter", default="", help="mark the engines holding this adapter, in routing order")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_engines)
 
     # -- load / unload
     p = _add_client_cmd(sub, "load", "load an adapter into the engine's GPU pool now",
@@ -321,6 +354,34 @@ def _client(args):
     from clients.client import Client  # noqa: PLC0415
     return Client(args.target, token=args.token or None, timeout=args.timeout,
                   store_target=getattr(args, "store_target", None) or None)
+
+
+def _router(args):
+    from clients.router import Router  # noqa: PLC0415
+    return Router(getattr(args, "store_target", None) or args.target, token=args.token or None, timeout=args.timeout)
+
+
+def cmd_engines(args) -> int:
+    from clients.router import EngineView, choose  # noqa: PLC0415
+    with _client(args) as c:
+        views = [EngineView.from_pb(e) for e in c.list_engines(base_model=args.base_model)]
+    if args.adapter:
+        views = choose(views, args.adapter)
+    if args.json:
+        _print_json([{**vars(v), "resident": sorted(v.resident), "holds_adapter": args.adapter in v.resident}
+                     for v in views])
+        return 0
+    if not views:
+        print("no engine heartbeats to this store")
+        return 0
+    rows = [(v.address, v.base_model or "-", str(v.running), str(v.waiting), str(len(v.resident)),
+             f"{v.heartbeat_age_s:.1f}s", ("holds " + args.adapter) if args.adapter in v.resident else "")
+            for v in views]
+    head = ("ADDRESS", "MODEL", "RUNNING", "WAITING", "ADAPTERS", "HEARTBEAT", "")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
+    return 0
 
 
 def _print_json(obj) -> None:
@@ -415,7 +476,7 @@ def cmd_generate(args) -> int:
             prompt = sys.stdin.read()
     out = sys.stdout
     ids, lps, last = [], [], None
-    with _client(args) as c:
+    with (_router(args) if args.route else _client(args)) as c:
         stream = c.generate(prompt, prompt_token_ids=args.token_ids, adapter_id=args.adapter,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
@@ -443,7 +504,8 @@ def cmd_generate(args) -> int:
         if last is not None and last.finished:
             usage = last.usage
             u = f", {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens" if usage else ""
-            print(f"[finish: {last.finish_reason or '-'}{u}]", file=sys.stderr)
+            e = f", engine {last.engine}" if last.engine else ""
+            print(f"[finish: {last.finish_reason or '-'}{u}{e}]", file=sys.stderr)
     out.flush()
     return 0
 
@@ -482,7 +544,7 @@ def cmd_stats(args) -> int:
         w = s.decode_window()
         share = f" ({100 * w['adapter_bytes_vs_weights']:.1f}% of the weights)" if w["adapter_bytes_vs_weights"] else ""
         print(f"decode steps     {w['decode_steps']}: {w['mean_batch']:.1f} tokens, {w['mean_distinct_adapters']:.1f} "
-              f"distinct adapters, {_human_bytes(int(w['adapter_GB_per_step'] * 1e9))} of adapter rows per step{share}")
+              f"distinct adapters, {_human_bytes(w['adapter_bytes_per_step'])} of adapter rows per step{share}")
     if s.busy_seconds:
         t = s.time_window()
         print(f"engine time      {t['busy_s']:.1f} s busy, {t['ms_per_step']} ms per step: {100 * t['device_share']:.0f}% "
@@ -531,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     try:
         for p in _walk(parser):
-            apply_env_defaults(p)
+            apply_env_defaults(p, skip=() if p.get_default("_delegate") else SERVER_ONLY_ENV)
     except EnvError as e:
         print(f"error: INVALID_ARGUMENT: {e}", file=sys.stderr)
         return 2

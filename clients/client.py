@@ -126,6 +126,9 @@ def error_from_rpc(err: grpc.RpcError) -> LoraServeError:
         code, details = err.code(), err.details()
     except Exception:  # not a call object
         code, details = grpc.StatusCode.UNKNOWN, str(err)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        details = (f"{details or 'not implemented'}: the server does not offer this call (an engine started with "
+                   f"--no-store serves no AdapterStore: point --store-target at an adapter store)")
     cls = _ERRORS.get(code, LoraServeError)
     return cls(details or "", code=code)
 
@@ -154,6 +157,7 @@ class GenerateChunk:
     finish_reason: str          # "", "length", "eos", "stop", "aborted"
     usage: Usage | None         # set on the last chunk
     request_id: str = ""
+    engine: str = ""            # the engine that served it, where a Router chose one
 
 
 @dataclass
@@ -167,6 +171,7 @@ class Completion:
     request_id: str = ""
     first_token_latency: float | None = None
     latency: float = 0.0
+    engine: str = ""            # the engine that served it, where a Router chose one
 
 
 @dataclass
@@ -242,7 +247,8 @@ class EngineStats:
         ab = per(self.decode_adapter_bytes, b.decode_adapter_bytes)
         return {"decode_steps": n, "mean_batch": round(per(self.decode_tokens, b.decode_tokens), 2),
                 "mean_distinct_adapters": round(per(self.decode_adapters, b.decode_adapters), 2),
-                "adapter_GB_per_step": round(ab / 1e9, 3),
+                "adapter_bytes_per_step": int(ab),
+                "adapter_GB_per_step": round(ab / 1e9, 6),
                 "adapter_bytes_vs_weights": round(ab / self.weight_bytes, 4) if self.weight_bytes else None,
                 "adapter_loads": self.adapter_loads - b.adapter_loads,
                 "adapter_preloads": self.adapter_preloads - b.adapter_preloads,
@@ -322,6 +328,7 @@ class _Joiner:
         self.reason = ""
         self.usage: Usage | None = None
         self.rid = ""
+        self.engine = ""
         self.ttft: float | None = None
 
     def add(self, c: GenerateChunk) -> None:
@@ -331,6 +338,7 @@ class _Joiner:
         self.ids.extend(c.token_ids)
         self.lps.extend(c.logprobs)
         self.rid = c.request_id or self.rid
+        self.engine = c.engine or self.engine
         if c.finished:
             self.reason = c.finish_reason
         if c.usage is not None:
@@ -340,7 +348,7 @@ class _Joiner:
         usage = self.usage or Usage(0, len(self.ids))
         return Completion(text="".join(self.text), token_ids=self.ids, logprobs=self.lps,
                           finish_reason=self.reason, usage=usage, request_id=self.rid,
-                          first_token_latency=self.ttft, latency=time.perf_counter() - self.t0)
+                          first_token_latency=self.ttft, latency=time.perf_counter() - self.t0, engine=self.engine)
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -351,6 +359,8 @@ def build_generate_request(prompt: str | None = None, *, prompt_token_ids: Seque
                            stop: Sequence[str] | str | None = None, ignore_eos: bool = False,
                            logprobs: bool = False, request_id: str = "") -> pb.GenerateRequest:
     """The GenerateRequest for these arguments. ``prompt`` may also be a list of token ids."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise InvalidArgument("prompt is bytes: pass text (str), or token ids as a list of ints")
     if prompt is not None and not isinstance(prompt, str):
         if prompt_token_ids is not None:
             raise InvalidArgument("give prompt or prompt_token_ids, not both")
@@ -361,17 +371,31 @@ def build_generate_request(prompt: str | None = None, *, prompt_token_ids: Seque
         raise InvalidArgument("give prompt or prompt_token_ids, not both")
     if isinstance(stop, str):
         stop = [stop]
-    params = pb.SamplingParams(max_new_tokens=int(max_new_tokens or 0), temperature=float(temperature or 0),
-                               top_p=float(top_p or 0), top_k=int(top_k or 0), stop=list(stop or []),
-                               ignore_eos=bool(ignore_eos), logprobs=bool(logprobs))
-    if seed is not None:
-        params.seed = int(seed)
+    params = _pb(pb.SamplingParams, max_new_tokens=max_new_tokens or 0, temperature=temperature or 0.0,
+                 top_p=top_p or 0.0, top_k=top_k or 0, stop=list(stop or []), ignore_eos=bool(ignore_eos),
+                 logprobs=bool(logprobs), **({} if seed is None else {"seed": seed}))
     req = pb.GenerateRequest(request_id=request_id or "", adapter_id=adapter_id or "", params=params)
     if prompt is not None:
         req.prompt = prompt
     else:
-        req.prompt_token_ids.ids.extend(int(t) for t in prompt_token_ids)
+        req.prompt_token_ids.CopyFrom(_pb(pb.TokenIds, ids=list(prompt_token_ids)))
     return req
+
+
+def _pb(cls, **fields):
+    """A message of scalar and repeated fields, where a value the field cannot hold is an
+    InvalidArgument that names the field (protobuf's own error says only "Value out of range")."""
+    msg = cls()
+    for name, value in fields.items():
+        try:
+            if isinstance(value, list):
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        except (ValueError, TypeError) as e:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InvalidArgument(f"{name}={shown} does not fit the field ({cls.DESCRIPTOR.name}.{name}): {e}") from None
+    return msg
 
 
 def _read_adapter_dir(path: str | os.PathLike) -> list[tuple[str, bytes]]:
@@ -409,8 +433,7 @@ def _synthetic_header(adapter_id: str, rank: int, target_modules: Sequence[str] 
                       base_model: str, alpha: float, replace: bool) -> pb.RegisterAdapterRequest:
     if isinstance(target_modules, str):
         target_modules = [t for t in target_modules.split(",") if t]
-    spec = pb.SyntheticSpec(rank=int(rank), target_modules=list(target_modules), seed=int(seed),
-                            alpha=float(alpha or 0))
+    spec = _pb(pb.SyntheticSpec, rank=rank, target_modules=list(target_modules), seed=seed, alpha=alpha or 0.0)
     return pb.RegisterAdapterRequest(header=pb.RegisterAdapterHeader(
         adapter_id=adapter_id, base_model=base_model or "", replace=bool(replace), synthetic=spec))
 
@@ -671,13 +694,18 @@ class Client(_Base):
         token = ""
         while True:
             resp = self._unary(self._store.ListAdapters,
-                               pb.ListAdaptersRequest(base_model=base_model, page_size=page_size,
-                                                      page_token=token), timeout, safe=True)
+                               _pb(pb.ListAdaptersRequest, base_model=base_model, page_size=page_size,
+                                   page_token=token), timeout, safe=True)
             for a in resp.adapters:
                 yield AdapterInfo.from_pb(a)
             token = resp.next_page_token
             if not token:
                 return
+
+    def list_engines(self, base_model: str = "", *, timeout: float | None = None) -> list[pb.EngineInfo]:
+        """The engines heartbeating to this store (address, model, load, resident adapters)."""
+        return list(self._unary(self._store.ListEngines, pb.ListEnginesRequest(base_model=base_model),
+                                timeout, safe=True).engines)
 
     def delete_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
         return self._unary(self._store.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id),
@@ -860,13 +888,17 @@ class AsyncClient(_Base):
         token = ""
         while True:
             resp = await self._unary(self._store.ListAdapters,
-                                     pb.ListAdaptersRequest(base_model=base_model, page_size=page_size,
-                                                            page_token=token), timeout, True)
+                                     _pb(pb.ListAdaptersRequest, base_model=base_model, page_size=page_size,
+                                         page_token=token), timeout, True)
             for a in resp.adapters:
                 yield AdapterInfo.from_pb(a)
             token = resp.next_page_token
             if not token:
                 return
+
+    async def list_engines(self, base_model: str = "", *, timeout: float | None = None) -> list[pb.EngineInfo]:
+        return list((await self._unary(self._store.ListEngines, pb.ListEnginesRequest(base_model=base_model),
+                                       timeout, True)).engines)
 
     async def delete_adapter(self, adapter_id: str, *, timeout: float | None = None) -> bool:
         return (await self._unary(self._store.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id),

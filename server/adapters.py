@@ -172,6 +172,20 @@ class AdapterManager:
             f = self._fetches.get(adapter_id)
             return f is not None and f.error is not None
 
+    def readiness(self, adapter_id: str) -> int:
+        """1: in the pool or the host cache; 0: on its way; -1: its fetch failed (fetch_error
+        says why). An adapter that is none of these is fetched again: the host cache can drop
+        a waiting request's adapter for newer ones, and a delete or replace (unload) drops it on
+        purpose; the request then gets the new version, or NOT_FOUND, instead of waiting forever."""
+        if self.ready(adapter_id):
+            return 1
+        with self._lock:
+            f = self._fetches.get(adapter_id)
+            if f is not None:
+                return -1 if f.error is not None else 0
+        self.prefetch(adapter_id)
+        return 0
+
     def fetch_error(self, adapter_id: str) -> Exception | None:
         with self._lock:
             f = self._fetches.get(adapter_id)

@@ -4,93 +4,88 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import pathlib
 import signal
 import sys
 
 import grpc
 
+from clients.cli import parse_with_env
 from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("loraserve.serve")
 
 
-def env_default(flag: str, default=None):
-    """Every flag also reads LORASERVE_<FLAG> (upper case, dashes as underscores)."""
-    return os.environ.get("LORASERVE_" + flag.lstrip("-").upper().replace("-", "_"), default)
-
-
-def env_flag(flag: str) -> bool:
-    """A boolean flag's env default: 1/true/yes/on (any case) is true, anything else false."""
-    return str(env_default(flag, "")).strip().lower() in ("1", "true", "yes", "on")
-
-
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    e = env_default
-    p.add_argument("--model", default=e("--model"),
+    """The serve flags with their built-in defaults; `clients.cli.apply_env_defaults` then takes
+    each default from LORASERVE_<FLAG> where that is set (one place that converts and reports
+    bad values)."""
+    p.add_argument("--model", default=None,
                    help="Hugging Face checkpoint folder (config.json, *.safetensors, optional tokenizer.json); "
                         "default: a tiny demo model built under --data-dir")
-    p.add_argument("--host", default=e("--host", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=int(e("--port", 50051)))
-    p.add_argument("--dtype", default=e("--dtype", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights, KV cache and adapters (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default=e("--device", "auto"), help="cuda, cuda:1, cpu (auto: cuda if present)")
-    p.add_argument("--data-dir", default=e("--data-dir", str(pathlib.Path.home() / ".loraserve")),
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (auto: cuda if present)")
+    p.add_argument("--data-dir", default=str(pathlib.Path.home() / ".loraserve"),
                    help="where the embedded store keeps blobs and state, and the demo model lives")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a local PEFT folder to register at start (repeatable)")
-    p.add_argument("--redis-url", default=e("--redis-url"),
+    p.add_argument("--redis-url", default=None,
                    help="external Redis for adapter metadata; default: a private redis-server child")
-    p.add_argument("--object-store", default=e("--object-store"),
+    p.add_argument("--object-store", default=None,
                    help="file:///path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL); default: DATA_DIR/blobs")
-    p.add_argument("--store-target", default=e("--store-target"),
+    p.add_argument("--advertise-address", default=None, metavar="HOST:PORT",
+                   help="where clients reach this engine, as its heartbeat tells routers (default: --host:--port, "
+                        "with 0.0.0.0 replaced by this machine's name)")
+    p.add_argument("--store-target", default=None,
                    help="host:port of a separate adapter store (engine-only mode; no embedded store)")
-    p.add_argument("--no-store", action="store_true", default=env_flag("--no-store"),
+    p.add_argument("--no-store", action="store_true", default=False,
                    help="serve only --adapter folders: no Redis, no object storage")
-    p.add_argument("--token", default=e("--token"),
+    p.add_argument("--token", default=None,
                    help="control-plane bearer token required for RegisterAdapter/DeleteAdapter")
-    p.add_argument("--pool-mb", type=int, default=int(e("--pool-mb", 0)),
+    p.add_argument("--pool-mb", type=int, default=0,
                    help="unified pool size (0: auto from --gpu-memory-utilization; 256 MB on CPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=float(e("--gpu-memory-utilization", 0.9)))
-    p.add_argument("--block-tokens", type=int, default=int(e("--block-tokens", 16)), help="tokens per KV page")
-    p.add_argument("--max-num-seqs", type=int, default=int(e("--max-num-seqs", 256)))
-    p.add_argument("--max-prefill-tokens", type=int, default=int(e("--max-prefill-tokens", 4096)))
-    p.add_argument("--max-model-len", type=int, default=int(e("--max-model-len", 4096)))
-    p.add_argument("--max-adapters", type=int, default=int(e("--max-adapters", 512)),
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--block-tokens", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-adapters", type=int, default=512,
                    help="adapter slots resident in the GPU pool at once")
-    p.add_argument("--host-cache-mb", type=int, default=int(e("--host-cache-mb", 8192)),
+    p.add_argument("--host-cache-mb", type=int, default=8192,
                    help="host memory cache for adapters (LRU by bytes)")
-    p.add_argument("--fetch-workers", type=int, default=int(e("--fetch-workers", 8)),
+    p.add_argument("--fetch-workers", type=int, default=8,
                    help="concurrent cold adapter fetches from the store into the host cache")
-    p.add_argument("--fetch-processes", type=int, default=int(e("--fetch-processes", -1)),
+    p.add_argument("--fetch-processes", type=int, default=-1,
                    help="processes that parse, validate and stage cold adapters (-1: auto, 8 on GPUs, "
                         "none on CPUs; 0: threads only)")
-    p.add_argument("--tensor-parallel-size", type=int, default=int(e("--tensor-parallel-size", 1)),
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the model over N GPUs of this host (N processes; gloo on the CPU)")
-    p.add_argument("--prefill-interval", type=int, default=int(e("--prefill-interval", -1)),
+    p.add_argument("--prefill-interval", type=int, default=-1,
                    help="admit new prefills at most every N steps while others decode (S-LoRA/lightllm's "
                         "max_wait_tokens); a full prefill budget waiting admits at once. -1 (default): 10 on "
                         "CUDA, where prefill steps run outside the CUDA graphs; 1 on the CPU")
-    p.add_argument("--stream-interval", type=int, default=int(e("--stream-interval", 1)),
+    p.add_argument("--stream-interval", type=int, default=1,
                    help="send a request's tokens this many per message (its first and last at once): fewer "
                         "messages for the servicers' event loop, which shares the GIL with the engine thread")
-    p.add_argument("--admission", default=e("--admission", "peak"), choices=["peak", "optimistic"],
+    p.add_argument("--admission", default="peak", choices=["peak", "optimistic"],
                    help="peak: S-LoRA's rule, never over-commit; optimistic: admit what fits now, preempt later")
-    p.add_argument("--no-cuda-graphs", action="store_true", default=env_flag("--no-cuda-graphs"),
+    p.add_argument("--no-cuda-graphs", action="store_true", default=False,
                    help="run decode steps eagerly instead of replaying CUDA graphs")
-    p.add_argument("--no-warmup", action="store_true", default=env_flag("--no-warmup"),
+    p.add_argument("--no-warmup", action="store_true", default=False,
                    help="skip the start-up steps that compile the eager-step Triton kernels (CUDA); they then "
                         "compile during the first requests instead")
-    p.add_argument("--max-lora-rank", type=int, default=int(e("--max-lora-rank", 64)),
+    p.add_argument("--max-lora-rank", type=int, default=64,
                    help="rank cap of the captured decode graphs (batches with larger ranks run eagerly)")
-    p.add_argument("--adapter-dtype", default=e("--adapter-dtype", "auto"), choices=["auto", "int8", "int4"],
+    p.add_argument("--adapter-dtype", default="auto", choices=["auto", "int8", "int4"],
                    help="adapter rows in the GPU pool: auto (the model's dtype), int8 with a scale per row, "
                         "which halves the bytes a step over many adapters reads (and the host cache's), or int4 "
                         "(two weights a byte, a scale per row), which halves them again; outputs then differ "
                         "from PEFT's within the quantization error (int4: ~11%% of each weight's rms)")
-    p.add_argument("--log-level", default=e("--log-level", "warning"))
+    p.add_argument("--log-level", default="warning")
 
 
 def setup_logging(level: str) -> None:
@@ -116,22 +111,54 @@ class Running:
 
     async def stop(self, grace: float = 5) -> None:
         await self.server.stop(grace=grace)
-        for fn in reversed(self._cleanup):
-            try:
-                fn()
-            except Exception:
-                log.exception("cleanup failed")
+        _run_cleanup(self._cleanup)
+
+
+def _run_cleanup(cleanup: list) -> None:
+    for fn in reversed(cleanup):
+        try:
+            fn()
+        except Exception:
+            log.exception("cleanup failed")
+
+
+def _check_args(args) -> None:
+    """Values no server can run with, refused before anything starts."""
+    for flag, least in (("pool_mb", 0), ("host_cache_mb", 0), ("block_tokens", 1), ("max_num_seqs", 1),
+                        ("max_prefill_tokens", 1), ("max_model_len", 2), ("max_adapters", 1),
+                        ("fetch_workers", 1), ("tensor_parallel_size", 1), ("stream_interval", 1),
+                        ("max_lora_rank", 0)):
+        if getattr(args, flag) < least:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be {least} or more, got {getattr(args, flag)}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise SystemExit(f"error: --gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
 
 
 async def start(args) -> Running:
+    """Build and start everything; a failure part-way stops what had started (the private
+    redis-server child, the engine thread, tensor-parallel workers) before it propagates."""
+    _check_args(args)
+    cleanup: list = []
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20),
+                                      # gRPC sets SO_REUSEPORT by default: a second server on a
+                                      # busy port would start and take half the connections
+                                      ("grpc.so_reuseport", 0)])
+    try:
+        return await _start(args, server, cleanup)
+    except BaseException:
+        await server.stop(None)
+        _run_cleanup(cleanup)
+        raise
+
+
+async def _start(args, server, cleanup: list) -> Running:
     from server.adapters import ChainSource, LocalSource
     from server.lora import load_peft_dir
     from server.runtime import EngineConfig, build_engine
     from server.scheduler import SchedulerConfig
     from server.servicer import EngineAdminServicer, InferenceServicer
 
-    if args.stream_interval < 1:
-        raise SystemExit(f"error: --stream-interval must be 1 or more, got {args.stream_interval}")
     data_dir = pathlib.Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
@@ -140,12 +167,12 @@ async def start(args) -> Running:
         model_dir = str(ensure_demo_model(data_dir))
     local = _parse_adapters(args.adapter)
 
-    cleanup = []
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError:      # grpc raises where older releases returned 0
+        bound = 0
     if bound == 0:
-        raise SystemExit(f"error: cannot bind {args.host}:{args.port}")
+        raise SystemExit(f"error: cannot bind {args.host}:{args.port} (is another server on that port?)")
     store_source, store_servicer, store_meta = None, None, None
     if not args.no_store:
         store_source, store_servicer, store_meta = _setup_store(args, data_dir, bound, cleanup)
@@ -293,7 +320,7 @@ def serve(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="loraserve serve")
     add_serve_args(p)
-    serve(p.parse_args(argv))
+    serve(parse_with_env(p, argv))
 
 
 if __name__ == "__main__":

@@ -166,8 +166,10 @@ class Engine:
     def submit(self, req: Request) -> None:
         self._inbox.put(("add", req))
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, req: Request | None = None) -> None:
+        """End a request. With ``req``, only that one: a stream that ends must not abort another
+        stream's request of the same id."""
+        self._inbox.put(("abort", request_id, req))
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run fn on the engine thread between steps; the future carries its result."""
@@ -251,13 +253,15 @@ class Engine:
                     msgs.append(("stop",))
                 elif it[0] == "add":
                     req = it[1]
-                    if req.params.seed is None:    # same random stream on every rank
-                        req.generator = torch.Generator(self.model.device).manual_seed(random.getrandbits(62))
-                    seed = int(req.generator.initial_seed()) if req.generator is not None else None
-                    msgs.append(("add", req.request_id, req.prompt_ids, req.params, req.adapter_id, seed))
+                    if self._duplicate(req):
+                        continue
+                    if req.seed is None:    # same draws on every rank
+                        req.seed = random.getrandbits(62)
+                    msgs.append(("add", req.request_id, req.prompt_ids, req.params, req.adapter_id, req.seed))
                     self._by_id[req.request_id] = req
                 elif it[0] == "abort":
-                    msgs.append(it)
+                    if it[2] is None or self._by_id.get(it[1]) is it[2]:
+                        msgs.append(("abort", it[1], None))
                 else:                               # admin calls run on rank 0 only
                     self._handle(it)
         box = [msgs]
@@ -269,9 +273,7 @@ class Engine:
                 _, rid, prompt, params, adapter, seed = m
                 req = self._by_id.get(rid) if self.tp.rank == 0 else None
                 if req is None:
-                    req = Request(rid, prompt, params, adapter)
-                    if seed is not None:
-                        req.generator = torch.Generator(self.model.device).manual_seed(seed)
+                    req = Request(rid, prompt, params, adapter, seed=seed)
                 self._handle(("add", req))
             else:
                 self._handle(m)
@@ -290,11 +292,13 @@ class Engine:
         kind = item[0]
         if kind == "add":
             req = item[1]
-            self._by_id[req.request_id] = req
-            self.scheduler.add(req)
+            if self._by_id.get(req.request_id) is req or not self._duplicate(req):
+                self._by_id[req.request_id] = req
+                self.scheduler.add(req)
         elif kind == "abort":
-            req = self._by_id.get(item[1])
-            if req is not None:
+            _, rid, owner = item
+            req = self._by_id.get(rid)
+            if req is not None and (owner is None or owner is req):
                 self._finish(req, Finish.ABORTED)
         elif kind == "call":
             _, fn, fut = item
@@ -302,6 +306,17 @@ class Engine:
                 fut.set_result(fn())
             except Exception as e:
                 fut.set_exception(e)
+
+    def _duplicate(self, req: Request) -> bool:
+        """Refuse a request whose id a live request holds: aborts go by id (cancel, deadline,
+        stop string), so two live requests of one id could end each other."""
+        if req.request_id not in self._by_id:
+            return False
+        req.finished = True
+        self._outbox.append((req, Output([], [], finish=Finish.ABORTED, error=(
+            "ALREADY_EXISTS", f"request_id {req.request_id!r} belongs to a request that is still running; "
+                              "send a unique request_id, or none and the server assigns one"))))
+        return True
 
     def _fail_rejected(self) -> None:
         for req, status, msg in self.scheduler.rejected:
@@ -314,7 +329,8 @@ class Engine:
         req.finished = True
         self.scheduler.remove(req)
         self.block_tables.release(req)
-        self._by_id.pop(req.request_id, None)
+        if self._by_id.get(req.request_id) is req:
+            del self._by_id[req.request_id]
         self._outbox.append((req, Output(req.unsent_ids + list(tokens), req.unsent_logprobs + list(logprobs),
                                          finish=reason or Finish.ABORTED, error=error)))
         req.unsent_ids, req.unsent_logprobs = [], []
@@ -440,7 +456,7 @@ class Engine:
                                     decode_from=len(step.prefills)) if max_rank > 0 else None)
             logits = self.model.forward(ids_d, pos_d, attn, lora, self.pool, self.table,
                                         to_device(logits_idx, torch.int64, dev))
-        tokens_d, logps_d = sample(logits, [r.params for r in seqs], [r.generator for r in seqs])
+        tokens_d, logps_d = sample(logits, [r.params for r in seqs], [(r.seed, r.total_len) for r in seqs])
         out = _Launched(seqs, [r.epoch for r in seqs], tokens_d, tokens_d, logps_d, began=began)
         if cuda:   # the host copies land in pinned memory; `done` marks them (and the step) finished
             out.tokens_host = torch.empty(S, dtype=tokens_d.dtype, pin_memory=True)

@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 
 from server.sampler import SamplingParams
 
@@ -50,7 +49,12 @@ class Request:
     blocks: list[list[int]] = field(default_factory=list)   # per KV block: 2L page ids
     num_computed: int = 0           # tokens whose K/V are in the pool
     slot: int = -1                  # adapter slot while running; -1: base model
-    generator: torch.Generator | None = None
+    # Sampling seed: params.seed, or (under tensor parallelism) one rank 0 draws so every rank
+    # samples alike. Each token's draw is seeded by (seed, its position), not taken from a
+    # stateful generator: a token sampled and then voided (preemption, a request that left the
+    # batch) must not shift the draws after it, so a seeded request's text does not depend on
+    # whether it was preempted or on what else ran.
+    seed: int | None = None
     finished: bool = False
     preempted: int = 0
     bt_row: int = -1                # its row in the engine's BlockTables (-1: none yet)
@@ -64,6 +68,10 @@ class Request:
     # read but not yet handed to the stream (the engine's stream_interval batches them)
     unsent_ids: list[int] = field(default_factory=list)
     unsent_logprobs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = self.params.seed
 
     @property
     def all_ids(self) -> list[int]:

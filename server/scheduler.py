@@ -142,6 +142,16 @@ class Scheduler:
                     decodes.append(req)
                     break
                 except PoolExhausted:
+                    if self.running == [req]:
+                        # alone, with every idle adapter evicted, and still no room: it can never
+                        # finish (optimistic admission let it in on its prompt alone)
+                        self.running.remove(req)
+                        self.free(req)
+                        self.rejected.append((req, "RESOURCE_EXHAUSTED", (
+                            f"the request needs more KV pages than the pool holds beside its adapter "
+                            f"(it reached {req.total_len} tokens of {self._final_len(req)}); lower "
+                            f"max_new_tokens or the prompt length")))
+                        break
                     victim = self._preempt()
                     if victim is None:
                         break
@@ -189,7 +199,7 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 break
             try:
-                adapter_pages = self.adapters.pages_to_load(req.adapter_id) if req.adapter_id else 0
+                adapter_pages = self._adapter_pages(req.adapter_id, pinned)
             except KeyError:           # the host cache evicted it since the readiness check
                 self.adapters.prefetch(req.adapter_id)
                 skipped.append(req)
@@ -203,10 +213,7 @@ class Scheduler:
                 fits = reserved + self._pages(n) + adapter_pages <= capacity
             if not fits:
                 if not self.running and not prefills:
-                    need = self._pages(self._final_len(req)) + adapter_pages
-                    self.rejected.append((req, "RESOURCE_EXHAUSTED",
-                                          f"the request needs {need} pages but the pool can hold "
-                                          f"{capacity}; lower max_new_tokens or the prompt length"))
+                    self.rejected.append((req, "RESOURCE_EXHAUSTED", self._too_big(req, adapter_pages, capacity)))
                     continue
                 self.waiting.appendleft(req)
                 self._full = True
@@ -236,6 +243,28 @@ class Scheduler:
             self._since_admit = 0
         self._preload()
         return Step(prefills, decodes)
+
+    def _adapter_pages(self, adapter_id: str, pinned: set[str]) -> int:
+        """Pages admitting a request for this adapter takes from what admission counts on: none
+        for the base model or an adapter already pinned (capacity excludes its pages); an idle
+        resident adapter's pages, which it pins; else its host copy's (KeyError: not cached)."""
+        if not adapter_id or adapter_id in pinned:
+            return 0
+        r = self.adapters.resident.get(adapter_id)
+        if r is not None and not r.stale:
+            return r.pages
+        return self.adapters.pages_to_load(adapter_id)
+
+    def _too_big(self, req: Request, adapter_pages: int, capacity: int) -> str:
+        """Why a request that runs alone still does not fit, and what would make it fit."""
+        kv = self._pages(self._final_len(req))
+        if adapter_pages + self._pages(req.total_len + 1) > capacity:
+            return (f"adapter {req.adapter_id!r} takes {adapter_pages} of the {capacity} pages this pool can give "
+                    f"it, which leaves too few for the prompt's KV cache: this server cannot serve it (a larger "
+                    f"pool: --pool-mb or --gpu-memory-utilization; or an adapter of smaller rank)")
+        return (f"the request needs {kv + adapter_pages} pages ({kv} of KV cache at its longest"
+                + (f", {adapter_pages} for its adapter" if adapter_pages else "")
+                + f") but the pool can hold {capacity}; lower max_new_tokens or the prompt length")
 
     def _final_len(self, req: Request) -> int:
         return min(req.peak_len, self.cfg.max_model_len)
@@ -280,7 +309,7 @@ class Scheduler:
         if self.agree is None:
             return _Readiness(self.adapters)
         ids = sorted({r.adapter_id for r in self.waiting if r.adapter_id})
-        return dict(zip(ids, self.agree([_ready_code(self.adapters, aid) for aid in ids])))
+        return dict(zip(ids, self.agree([self.adapters.readiness(aid) for aid in ids])))
 
     def _reject_adapter(self, adapter_id: str, err: Exception, candidates) -> None:
         """Fail every queued request for an adapter whose fetch failed."""
@@ -300,12 +329,6 @@ class Scheduler:
             self.rejected.append((r, status, msg))
 
 
-def _ready_code(adapters: AdapterManager, adapter_id: str) -> int:
-    if adapters.ready(adapter_id):
-        return 1
-    return -1 if adapters.has_failed(adapter_id) else 0
-
-
 class _Readiness(dict):
     """Readiness codes looked up on first use and kept for the step."""
 
@@ -314,7 +337,7 @@ class _Readiness(dict):
         self.adapters = adapters
 
     def __missing__(self, adapter_id: str) -> int:
-        code = self[adapter_id] = _ready_code(self.adapters, adapter_id)
+        code = self[adapter_id] = self.adapters.readiness(adapter_id)
         return code
 
 

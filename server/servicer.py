@@ -51,7 +51,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise _invalid(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the "
                            f"model's limit of {limit} tokens; shorten the prompt or lower max_new_tokens")
         if not math.isfinite(p.temperature) or not 0 <= p.temperature <= 100:
-            raise _invalid(f"temperature must be in [0, 100] (0: greedy), got {p.temperature}")
+            raise _invalid(f"temperature must be in [0, 100] (0, or below 1e-5: greedy), got {p.temperature}")
         if not math.isfinite(p.top_p) or not 0 <= p.top_p <= 1:
             raise _invalid(f"top_p must be in [0, 1], got {p.top_p}")
         if not 0 <= p.top_k <= self.vocab:
@@ -112,9 +112,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
         req = Request(rid, prompt, params, request.adapter_id, stream=StreamQueue(loop, queue))
-        if params.seed is not None:
-            import torch
-            req.generator = torch.Generator(self.engine.model.device).manual_seed(params.seed)
         text = TextStream(self.tok, list(params.stop)) if self.tok else None
         sent = 0
         done = False
@@ -141,7 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         keep = max(counted - (len(text.ids) - len(ids)), 0)
                         ids, lps = ids[:keep], lps[:keep]
                         if finish is None:
-                            self.engine.abort(rid)
+                            self.engine.abort(rid, req)
                         finish = Finish.STOP
                 msg.token_ids.extend(ids)
                 msg.logprobs.extend(lps)
@@ -155,7 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield msg
         finally:
             if not done:       # client cancelled or the deadline passed: free pages now
-                self.engine.abort(rid)
+                self.engine.abort(rid, req)
 
 
 class EngineAdminServicer(pb_grpc.EngineAdminServicer):
@@ -191,10 +188,18 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
         try:
             pages = await self._run(load)
         except Exception as e:
+            need = mgr.pages_to_load_or_zero(aid)
+            if need > self.engine.pool.num_pages:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"adapter {aid!r} takes {need} pages and this server's whole pool is "
+                                    f"{self.engine.pool.num_pages}: it can never be loaded here (a larger pool: "
+                                    f"--pool-mb or --gpu-memory-utilization; or a smaller rank or fewer target modules)")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"adapter {aid!r} does not fit the pool now: {e}")
         return pb.LoadAdapterResponse(loaded=True, pages=pages)
 
     async def UnloadAdapter(self, request, context):
+        if not request.adapter_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adapter_id is required")
         ok = await self._run(lambda: self.engine.adapters.unload(request.adapter_id, drop_host=not request.keep_host))
         return pb.UnloadAdapterResponse(unloaded=bool(ok))
 

@@ -12,6 +12,19 @@ from server.adapters import AdapterNotFound, SourceUnavailable
 
 log = logging.getLogger("loraserve.store_link")
 
+HEARTBEAT_S = 2.0       # how often an engine tells the store its load and resident adapters
+HEARTBEAT_TTL_S = 15.0  # forgotten this long after its last beat
+
+
+def advertised_address(host: str, port: int, advertise: str | None = None) -> str:
+    """Where other processes dial this engine: --advertise-address, else host:port with a
+    wildcard bind address replaced by this machine's name."""
+    if advertise:
+        return advertise
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
 
 class StoreSource:
     """AdapterSource over the store's GetAdapter / FetchAdapter RPCs. Picklable (by address), so
@@ -52,7 +65,8 @@ class StoreSource:
 
 
 def attach_engine(engine, args, port: int, cleanup: list) -> None:
-    """Called once the server listens: base model record, --adapter registration, events, heartbeat."""
+    """Called once the server listens: base model record, --adapter registration, events, and
+    a heartbeat (address, model, load, resident adapters) that routers read through ListEngines."""
     if not args.redis_url:
         log.warning("no --redis-url: this engine will not see adapter delete/replace events")
         return
@@ -72,17 +86,19 @@ def attach_engine(engine, args, port: int, cleanup: list) -> None:
     cleanup.append(sub.stop)
 
     engine_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    address = f"{args.host}:{port}"
+    address = advertised_address(args.host, port, getattr(args, "advertise_address", None))
     stop = threading.Event()
 
     def beat() -> None:
+        sched = engine.scheduler
         while not stop.is_set():
-            try:
+            try:   # (read from this thread: a len() and a dict copy, no engine state changed)
                 resident = [a for a, r in list(engine.adapters.resident.items()) if not r.stale]
-                meta.heartbeat(engine_id, address, resident, ttl_s=15)
+                meta.heartbeat(engine_id, address, resident, ttl_s=HEARTBEAT_TTL_S, base_model=cfg.name,
+                               running=len(sched.running), waiting=len(sched.waiting))
             except Exception as e:     # Redis down: keep serving, try again later
                 log.debug("heartbeat failed: %s", e)
-            stop.wait(5)
+            stop.wait(HEARTBEAT_S)
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     cleanup.append(stop.set)

@@ -63,14 +63,16 @@ class TextStream:
         if final and self.read < len(self.ids):   # the end: whatever the last ids decode to
             tail = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
             text += tail
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s)))
-            if at >= 0:
-                self.stopped = True
-                out, self.sent = text[self.sent:at], at
-                done = at + len(s)
-                count = next((i + 1 for i, e in enumerate(self.ends) if e >= done), len(self.ids))
-                return out, count
+        # the stop string that appears first in the text wins (several tokens can arrive at
+        # once: --stream-interval, or outputs that piled up), not the first in the list
+        hits = [(at, -len(s), s) for s in self.stop if (at := text.find(s, max(0, self.sent - len(s)))) >= 0]
+        if hits:
+            at, _, s = min(hits)
+            self.stopped = True
+            out, self.sent = text[self.sent:at], at
+            done = at + len(s)
+            count = next((i + 1 for i, e in enumerate(self.ends) if e >= done), len(self.ids))
+            return out, count
         end = len(text)
         if not final:
             end = max(self.sent, end - self.holdback)

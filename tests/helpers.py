@@ -151,6 +151,8 @@ class ServerThread:
     def stop(self) -> None:
         import asyncio
 
+        if not self._thread.is_alive():     # stopped already
+            return
         asyncio.run_coroutine_threadsafe(self.running.stop(grace=1), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

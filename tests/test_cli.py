@@ -18,7 +18,7 @@ from clients.cli import apply_env_defaults, build_parser, env_name, main
 from clients.workload import WorkloadSpec, generate_workload
 
 SUBCOMMANDS = ["serve", "store", "register", "list", "get", "delete", "generate", "load", "unload", "stats",
-               "health", "bench"]
+               "health", "bench", "engines"]
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_help_does_not_import_torch():
 def _parse(argv, env):
     p = build_parser(argv)
     for sub in cli._walk(p):
-        apply_env_defaults(sub, env)
+        apply_env_defaults(sub, env, skip=() if sub.get_default("_delegate") else cli.SERVER_ONLY_ENV)
     return p.parse_args(argv)
 
 
@@ -100,12 +100,14 @@ def test_env_name():
 
 def test_env_var_defaults():
     env = {"LORASERVE_TARGET": "10.0.0.1:6000", "LORASERVE_TOKEN": "t0k", "LORASERVE_MAX_NEW_TOKENS": "7",
-           "LORASERVE_TEMPERATURE": "0.5", "LORASERVE_IGNORE_EOS": "yes", "LORASERVE_ADAPTER": "sql",
-           "LORASERVE_TOKEN_IDS": "1,2,3", "LORASERVE_STOP": "###"}
+           "LORASERVE_TEMPERATURE": "0.5", "LORASERVE_IGNORE_EOS": "yes", "LORASERVE_ADAPTER": "sql=/adapters/sql",
+           "LORASERVE_TOKEN_IDS": "1,2,3", "LORASERVE_STOP": "a, b"}
     a = _parse(["generate"], env)
     assert a.target == "10.0.0.1:6000" and a.token == "t0k"
-    assert a.max_new_tokens == 7 and a.temperature == 0.5 and a.ignore_eos is True and a.adapter == "sql"
-    assert a.token_ids == [1, 2, 3] and a.stop == ["###"]
+    assert a.max_new_tokens == 7 and a.temperature == 0.5 and a.ignore_eos is True
+    assert a.token_ids == [1, 2, 3] and a.stop == ["a, b"]     # a stop string keeps its comma
+    # LORASERVE_ADAPTER is serve's NAME=DIR list: generate does not take it as an adapter id
+    assert a.adapter == ""
     # an explicit flag wins over the environment
     a = _parse(["--target", "h:1", "generate", "--max-new-tokens", "9", "x"], env)
     assert a.target == "h:1" and a.max_new_tokens == 9
@@ -118,6 +120,39 @@ def test_env_var_defaults():
     a = _parse(["bench"], {"LORASERVE_N": "1,10", "LORASERVE_INPUT_RANGE": "4,9", "LORASERVE_RATE": "3",
                            "LORASERVE_SYNTHETIC": "true"})
     assert a.n == [1, 10] and a.input_range == (4, 9) and a.rate == 3.0 and a.synthetic is True
+
+
+def test_server_env_lists_and_client_flags_of_the_same_name(capsys):
+    env = {"LORASERVE_ADAPTER": "sql=/a/sql,chat=/a/chat", "LORASERVE_BASE_MODEL": "m1=/models/a,m2=/models/b",
+           "LORASERVE_STREAM_INTERVAL": "4", "LORASERVE_NO_WARMUP": "yes"}
+    a = _parse(["serve"], env)
+    assert a.adapter == ["sql=/a/sql", "chat=/a/chat"] and a.stream_interval == 4 and a.no_warmup is True
+    assert _parse(["serve"], {"LORASERVE_ADAPTER": "a=/x,y\nb=/z"}).adapter == ["a=/x,y", "b=/z"]   # one a line
+    assert _parse(["store"], env).base_model == ["m1=/models/a", "m2=/models/b"]
+    # the client commands' --adapter / --base-model mean an adapter id and a name filter
+    assert _parse(["generate", "x"], env).adapter == ""
+    assert _parse(["list"], env).base_model == "" and _parse(["register", "d", "--id", "i"], env).base_model == ""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "LORASERVE_MAX_NEW_TOKENS" in help_text and "LORASERVE_ADAPTER" not in help_text
+
+
+@pytest.mark.parametrize("module", ["server.app", "adapter_store.main"])
+def test_bad_server_env_value_is_a_usage_error(module, monkeypatch, capsys):
+    import importlib
+    monkeypatch.setenv("LORASERVE_PORT", "fifty")
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 2
+    assert "LORASERVE_PORT='fifty'" in capsys.readouterr().err
+
+
+def test_bad_serve_env_value_through_main(capsys, monkeypatch):
+    monkeypatch.setenv("LORASERVE_STREAM_INTERVAL", "abc")
+    rc, out, err = run(capsys, "serve", "--help")
+    assert rc == 2 and err.startswith("error: INVALID_ARGUMENT: LORASERVE_STREAM_INTERVAL='abc'")
+    assert "Traceback" not in err
 
 
 def test_env_defaults_through_main(capsys, monkeypatch):
@@ -322,6 +357,16 @@ def test_bench_existing_adapters(server, capsys, tmp_path):
     assert r["config"]["alpha"] == 0.5 and r["config"]["workload"]["num_requests"] == 6
 
 
+def test_bench_fails_when_no_request_finishes_or_the_out_folder_is_missing(server, capsys, tmp_path):
+    # prompts past the server's length limit: every request gets INVALID_ARGUMENT
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--adapters", server.adapters[0], "--rate", "40",
+                       "--max-requests", "3", "--input-range", "5000,5001", "--output-range", "2,3", "--quiet")
+    assert rc == 1 and "failed with INVALID_ARGUMENT" in err and "every request failed in loraserve n=1" in err
+    rc, out, err = run(capsys, "--target", server.target, "bench", "--adapters", server.adapters[0], *SMALL,
+                       "--out", str(tmp_path / "missing" / "r.json"))
+    assert rc == 2 and "does not exist" in err and out == ""       # refused before any request ran
+
+
 def test_bench_synthetic_several_n_and_compare_base(server, capsys, tmp_path):
     out_file = tmp_path / "r.json"
     rc, out, err = run(capsys, "--target", server.target, "bench", "--synthetic", "--n", "1,3", "--ranks", "4,8",
@@ -336,6 +381,8 @@ def test_bench_synthetic_several_n_and_compare_base(server, capsys, tmp_path):
     assert all(e["decode_steps"] > 0 and e["mean_batch"] >= 1 for e in eng)
     assert eng[1]["mean_distinct_adapters"] == 0 == eng[3]["mean_distinct_adapters"] == eng[1]["adapter_GB_per_step"]
     assert 0 < eng[0]["mean_distinct_adapters"] <= 1 and eng[0]["adapter_bytes_vs_weights"] > 0
+    # a tiny adapter's bytes, exact (GB rounded to 3 places once read 0 here)
+    assert eng[0]["adapter_bytes_per_step"] > 0 and eng[1]["adapter_bytes_per_step"] == 0
     assert 0 < eng[2]["mean_distinct_adapters"] <= min(3, eng[2]["mean_batch"])
     assert "loraserve/base" in out
     try:

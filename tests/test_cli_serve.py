@@ -75,9 +75,53 @@ def test_serve_subcommand(tmp_path, capsys):
                      "hello"]) == 0
         err = capsys.readouterr().err
         assert "3 completion tokens" in err
+        # a second server on the same port is refused (gRPC's default SO_REUSEPORT would have let
+        # it take half the connections), and leaves nothing running
+        second = _run_serve(["--port", str(port), "--data-dir", str(tmp_path / "data2")])
+        assert second.returncode != 0 and "cannot bind 127.0.0.1:" in second.stderr, second.stderr
+        assert main(["--target", target, "health"]) == 0
     finally:
         _stop(proc, log)
     assert proc.returncode in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+
+
+def _run_serve(argv):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASERVE_")}
+    return subprocess.run([sys.executable, "-m", "clients.cli", "serve", *argv], capture_output=True, text=True,
+                          timeout=180, env=env)
+
+
+def _processes_in(directory) -> list[int]:
+    """Processes whose working directory is under directory (a private redis-server runs in
+    its data dir; its command line says only its port)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(directory)):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_failed_start_stops_the_private_redis_it_started(tmp_path):
+    """The model folder is read after the embedded store (and its redis-server child) started:
+    a bad --model must not leave that child behind."""
+    data = tmp_path / "data"
+    r = _run_serve(["--port", str(_free_port()), "--data-dir", str(data), "--model", str(tmp_path / "no-model")])
+    assert r.returncode == 2 and "no-model/config.json" in r.stderr, r.stderr
+    assert (data / "redis").is_dir()          # it did start one
+    time.sleep(0.5)
+    assert _processes_in(data) == []
+
+
+def test_serve_refuses_values_it_cannot_run_with():
+    for argv, msg in ((["--pool-mb", "-5"], "--pool-mb must be 0 or more, got -5"),
+                      (["--max-num-seqs", "0"], "--max-num-seqs must be 1 or more, got 0"),
+                      (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization must be in (0, 1], got 1.5")):
+        r = _run_serve([*argv, "--port", "0"])
+        assert r.returncode == 1 and msg in r.stderr, (argv, r.stderr)
 
 
 def test_store_subcommand(tmp_path, capsys):

@@ -96,6 +96,19 @@ def test_typed_errors(c, server):
         c.complete(max_new_tokens=2)
     with pytest.raises(NotFound):
         c.get_adapter(_uid("missing"))
+    # values a field cannot hold: the library's InvalidArgument, naming the field, before any RPC
+    for kw, field in ((dict(max_new_tokens=-5), "max_new_tokens=-5"), (dict(seed=-1), "seed=-1"),
+                      (dict(top_k=2 ** 40), "top_k="), (dict(temperature="hot"), "temperature='hot'")):
+        with pytest.raises(InvalidArgument, match=field):
+            c.complete("hi", **kw)
+    with pytest.raises(InvalidArgument, match="ids="):
+        c.complete([1, 2 ** 40])
+    with pytest.raises(InvalidArgument, match="prompt is bytes"):
+        c.complete(b"hello")
+    with pytest.raises(InvalidArgument, match="page_size=-1"):
+        list(c.list_adapters(page_size=-1))
+    with pytest.raises(InvalidArgument, match="rank=-1"):
+        c.register_synthetic(_uid("neg"), rank=-1)
 
 
 def test_deadline(c):
@@ -207,6 +220,9 @@ def test_load_unload_stats(c, server):
     assert aid not in c.stats().resident_adapters
     with pytest.raises(NotFound):
         c.load_adapter(_uid("missing"))
+    for call in (c.load_adapter, c.unload_adapter):
+        with pytest.raises(InvalidArgument, match="adapter_id is required"):
+            call("")
 
 
 # ---------------------------------------------------------------------------------------- retries, auth

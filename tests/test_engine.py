@@ -278,13 +278,18 @@ def test_sharded_checkpoint_loads(tiny, tmp_path):
     assert toks == hf_reference(model_dir, None, req.prompt_ids, N_NEW)[0]
 
 
-def test_preemption_recomputes_and_matches(tiny):
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_preemption_recomputes_and_matches(tiny, sampling):
     """Optimistic admission over-commits a small pool; preempted requests are recomputed and
-    still produce exactly the tokens of an uncontended run, and every page comes back."""
+    still produce exactly the tokens of an uncontended run, and every page comes back. Seeded
+    sampling too: the token a preempted request had in flight is voided without shifting the
+    draws of the tokens after it."""
     model_dir, adapters = tiny
     names = ["attn", "full", "qv", "", "attn", "full"]
     n_new = 40
-    reqs = [Request(r.request_id, r.prompt_ids, greedy(n_new), r.adapter_id) for r in mixed_requests(names, seed=2, lo=20, hi=30)]
+    params = (lambda i: greedy(n_new)) if sampling == "greedy" else (lambda i: greedy(n_new, temperature=1.0, seed=100 + i))
+    reqs = [Request(r.request_id, r.prompt_ids, params(i), r.adapter_id)
+            for i, r in enumerate(mixed_requests(names, seed=2, lo=20, hi=30))]
     # reference: plenty of room
     engine = start_engine(model_dir, adapters, pool_mb=4)
     try:
@@ -301,9 +306,9 @@ def test_preemption_recomputes_and_matches(tiny):
         outs = run_engine(engine, reqs)
     finally:
         engine.stop()
-    assert engine.scheduler.preemptions > 0
+    assert engine.scheduler.preemptions > 0 and any(r.preempted for r in reqs)
     for r in reqs:
-        assert outs[r.request_id][0] == ref[r.request_id][0], r.adapter_id
+        assert outs[r.request_id][0] == ref[r.request_id][0], (r.adapter_id, r.preempted)
     assert small.kv_pages == 0
     assert small.free_pages + small.adapter_pages == free0
     assert small.adapter_pages <= 78
@@ -329,6 +334,32 @@ def test_cancel_frees_pages_within_a_step(tiny):
         engine.stop()
 
 
+def test_a_duplicate_request_id_is_refused_and_aborts_only_its_owner(tiny):
+    """A second live request with the same id gets ALREADY_EXISTS; the stream of that refused
+    request ending (its servicer aborts by id) leaves the first one running."""
+    model_dir, adapters = tiny
+    engine = start_engine(model_dir, adapters, pool_mb=2)
+    first, second = [], []
+    a = Request("dup", [5, 6, 7], SamplingParams(max_new_tokens=300, ignore_eos=True), "attn", emit=first.append)
+    b = Request("dup", [8, 9], SamplingParams(max_new_tokens=5, ignore_eos=True), "", emit=second.append)
+    try:
+        engine.submit(a)
+        assert wait_for(lambda: len(first) >= 2)
+        engine.submit(b)
+        assert wait_for(lambda: bool(second))
+        assert second[-1].error[0] == "ALREADY_EXISTS" and "request_id 'dup'" in second[-1].error[1]
+        engine.abort("dup", b)        # what b's servicer does when its stream ends
+        n = len(first)
+        assert wait_for(lambda: len(first) >= n + 3) and not a.finished
+        engine.abort("dup", a)
+        assert wait_for(lambda: first[-1].finish == Finish.ABORTED)
+        # the id is free again once its request ended
+        c = Request("dup", [8, 9], SamplingParams(max_new_tokens=4, ignore_eos=True), "")
+        assert run_engine(engine, [c])["dup"][2].finish == Finish.LENGTH
+    finally:
+        engine.stop()
+
+
 def test_sampling_seed_topk_and_eos(tiny):
     model_dir, adapters = tiny
     engine = start_engine(model_dir, adapters, pool_mb=2)
@@ -340,14 +371,13 @@ def test_sampling_seed_topk_and_eos(tiny):
                 Request("s3", prompt, p(temperature=1.0, seed=8), "attn"),
                 Request("k1", prompt, p(temperature=0.7, top_k=1, seed=1), "attn"),
                 Request("g", prompt, p(), "attn"),
-                Request("tp", prompt, p(temperature=1.0, top_p=1e-6, seed=3), "attn")]
-        for r in reqs:
-            if r.params.seed is not None:
-                r.generator = torch.Generator(engine.model.device).manual_seed(r.params.seed)
+                Request("tp", prompt, p(temperature=1.0, top_p=1e-6, seed=3), "attn"),
+                # logits / 1e-39 overflow to inf: greedy, not a NaN that fails the whole step
+                Request("t0", prompt, p(temperature=1e-39), "attn")]
         outs = run_engine(engine, reqs)
         assert outs["s1"][0] == outs["s2"][0]
         assert outs["s1"][0] != outs["s3"][0]
-        assert outs["k1"][0] == outs["g"][0] == outs["tp"][0]
+        assert outs["k1"][0] == outs["g"][0] == outs["tp"][0] == outs["t0"][0]
         # EOS: force the EOS id to be the greedy first token of this prompt
         first = outs["g"][0][0]
         engine.eos = {first}

@@ -147,6 +147,36 @@ def test_client_cancel_and_deadline_free_pages(demo_server):
     assert wait_for(lambda: eng.pool.kv_pages == 0 and not eng.scheduler.running, timeout=5)
 
 
+def test_a_second_stream_with_a_live_request_id_is_refused_and_the_first_runs_on(demo_server):
+    """request_id is the client's to choose: a duplicate of a running one gets ALREADY_EXISTS,
+    and its stream ending (the servicer aborts by id) must not end the first."""
+    async def go():
+        async with grpc.aio.insecure_channel(demo_server.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            first = stub.Generate(greq(request_id="same", prompt="go", adapter_id="a",
+                                       params=dict(max_new_tokens=60, ignore_eos=True)))
+            it = first.__aiter__()
+            got = len((await it.__anext__()).token_ids)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stub.Generate(greq(request_id="same", prompt="x", params=dict(max_new_tokens=5))):
+                    pass
+            async for m in it:
+                got += len(m.token_ids)
+                last = m
+            return e.value, got, last
+
+    err, got, last = asyncio.run(go())
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id 'same'" in err.details()
+    assert got == 60 and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_store_calls_on_a_server_without_a_store_say_so(demo_server):
+    from clients.client import Client, LoraServeError
+    with Client(demo_server.target) as c, pytest.raises(LoraServeError) as e:
+        list(c.list_adapters())
+    assert e.value.code == grpc.StatusCode.UNIMPLEMENTED and "--no-store" in e.value.details
+
+
 def test_admin_stats_load_unload(demo_server):
     async def go():
         async with grpc.aio.insecure_channel(demo_server.target) as ch:

@@ -2,6 +2,8 @@
 and in a real engine it admits what the sum turns away without ever running out of pages."""
 import random
 
+import pytest
+
 from server.request import Request
 from server.runtime import EngineConfig, build_engine
 from server.scheduler import FuturePeak, SchedulerConfig
@@ -94,3 +96,111 @@ def test_a_victim_already_in_this_steps_decodes_leaves_them(tiny):  # noqa: F811
     assert sch.preemptions == 1 and sch.waiting[0] is new and new.blocks == []
     assert [r.request_id for r in step.decodes] == ["old"] and len(old.blocks) == 2
     engine.adapters.close()
+
+
+# -------------------------------------------------------------- adapters of waiting requests
+
+def _started(model_dir, source, **kw):
+    sched = SchedulerConfig(**{k: kw.pop(k) for k in list(kw) if k in SchedulerConfig.__dataclass_fields__})
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", sched=sched, **kw), source=source)
+    engine.start()
+    return engine
+
+
+def _submit(engine, reqs):
+    outs = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        r.emit = outs[r.request_id].append
+        engine.submit(r)
+    return outs
+
+
+def _done(outs, timeout=30):
+    from tests.helpers import wait_for
+    return wait_for(lambda: all(o and o[-1].finish is not None for o in outs.values()), timeout=timeout)
+
+
+def test_a_waiting_requests_adapter_dropped_from_the_host_cache_is_fetched_again(tiny):  # noqa: F811
+    """A host cache too small for two adapters: while a long request holds the only seat, the
+    second fetch pushes the first adapter out. Its request must fetch it again, not wait forever."""
+    from server.adapters import LocalSource
+    model_dir, adapters = tiny
+    engine = _started(model_dir, LocalSource({k: str(v) for k, v in adapters.items()}), pool_mb=4,
+                      host_cache_mb=0, max_num_seqs=1)
+    try:
+        outs = _submit(engine, [Request("blocker", [5, 6, 7], greedy(150), "")])
+        outs.update(_submit(engine, [Request("a", [5, 6, 7, 8], greedy(4), "attn"),
+                                     Request("b", [5, 6, 7, 8], greedy(4), "qv")]))
+        assert _done(outs), [r.request_id for r in engine.scheduler.waiting]
+        assert all(o[-1].error is None and sum(len(x.token_ids) for x in o) == n
+                   for o, n in zip(outs.values(), [150, 4, 4]))
+    finally:
+        engine.stop()
+
+
+def test_a_waiting_requests_adapter_unloaded_is_fetched_again_or_not_found(tiny):  # noqa: F811
+    """A replace or delete event unloads the adapter while a request for it waits: the request
+    gets the store's current copy (replace), or NOT_FOUND (delete), instead of waiting forever."""
+    from server.adapters import LocalSource
+    from tests.helpers import wait_for
+    model_dir, adapters = tiny
+    source = LocalSource({k: str(v) for k, v in adapters.items()})
+    engine = _started(model_dir, source, pool_mb=4, max_num_seqs=1)
+    try:
+        for deleted in (False, True):
+            outs = _submit(engine, [Request(f"blocker{deleted}", [5, 6, 7], greedy(100), "")])
+            outs.update(_submit(engine, [Request(f"a{deleted}", [5, 6, 7, 8], greedy(4), "attn")]))
+            assert wait_for(lambda: "attn" in engine.adapters.cached_ids())
+            if deleted:
+                del source.dirs["attn"]
+            assert engine.call(lambda: engine.adapters.unload("attn")).result(timeout=10)
+            assert _done(outs)
+            last = outs[f"a{deleted}"][-1]
+            if deleted:
+                assert last.error[0] == "NOT_FOUND" and "'attn'" in last.error[1]
+            else:
+                assert last.error is None and sum(len(x.token_ids) for x in outs["aFalse"]) == 4
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("admission", ["peak", "optimistic"])
+def test_a_request_that_cannot_fit_beside_its_resident_adapter_is_refused(tiny, admission):  # noqa: F811
+    """100 pages; the 'full' adapter takes 60 of them and a request that peaks at 220 tokens needs
+    56 of KV. With the adapter already resident and idle (an earlier request left it), peak
+    admission must still count its pages and refuse at once; optimistic admission lets it in on
+    its prompt, and must refuse it once it cannot grow alone, instead of preempting itself forever."""
+    from server.adapters import LocalSource
+    model_dir, adapters = tiny
+    engine = _started(model_dir, LocalSource({"full": str(adapters["full"])}), pool_pages=100, admission=admission)
+    try:
+        warm = _submit(engine, [Request("warm", [5, 6, 7], greedy(2), "full")])
+        assert _done(warm) and warm["warm"][-1].error is None
+        assert engine.adapters.resident["full"].pages == 60 and engine.adapters.resident["full"].refs == 0
+        outs = _submit(engine, [Request("big", list(range(3, 23)), greedy(200), "full")])
+        assert _done(outs, timeout=60)
+        status, msg = outs["big"][-1].error
+        assert status == "RESOURCE_EXHAUSTED" and "lower max_new_tokens" in msg
+        assert engine.scheduler.preemptions <= 1
+        # the engine still serves: a request that fits runs to the end
+        ok = _submit(engine, [Request("ok", [5, 6, 7], greedy(8), "full")])
+        assert _done(ok) and ok["ok"][-1].error is None and sum(len(x.token_ids) for x in ok["ok"]) == 8
+        assert engine.pool.kv_pages == 0
+    finally:
+        engine.stop()
+
+
+def test_an_adapter_larger_than_the_pool_is_refused_as_such(tiny):  # noqa: F811
+    """No max_new_tokens can help when the adapter alone leaves no room: the message says so."""
+    from server.adapters import LocalSource
+    model_dir, adapters = tiny
+    engine = _started(model_dir, LocalSource({"full": str(adapters["full"])}), pool_pages=62)
+    try:
+        outs = _submit(engine, [Request("r", [5, 6, 7], greedy(2), "full")])
+        assert _done(outs)
+        status, msg = outs["r"][-1].error
+        assert status == "RESOURCE_EXHAUSTED" and "adapter 'full' takes 60 of the" in msg and "--pool-mb" in msg
+        ok = _submit(engine, [Request("base", [5, 6, 7], greedy(3), "")])
+        assert _done(ok) and ok["base"][-1].error is None
+    finally:
+        engine.stop()

@@ -604,16 +604,16 @@ def test_health_and_reflection(store):
 def test_store_args_from_env(monkeypatch):
     import argparse
 
-    from adapter_store.main import add_store_args
+    from adapter_store.main import add_store_args, limits_from_args
+    from clients.cli import parse_with_env
 
     monkeypatch.setenv("LORASERVE_PORT", "6123")
     monkeypatch.setenv("LORASERVE_OBJECT_STORE", "s3://b/p")
     monkeypatch.setenv("LORASERVE_TOKEN", "tok")
-    args = add_store_args(argparse.ArgumentParser()).parse_args(["--redis-url", "redis://x:1/0"])
+    args = parse_with_env(add_store_args(argparse.ArgumentParser()), ["--redis-url", "redis://x:1/0"])
     assert (args.port, args.object_store, args.token, args.redis_url) == (6123, "s3://b/p", "tok", "redis://x:1/0")
-    from adapter_store.main import limits_from_args
     monkeypatch.setenv("LORASERVE_MAX_ADAPTER_MB", "3")
-    lim = limits_from_args(add_store_args(argparse.ArgumentParser()).parse_args(["--max-adapter-rank", "64"]))
+    lim = limits_from_args(parse_with_env(add_store_args(argparse.ArgumentParser()), ["--max-adapter-rank", "64"]))
     assert (lim.max_weights_bytes, lim.max_rank) == (3 << 20, 64)
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=1)

@@ -87,6 +87,30 @@ def test_a_stop_string_cuts_the_text_and_the_tokens_exactly(tokenizers, name):
     assert checked > 50
 
 
+@pytest.mark.parametrize("name", ["byte_level", "sentencepiece"])
+def test_of_several_stop_strings_the_first_in_the_text_wins(tokenizers, name):
+    """Whatever their order in the request and however the tokens arrive (one by one, or many
+    in one push as --stream-interval sends them), the text ends before the earliest stop."""
+    tok, vocab = tokenizers[name]
+    rng = random.Random(5)
+    checked = 0
+    for trial in range(1000):
+        ids = [rng.randrange(vocab) for _ in range(60)]
+        full = tok.decode(ids)
+        if len(full) < 20:
+            continue
+        a, b = sorted(rng.sample(range(2, len(full) - 3), 2))
+        early, late = full[a:a + 2], full[b:b + 3]
+        if "\ufffd" in early + late or early in late:
+            continue
+        first = min(full.index(early), full.index(late))
+        for chunks in ([1] * len(ids), [len(ids)], [rng.choice([2, 3, 7]) for _ in ids]):
+            text, count, ts = _stream(tok, ids, chunks, [late, early])
+            assert ts.stopped and text == full[:first], (name, ids, early, late, chunks[:3])
+        checked += 1
+    assert checked >= 30
+
+
 def test_each_push_decodes_a_window_not_everything(tokenizers):
     """2000 tokens: the ids decoded in all stay linear in the output (all-so-far was ~2M)."""
     tok, vocab = tokenizers["sentencepiece"]

@@ -22,7 +22,7 @@ def _requests():
     for i, r in enumerate(reqs):   # one sampled request too: seeds must give the same tokens
         if i == 3:
             r.params.temperature, r.params.seed = 0.8, 1234
-            r.generator = torch.Generator().manual_seed(1234)
+            r.seed = 1234
     return reqs
 
 
@@ -43,8 +43,6 @@ def _worker(rank, world, port, model_dir, adapters, results, adapter_dtype="auto
         engine = _start(model_dir, adapters, TP(rank, world), adapter_dtype)
         if rank == 0:
             reqs = _requests()
-            for r in reqs:
-                r.generator = None if r.params.seed is None else torch.Generator().manual_seed(r.params.seed)
             engine.start()
             outs = run_engine(engine, reqs, timeout=240)
             results.put({k: (v[0], v[1]) for k, v in outs.items()})

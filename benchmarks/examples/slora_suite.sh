@@ -5,7 +5,8 @@
 #   loraserve serve --model /models/llama-7b &            # or: docker compose up -d
 #   sh benchmarks/examples/slora_suite.sh num-adapters     # one suite, or "all"
 #
-# Results go to $OUT (default benchmarks/results/slora-<suite>.json); `--n` sweeps also plot.
+# Results go to $OUTDIR (default benchmarks/results), one JSON per run (slora-alpha-0.1.json, ...);
+# `--n` sweeps also plot.
 # Environment: LORASERVE_TARGET (default localhost:50051), DURATION (default 300 s as in the
 # paper; use 60 for a quick look), RATE (S-LoRA's A100-80GB S2 suite uses 10 req/s), and
 # COMPARE (e.g. "peft,base": also run the PEFT baseline in this process, needs MODEL=DIR).

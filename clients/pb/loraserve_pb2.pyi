@@ -204,6 +204,36 @@ class AdapterChunk(_message.Message):
     chunk: FileChunk
     def __init__(self, info: _Optional[_Union[AdapterInfo, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
+class ListEnginesRequest(_message.Message):
+    __slots__ = ("base_model",)
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    base_model: str
+    def __init__(self, base_model: _Optional[str] = ...) -> None: ...
+
+class EngineInfo(_message.Message):
+    __slots__ = ("engine_id", "address", "base_model", "running", "waiting", "resident_adapter_ids", "heartbeat_age_s")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    address: str
+    base_model: str
+    running: int
+    waiting: int
+    resident_adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    heartbeat_age_s: float
+    def __init__(self, engine_id: _Optional[str] = ..., address: _Optional[str] = ..., base_model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., resident_adapter_ids: _Optional[_Iterable[str]] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
+
+class ListEnginesResponse(_message.Message):
+    __slots__ = ("engines",)
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
+    def __init__(self, engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ...) -> None: ...
+
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "host_only")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]

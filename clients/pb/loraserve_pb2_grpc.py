@@ -121,6 +121,11 @@ class AdapterStoreStub:
                 request_serializer=loraserve__pb2.FetchAdapterRequest.SerializeToString,
                 response_deserializer=loraserve__pb2.AdapterChunk.FromString,
                 _registered_method=True)
+        self.ListEngines = channel.unary_unary(
+                '/loraserve.v1.AdapterStore/ListEngines',
+                request_serializer=loraserve__pb2.ListEnginesRequest.SerializeToString,
+                response_deserializer=loraserve__pb2.ListEnginesResponse.FromString,
+                _registered_method=True)
 
 
 class AdapterStoreServicer:
@@ -160,6 +165,14 @@ class AdapterStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEngines(self, request, context):
+        """The engines that heartbeat to this store's Redis: where each one is, its load and the
+        adapters in its pool. Clients route a request to an engine that holds its adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +200,11 @@ def add_AdapterStoreServicer_to_server(servicer, server):
                     servicer.FetchAdapter,
                     request_deserializer=loraserve__pb2.FetchAdapterRequest.FromString,
                     response_serializer=loraserve__pb2.AdapterChunk.SerializeToString,
+            ),
+            'ListEngines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEngines,
+                    request_deserializer=loraserve__pb2.ListEnginesRequest.FromString,
+                    response_serializer=loraserve__pb2.ListEnginesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +344,33 @@ class AdapterStore:
             '/loraserve.v1.AdapterStore/FetchAdapter',
             loraserve__pb2.FetchAdapterRequest.SerializeToString,
             loraserve__pb2.AdapterChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEngines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.AdapterStore/ListEngines',
+            loraserve__pb2.ListEnginesRequest.SerializeToString,
+            loraserve__pb2.ListEnginesResponse.FromString,
             options,
             channel_credentials,
             insecure,
