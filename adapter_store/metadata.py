@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable
 
@@ -60,7 +61,16 @@ def blob_key(sha256: str) -> str:
     return f"blobs/sha256/{sha256[:2]}/{sha256}"
 
 
-_COMMIT = """
+# Each mutating script takes an operation key (KEYS[4], unique per call) and records its result
+# there: redis-py retries a command whose reply was lost on a dropped connection, and the second
+# run must report the first run's outcome rather than act again (a replace bumping the version
+# twice, a committed register answering "exists", a delete answering "not found").
+_ONCE = """
+local done = redis.call('GET', KEYS[4])
+if done then return cjson.decode(done) end
+"""
+
+_COMMIT = _ONCE + """
 local rec, idx, chan = KEYS[1], KEYS[2], KEYS[3]
 local id, replace, ns, bm, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local old_blob = ''
@@ -87,10 +97,12 @@ if blob ~= '' then redis.call('SADD', ns .. ':blobref:' .. blob, id) end
 if existed == 1 then
   redis.call('PUBLISH', chan, cjson.encode({type = 'replaced', adapter_id = id, version = version}))
 end
-return {'OK', old_blob, version}
+local result = {'OK', old_blob, version}
+redis.call('SET', KEYS[4], cjson.encode(result), 'EX', 600)
+return result
 """
 
-_DELETE = """
+_DELETE = _ONCE + """
 local rec, idx, chan = KEYS[1], KEYS[2], KEYS[3]
 local id, ns = ARGV[1], ARGV[2]
 if redis.call('EXISTS', rec) == 0 then return {0, '', 0} end
@@ -102,7 +114,20 @@ redis.call('ZREM', idx, id)
 if old[3] then redis.call('ZREM', ns .. ':index:bm:' .. old[3], id) end
 if blob ~= '' then redis.call('SREM', ns .. ':blobref:' .. blob, id) end
 redis.call('PUBLISH', chan, cjson.encode({type = 'deleted', adapter_id = id, version = version}))
-return {1, blob, version}
+local result = {1, blob, version}
+redis.call('SET', KEYS[4], cjson.encode(result), 'EX', 600)
+return result
+"""
+
+# The sweep's repair of blob references, in one step: a reference goes only if its record does
+# not point at the blob at that moment (read and removal apart, a replace away from the blob and
+# back in between lost a live reference, and the blob with it). Returns the references left.
+_REPAIR = """
+local refs, key, prefix = KEYS[1], ARGV[1], ARGV[2]
+for _, aid in ipairs(redis.call('SMEMBERS', refs)) do
+  if redis.call('HGET', prefix .. aid, 'blob') ~= key then redis.call('SREM', refs, aid) end
+end
+return redis.call('SCARD', refs)
 """
 
 
@@ -146,6 +171,7 @@ class Metadata:
         self.lock_timeout_s = lock_timeout_s
         self._commit = self.r.register_script(_COMMIT)
         self._delete = self.r.register_script(_DELETE)
+        self._repair = self.r.register_script(_REPAIR)
 
     # ------------------------------------------------------------------ keys
     def k_rec(self, adapter_id: str) -> str:
@@ -160,6 +186,20 @@ class Metadata:
 
     def k_blobref(self, blob: str) -> str:
         return f"{self.ns}:blobref:{blob}"
+
+    def k_op(self) -> str:
+        """A fresh operation key for one call of a mutating script (see _ONCE)."""
+        return f"{self.ns}:op:{uuid.uuid4().hex}"
+
+    def _once(self, script, keys: list, args: list):
+        """Run a script whose last key is its operation key; drop that key once the reply is in
+        (it only answers a resend, and expires by itself where this step never comes)."""
+        out = script(keys=keys, args=args)
+        try:
+            self.r.delete(keys[-1])
+        except REDIS_ERRORS:
+            pass
+        return out
 
     @property
     def events_channel(self) -> str:
@@ -215,7 +255,7 @@ class Metadata:
                   "target_modules": list(target_modules), "size_bytes": size_bytes,
                   "sha256": sha256, "created_at": int(time.time()), "use_rslora": use_rslora,
                   "blob": blob, "config": config, "synthetic": synthetic}
-        keys = [self.k_rec(adapter_id), self.k_index, self.events_channel]
+        keys = [self.k_rec(adapter_id), self.k_index, self.events_channel, self.k_op()]
         args = [adapter_id, "1" if replace else "0", self.ns, base_model, blob]
 
         def commit():
@@ -225,7 +265,7 @@ class Metadata:
             flat: list = []
             for k, v in enc.items():
                 flat += [k, v]
-            return self._commit(keys=keys, args=args + flat)
+            return self._once(self._commit, keys, args + flat)
 
         if not blob:
             if check is not None:
@@ -273,8 +313,8 @@ class Metadata:
 
         Returns {"version", "blob"} of what was deleted, or None if there was no such adapter.
         """
-        found, blob, version = self._delete(keys=[self.k_rec(adapter_id), self.k_index, self.events_channel],
-                                            args=[adapter_id, self.ns])
+        found, blob, version = self._once(self._delete, [self.k_rec(adapter_id), self.k_index, self.events_channel,
+                                                         self.k_op()], [adapter_id, self.ns])
         if not int(found):
             return None
         blob = _s(blob)
@@ -311,6 +351,8 @@ class Metadata:
 
     def list(self, base_model: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[dict], str]:
         """One page of ready adapters in id order; returns (records, next_page_token or "")."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size must be 0 (the default, {DEFAULT_PAGE}) or more, got {page_size}")
         n = page_size or DEFAULT_PAGE
         n = min(n, MAX_PAGE)
         start = "-"
@@ -356,12 +398,9 @@ class Metadata:
         for info in list(self.blobs.list_info("blobs/")):
             if now - info.mtime < grace_s:
                 continue
-            refs = self.k_blobref(info.key)
             # drop references whose record no longer points at this blob (repairs drift)
-            for aid in self.r.smembers(refs):
-                if _s(self.r.hget(self.k_rec(_s(aid)), "blob") or b"") != info.key:
-                    self.r.srem(refs, aid)
-            if self.r.scard(refs) == 0 and self.maybe_delete_blob(info.key, blocking_timeout=0):
+            left = self._repair(keys=[self.k_blobref(info.key)], args=[info.key, self.k_rec("")])
+            if int(left) == 0 and self.maybe_delete_blob(info.key, blocking_timeout=0):
                 deleted.append(info.key)
         return deleted
 

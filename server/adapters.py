@@ -83,8 +83,7 @@ class Resident:
 
 @dataclass
 class Fetch:
-    future: concurrent.futures.Future
-    waiting: int = 0
+    future: concurrent.futures.Future | None = None
     error: Exception | None = None
 
 
@@ -104,6 +103,9 @@ class AdapterManager:
         self._host: collections.OrderedDict[str, tuple[int, StagedAdapter]] = collections.OrderedDict()
         self._host_bytes = 0
         self._fetches: dict[str, Fetch] = {}
+        # bumped by unload (a delete or replace): a fetch that started before must not put the
+        # version it read into the host cache when it lands
+        self._unloads: collections.Counter[str] = collections.Counter()
         self._pool_ex = concurrent.futures.ThreadPoolExecutor(fetch_workers, thread_name_prefix="adapter-fetch")
         # Cold fetches parse, validate and stage ~100 MB in Python-driven steps; in one process the
         # GIL serializes them (~150 MB/s whatever the thread count). Worker processes do that
@@ -128,9 +130,10 @@ class AdapterManager:
                 return
             if adapter_id in self.resident and not self.resident[adapter_id].stale:
                 return
-            self._fetches[adapter_id] = Fetch(self._pool_ex.submit(self._fetch, adapter_id))
+            fetch = self._fetches[adapter_id] = Fetch()
+            fetch.future = self._pool_ex.submit(self._fetch, adapter_id, fetch, self._unloads[adapter_id])
 
-    def _fetch(self, adapter_id: str) -> None:
+    def _fetch(self, adapter_id: str, fetch: Fetch, unloads: int) -> None:
         try:
             if self._procs is not None:
                 version, staged = self._procs.submit(
@@ -138,34 +141,44 @@ class AdapterManager:
                     self.pool.block_tokens, self.pool.dtype, self.pool.adapter_dtype).result()
                 if self.cuda:
                     staged.images = staged.images.pin_memory()
-                self.put_host(adapter_id, version, staged)
             else:
                 version, cfg_bytes, w_bytes = self.source.fetch(adapter_id)
-                weights = parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype)
-                self.add_weights(weights, version)
+                staged = self._stage(parse_adapter(adapter_id, cfg_bytes, w_bytes, self.model_cfg, self.pool.dtype))
             with self._lock:
-                self._fetches.pop(adapter_id, None)
+                if self._fetches.get(adapter_id) is fetch:
+                    del self._fetches[adapter_id]
+                if self._unloads[adapter_id] != unloads:   # deleted or replaced meanwhile
+                    log.info("adapter %s changed during its fetch: dropping version %d", adapter_id, version)
+                    return                                  # a waiting request fetches it again
+                self._put_host(adapter_id, version, staged)
         except Exception as e:  # recorded for the scheduler to fail the waiting requests
             log.warning("fetch of adapter %s failed: %s", adapter_id, e)
             with self._lock:
-                self._fetches[adapter_id].error = e
+                fetch.error = e
 
     def put_host(self, adapter_id: str, version: int, staged: StagedAdapter) -> None:
         with self._lock:
-            old = self._host.pop(adapter_id, None)
-            if old:
-                self._host_bytes -= old[1].host_bytes
-            self._host[adapter_id] = (version, staged)
-            self._host_bytes += staged.host_bytes
-            while self._host_bytes > self.host_cache_bytes and len(self._host) > 1:
-                _, (_, ev) = self._host.popitem(last=False)
-                self._host_bytes -= ev.host_bytes
+            self._put_host(adapter_id, version, staged)
+
+    def _put_host(self, adapter_id: str, version: int, staged: StagedAdapter) -> None:
+        """With the lock held: cache it, and drop the least recently used past the byte budget."""
+        old = self._host.pop(adapter_id, None)
+        if old:
+            self._host_bytes -= old[1].host_bytes
+        self._host[adapter_id] = (version, staged)
+        self._host_bytes += staged.host_bytes
+        while self._host_bytes > self.host_cache_bytes and len(self._host) > 1:
+            _, (_, ev) = self._host.popitem(last=False)
+            self._host_bytes -= ev.host_bytes
 
     def add_weights(self, weights: LoraWeights, version: int = 0) -> None:
-        """Stage parsed weights (validated against the whole model) as this rank's shard."""
+        """Stage parsed weights (validated against the whole model) into the host cache."""
+        self.put_host(weights.adapter_id, version, self._stage(weights))
+
+    def _stage(self, weights: LoraWeights) -> StagedAdapter:
+        """This rank's shard of the weights as page images (pinned on CUDA)."""
         from server.tp import shard_lora
-        weights = shard_lora(weights, self.model_cfg, self.tp)
-        self.put_host(weights.adapter_id, version, stage_adapter(weights, self.pool, pin=self.cuda))
+        return stage_adapter(shard_lora(weights, self.model_cfg, self.tp), self.pool, pin=self.cuda)
 
     def has_failed(self, adapter_id: str) -> bool:
         with self._lock:
@@ -193,6 +206,13 @@ class AdapterManager:
                 del self._fetches[adapter_id]
                 return f.error
             return None
+
+    def versions(self) -> dict[str, int]:
+        """(engine thread) The version of every adapter held, in the pool or the host cache."""
+        with self._lock:
+            held = {aid: version for aid, (version, _) in self._host.items()}
+        held.update((aid, r.version) for aid, r in self.resident.items() if not r.stale)
+        return held
 
     def cached_ids(self) -> list[str]:
         with self._lock:
@@ -315,7 +335,9 @@ class AdapterManager:
         return False
 
     def unload(self, adapter_id: str, drop_host: bool = True) -> bool:
-        """Drop an adapter from the pool (now if idle, else when its requests finish)."""
+        """Drop an adapter from the pool (now if idle, else when its requests finish); with
+        drop_host (a delete or replace) also from the host cache, and a fetch still running
+        lands nowhere."""
         found = False
         if drop_host:
             with self._lock:
@@ -323,6 +345,10 @@ class AdapterManager:
                 if old:
                     self._host_bytes -= old[1].host_bytes
                     found = True
+                self._unloads[adapter_id] += 1
+                f = self._fetches.get(adapter_id)
+                if f is not None and f.error is None:
+                    del self._fetches[adapter_id]
         r = self.resident.get(adapter_id)
         if r is not None:
             found = True

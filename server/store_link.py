@@ -53,15 +53,24 @@ class StoreSource:
         except StoreUnavailable as e:
             raise SourceUnavailable(str(e)) from None
 
-    def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
-        from adapter_store.client import AdapterNotFound as StoreNotFound, StoreUnavailable
-        try:
-            info, cfg, weights = self.client.fetch(adapter_id)
-        except StoreNotFound:
-            raise AdapterNotFound(adapter_id) from None
-        except StoreUnavailable as e:
-            raise SourceUnavailable(str(e)) from None
-        return int(getattr(info, "version", 0)), cfg, weights
+    def fetch(self, adapter_id: str, attempts: int = 4) -> tuple[int, bytes, bytes]:
+        import grpc
+
+        from adapter_store.client import AdapterNotFound as StoreNotFound, StoreClientError, StoreUnavailable
+        for attempt in range(attempts):
+            try:
+                info, cfg, weights = self.client.fetch(adapter_id)
+                return int(getattr(info, "version", 0)), cfg, weights
+            except StoreNotFound:
+                raise AdapterNotFound(adapter_id) from None
+            except StoreUnavailable as e:
+                raise SourceUnavailable(str(e)) from None
+            except StoreClientError as e:
+                # ABORTED: replaced or deleted while its bytes streamed; the next try gets the
+                # new version, or NOT_FOUND
+                if e.code != grpc.StatusCode.ABORTED or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def attach_engine(engine, args, port: int, cleanup: list) -> None:
@@ -76,11 +85,28 @@ def attach_engine(engine, args, port: int, cleanup: list) -> None:
     cfg = engine.cfg
     meta.register_base_model(cfg.name, cfg.dims_dict())
 
+    local = {spec.partition("=")[0] for spec in (args.adapter or [])}   # --adapter folders: not the store's
+
+    def recheck() -> None:
+        """After the event stream was down: drop every adapter held whose store record is gone
+        or newer (the deletes and replaces of that time were never heard)."""
+        try:
+            held = engine.call(engine.adapters.versions).result(timeout=60)
+            for aid, version in held.items():
+                rec = None if aid in local else meta.get(aid)
+                if aid not in local and (rec is None or rec["version"] != version):
+                    log.info("adapter %s changed while events were down: dropping it from this engine", aid)
+                    engine.call(lambda a=aid: engine.adapters.unload(a))
+        except Exception as e:   # Redis down again: the next reconnect checks again
+            log.warning("re-checking the adapters held failed: %s", e)
+
     def on_event(ev: dict) -> None:
         aid = ev.get("adapter_id")
         if ev.get("type") in ("deleted", "replaced") and aid:
             log.info("adapter %s %s: dropping it from this engine", aid, ev["type"])
             engine.call(lambda: engine.adapters.unload(aid))
+        elif ev.get("type") == "reconnected":
+            threading.Thread(target=recheck, name="adapter-recheck", daemon=True).start()
 
     sub = subscribe_events(args.redis_url, on_event)
     cleanup.append(sub.stop)

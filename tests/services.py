@@ -94,3 +94,60 @@ class StoreThread:
 
 
 __all__ += ["StoreThread"]
+
+
+class LostReplyProxy:
+    """A loopback TCP proxy in front of a real redis-server that, when armed, cuts the connection
+    right after the server answered the next EVALSHA: the script ran, its reply never arrives,
+    and redis-py retries the command (as after a network blip)."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        self.upstream, self.armed, self.cut = upstream_port, False, 0
+        self._listen = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listen.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listen.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            pending = {"script": False}
+            threading.Thread(target=self._up, args=(client, server, pending), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, server, pending), daemon=True).start()
+
+    def _up(self, client, server, pending) -> None:
+        try:
+            while data := client.recv(65536):
+                if self.armed and b"EVALSHA" in data.upper():
+                    pending["script"] = True
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, client, server, pending) -> None:
+        import socket
+
+        try:
+            while data := server.recv(65536):
+                if pending["script"] and self.armed and not data.startswith(b"-"):
+                    self.armed, pending["script"] = False, False
+                    self.cut += 1
+                    for s in (client, server):
+                        s.shutdown(socket.SHUT_RDWR)
+                        s.close()
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listen.close()

@@ -492,6 +492,44 @@ def test_crash_between_blob_and_record_then_sweep(store):
     assert store.client.fetch("kept")[2] == kept_w
 
 
+def test_a_lost_script_reply_retried_by_redis_py_acts_once(redis_server, redis_namespace, tmp_path):
+    """redis-py resends a command whose reply a dropped connection lost. The register and delete
+    scripts ran already: the resend must report that run, not act again."""
+    from adapter_store.errors import AlreadyExists
+    from tests.services import LostReplyProxy
+    conf, weights = make_adapter(seed=7)
+    sha = hashlib.sha256(weights).hexdigest()
+    proxy = LostReplyProxy(redis_server.port)
+    meta = Metadata(proxy.url, blobs=FileStore(tmp_path / "blobs"), namespace=redis_namespace)
+    events = []
+    sub = subscribe_events(redis_server.url, events.append, namespace=redis_namespace)
+    try:
+        assert sub.subscribed.wait(10)
+        meta.register("warm", BASE, sha256=sha, config=conf, weights=weights)   # loads the scripts
+        proxy.armed = True
+        assert meta.register("a", BASE, sha256=sha, config=conf, weights=weights)["version"] == 1   # not AlreadyExists
+        proxy.armed = True
+        assert meta.register("a", BASE, sha256=sha, config=conf, weights=weights, replace=True)["version"] == 2
+        proxy.armed = True
+        assert meta.delete("a") == {"version": 2, "blob": blob_key(sha)}                        # not "not found"
+        assert proxy.cut == 3 and meta.get("a") is None
+        time.sleep(0.5)
+        assert [(e["type"], e.get("version")) for e in events if e.get("adapter_id") == "a"] == [
+            ("replaced", 2), ("deleted", 2)]                         # one event each
+        with pytest.raises(AlreadyExists):                           # and a real duplicate still is one
+            meta.register("warm", BASE, sha256=sha, config=conf, weights=weights)
+    finally:
+        sub.stop()
+        meta.close()
+        proxy.close()
+
+
+def test_list_refuses_a_negative_page_size(store):
+    from adapter_store.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match="page_size"):
+        store.meta.list(page_size=-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_all_finite_reads_the_bits_exactly(dtype):
     """The integer check agrees with torch.isfinite on every special value, at either end of

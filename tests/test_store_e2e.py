@@ -160,3 +160,96 @@ def test_delete_evicts_from_engine_running_requests_finish(tiny, fresh_redis):
             assert srv.engine.pool.adapter_pages == 0
     finally:
         srv.stop()
+
+
+def _raw_generate(target, aid, n=N_NEW):
+    """Generate through a bare stub (no client-side retry): what the engine itself answers."""
+    with grpc.insecure_channel(target) as ch:
+        req = pb.GenerateRequest(adapter_id=aid, prompt_token_ids=pb.TokenIds(ids=[9, 8, 7, 6]),
+                                 params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return [t for m in pb_grpc.InferenceStub(ch).Generate(req, timeout=60) for t in m.token_ids]
+
+
+@pytest.mark.parametrize("race", ["engine-fetch-overtaken", "store-read-overtaken"])
+def test_a_replace_during_a_fetch_serves_the_new_version(tiny, fresh_redis, monkeypatch, race):
+    """The replace lands while the engine is still fetching the old version.
+    engine-fetch-overtaken: the engine has the old bytes and is still parsing them when the
+    replaced event drops the adapter: what lands must not be cached (it was, for good).
+    store-read-overtaken: the store's blob read is slow (S3 latency) and the replace deletes the
+    old blob under it: the store answers ABORTED, and the engine must fetch again, not fail the
+    waiting requests."""
+    import threading
+    import time
+
+    from adapter_store import objstore
+    from server.store_link import StoreSource
+    d, model_dir, adapters = tiny
+    armed = threading.Event()
+    if race == "engine-fetch-overtaken":
+        real = StoreSource.fetch
+
+        def slow_fetch(self, adapter_id, *a, **kw):
+            out = real(self, adapter_id, *a, **kw)
+            if armed.is_set():
+                armed.clear()
+                time.sleep(1.0)
+            return out
+        monkeypatch.setattr(StoreSource, "fetch", slow_fetch)
+    else:
+        real_get = objstore.FileStore.get
+
+        def slow_get(self, key, *a, **kw):
+            delay = armed.is_set()
+            armed.clear()
+
+            def chunks():      # the store reads blobs in a producer thread, as from S3
+                if delay:
+                    time.sleep(1.0)
+                yield from real_get(self, key, *a, **kw)
+            return chunks()
+        monkeypatch.setattr(objstore.FileStore, "get", slow_get)
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / f"data-{race}"), "--redis-url",
+                        fresh_redis.url, "--pool-mb", "4", "--dtype", "float32"])
+    try:
+        with Client(srv.target) as c:
+            c.register_adapter(str(adapters["attn"]), adapter_id="x", base_model="tiny-llama", progress=False)
+            armed.set()
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("tokens", _raw_generate(srv.target, "x")))
+            t.start()
+            time.sleep(0.4)
+            c.register_adapter(str(adapters["full"]), adapter_id="x", base_model="tiny-llama", replace=True,
+                               progress=False)
+            t.join(60)
+            new = hf_reference(model_dir, adapters["full"], [9, 8, 7, 6], N_NEW)[0]
+            assert out.get("tokens") == new          # the request waiting during the race: version 2
+            assert _raw_generate(srv.target, "x") == new
+            assert {a: r.version for a, r in srv.engine.adapters.resident.items()} == {"x": 2}
+    finally:
+        srv.stop()
+
+
+def test_events_missed_while_unsubscribed_are_caught_up(tiny, fresh_redis):
+    """The engine's event subscription drops (a Redis blip) and a delete is published meanwhile:
+    on reconnecting, the engine re-checks what it holds and drops the deleted adapter."""
+    import redis as redislib
+    d, model_dir, adapters = tiny
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data-missed"), "--redis-url",
+                        fresh_redis.url, "--pool-mb", "4", "--dtype", "float32"])
+    r = redislib.Redis.from_url(fresh_redis.url)
+    subscribers = lambda: r.pubsub_numsub("loraserve:events")[0][1]  # noqa: E731
+    try:
+        with Client(srv.target) as c:
+            for aid in ("x", "y"):
+                c.register_adapter(str(adapters["attn"]), adapter_id=aid, base_model="tiny-llama", progress=False)
+                assert _raw_generate(srv.target, aid, 2)
+            assert wait_for(lambda: subscribers() >= 1, timeout=10)
+            assert r.client_kill_filter(_type="pubsub") >= 1
+            c.delete_adapter("x")                       # nobody hears this one
+            assert wait_for(lambda: "x" not in srv.engine.adapters.resident, timeout=15)
+            assert "x" not in srv.engine.adapters.cached_ids() and "y" in srv.engine.adapters.resident
+            with pytest.raises(grpc.RpcError) as e:
+                _raw_generate(srv.target, "x", 2)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        srv.stop()
