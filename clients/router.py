@@ -11,8 +11,8 @@ request:
    gather on one engine, which loads it once, instead of every engine loading it;
 3. the base model (no adapter): the least loaded engine.
 
-Load is the engine's running + waiting requests at its last heartbeat plus the streams this
-router has open to it since. An engine that answers UNAVAILABLE before its stream started is
+Load is the engine's running + waiting requests at its last heartbeat, or the streams this
+router has open to it where those are more (a heartbeat lags the requests just sent). An engine that answers UNAVAILABLE before its stream started is
 skipped for ``down_s`` seconds and the request goes to the next choice.
 """
 from __future__ import annotations
@@ -54,9 +54,10 @@ def _hrw(adapter_id: str, engine_id: str) -> int:
 
 def choose(engines: Sequence[EngineView], adapter_id: str, extra_load: dict[str, int] | None = None,
            slack: int = 8) -> list[EngineView]:
-    """Engines in the order to try for a request of ``adapter_id`` ("" : the base model)."""
+    """Engines in the order to try for a request of ``adapter_id`` ("" : the base model).
+    extra_load: streams the caller has open per engine_id."""
     extra = extra_load or {}
-    load = {e.engine_id: e.running + e.waiting + extra.get(e.engine_id, 0) for e in engines}
+    load = {e.engine_id: max(e.running + e.waiting, extra.get(e.engine_id, 0)) for e in engines}
     by_load = sorted(engines, key=lambda e: (load[e.engine_id], -_hrw(adapter_id, e.engine_id)))
     if not adapter_id or not by_load:
         return by_load
@@ -97,8 +98,6 @@ class Router:
         views = [EngineView.from_pb(e) for e in self.store.list_engines(base_model=self.base_model)]
         with self._lock:
             self._engines, self._fetched_at = views, time.monotonic()
-            # streams counted since the heartbeat are in its figures by now, roughly: start over
-            self._open = {k: v for k, v in self._open.items() if v > 0}
             return list(views)
 
     def plan(self, adapter_id: str = "") -> list[EngineView]:
