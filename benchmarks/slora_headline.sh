@@ -12,7 +12,8 @@
 # Settings: S1 = all adapters rank 8; S2 = ranks 64/32/16/8 evenly (q,k,v,o); GQA = Llama-3-8B's
 # shape (8 KV heads) with ranks 64/32/16/8 on attention and MLP (q,k,v,o,gate,up,down):
 #   PRESET=llama-3-8b SETTINGS=GQA bash benchmarks/slora_headline.sh
-# PEFT and base-only run on the same workload (PEFT only at small n: it serves one request at a time).
+# PEFT and base-only run on the same workload (PEFT only at small n: S-LoRA's schedule, batches of up to
+# PEFT_BATCH requests of one adapter, default 6 as in S-LoRA's main runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${PRESET:-llama-7b}
@@ -111,7 +112,7 @@ if [ -n "$PEFT_NS" ]; then
   # shellcheck disable=SC2086
   loraserve bench --synthetic --base-model $NAME --alpha 1 --cv 1 --rate "${PEFT_RATE:-$RATE}" --duration $PEFT_DURATION --drain-timeout $DRAIN \
     --input-range $INPUT --output-range $OUTPUT --quiet --ranks 64,32,16,8 --n "$PEFT_NS" \
-    --compare peft --model "$MODEL" --peft-dtype float16 --out "$RESULTS/peft.json" | tee "$RESULTS/peft.txt"
+    --compare peft --model "$MODEL" --peft-dtype float16 --peft-batch-size "${PEFT_BATCH:-6}" --out "$RESULTS/peft.json" | tee "$RESULTS/peft.txt"
 fi
 python3 benchmarks/headline_table.py "$RESULTS" | tee "$RESULTS/table.md"
 log done

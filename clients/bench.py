@@ -4,12 +4,16 @@ throughput, latency, first-token latency, per-token latency and SLO attainment.
 The metrics follow S-LoRA's benchmarks/run_exp.py:
 
 - throughput: finished requests / total time (req/s); also output tokens/s and total tokens/s.
+- strip_throughput: the same without the first and last 10 s and their share of requests
+  (rate x 10 each), S-LoRA's "throughput strip" (synthetic workloads, whose rate is known).
 - avg_latency: mean end-to-end latency of finished requests (from the moment it was sent).
 - first-token latency (TTFT): time to the first streamed token; mean, p50, p90, p99.
-- avg_per_token_latency: mean over requests of latency / output tokens (S-LoRA's
-  "average latency per output token"); avg_tpot: mean of (latency - ttft) / (tokens - 1).
+- avg_per_token_latency: mean of latency / (prompt + output tokens); avg_per_output_token_latency:
+  mean of latency / output tokens (S-LoRA's two); avg_tpot: mean of (latency - ttft) / (tokens - 1).
 - slo_attainment: share of *all* requests (failed ones count as misses) whose first token came
   in under ``slo`` seconds (S-LoRA: 6 s).
+- avg_satisfaction: S-LoRA's user satisfaction, the mean over *all* requests of 1 - (ttft / slo)^2
+  below the SLO and 0 from it on (failed requests: 0).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 from clients.workload import (Request, WorkloadSpec, generate_workload, load_trace, save_trace,
                               synthetic_adapter_ids, with_adapters, workload_summary)
 
-DEFAULT_RANKS = (8, 16, 32, 64)
+DEFAULT_RANKS = (64, 32, 16, 8)      # S-LoRA's S2, in its order: adapter i has rank [64, 32, 16, 8][i % 4]
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 __all__ = ["RequestResult", "compute_metrics", "run_requests", "run_workload", "add_bench_args", "run_bench",
@@ -62,14 +66,21 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def compute_metrics(results: Sequence[RequestResult], total_time: float, slo: float = 6.0) -> dict:
+def satisfaction(ttft: float | None, slo: float = 6.0) -> float:
+    """S-LoRA's reward for a first-token latency: 1 at once, falling as a parabola to 0 at the SLO."""
+    return 0.0 if ttft is None or ttft >= slo else 1.0 - (ttft / slo) ** 2
+
+
+def compute_metrics(results: Sequence[RequestResult], total_time: float, slo: float = 6.0,
+                    req_rate: float | None = None, strip_s: float = 10.0) -> dict:
     """S-LoRA's metrics over one run (see the module docstring)."""
     ok = [r for r in results if r.ok]
     ttft = [r.first_token_latency for r in ok if r.first_token_latency is not None]
     lat = [r.latency for r in ok]
     out_tokens = sum(r.completion_tokens for r in ok)
     in_tokens = sum(r.input_len for r in ok)
-    per_tok = [r.latency / r.completion_tokens for r in ok if r.completion_tokens > 0]
+    per_out = [r.latency / r.completion_tokens for r in ok if r.completion_tokens > 0]
+    per_tok = [r.latency / (r.input_len + r.completion_tokens) for r in ok if r.input_len + r.completion_tokens > 0]
     tpot = [(r.latency - r.first_token_latency) / (r.completion_tokens - 1) for r in ok
             if r.completion_tokens > 1 and r.first_token_latency is not None]
     errors: dict[str, int] = {}
@@ -80,10 +91,13 @@ def compute_metrics(results: Sequence[RequestResult], total_time: float, slo: fl
             first_errors.setdefault(r.error or "UNFINISHED", r.error_details)
     attained = sum(1 for r in ok if r.first_token_latency is not None and r.first_token_latency < slo)
     t = max(total_time, 1e-9)
+    strip = None
+    if req_rate and total_time > 2 * strip_s:
+        strip = (len(ok) - 2 * int(req_rate * strip_s)) / (total_time - 2 * strip_s)
     return {
         "num_requests": len(results), "num_finished": len(ok), "num_failed": len(results) - len(ok),
         "errors": errors, "error_examples": first_errors, "total_time": total_time,
-        "throughput": len(ok) / t,
+        "throughput": len(ok) / t, "strip_throughput": strip,
         "output_token_throughput": out_tokens / t,
         "total_token_throughput": (out_tokens + in_tokens) / t,
         "avg_latency": _mean(lat),
@@ -91,9 +105,11 @@ def compute_metrics(results: Sequence[RequestResult], total_time: float, slo: fl
         "p50_first_token_latency": _pct(ttft, 50), "p90_first_token_latency": _pct(ttft, 90),
         "p99_first_token_latency": _pct(ttft, 99),
         "avg_per_token_latency": _mean(per_tok),
+        "avg_per_output_token_latency": _mean(per_out),
         "avg_tpot": _mean(tpot),
         "slo": slo,
         "slo_attainment": attained / len(results) if results else None,
+        "avg_satisfaction": _mean([satisfaction(r.first_token_latency if r.ok else None, slo) for r in results]),
         "completion_tokens": out_tokens, "prompt_tokens": in_tokens,
     }
 
@@ -344,7 +360,8 @@ _COLUMNS = [
     ("req/s", "throughput", "{:.3f}"), ("out tok/s", "output_token_throughput", "{:.1f}"),
     ("avg lat s", "avg_latency", "{:.3f}"), ("ttft p50", "p50_first_token_latency", "{:.3f}"),
     ("ttft p90", "p90_first_token_latency", "{:.3f}"), ("ttft p99", "p99_first_token_latency", "{:.3f}"),
-    ("s/out tok", "avg_per_token_latency", "{:.4f}"), ("SLO att.", "slo_attainment", "{:.3f}"),
+    ("s/out tok", "avg_per_output_token_latency", "{:.4f}"), ("SLO att.", "slo_attainment", "{:.3f}"),
+    ("satisf.", "avg_satisfaction", "{:.3f}"),
 ]
 
 
@@ -372,7 +389,7 @@ _CMP_METRICS = [("throughput (req/s)", "throughput", "{:.3f}"),
                 ("avg latency (s)", "avg_latency", "{:.3f}"),
                 ("ttft p50 (s)", "p50_first_token_latency", "{:.3f}"),
                 ("ttft p90 (s)", "p90_first_token_latency", "{:.3f}"),
-                ("s per output token", "avg_per_token_latency", "{:.4f}"),
+                ("s per output token", "avg_per_output_token_latency", "{:.4f}"),
                 ("SLO attainment", "slo_attainment", "{:.3f}")]
 
 
@@ -504,7 +521,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     mx.add_argument("--base-only", action="store_true", help="no adapter: the base model only")
     mx.add_argument("--trace", metavar="FILE", help="replay a JSONL trace (timestamp, adapter_id, input_len, output_len)")
     src.add_argument("--ranks", type=_int_list, default=list(DEFAULT_RANKS), metavar="R,R",
-                     help="ranks of synthetic adapters, cycling (default 8,16,32,64)")
+                     help="ranks of synthetic adapters, cycling (default 64,32,16,8: S-LoRA's S2, adapter i of rank [64,32,16,8][i %% 4])")
     src.add_argument("--targets", type=_str_list, default=list(DEFAULT_TARGETS), metavar="M,M",
                      help="target modules of synthetic adapters (default q_proj,k_proj,v_proj,o_proj)")
     src.add_argument("--base-model", default="", help="base model name for synthetic registrations (default: the store's)")
@@ -541,6 +558,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="also run the same workload with the PEFT baseline (needs --model) and/or base-only")
     r.add_argument("--model", metavar="DIR", help="base model folder for --compare peft")
     r.add_argument("--peft-device", default=None, help="device for the PEFT baseline (default cuda if available)")
+    r.add_argument("--peft-batch-size", type=int, default=6,
+                   help="the PEFT baseline's largest batch of one adapter's requests (S-LoRA: 6 in its main "
+                        "runs, 50 for Llama-7B in its Table 3; 1: one request at a time)")
     r.add_argument("--peft-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="dtype for the PEFT baseline (default float16; float32 on CPU)")
 
@@ -620,7 +640,7 @@ async def _bench_async(args) -> list[dict]:
                                                 request_timeout=args.request_timeout, quiet=args.quiet,
                                                 label=f"loraserve n={n}")
             runs.append({"backend": "loraserve" if not args.base_only else "base", "n": n, "config": cfg,
-                         "result": compute_metrics(results, total, args.slo),
+                         "result": compute_metrics(results, total, args.slo, _rate(args)),
                          "engine": await _engine_window(client, before)})
             _report_errors(runs[-1])
             if "base" in compare and not args.base_only:  # the same arrivals, lengths and prompts
@@ -630,7 +650,7 @@ async def _bench_async(args) -> list[dict]:
                                                     request_timeout=args.request_timeout, quiet=args.quiet,
                                                     label=f"base n={n}")
                 runs.append({"backend": "base", "n": n, "config": cfg,
-                             "result": compute_metrics(results, total, args.slo),
+                             "result": compute_metrics(results, total, args.slo, _rate(args)),
                              "engine": await _engine_window(client, before)})
                 _report_errors(runs[-1])
             if "peft" in compare:
@@ -638,9 +658,10 @@ async def _bench_async(args) -> list[dict]:
                 sources = await peft_baseline.adapter_sources_for(client, reqs, args)
                 results, total = await asyncio.to_thread(
                     peft_baseline.run_peft_baseline, reqs, args.model, sources, device=args.peft_device,
-                    dtype=args.peft_dtype, drain_timeout=args.drain_timeout, quiet=args.quiet, label=f"peft n={n}")
+                    dtype=args.peft_dtype, drain_timeout=args.drain_timeout, quiet=args.quiet, label=f"peft n={n}",
+                    max_batch_size=args.peft_batch_size)
                 runs.append({"backend": "peft", "n": n, "config": cfg,
-                             "result": compute_metrics(results, total, args.slo)})
+                             "result": compute_metrics(results, total, args.slo, _rate(args))})
                 _report_errors(runs[-1])
     return runs
 
@@ -651,6 +672,11 @@ def _report_errors(run: dict) -> None:
         detail = res.get("error_examples", {}).get(code, "")
         print(f"warning: [{run['backend']} n={run['n']}] {count} request(s) failed with {code}"
               + (f": {detail}" if detail else ""), file=sys.stderr)
+
+
+def _rate(args) -> float | None:
+    """The arrival rate, where the workload is synthetic (a trace's is whatever it holds)."""
+    return None if getattr(args, "trace", None) else args.rate
 
 
 def run_bench(args) -> int:

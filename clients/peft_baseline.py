@@ -1,10 +1,18 @@
 """The PEFT baseline of S-LoRA's evaluation: Hugging Face transformers + PEFT in this process,
-serving the same workload one request at a time and switching the active adapter per request.
+serving the same workload on S-LoRA's schedule (its benchmarks/run_exp_peft.py):
 
-Requests are taken in arrival order; each is "sent" at its trace timestamp, so its latency and
-first-token latency include the time it queued behind earlier requests (the same definitions as
-``loraserve bench``). Decoding is greedy with the KV cache and ignores EOS, so every request
-produces exactly ``output_len`` tokens.
+- take every request that has arrived; group them by adapter, in order of first arrival;
+- for each group, make its adapter the active one and serve it in batches of up to
+  ``max_batch_size`` (S-LoRA: 6 in its main runs, 50 for Llama-7B in its Table 3): prompts padded
+  to the batch's longest (without a mask, as S-LoRA's identical dummy prompts need none: the
+  baseline measures time, not text), greedy decoding with the KV cache to the batch's longest
+  output, each request leaving the batch (and the cache) when its own output is complete;
+- then take the requests that arrived meanwhile, and so on.
+
+Each request is "sent" at its trace timestamp, so its latency and first-token latency include
+the time it queued (the definitions of ``loraserve bench``). EOS is ignored: every request
+produces exactly ``output_len`` tokens. Unlike S-LoRA's script, requests still unserved
+``drain_timeout`` seconds after the last arrival are cancelled, as ``loraserve bench`` does.
 
 Adapters are PEFT folders: local ones, ones fetched from the adapter store (FetchAdapter), or
 synthetic ones materialized from their spec with ``adapter_store.synthetic`` (the same bytes the
@@ -153,14 +161,18 @@ def load_model(model_dir: str, sources: dict[str, AdapterSource], device: str | 
 def run_peft_baseline(requests: Sequence[Request], model_dir: str, sources: dict[str, AdapterSource], *,
                       device: str | None = None, dtype: str = "float16", duration: float | None = None,
                       drain_timeout: float = 600.0, quiet: bool = True, label: str = "peft",
-                      model=None) -> tuple[list[RequestResult], float]:
-    """Serve ``requests`` one at a time at their arrival times; returns (results, total_time)
-    with the same meaning as ``clients.bench.run_requests``. ``model`` (from ``load_model``)
-    may be passed to reuse a loaded model across runs."""
+                      model=None, max_batch_size: int = 6) -> tuple[list[RequestResult], float]:
+    """Serve ``requests`` on S-LoRA's PEFT schedule (module docstring); returns (results,
+    total_time) with the meaning of ``clients.bench.run_requests``. ``max_batch_size`` 1 serves
+    one request at a time. ``model`` (from ``load_model``) may be reused across runs."""
+    import collections  # noqa: PLC0415
     import contextlib  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be 1 or more, got {max_batch_size}")
     missing = sorted({r.adapter_id for r in requests if r.adapter_id} - set(sources))
     if missing:
         raise ValueError(f"no PEFT folder for adapters {missing[:5]}")
@@ -172,7 +184,6 @@ def run_peft_baseline(requests: Sequence[Request], model_dir: str, sources: dict
         requests = [r for r in requests if r.timestamp <= duration]
     reqs = sorted(requests, key=lambda r: r.timestamp)
     results = {r.index: RequestResult(r.index, r.adapter_id, r.input_len, r.output_len, r.timestamp) for r in reqs}
-    import inspect  # noqa: PLC0415
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # transformers >= 5.x names the KV cache argument/output `cache`; older ones `past_key_values`
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -181,47 +192,94 @@ def run_peft_baseline(requests: Sequence[Request], model_dir: str, sources: dict
     bar = ProgressLine(label, len(reqs), quiet)
     stop_at = (reqs[-1].timestamp if reqs else 0.0) + drain_timeout
     t0 = time.perf_counter()
-    last = t0
+    last = [t0]
+
+    def finish(r: Request, error: str | None = None) -> None:
+        res = results[r.index]
+        if error:
+            res.error = error
+            bar.failed += 1
+        else:
+            res.completion_tokens = r.output_len
+            res.latency = time.perf_counter() - (t0 + r.timestamp)
+            bar.done += 1
+        last[0] = time.perf_counter()
+        bar.tick()
+
+    def run_batch(batch: list[Request]) -> None:
+        """One padded batch, greedy, to its longest output; finished rows leave the KV cache."""
+        longest = max(r.input_len for r in batch)
+        ids = torch.tensor([[r.prompt_token_ids[0]] * (longest - r.input_len) + list(r.prompt_token_ids)
+                            for r in batch], device=device)
+        out = model(input_ids=ids, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        past = out.get(cache_kw)
+        sync()
+        for r in batch:
+            results[r.index].first_token_latency = time.perf_counter() - (t0 + r.timestamp)
+        active, made = list(batch), 1
+        while True:
+            keep = [j for j, r in enumerate(active) if r.output_len > made]
+            if len(keep) < len(active):
+                sync()
+                for j, r in enumerate(active):
+                    if r.output_len <= made:
+                        finish(r)
+                if not keep:
+                    return
+                active, tok, past = [active[j] for j in keep], tok[keep], _keep_rows(past, keep, device)
+            out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
+            past = out.get(cache_kw)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            made += 1
+
+    pending = collections.deque(reqs)
     with torch.inference_mode():
-        for r in reqs:
-            res = results[r.index]
+        while pending:
             now = time.perf_counter() - t0
-            if now < r.timestamp:
-                time.sleep(r.timestamp - now)
-            if time.perf_counter() - t0 > stop_at:
-                res.error = "CANCELLED"
-                bar.failed += 1
+            if pending[0].timestamp > now:
+                time.sleep(pending[0].timestamp - now)
                 continue
-            res.sent = r.timestamp
-            bar.sent += 1
-            arrival = t0 + r.timestamp
-            if r.adapter_id:
-                model.set_adapter(_peft_name(r.adapter_id))
-                ctx = contextlib.nullcontext()
-            else:
-                ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-            try:
+            queue = []
+            while pending and pending[0].timestamp <= now:
+                r = pending.popleft()
+                results[r.index].sent = r.timestamp
+                bar.sent += 1
+                queue.append(r)
+            groups: dict[str, list[Request]] = {}
+            for r in queue:
+                groups.setdefault(r.adapter_id, []).append(r)
+            for aid, group in groups.items():
+                if aid:
+                    model.set_adapter(_peft_name(aid))
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
                 with ctx:
-                    ids = torch.tensor([r.prompt_token_ids], device=device)
-                    out = model(input_ids=ids, use_cache=True)
-                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                    sync()
-                    res.first_token_latency = time.perf_counter() - arrival
-                    past = out.get(cache_kw)
-                    for _ in range(r.output_len - 1):
-                        out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
-                        past = out.get(cache_kw)
-                        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                    sync()
-                res.completion_tokens = r.output_len
-                res.latency = time.perf_counter() - arrival
-                bar.done += 1
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM or a bad request
-                res.error = "RESOURCE_EXHAUSTED" if "out of memory" in str(e).lower() else "INTERNAL"
-                bar.failed += 1
-                if cuda:
-                    torch.cuda.empty_cache()
-            last = time.perf_counter()
-            bar.tick()
+                    for k in range(0, len(group), max_batch_size):
+                        batch = group[k:k + max_batch_size]
+                        if time.perf_counter() - t0 > stop_at:      # past the drain: cancel, as bench does
+                            for r in batch:
+                                finish(r, "CANCELLED")
+                            continue
+                        try:
+                            run_batch(batch)
+                        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM or a bad request
+                            for r in batch:
+                                if results[r.index].latency is None and not results[r.index].error:
+                                    finish(r, "RESOURCE_EXHAUSTED" if "out of memory" in str(e).lower() else "INTERNAL")
+                            if cuda:
+                                torch.cuda.empty_cache()
     bar.close()
-    return [results[r.index] for r in reqs], max(last - t0, 1e-9)
+    return [results[r.index] for r in reqs], max(last[0] - t0, 1e-9)
+
+
+def _keep_rows(cache, keep: list[int], device):
+    """The KV cache of the batch rows in ``keep`` (a DynamicCache, or the legacy tuples)."""
+    import torch  # noqa: PLC0415
+
+    idx = torch.tensor(keep, device=device)
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(idx)
+        return cache
+    return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in cache)

@@ -11,7 +11,11 @@
 - ``int(R * duration)`` requests (optionally capped at ``max_requests``).
 - Input and output lengths uniform integers in ``[lo, hi)``; requests set ``ignore_eos`` so the
   output length is exact. Prompts are random token ids (no tokenizer needed).
-- Everything comes from one ``numpy.random.Generator`` seeded with ``seed``: same spec, same workload.
+- The draws are S-LoRA's, in its order, from numpy's legacy generator seeded with ``seed``
+  (``RandomState``, the stream of its ``np.random.seed``): adapters, input lengths, output
+  lengths, intervals, each for all ``int(R * duration)`` requests. So a spec gives the trace
+  S-LoRA's ``generate_requests`` gives for the same seed (``max_requests`` keeps its first
+  requests). The prompts' token ids come after, from the same stream.
 
 A workload can be saved and replayed as a JSONL trace: one object per line with ``timestamp``
 (seconds from the start), ``adapter_id``, ``input_len``, ``output_len`` (and optionally
@@ -105,29 +109,28 @@ def generate_workload(spec: WorkloadSpec, adapter_ids: Sequence[str] | None = No
     """The request list of ``spec``. ``adapter_ids[i]`` names adapter ``i``; with no adapters
     (``num_adapters == 0`` or ``adapter_ids == [""]``) every request targets the base model."""
     spec.validate()
-    rng = np.random.default_rng(spec.seed)
+    rng = np.random.RandomState(spec.seed)
     n = spec.num_adapters
     if adapter_ids is None:
         adapter_ids = synthetic_adapter_ids(n) if n > 0 else [""]
     adapter_ids = list(adapter_ids)
     if n > 0 and len(adapter_ids) < n:
         raise ValueError(f"need {n} adapter ids, got {len(adapter_ids)}")
-    total = int(spec.req_rate * spec.duration)
-    if spec.max_requests is not None:
-        total = min(total, int(spec.max_requests))
-    total = max(total, 0)
-    # Draw every stream from the same generator in a fixed order. The adapter draw happens for
-    # n = 0 too, so a base-only run gets the same arrivals, lengths and prompts as any n.
-    u = rng.power(spec.alpha, total)
+    drawn = max(int(spec.req_rate * spec.duration), 0)
+    total = drawn if spec.max_requests is None else max(min(drawn, int(spec.max_requests)), 0)
+    # S-LoRA's draws, in its order and for all its requests (so the first `total` are its
+    # trace's). The adapter draw happens for n = 0 too, so a base-only run gets the same
+    # arrivals, lengths and prompts as any n.
+    u = rng.power(spec.alpha, drawn)[:total]
     idx = np.minimum((u * n).astype(np.int64), n - 1) if n > 0 else np.zeros(total, dtype=np.int64)
-    in_lens = rng.integers(spec.input_range[0], spec.input_range[1], total)
-    out_lens = rng.integers(spec.output_range[0], spec.output_range[1], total)
+    in_lens = rng.randint(spec.input_range[0], spec.input_range[1], drawn)[:total]
+    out_lens = rng.randint(spec.output_range[0], spec.output_range[1], drawn)[:total]
     shape = 1.0 / (spec.cv * spec.cv)
     scale = spec.cv * spec.cv / spec.req_rate
-    times = np.cumsum(rng.gamma(shape, scale, total))
+    times = np.cumsum(rng.gamma(shape, scale, drawn)[:total])
     reqs = []
     for i in range(total):
-        prompt = rng.integers(spec.token_low, spec.vocab_size, int(in_lens[i])).tolist()
+        prompt = rng.randint(spec.token_low, spec.vocab_size, int(in_lens[i])).tolist()
         aid = adapter_ids[int(idx[i])] if n > 0 else adapter_ids[0] if adapter_ids else ""
         reqs.append(Request(index=i, timestamp=float(times[i]), adapter_id=aid, input_len=int(in_lens[i]),
                             output_len=int(out_lens[i]), adapter_index=int(idx[i]) if n > 0 else -1,

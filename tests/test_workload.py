@@ -220,7 +220,14 @@ def test_metrics_definitions():
     assert m["avg_first_token_latency"] == pytest.approx(8.5 / 3)
     assert m["p50_first_token_latency"] == pytest.approx(1.0)
     assert m["p90_first_token_latency"] == pytest.approx(np.percentile([0.5, 1.0, 7.0], 90))
-    assert m["avg_per_token_latency"] == pytest.approx(np.mean([0.2, 0.6, 3.0]))
+    assert m["avg_per_output_token_latency"] == pytest.approx(np.mean([0.2, 0.6, 3.0]))
+    assert m["avg_per_token_latency"] == pytest.approx(np.mean([2.0 / 20, 3.0 / 15, 9.0 / 13]))
+    # S-LoRA's satisfaction: 1 - (ttft / 6)^2 under the SLO, 0 past it and for the failed request
+    assert m["avg_satisfaction"] == pytest.approx((1 - (0.5 / 6) ** 2 + 1 - (1 / 6) ** 2 + 0 + 0) / 4)
+    assert m["strip_throughput"] is None                       # no rate given
+    long = compute_metrics(rs, total_time=30.0, slo=6.0, req_rate=0.05)
+    assert long["strip_throughput"] == pytest.approx((3 - 2 * 0) / 10.0)
+    assert compute_metrics(rs, total_time=30.0, slo=6.0, req_rate=0.1)["strip_throughput"] == pytest.approx((3 - 2) / 10.0)
     assert m["avg_tpot"] == pytest.approx(np.mean([1.5 / 9, 2.0 / 4, 2.0 / 2]))
     assert m["slo_attainment"] == pytest.approx(2 / 4)     # failed requests count as misses
     empty = compute_metrics([], 1.0)
@@ -231,3 +238,27 @@ def test_metrics_definitions():
     cmp = format_comparison(runs)
     assert "loraserve/peft" in cmp
     assert [line for line in cmp.splitlines() if line.startswith("throughput")][0].split()[-1] == "3.00x"
+
+
+@pytest.mark.parametrize("n, alpha, rate, cv, duration, cap", [(100, 1.0, 2.0, 1.0, 60.0, None),
+                                                           (2000, 0.1, 10.0, 2.0, 30.0, None),
+                                                           (5, 0.5, 60.0, 1.0, 8.0, 100), (0, 1.0, 4.0, 1.0, 5.0, None)])
+def test_the_trace_is_s_loras_for_the_same_seed(n, alpha, rate, cv, duration, cap):
+    """S-LoRA's generate_requests (benchmarks/trace.py) draws, after np.random.seed(seed): the
+    adapters (power), input then output lengths (randint), then the intervals (gamma), each for
+    int(rate * duration) requests; n = 0 is one base "adapter". The workload must be that trace."""
+    spec = WorkloadSpec(num_adapters=n, alpha=alpha, req_rate=rate, cv=cv, duration=duration, seed=42,
+                        input_range=(8, 512), output_range=(8, 512), max_requests=cap)
+    reqs = generate_workload(spec)
+    np.random.seed(42)                                   # S-LoRA's sequence, with the global API
+    tot = int(rate * duration)
+    ind = (np.random.power(alpha, tot) * max(n, 1)).astype(int)
+    ins = np.random.randint(8, 512, tot)
+    outs = np.random.randint(8, 512, tot)
+    times = np.cumsum(np.random.gamma(1 / (cv * cv), cv * cv / rate, tot))
+    k = tot if cap is None else min(cap, tot)
+    assert len(reqs) == k
+    assert [r.input_len for r in reqs] == ins[:k].tolist() and [r.output_len for r in reqs] == outs[:k].tolist()
+    assert np.allclose([r.timestamp for r in reqs], times[:k])
+    if n:
+        assert [r.adapter_index for r in reqs] == ind[:k].tolist()
