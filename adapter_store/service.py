@@ -1,6 +1,6 @@
 """loraserve.v1.AdapterStore: the control-plane servicer (grpc.aio).
 
-Blocking Redis and object-store calls run in threads (asyncio.to_thread), as does validation
+Blocking Redis and object-store calls run on the store's own threads (`_POOL`), as does validation
 (torch releases the GIL for most of it), so the event loop that also serves the engine's RPCs
 never stalls. Redis or object store down: UNAVAILABLE, and the next call after they return
 works again (redis-py reconnects by itself; the S3 client too).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import hmac
 import logging
@@ -58,10 +59,21 @@ def record_to_info(rec: dict) -> pb.AdapterInfo:
                           version=rec["version"], synthetic=bool(rec["synthetic"]))
 
 
+# The store's blocking work (Redis, object storage, validation) runs on threads of its own, not
+# the event loop's default executor: embedded in `serve`, the engine's servicers call this store
+# from threads of that process, and on one shared pool they could take every thread its
+# handlers need (a deadlock until their calls time out).
+_POOL = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="loraserve-store")
+
+
+async def _thread(fn, *args, **kw):
+    return await asyncio.get_running_loop().run_in_executor(_POOL, functools.partial(fn, *args, **kw))
+
+
 async def _run(fn, *args, **kw):
-    """fn in a thread; backend failures become Unavailable."""
+    """fn in a store thread; backend failures become Unavailable."""
     try:
-        return await asyncio.to_thread(fn, *args, **kw)
+        return await _thread(fn, *args, **kw)
     except StoreError:
         raise
     except InvalidKey as e:
@@ -174,7 +186,7 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
                              synthetic=spec.to_json(), replace=h.replace)
             return record_to_info(rec)
 
-        config, weights = await asyncio.to_thread(lambda: (b"".join(files[CONFIG_FILE]), b"".join(files[WEIGHTS_FILE])))
+        config, weights = await _thread(lambda: (b"".join(files[CONFIG_FILE]), b"".join(files[WEIGHTS_FILE])))
         files.clear()
         digest = hasher.hexdigest()
         t1 = time.perf_counter()
@@ -182,7 +194,7 @@ class AdapterStoreServicer(pb_grpc.AdapterStoreServicer):
             raise InvalidArgument(f"header.sha256 mismatch: {WEIGHTS_FILE} has sha256 {digest}, header says "
                                   f"{expected_sha}")
         # sizes, config and safetensors header first: a malformed upload never reaches the object store
-        await asyncio.to_thread(precheck, config, weights, self.limits)
+        await _thread(precheck, config, weights, self.limits)
         timing = {}
 
         def check() -> dict:

@@ -30,6 +30,15 @@ class SourceUnavailable(RuntimeError):
     pass
 
 
+def fetch_failure(adapter_id: str, err: Exception) -> tuple[str, str]:
+    """(grpc status name, message) for a request whose adapter's fetch failed with err."""
+    if isinstance(err, AdapterNotFound):
+        return "NOT_FOUND", f"adapter {adapter_id!r} is not registered"
+    if isinstance(err, AdapterError):
+        return "INVALID_ARGUMENT", f"adapter {adapter_id!r} cannot be served: {err}"
+    return "UNAVAILABLE", f"adapter {adapter_id!r} could not be fetched: {err}"
+
+
 class AdapterSource(Protocol):
     def exists(self, adapter_id: str) -> bool: ...
     def fetch(self, adapter_id: str) -> tuple[int, bytes, bytes]:
@@ -124,9 +133,14 @@ class AdapterManager:
 
     # -- host side (any thread) ------------------------------------------------------------
     def prefetch(self, adapter_id: str) -> None:
-        """Start fetching a cold adapter into the host cache (no-op when warm or hot)."""
+        """Start fetching a cold adapter into the host cache (no-op when warm, hot or on its way).
+        A failed fetch that nobody collected (its requests were cancelled) is fetched again: a
+        new request must not inherit an old error."""
         with self._lock:
-            if adapter_id in self._host or adapter_id in self._fetches:
+            if adapter_id in self._host:
+                return
+            f = self._fetches.get(adapter_id)
+            if f is not None and f.error is None:
                 return
             if adapter_id in self.resident and not self.resident[adapter_id].stale:
                 return
@@ -346,9 +360,7 @@ class AdapterManager:
                     self._host_bytes -= old[1].host_bytes
                     found = True
                 self._unloads[adapter_id] += 1
-                f = self._fetches.get(adapter_id)
-                if f is not None and f.error is None:
-                    del self._fetches[adapter_id]
+                self._fetches.pop(adapter_id, None)   # its result, or its error, is of the old version
         r = self.resident.get(adapter_id)
         if r is not None:
             found = True

@@ -106,5 +106,5 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
         from server.warmup import warm_up
         log.info("warm-up steps took %.1f s", warm_up(engine))
     log.info("engine ready: model=%s device=%s dtype=%s pages=%d x %d KB (block %d tokens, %d tokens of KV)",
-             cfg.name, device, str(dtype).removeprefix("torch."), num_pages, page_bytes >> 10, B, max_tokens)
+             cfg.name, device, str(dtype).removeprefix("torch."), pool.num_pages, page_bytes >> 10, B, max_tokens)
     return engine, Tokenizer.from_dir(ec.model_dir)

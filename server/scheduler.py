@@ -313,15 +313,9 @@ class Scheduler:
 
     def _reject_adapter(self, adapter_id: str, err: Exception, candidates) -> None:
         """Fail every queued request for an adapter whose fetch failed."""
-        from server.adapters import AdapterNotFound
-        from server.lora import AdapterError
+        from server.adapters import fetch_failure
 
-        if isinstance(err, AdapterNotFound):
-            status, msg = "NOT_FOUND", f"adapter {adapter_id!r} is not registered"
-        elif isinstance(err, AdapterError):
-            status, msg = "INVALID_ARGUMENT", f"adapter {adapter_id!r} cannot be served: {err}"
-        else:
-            status, msg = "UNAVAILABLE", f"adapter {adapter_id!r} could not be fetched: {err}"
+        status, msg = fetch_failure(adapter_id, err)
         doomed = [r for r in [*candidates, *self.waiting] if r.adapter_id == adapter_id]
         for r in doomed:
             if r in self.waiting:

@@ -7,6 +7,7 @@ event loop: the engine talks back through loop.call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import re
 import uuid
@@ -15,7 +16,7 @@ import grpc
 
 from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
-from server.adapters import SourceUnavailable
+from server.adapters import SourceUnavailable, fetch_failure
 from server.engine import Engine
 from server.request import Finish, Output, Request, StreamQueue
 from server.sampler import SamplingParams
@@ -24,6 +25,10 @@ from server.tokenizer import TextStream, Tokenizer
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_STOP_STRINGS, MAX_STOP_LEN = 16, 256
+# Adapter lookups (GetAdapter on the store) block a thread each. They get threads of their own:
+# on the loop's default executor they took every thread the embedded store's handlers, which
+# they call, needed (six cold lookups at once deadlocked for the call's 30 s timeout).
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="adapter-lookup")
 
 
 class BadRequest(Exception):
@@ -91,8 +96,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         mgr = self.engine.adapters
         if mgr.is_known_locally(adapter_id):
             return
-        try:
-            exists = await asyncio.to_thread(mgr.source.exists, adapter_id)
+        try:   # (its own threads: the embedded store's handlers, which this call reaches, need the loop's)
+            exists = await asyncio.get_running_loop().run_in_executor(_LOOKUPS, mgr.source.exists, adapter_id)
         except SourceUnavailable as e:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE,
                              f"adapter {adapter_id!r} is not loaded and the adapter store is unreachable: {e}")
@@ -172,10 +177,11 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             await context.abort(e.code, e.msg)
         mgr = self.engine.adapters
         mgr.prefetch(aid)
-        while not mgr.ready(aid):
-            err = mgr.fetch_error(aid)
+        while (code := mgr.readiness(aid)) != 1:     # (fetches again what an unload dropped meanwhile)
+            err = mgr.fetch_error(aid) if code < 0 else None
             if err is not None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"fetching adapter {aid!r} failed: {err}")
+                status, msg = fetch_failure(aid, err)
+                await context.abort(getattr(grpc.StatusCode, status), msg)
             await asyncio.sleep(0.01)
         if request.host_only:
             return pb.LoadAdapterResponse(loaded=True, pages=0)

@@ -204,3 +204,22 @@ def test_an_adapter_larger_than_the_pool_is_refused_as_such(tiny):  # noqa: F811
         assert _done(ok) and ok["base"][-1].error is None
     finally:
         engine.stop()
+
+
+def test_an_old_fetch_error_is_not_a_new_requests_answer(tiny):  # noqa: F811
+    """A fetch failed while nobody waited for it (its request was cancelled, or it was a
+    prefetch); the adapter has been registered since. A new request fetches again."""
+    from server.adapters import LocalSource
+    from tests.helpers import wait_for
+    model_dir, adapters = tiny
+    source = LocalSource({})
+    engine = _started(model_dir, source, pool_mb=4)
+    try:
+        engine.adapters.prefetch("attn")
+        assert wait_for(lambda: engine.adapters.has_failed("attn"))      # not there yet
+        source.dirs["attn"] = str(adapters["attn"])
+        outs = _submit(engine, [Request("r", [5, 6, 7], greedy(3), "attn")])
+        assert _done(outs) and outs["r"][-1].error is None
+        assert sum(len(o.token_ids) for o in outs["r"]) == 3
+    finally:
+        engine.stop()

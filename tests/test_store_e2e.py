@@ -26,13 +26,13 @@ def tiny(tmp_path_factory):
     return d, model_dir, adapters
 
 
-async def _stream_all(target, reqs):
+async def _stream_all(target, reqs, timeout=120):
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.InferenceStub(ch)
 
         async def one(r):
             toks, lps = [], []
-            async for m in stub.Generate(r, timeout=120):
+            async for m in stub.Generate(r, timeout=timeout):
                 toks += m.token_ids
                 lps += m.logprobs
             return toks, lps
@@ -251,5 +251,59 @@ def test_events_missed_while_unsubscribed_are_caught_up(tiny, fresh_redis):
             with pytest.raises(grpc.RpcError) as e:
                 _raw_generate(srv.target, "x", 2)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        srv.stop()
+
+
+def test_many_cold_adapters_at_once_on_the_embedded_store(tiny, fresh_redis):
+    """Forty requests for forty cold adapters at once. Each request's existence check is a
+    blocking call into this same server's store; on one shared thread pool those checks took
+    every thread the store's handlers needed, and all of them stalled until a 30 s timeout
+    (some then failed UNAVAILABLE)."""
+    d, model_dir, adapters = tiny
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data-cold"), "--redis-url", fresh_redis.url,
+                        "--pool-mb", "4", "--dtype", "float32"])
+    ids = [f"c{i}" for i in range(40)]
+    try:
+        with Client(srv.target) as c:
+            for i, aid in enumerate(ids):
+                c.register_adapter(str(list(adapters.values())[i % len(adapters)]), adapter_id=aid,
+                                   base_model="tiny-llama", progress=False)
+        assert not any(a in srv.engine.adapters.cached_ids() for a in ids)         # all cold
+        reqs = [pb.GenerateRequest(adapter_id=a, prompt_token_ids=pb.TokenIds(ids=[5, 6]),
+                                   params=pb.SamplingParams(max_new_tokens=2, ignore_eos=True)) for a in ids]
+        outs = asyncio.run(_stream_all(srv.target, reqs, timeout=20))   # (the stall lasted the lookups' 30 s)
+        assert [len(t) for t, _ in outs] == [2] * len(ids)
+    finally:
+        srv.stop()
+
+
+def test_load_adapter_answers_when_an_unload_overtakes_its_fetch(tiny, fresh_redis, monkeypatch):
+    """EngineAdmin.LoadAdapter waits for the adapter's fetch; an unload (or a delete or replace
+    event) that drops that fetch must not leave it waiting forever: it fetches again."""
+    import threading
+    import time
+
+    from server.store_link import StoreSource
+    d, model_dir, adapters = tiny
+    real = StoreSource.fetch
+
+    def slow_fetch(self, adapter_id, *a, **kw):
+        out = real(self, adapter_id, *a, **kw)
+        time.sleep(0.5)
+        return out
+    monkeypatch.setattr(StoreSource, "fetch", slow_fetch)
+    srv = ServerThread(["--model", str(model_dir), "--data-dir", str(d / "data-load"), "--redis-url", fresh_redis.url,
+                        "--pool-mb", "4", "--dtype", "float32"])
+    try:
+        with Client(srv.target, timeout=20) as c:
+            c.register_adapter(str(adapters["full"]), adapter_id="x", base_model="tiny-llama", progress=False)
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("load", c.load_adapter("x")))
+            t.start()
+            assert wait_for(lambda: "x" in srv.engine.adapters._fetches, timeout=10)
+            assert c.unload_adapter("x") is False             # nothing held yet: it only drops the fetch
+            t.join(30)
+            assert out["load"].loaded and out["load"].pages > 0 and "x" in srv.engine.adapters.resident
     finally:
         srv.stop()
