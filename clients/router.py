@@ -6,6 +6,8 @@ reads that back. ``Router`` keeps that list (refreshed every ``refresh_s``) and 
 request:
 
 1. an engine whose pool already holds the adapter, the least loaded of them: no cold load;
+   unless every holder is busier than the least loaded engine by more than ``slack`` requests:
+   then the least loaded engine, which loads it too (a hot adapter spreads);
 2. else the engine that rendezvous hashing assigns to the adapter, unless it is busier than the
    least loaded engine by more than ``slack`` requests: requests for one cold adapter then
    gather on one engine, which loads it once, instead of every engine loading it;
@@ -13,7 +15,9 @@ request:
 
 Load is the engine's running + waiting requests at its last heartbeat, or the streams this
 router has open to it where those are more (a heartbeat lags the requests just sent). An engine that answers UNAVAILABLE before its stream started is
-skipped for ``down_s`` seconds and the request goes to the next choice.
+skipped for ``down_s`` seconds (if its health check fails too: an engine whose store is
+unreachable answers UNAVAILABLE for a cold adapter and is otherwise fine) and the request goes to
+the next choice. While the store (or its Redis) is unreachable, the last list it gave still routes.
 """
 from __future__ import annotations
 
@@ -61,10 +65,12 @@ def choose(engines: Sequence[EngineView], adapter_id: str, extra_load: dict[str,
     by_load = sorted(engines, key=lambda e: (load[e.engine_id], -_hrw(adapter_id, e.engine_id)))
     if not adapter_id or not by_load:
         return by_load
-    holders = [e for e in by_load if adapter_id in e.resident]
-    if holders:
-        return holders + [e for e in by_load if adapter_id not in e.resident]
     least = load[by_load[0].engine_id]
+    holders = [e for e in by_load if adapter_id in e.resident]
+    if holders and load[holders[0].engine_id] <= least + slack:
+        return holders + [e for e in by_load if adapter_id not in e.resident]
+    if holders:                   # every holder is far busier: the least loaded engine loads it too
+        return by_load
     ranked = sorted(engines, key=lambda e: -_hrw(adapter_id, e.engine_id))
     first = next(e for e in ranked if load[e.engine_id] <= least + slack)
     return [first] + [e for e in by_load if e is not first]
@@ -95,7 +101,13 @@ class Router:
             fresh = time.monotonic() - self._fetched_at < self.refresh_s
             if fresh and not refresh:
                 return list(self._engines)
-        views = [EngineView.from_pb(e) for e in self.store.list_engines(base_model=self.base_model)]
+        try:
+            views = [EngineView.from_pb(e) for e in self.store.list_engines(base_model=self.base_model)]
+        except LoraServeError:
+            with self._lock:
+                if self._engines:         # the store is down: its last list still routes
+                    return list(self._engines)
+            raise
         with self._lock:
             self._engines, self._fetched_at = views, time.monotonic()
             return list(views)
@@ -113,6 +125,12 @@ class Router:
             raise Unavailable(f"no engine heartbeats to the store at {self.store.target}"
                               + (f" for base model {self.base_model!r}" if self.base_model else ""))
         return choose(up or engines, adapter_id, extra, self.slack)
+
+    def _healthy(self, address: str) -> bool:
+        try:
+            return self._client(address).health(timeout=1.0) == "SERVING"
+        except LoraServeError:
+            return False
 
     def _client(self, address: str) -> Client:
         with self._lock:
@@ -139,8 +157,9 @@ class Router:
                 if started or e.code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 last = e
-                with self._lock:
-                    self._down[engine.engine_id] = time.monotonic() + self.down_s
+                if not self._healthy(engine.address):
+                    with self._lock:
+                        self._down[engine.engine_id] = time.monotonic() + self.down_s
             finally:
                 with self._lock:
                     self._open[engine.engine_id] -= 1

@@ -48,7 +48,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     blocks: list[list[int]] = field(default_factory=list)   # per KV block: 2L page ids
     num_computed: int = 0           # tokens whose K/V are in the pool
-    slot: int = -1                  # adapter slot while running; -1: base model
+    slot: int = -1                  # adapter slot it holds (running, or preempted); -1: none
+    adapter_version: int = -1       # the version it started on: all its tokens come from that one
     # Sampling seed: params.seed, or (under tensor parallelism) one rank 0 draws so every rank
     # samples alike. Each token's draw is seeded by (seed, its position), not taken from a
     # stateful generator: a token sampled and then voided (preemption, a request that left the

@@ -91,9 +91,11 @@ class Scheduler:
         return req.inflight > 0 and (len(req.output_ids) + req.inflight >= req.params.max_new_tokens
                                      or req.total_len >= self.cfg.max_model_len)
 
-    def free(self, req: Request) -> None:
-        """Return a request's KV pages and adapter reference (finish, abort, preempt). Tokens it
-        has in flight are void: a preempted request recomputes from the tokens the host knows."""
+    def free(self, req: Request, keep_adapter: bool = False) -> None:
+        """Return a request's KV pages and (unless keep_adapter) its adapter reference: finish,
+        abort, preempt. Tokens it has in flight are void: a preempted request recomputes from the
+        tokens the host knows. A preempted request keeps its adapter: a replace meanwhile must
+        not hand it the new version half-way through its output."""
         for b in req.blocks:
             self.pool.free(b, "kv")
         req.blocks = []
@@ -101,9 +103,12 @@ class Scheduler:
         req.num_computed = 0
         req.inflight = 0
         req.epoch += 1
-        if req.slot >= 0:
-            self.adapters.release(req.adapter_id, req.slot)
-            req.slot = -1
+        if req.slot >= 0 and not keep_adapter:
+            self._unpin(req)
+
+    def _unpin(self, req: Request) -> None:
+        self.adapters.release(req.adapter_id, req.slot)
+        req.slot = -1
 
     def remove(self, req: Request) -> None:
         if req in self.running:
@@ -119,7 +124,7 @@ class Scheduler:
             return None
         victim = max(self.running, key=lambda r: r.arrival)
         self.running.remove(victim)
-        self.free(victim)
+        self.free(victim, keep_adapter=True)
         victim.preempted += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
@@ -142,6 +147,13 @@ class Scheduler:
                     decodes.append(req)
                     break
                 except PoolExhausted:
+                    pinning = [r for r in self.waiting if r.slot >= 0] if self.running == [req] else []
+                    if pinning:
+                        # alone, but preempted requests hold adapters: they let go (and are
+                        # checked for their version when they come back) before this one fails
+                        for r in pinning:
+                            self._unpin(r)
+                        continue
                     if self.running == [req]:
                         # alone, with every idle adapter evicted, and still no room: it can never
                         # finish (optimistic admission let it in on its prompt alone)
@@ -179,12 +191,13 @@ class Scheduler:
         # kept up to date as admissions pin more (once per step: a sum over every resident
         # adapter per candidate cost ~0.1 ms per candidate with ~300 resident)
         pinned = {aid for aid, r in self.adapters.resident.items() if aid in held or r.refs > 0}
-        capacity = self.pool.num_pages - sum(self.adapters.resident[aid].pages for aid in pinned)
+        capacity = (self.pool.num_pages - sum(self.adapters.resident[aid].pages for aid in pinned)
+                    - sum(s.pages for s in self.adapters.stale))     # (old versions still in use)
         skipped = collections.deque()
         readiness = self._readiness()
         while self.waiting and len(self.running) + len(prefills) < self.cfg.max_num_seqs:
             req = self.waiting.popleft()
-            if req.adapter_id and readiness[req.adapter_id] < 1:
+            if req.adapter_id and req.slot < 0 and readiness[req.adapter_id] < 1:
                 err = self.adapters.fetch_error(req.adapter_id) if readiness[req.adapter_id] < 0 else None
                 if readiness[req.adapter_id] < 0 and err is None:
                     err = RuntimeError("the fetch failed on another tensor-parallel rank")
@@ -199,10 +212,19 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 break
             try:
-                adapter_pages = self._adapter_pages(req.adapter_id, pinned)
+                adapter_pages = 0 if req.slot >= 0 else self._adapter_pages(req.adapter_id, pinned)
             except KeyError:           # the host cache evicted it since the readiness check
                 self.adapters.prefetch(req.adapter_id)
                 skipped.append(req)
+                continue
+            resident = self.adapters.resident.get(req.adapter_id) if req.adapter_id in pinned else None
+            own = resident.pages if resident is not None else adapter_pages
+            if self._pages(self._final_len(req)) + own > self.pool.num_pages:
+                # it could not finish in an empty pool: refuse it now (optimistic admission would
+                # let it in on its prompt and fail it tokens later)
+                if req.slot >= 0:
+                    self._unpin(req)
+                self.rejected.append((req, "RESOURCE_EXHAUSTED", self._too_big(req, own, self.pool.num_pages)))
                 continue
             if peak:
                 entry = future.add(*self._remaining(req))
@@ -219,15 +241,17 @@ class Scheduler:
                 self._full = True
                 break
             try:
-                if req.adapter_id:
+                if req.adapter_id and req.slot < 0:
                     req.slot = self.adapters.acquire(req.adapter_id)
                     held.add(req.adapter_id)
                     if req.adapter_id not in pinned:
                         pinned.add(req.adapter_id)
                         capacity -= self.adapters.resident[req.adapter_id].pages
+                    if not self._same_version(req):
+                        continue
                 self._grow(req, n)
             except PoolExhausted:
-                self.free(req)
+                self.free(req, keep_adapter=True)
                 self.waiting.appendleft(req)
                 self._full = True
                 break
@@ -243,6 +267,19 @@ class Scheduler:
             self._since_admit = 0
         self._preload()
         return Step(prefills, decodes)
+
+    def _same_version(self, req: Request) -> bool:
+        """Record the adapter version a request starts on; a request that let its adapter go
+        (preempted, then unpinned) and finds another version now is failed, not continued on it."""
+        version = self.adapters.resident[req.adapter_id].version
+        if req.adapter_version < 0 or req.adapter_version == version:
+            req.adapter_version = version
+            return True
+        self._unpin(req)
+        self.rejected.append((req, "ABORTED", (
+            f"adapter {req.adapter_id!r} was replaced while this request was preempted: its output so far "
+            f"came from version {req.adapter_version}, and that version is gone; send the request again")))
+        return False
 
     def _adapter_pages(self, adapter_id: str, pinned: set[str]) -> int:
         """Pages admitting a request for this adapter takes from what admission counts on: none
@@ -283,7 +320,7 @@ class Scheduler:
         reserve = len(self.running) * 2 * self.pool.cfg.num_layers
         for req in itertools.islice(self.waiting, lookahead):
             reserve += self._pages(req.total_len + 1)
-            if req.adapter_id and self.adapters.pages_to_load_or_zero(req.adapter_id):
+            if req.adapter_id and req.slot < 0 and self.adapters.pages_to_load_or_zero(req.adapter_id):
                 if not self.adapters.preload(req.adapter_id, reserve):
                     return     # no room: later requests must not take what this one needs
 
@@ -308,7 +345,7 @@ class Scheduler:
         that one step admits."""
         if self.agree is None:
             return _Readiness(self.adapters)
-        ids = sorted({r.adapter_id for r in self.waiting if r.adapter_id})
+        ids = sorted({r.adapter_id for r in self.waiting if r.adapter_id and r.slot < 0})
         return dict(zip(ids, self.agree([self.adapters.readiness(aid) for aid in ids])))
 
     def _reject_adapter(self, adapter_id: str, err: Exception, candidates) -> None:
@@ -316,7 +353,7 @@ class Scheduler:
         from server.adapters import fetch_failure
 
         status, msg = fetch_failure(adapter_id, err)
-        doomed = [r for r in [*candidates, *self.waiting] if r.adapter_id == adapter_id]
+        doomed = [r for r in [*candidates, *self.waiting] if r.adapter_id == adapter_id and r.slot < 0]
         for r in doomed:
             if r in self.waiting:
                 self.waiting.remove(r)

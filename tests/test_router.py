@@ -31,6 +31,10 @@ def test_choose_prefers_holders_then_one_engine_per_cold_adapter_then_the_least_
     busy = [_view(e.engine_id, running=20 if e is first else 0) for e in engines]
     assert choose(busy, "adapter-0", slack=8)[0].engine_id != first.engine_id
     assert choose(busy, "adapter-0", slack=30)[0].engine_id == first.engine_id
+    # a holder far busier than the least loaded engine: the idle one goes first (and loads it)
+    hot = [_view("a", running=20, resident={"x"}), _view("b", running=0)]
+    assert [e.engine_id for e in choose(hot, "x", slack=8)] == ["b", "a"]
+    assert [e.engine_id for e in choose(hot, "x", slack=30)] == ["a", "b"]
     # this router's own open streams count as load
     assert choose(engines, "adapter-0", {first.engine_id: 10}, slack=8)[0].engine_id != first.engine_id
     assert choose(engines, "adapter-0", {first.engine_id: 8}, slack=8)[0].engine_id == first.engine_id
@@ -119,3 +123,22 @@ def test_router_steps_past_an_engine_that_is_gone(two_engines):
     # no engine of the model asked for: a clear UNAVAILABLE
     with Router(a.target, base_model="no-such-model") as r, pytest.raises(Unavailable, match="no engine heartbeats"):
         r.complete([5], max_new_tokens=1)
+
+
+def test_router_keeps_routing_while_the_store_is_down(two_engines, fresh_redis):
+    """Redis (so ListEngines) goes away: the engines still serve what they hold, and the router
+    routes on the last list it had instead of failing every request."""
+    a, b = two_engines
+    with Client(b.target) as c:
+        assert c.load_adapter("attn").loaded
+    assert wait_for(lambda: "attn" in _engines(a.target).get(b.target, EngineView("", "", "", 0, 0)).resident_adapter_ids,
+                    timeout=10)
+    with Router(a.target, refresh_s=0) as r:
+        assert r.complete([5, 6], adapter_id="attn", max_new_tokens=2, ignore_eos=True).engine == b.target
+        fresh_redis.stop()
+        try:
+            for _ in range(3):    # every call tries to refresh, fails, and routes on the last list
+                out = r.complete([5, 6], adapter_id="attn", max_new_tokens=2, ignore_eos=True)
+                assert out.engine == b.target and len(out.token_ids) == 2
+        finally:
+            fresh_redis.start()

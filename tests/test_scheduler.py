@@ -223,3 +223,44 @@ def test_an_old_fetch_error_is_not_a_new_requests_answer(tiny):  # noqa: F811
         assert sum(len(o.token_ids) for o in outs["r"]) == 3
     finally:
         engine.stop()
+
+
+def test_a_preempted_request_keeps_the_adapter_version_it_started_on(tiny, tmp_path):  # noqa: F811
+    """The adapter is replaced (the engine unloads it) while its request runs, and the request
+    is then preempted: recomputed, it must go on with the version it started on (it took the new
+    version's weights half-way through its output)."""
+    import json
+
+    from server.adapters import LocalSource
+    from tests.helpers import ADAPTER_SPECS, make_adapter, wait_for
+    model_dir, adapters = tiny
+    rank, alpha, targets = ADAPTER_SPECS["attn"]
+    v2 = make_adapter(tmp_path / "attn-v2", json.loads((model_dir / "config.json").read_text()), rank, alpha,
+                      targets, seed=99)
+    prompt, n_new = [5, 6, 7, 8, 9], 120
+    alone = _started(model_dir, LocalSource({"rx": str(adapters["attn"])}), pool_mb=4)
+    try:
+        ref = _submit(alone, [Request("r", prompt, greedy(n_new), "rx")])
+        assert _done(ref)
+        ref_tokens = [t for o in ref["r"] for t in o.token_ids]
+    finally:
+        alone.stop()
+    source = LocalSource({"rx": str(adapters["attn"])})
+    # 2 layers x (K, V): 4 pages a 16-token block. Four base requests grow to 10 blocks each; the
+    # adapter request, the newest, is the one preempted when the pool runs out.
+    engine = _started(model_dir, source, pool_pages=4 * 10 * 3 + 40, admission="optimistic")
+    try:
+        outs = _submit(engine, [Request(f"b{i}", [3 + i, 4, 5], greedy(150), "") for i in range(4)])
+        r = Request("r", prompt, greedy(n_new), "rx")
+        outs.update(_submit(engine, [r]))
+        assert wait_for(lambda: len(r.output_ids) >= 10, timeout=30)
+        source.dirs["rx"] = str(v2)                                   # replaced in the store ...
+        engine.call(lambda: engine.adapters.unload("rx")).result(timeout=10)   # ... and the event
+        at_replace = r.preempted
+        assert _done(outs, timeout=120)
+        assert r.preempted > at_replace, "the test needs the request preempted after the replace"
+        got = [t for o in outs["r"] for t in o.token_ids]
+        assert outs["r"][-1].error is None and got == ref_tokens
+        assert engine.pool.kv_pages == 0 and not engine.adapters.stale
+    finally:
+        engine.stop()
