@@ -130,6 +130,14 @@ end
 return redis.call('SCARD', refs)
 """
 
+# Drop engine ids whose heartbeat key has expired, each only if it is still missing now.
+_FORGET = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
 
 _LIST_FIELDS = ["id", "base_model", "rank", "alpha", "target_modules", "size_bytes", "sha256", "created_at",
                 "use_rslora", "version", "status", "blob", "synthetic"]
@@ -172,6 +180,7 @@ class Metadata:
         self._commit = self.r.register_script(_COMMIT)
         self._delete = self.r.register_script(_DELETE)
         self._repair = self.r.register_script(_REPAIR)
+        self._forget = self.r.register_script(_FORGET)
 
     # ------------------------------------------------------------------ keys
     def k_rec(self, adapter_id: str) -> str:
@@ -429,8 +438,8 @@ class Metadata:
                 dead.append(i)
             else:
                 out.append(json.loads(v))
-        if dead:
-            self.r.srem(f"{self.ns}:engines", *dead)
+        if dead:   # only those still without a heartbeat (one may have beaten since the read)
+            self._forget(keys=[f"{self.ns}:engines"], args=[f"{self.ns}:engine:", *dead])
         return out
 
     def engines_holding(self, adapter_id: str) -> list[dict]:

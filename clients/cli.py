@@ -68,7 +68,8 @@ class EnvError(ValueError):
 def apply_env_defaults(parser: argparse.ArgumentParser, environ=None, skip: Sequence[str] = ()) -> None:
     """Set every optional flag's default from ``LORASERVE_<FLAG>`` when that variable is set,
     and mention the variable in the help; flags in ``skip`` read nothing. Booleans accept 1/0,
-    true/false, yes/no, on/off; repeatable flags take one value per line."""
+    true/false, yes/no, on/off; repeatable flags take one value per line, and values given on
+    the command line add to the variable's."""
     environ = os.environ if environ is None else environ
     for action in parser._actions:  # argparse has no public iterator over actions
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction,
@@ -297,6 +298,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--route", action="store_true",
                    help="send it to the engine that holds the adapter (or should load it), among the engines "
                         "heartbeating to the adapter store at --store-target (default --target)")
+    p.add_argument("--base-model", default="", help="with --route: only engines of this base model")
     p.set_defaults(func=cmd_generate)
 
     # -- engines
@@ -358,7 +360,8 @@ def _client(args):
 
 def _router(args):
     from clients.router import Router  # noqa: PLC0415
-    return Router(getattr(args, "store_target", None) or args.target, token=args.token or None, timeout=args.timeout)
+    return Router(getattr(args, "store_target", None) or args.target, base_model=getattr(args, "base_model", ""),
+                  token=args.token or None, timeout=args.timeout)
 
 
 def cmd_engines(args) -> int:

@@ -387,6 +387,7 @@ def _pb(cls, **fields):
     InvalidArgument that names the field (protobuf's own error says only "Value out of range")."""
     msg = cls()
     for name, value in fields.items():
+        value = _coerce(cls.DESCRIPTOR.fields_by_name[name], value)
         try:
             if isinstance(value, list):
                 getattr(msg, name).extend(value)
@@ -396,6 +397,22 @@ def _pb(cls, **fields):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise InvalidArgument(f"{name}={shown} does not fit the field ({cls.DESCRIPTOR.name}.{name}): {e}") from None
     return msg
+
+
+def _coerce(field, value):
+    """What int() / float() took before: 64.0 for an integer field, "0.8" for a float one."""
+    from google.protobuf.descriptor import FieldDescriptor as F  # noqa: PLC0415
+    ints = (F.CPPTYPE_INT32, F.CPPTYPE_INT64, F.CPPTYPE_UINT32, F.CPPTYPE_UINT64)
+    try:
+        if field.cpp_type in ints and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if field.cpp_type in ints and isinstance(value, str):
+            return int(value)
+        if field.cpp_type in (F.CPPTYPE_FLOAT, F.CPPTYPE_DOUBLE) and isinstance(value, str):
+            return float(value)
+    except ValueError:
+        pass            # left as it is: the assignment reports it, naming the field
+    return value
 
 
 def _read_adapter_dir(path: str | os.PathLike) -> list[tuple[str, bytes]]:

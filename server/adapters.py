@@ -92,7 +92,6 @@ class Resident:
 
 @dataclass
 class Fetch:
-    future: concurrent.futures.Future | None = None
     error: Exception | None = None
 
 
@@ -145,7 +144,7 @@ class AdapterManager:
             if adapter_id in self.resident and not self.resident[adapter_id].stale:
                 return
             fetch = self._fetches[adapter_id] = Fetch()
-            fetch.future = self._pool_ex.submit(self._fetch, adapter_id, fetch, self._unloads[adapter_id])
+            self._pool_ex.submit(self._fetch, adapter_id, fetch, self._unloads[adapter_id])
 
     def _fetch(self, adapter_id: str, fetch: Fetch, unloads: int) -> None:
         try:

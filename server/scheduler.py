@@ -218,7 +218,7 @@ class Scheduler:
                 skipped.append(req)
                 continue
             resident = self.adapters.resident.get(req.adapter_id) if req.adapter_id in pinned else None
-            own = resident.pages if resident is not None else adapter_pages
+            own = resident.pages if resident is not None and (req.slot >= 0 or not resident.stale) else adapter_pages
             if self._pages(self._final_len(req)) + own > self.pool.num_pages:
                 # it could not finish in an empty pool: refuse it now (optimistic admission would
                 # let it in on its prompt and fail it tokens later)
@@ -242,12 +242,16 @@ class Scheduler:
                 break
             try:
                 if req.adapter_id and req.slot < 0:
+                    before = self.adapters.resident.get(req.adapter_id)
                     req.slot = self.adapters.acquire(req.adapter_id)
                     held.add(req.adapter_id)
-                    if req.adapter_id not in pinned:
+                    now = self.adapters.resident[req.adapter_id]
+                    if req.adapter_id not in pinned or now is not before:   # (a new version loaded)
                         pinned.add(req.adapter_id)
-                        capacity -= self.adapters.resident[req.adapter_id].pages
+                        capacity -= now.pages
                     if not self._same_version(req):
+                        if peak:
+                            future.remove(entry)
                         continue
                 self._grow(req, n)
             except PoolExhausted:
@@ -285,11 +289,13 @@ class Scheduler:
         """Pages admitting a request for this adapter takes from what admission counts on: none
         for the base model or an adapter already pinned (capacity excludes its pages); an idle
         resident adapter's pages, which it pins; else its host copy's (KeyError: not cached)."""
-        if not adapter_id or adapter_id in pinned:
+        if not adapter_id:
             return 0
         r = self.adapters.resident.get(adapter_id)
         if r is not None and not r.stale:
-            return r.pages
+            return 0 if adapter_id in pinned else r.pages
+        # not resident, or only a replaced version still in use (pinned, yet the request gets the
+        # new one): the new version's host copy (KeyError: not in the host cache)
         return self.adapters.pages_to_load(adapter_id)
 
     def _too_big(self, req: Request, adapter_pages: int, capacity: int) -> str:

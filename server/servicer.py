@@ -177,31 +177,38 @@ class EngineAdminServicer(pb_grpc.EngineAdminServicer):
             await context.abort(e.code, e.msg)
         mgr = self.engine.adapters
         mgr.prefetch(aid)
-        while (code := mgr.readiness(aid)) != 1:     # (fetches again what an unload dropped meanwhile)
-            err = mgr.fetch_error(aid) if code < 0 else None
-            if err is not None:
-                status, msg = fetch_failure(aid, err)
-                await context.abort(getattr(grpc.StatusCode, status), msg)
-            await asyncio.sleep(0.01)
-        if request.host_only:
-            return pb.LoadAdapterResponse(loaded=True, pages=0)
 
-        def load():
-            slot = mgr.acquire(aid)
+        def load() -> int | None:
+            try:
+                slot = mgr.acquire(aid)
+            except KeyError:          # the host cache dropped it since it was ready: wait again
+                return None
             mgr.release(aid, slot)
             return mgr.resident[aid].pages
 
-        try:
-            pages = await self._run(load)
-        except Exception as e:
-            need = mgr.pages_to_load_or_zero(aid)
-            if need > self.engine.pool.num_pages:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"adapter {aid!r} takes {need} pages and this server's whole pool is "
-                                    f"{self.engine.pool.num_pages}: it can never be loaded here (a larger pool: "
-                                    f"--pool-mb or --gpu-memory-utilization; or a smaller rank or fewer target modules)")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"adapter {aid!r} does not fit the pool now: {e}")
-        return pb.LoadAdapterResponse(loaded=True, pages=pages)
+        while True:
+            while (code := mgr.readiness(aid)) != 1:     # (fetches again what an unload dropped)
+                err = mgr.fetch_error(aid) if code < 0 else None
+                if err is not None:
+                    status, msg = fetch_failure(aid, err)
+                    await context.abort(getattr(grpc.StatusCode, status), msg)
+                await asyncio.sleep(0.01)
+            if request.host_only:
+                return pb.LoadAdapterResponse(loaded=True, pages=0)
+            try:
+                pages = await self._run(load)
+            except Exception as e:        # no room: running requests hold the pool
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._no_room(aid, e))
+            if pages is not None:
+                return pb.LoadAdapterResponse(loaded=True, pages=pages)
+
+    def _no_room(self, aid: str, e: Exception) -> str:
+        need, total = self.engine.adapters.pages_to_load_or_zero(aid), self.engine.pool.num_pages
+        if need > total:
+            return (f"adapter {aid!r} takes {need} pages and this server's whole pool is {total}: it can never be "
+                    f"loaded here (a larger pool: --pool-mb or --gpu-memory-utilization; or a smaller rank or fewer "
+                    f"target modules)")
+        return f"adapter {aid!r} does not fit the pool now: {e}"
 
     async def UnloadAdapter(self, request, context):
         if not request.adapter_id:

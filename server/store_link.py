@@ -23,6 +23,8 @@ def advertised_address(host: str, port: int, advertise: str | None = None) -> st
         return advertise
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = socket.gethostname()
+    if ":" in host and not host.startswith("["):     # an IPv6 address
+        host = f"[{host}]"
     return f"{host}:{port}"
 
 

@@ -142,3 +142,12 @@ def test_router_keeps_routing_while_the_store_is_down(two_engines, fresh_redis):
                 assert out.engine == b.target and len(out.token_ids) == 2
         finally:
             fresh_redis.start()
+
+
+def test_the_advertised_address_is_dialable():
+    from server.store_link import advertised_address
+    import socket
+    assert advertised_address("127.0.0.1", 50051) == "127.0.0.1:50051"
+    assert advertised_address("0.0.0.0", 7) == f"{socket.gethostname()}:7"
+    assert advertised_address("::1", 7) == "[::1]:7"
+    assert advertised_address("0.0.0.0", 7, "engine:50051") == "engine:50051"

@@ -264,3 +264,36 @@ def test_a_preempted_request_keeps_the_adapter_version_it_started_on(tiny, tmp_p
         assert engine.pool.kv_pages == 0 and not engine.adapters.stale
     finally:
         engine.stop()
+
+
+def test_peak_admission_counts_a_replaced_adapters_new_version(tiny, tmp_path):  # noqa: F811
+    """r1 runs on an adapter's version 1 when it is replaced; r2 (same adapter) and r3 (base)
+    arrive together. r2 gets version 2, a second copy of the adapter's pages beside the stale
+    one r1 still holds: peak admission must count those pages, and never preempt."""
+    import json
+
+    from server.lora import load_peft_dir
+    from tests.helpers import ADAPTER_SPECS, make_adapter
+    model_dir, _ = tiny
+    cfg = json.loads((model_dir / "config.json").read_text())
+    rank, alpha, targets = ADAPTER_SPECS["full"]
+    v1, v2 = (make_adapter(tmp_path / f"v{i}", cfg, rank, alpha, targets, seed=i) for i in (1, 2))
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_pages=200,
+                                          sched=SchedulerConfig(admission="peak")))
+    sch, mgr = engine.scheduler, engine.adapters
+    mgr.add_weights(load_peft_dir("X", v1, engine.cfg), version=1)
+    r1 = Request("r1", [5, 6, 7, 8], greedy(200), "X")
+    sch.add(r1)
+    for _ in range(3):
+        engine._run(sch.schedule())
+    mgr.unload("X")                                                   # the replaced event
+    mgr.add_weights(load_peft_dir("X", v2, engine.cfg), version=2)    # the new version, fetched
+    r2, r3 = Request("r2", [5, 6, 7, 9], greedy(200), "X"), Request("r3", [5, 6, 7, 10], greedy(100), "")
+    sch.add(r2)
+    sch.add(r3)
+    while sch.has_work:
+        engine._run(sch.schedule())
+        engine._fail_rejected()
+    assert sch.preemptions == 0
+    assert [len(r.output_ids) for r in (r1, r2, r3)] == [200, 200, 100]
+    assert r1.adapter_version == 1 and r2.adapter_version == 2
