@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = TARGET_MODULES[:4]       # the rest (gate/up/down) are the MLP's
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# transformers' defaults where config.json leaves num_key_value_heads out (Llama: one per head)
+_KV_HEADS_DEFAULT = {"MistralForCausalLM": 8}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False      # Qwen2: bias on q, k and v
+    sliding_window: int | None = None  # attention window (Mistral; Qwen2 with use_sliding_window)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
@@ -56,10 +61,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, name: str = "model") -> "ModelConfig":
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        arch = archs[0]
+        """Refuses, naming the field, what this engine would compute differently from transformers."""
+        archs = cfg.get("architectures")
+        model_type = cfg.get("model_type", "llama")
+        arch = archs[0] if archs else _BY_MODEL_TYPE.get(model_type)
         if arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHS)}")
+            what = f"architecture {arch!r}" if archs else f"model_type {model_type!r}"
+            raise ValueError(f"unsupported {what}; supported: {sorted(SUPPORTED_ARCHS)}")
+        missing = [k for k in _REQUIRED if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}: a {arch} config needs {list(_REQUIRED)}")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported: gate/up/down carry no bias here")
+        if arch != "Qwen2ForCausalLM" and cfg.get("attention_bias"):
+            raise ValueError(f"attention_bias=true is not supported for {arch} (its o_proj bias is not applied)")
+        window = cfg.get("sliding_window") if arch == "MistralForCausalLM" or cfg.get("use_sliding_window") else None
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         eos = cfg.get("eos_token_id")
@@ -67,13 +86,14 @@ class ModelConfig:
         return cls(
             hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+            num_kv_heads=cfg.get("num_key_value_heads") or _KV_HEADS_DEFAULT.get(arch, heads), head_dim=head_dim,
             vocab_size=cfg["vocab_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             rope_scaling=cfg.get("rope_scaling") or _rope_params_scaling(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            attention_bias=arch == "Qwen2ForCausalLM",      # Qwen2 always has q/k/v biases
+            sliding_window=int(window) if window else None,
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids,
             architecture=arch, name=name, raw=cfg)
 

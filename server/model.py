@@ -51,6 +51,30 @@ def load_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Every weight the model reads has the shape config.json implies: a config that does not
+    match its checkpoint (num_key_value_heads left out, say) fails here, naming both, instead
+    of failing every request."""
+    p = "model."
+    want = {p + "embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), p + "norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_layers):
+        for m in TARGET_MODULES:
+            d_in, d_out = cfg.module_dims(m)
+            part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            want[f"{p}layers.{i}.{part}.{m}.weight"] = (d_out, d_in)
+    for name, shape in want.items():
+        if name not in state:
+            hint = " (tie_word_embeddings is false)" if name == "lm_head.weight" else ""
+            raise ValueError(f"the checkpoint has no {name}{hint}")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(state[name].shape)} but config.json implies {shape} "
+                             f"(hidden_size {cfg.hidden_size}, num_attention_heads {cfg.num_heads}, "
+                             f"num_key_value_heads {cfg.num_kv_heads}, head_dim {cfg.head_dim}, "
+                             f"intermediate_size {cfg.intermediate_size}, vocab_size {cfg.vocab_size})")
+
+
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str, tp: TP | None = None):
@@ -58,6 +82,7 @@ class LlamaModel:
         self.cfg becomes the per-rank shapes (self.full_cfg the whole model's)."""
         self.tp = tp or TP()
         self.full_cfg = cfg
+        check_shapes(state, cfg)
         state = shard_state(state, cfg, self.tp)
         cfg = shard_config(cfg, self.tp)
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
@@ -79,7 +104,8 @@ class LlamaModel:
                 gate_up=torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")]),
                 down=take(m + "down_proj.weight")))
         self.norm = take(p + "norm.weight")
-        self.lm_head = take("lm_head.weight") if "lm_head.weight" in state else self.embed
+        # tied: the embeddings, even where a checkpoint also stores an lm_head (transformers ignores it)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         # row-parallel LoRA writes only this rank's slice of the output columns
         self._row_cols = self.tp.part(cfg.hidden_size) if self.tp.enabled else slice(None)

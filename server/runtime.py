@@ -90,6 +90,12 @@ def build_engine(ec: EngineConfig, source: AdapterSource | None = None, tp=None)
     pool = UnifiedPool(cfg, num_pages, B, dtype, device, ec.resolve_adapter_dtype(dtype))
     max_tokens = num_pages // (2 * cfg.num_layers) * B
     ec.sched.max_model_len = min(ec.sched.max_model_len, cfg.max_position_embeddings, max_tokens)
+    if cfg.sliding_window and ec.sched.max_model_len > cfg.sliding_window:
+        # within its window, sliding-window attention is full attention: serve sequences that fit
+        # it rather than compute what the model does not (the kernels attend to every position)
+        log.warning("the model attends within a sliding window of %d tokens: sequences are capped at it "
+                    "(--max-model-len %d)", cfg.sliding_window, ec.sched.max_model_len)
+        ec.sched.max_model_len = cfg.sliding_window
     table = AdapterTable(pool, ec.max_adapters)
     procs = ec.fetch_processes
     if procs < 0:   # auto: worth its start-up cost where adapters are many and large, on GPUs

@@ -226,7 +226,8 @@ def test_lora_groups_and_attention_only_batches(tiny):
     assert flags == {"attn": False, "full": True, "qv": False}
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope", "qwen2-bias", "mistral-tied"])
+@pytest.mark.parametrize("variant", ["llama3-rope", "qwen2-bias", "mistral-tied", "tied-with-lm-head",
+                                     "qwen2-no-architectures", "mistral-window"])
 def test_model_families_match_transformers(tmp_path, variant):
     over = {
         "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -235,18 +236,32 @@ def test_model_families_match_transformers(tmp_path, variant):
         "qwen2-bias": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=True),
         "mistral-tied": dict(architectures=["MistralForCausalLM"], model_type="mistral",
                              tie_word_embeddings=True, sliding_window=None),
+        # tied, yet the checkpoint stores an lm_head too: transformers uses the embeddings
+        "tied-with-lm-head": dict(tie_word_embeddings=True),
+        # no "architectures": transformers goes by model_type
+        "qwen2-no-architectures": dict(architectures=None, model_type="qwen2", attention_bias=True),
+        # a window longer than any sequence served: max_model_len is capped at it
+        "mistral-window": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
     }[variant]
     model_dir = make_model(tmp_path / "m", seed=3, **over)
     cfg = json.loads((model_dir / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(model_dir / "model.safetensors"))
     if variant == "mistral-tied":   # a tied checkpoint carries no lm_head tensor
-        from safetensors.torch import load_file, save_file
-        sd = load_file(str(model_dir / "model.safetensors"))
         sd.pop("lm_head.weight", None)
-        save_file(sd, str(model_dir / "model.safetensors"))
+    if variant == "tied-with-lm-head":
+        sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, str(model_dir / "model.safetensors"))
+    if variant == "qwen2-no-architectures":
+        del cfg["architectures"]
+        (model_dir / "config.json").write_text(json.dumps(cfg))
     ad = {"a": make_adapter(tmp_path / "a", cfg, 8, 16, ["q_proj", "v_proj", "down_proj"], seed=5)}
     engine = start_engine(model_dir, ad, pool_mb=4)
-    reqs = mixed_requests(["a", ""], seed=1, lo=20, hi=80)
+    window = variant == "mistral-window"
+    reqs = mixed_requests(["a", ""], seed=1, lo=5 if window else 20, hi=40 if window else 80)
     try:
+        if window:
+            assert engine.max_model_len == 64
         outs = run_engine(engine, reqs)
     finally:
         engine.stop()
@@ -862,3 +877,32 @@ def test_a_step_past_a_requests_kv_blocks_is_refused(tiny):
     sch.free(r)
     assert engine.pool.kv_pages == 0
     engine.adapters.close()
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (dict(mlp_bias=True), "mlp_bias=true is not supported"),
+    (dict(attention_bias=True), "attention_bias=true is not supported for LlamaForCausalLM"),
+    (dict(architectures=None, model_type="gemma"), "unsupported model_type 'gemma'"),
+    (dict(architectures=["Phi3ForCausalLM"]), "unsupported architecture 'Phi3ForCausalLM'"),
+    (dict(intermediate_size=None), "config.json lacks ['intermediate_size']"),
+])
+def test_configs_it_would_serve_wrongly_are_refused(change, words):
+    """What the engine does not compute as transformers does is refused, naming the field."""
+    from server.config import ModelConfig
+    from tests.helpers import TINY
+    cfg = {k: v for k, v in {**TINY, **change}.items() if v is not None}
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_dict(cfg)
+    assert words in str(e.value)
+
+
+def test_a_config_that_does_not_match_its_weights_fails_at_load(tmp_path):
+    """num_key_value_heads left out of a GQA config: the k_proj shapes disagree, and loading
+    says so (it used to load, then fail every request)."""
+    model_dir = make_model(tmp_path / "m", num_key_value_heads=1)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape .* num_key_value_heads"):
+        build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=2))
