@@ -72,7 +72,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks {missing}: a {arch} config needs {list(_REQUIRED)}")
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):           # (transformers maps both to SiLU)
             raise ValueError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=true is not supported: gate/up/down carry no bias here")
