@@ -402,6 +402,8 @@ def _pb(cls, **fields):
 def _coerce(field, value):
     """What int() / float() took before: 64.0 for an integer field, "0.8" for a float one."""
     from google.protobuf.descriptor import FieldDescriptor as F  # noqa: PLC0415
+    if isinstance(value, list):
+        return [_coerce(field, v) for v in value]
     ints = (F.CPPTYPE_INT32, F.CPPTYPE_INT64, F.CPPTYPE_UINT32, F.CPPTYPE_UINT64)
     try:
         if field.cpp_type in ints and isinstance(value, float) and value.is_integer():

@@ -306,9 +306,19 @@ class AdapterManager:
             hit = self._host.get(adapter_id)
         if hit is None or self.pool.free_pages - hit[1].num_pages < reserve:
             return 0
-        self._load(adapter_id)
+        try:
+            self._load(adapter_id)
+        except KeyError:        # a fetch landing meanwhile pushed it out of the host cache
+            return 0
         self.preloads += 1
         return hit[1].num_pages
+
+    def held(self, adapter_id: str, slot: int) -> Resident:
+        """The copy (current or replaced) of an adapter that a request holds by its slot."""
+        r = self.resident.get(adapter_id)
+        if r is not None and r.slot == slot:
+            return r
+        return next(s for s in self.stale if s.slot == slot)
 
     def release(self, adapter_id: str, slot: int) -> None:
         r = self.resident.get(adapter_id)

@@ -217,8 +217,11 @@ class Scheduler:
                 self.adapters.prefetch(req.adapter_id)
                 skipped.append(req)
                 continue
-            resident = self.adapters.resident.get(req.adapter_id) if req.adapter_id in pinned else None
-            own = resident.pages if resident is not None and (req.slot >= 0 or not resident.stale) else adapter_pages
+            if req.slot >= 0:     # the version it holds (a replaced one, perhaps)
+                own = self.adapters.held(req.adapter_id, req.slot).pages
+            else:
+                resident = self.adapters.resident.get(req.adapter_id) if req.adapter_id in pinned else None
+                own = resident.pages if resident is not None and not resident.stale else adapter_pages
             if self._pages(self._final_len(req)) + own > self.pool.num_pages:
                 # it could not finish in an empty pool: refuse it now (optimistic admission would
                 # let it in on its prompt and fail it tokens later)
@@ -243,7 +246,14 @@ class Scheduler:
             try:
                 if req.adapter_id and req.slot < 0:
                     before = self.adapters.resident.get(req.adapter_id)
-                    req.slot = self.adapters.acquire(req.adapter_id)
+                    try:
+                        req.slot = self.adapters.acquire(req.adapter_id)
+                    except KeyError:      # a fetch landing meanwhile pushed it out of the host cache
+                        self.adapters.prefetch(req.adapter_id)
+                        if peak:
+                            future.remove(entry)
+                        skipped.append(req)
+                        continue
                     held.add(req.adapter_id)
                     now = self.adapters.resident[req.adapter_id]
                     if req.adapter_id not in pinned or now is not before:   # (a new version loaded)
@@ -276,7 +286,7 @@ class Scheduler:
         """Record the adapter version a request starts on; a request that let its adapter go
         (preempted, then unpinned) and finds another version now is failed, not continued on it."""
         version = self.adapters.resident[req.adapter_id].version
-        if req.adapter_version < 0 or req.adapter_version == version:
+        if req.adapter_version < 0 or req.adapter_version == version or not req.output_ids:
             req.adapter_version = version
             return True
         self._unpin(req)

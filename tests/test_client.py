@@ -107,6 +107,7 @@ def test_typed_errors(c, server):
         c.complete(b"hello")
     # what int() / float() accepted before still works
     assert len(c.complete("hi", max_new_tokens=2.0, temperature="0", ignore_eos=True).token_ids) == 2
+    assert len(c.complete([5.0, "6"], max_new_tokens=1).token_ids) == 1
     with pytest.raises(InvalidArgument, match="page_size=-1"):
         list(c.list_adapters(page_size=-1))
     with pytest.raises(InvalidArgument, match="rank=-1"):
