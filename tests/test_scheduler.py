@@ -297,3 +297,41 @@ def test_peak_admission_counts_a_replaced_adapters_new_version(tiny, tmp_path): 
     assert sch.preemptions == 0
     assert [len(r.output_ids) for r in (r1, r2, r3)] == [200, 200, 100]
     assert r1.adapter_version == 1 and r2.adapter_version == 2
+
+
+def test_admission_waits_when_the_host_cache_drops_an_adapter_under_it(tiny):  # noqa: F811
+    """A fetch landing between admission's check and its load can push the adapter out of the
+    host cache: the request waits for a refetch; the step and the requests it admitted go on."""
+    import time
+
+    from server.adapters import LocalSource
+    from server.lora import load_peft_dir
+    model_dir, adapters = tiny
+    engine, _ = build_engine(EngineConfig(str(model_dir), dtype="float32", pool_mb=4),
+                             source=LocalSource({k: str(v) for k, v in adapters.items()}))
+    sch, mgr = engine.scheduler, engine.adapters
+    for name in ("attn", "qv"):
+        mgr.add_weights(load_peft_dir(name, adapters[name], engine.cfg))
+    real, dropped = mgr.acquire, []
+
+    def acquire_once_evicted(aid):
+        if aid == "qv" and not dropped:          # the eviction lands right here, once
+            dropped.append(aid)
+            mgr.unload("qv")
+            raise KeyError(aid)
+        return real(aid)
+    mgr.acquire = acquire_once_evicted
+    reqs = [Request("a", [5, 6, 7], greedy(4), "attn"), Request("q", [5, 6, 8], greedy(4), "qv"),
+            Request("b", [5, 6, 9], greedy(4), "")]
+    for r in reqs:
+        sch.add(r)
+    for _ in range(200):
+        if not sch.has_work:
+            break
+        engine._run(sch.schedule())
+        engine._fail_rejected()
+        if not sch.has_work:
+            break
+        time.sleep(0.01)                         # (the refetch runs on a fetch thread)
+    assert dropped and [len(r.output_ids) for r in reqs] == [4, 4, 4]
+    assert engine.pool.kv_pages == 0
