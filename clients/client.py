@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from clients.pb import loraserve_pb2 as pb
 from clients.pb import loraserve_pb2_grpc as pb_grpc
@@ -399,18 +400,19 @@ def _pb(cls, **fields):
     return msg
 
 
+_INT_FIELDS = (FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT32,
+               FieldDescriptor.CPPTYPE_UINT64)
+_FLOAT_FIELDS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
+
+
 def _coerce(field, value):
     """What int() / float() took before: 64.0 for an integer field, "0.8" for a float one."""
-    from google.protobuf.descriptor import FieldDescriptor as F  # noqa: PLC0415
     if isinstance(value, list):
         return [_coerce(field, v) for v in value]
-    ints = (F.CPPTYPE_INT32, F.CPPTYPE_INT64, F.CPPTYPE_UINT32, F.CPPTYPE_UINT64)
     try:
-        if field.cpp_type in ints and isinstance(value, float) and value.is_integer():
+        if field.cpp_type in _INT_FIELDS and (isinstance(value, str) or isinstance(value, float) and value.is_integer()):
             return int(value)
-        if field.cpp_type in ints and isinstance(value, str):
-            return int(value)
-        if field.cpp_type in (F.CPPTYPE_FLOAT, F.CPPTYPE_DOUBLE) and isinstance(value, str):
+        if field.cpp_type in _FLOAT_FIELDS and isinstance(value, str):
             return float(value)
     except ValueError:
         pass            # left as it is: the assignment reports it, naming the field

@@ -95,8 +95,10 @@ def attach_engine(engine, args, port: int, cleanup: list) -> None:
         try:
             held = engine.call(engine.adapters.versions).result(timeout=60)
             for aid, version in held.items():
-                rec = None if aid in local else meta.get(aid)
-                if aid not in local and (rec is None or rec["version"] != version):
+                if aid in local:
+                    continue
+                rec = meta.get(aid)
+                if rec is None or rec["version"] != version:
                     log.info("adapter %s changed while events were down: dropping it from this engine", aid)
                     engine.call(lambda a=aid: engine.adapters.unload(a))
         except Exception as e:   # Redis down again: the next reconnect checks again
